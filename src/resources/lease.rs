@@ -1,0 +1,79 @@
+//! Lease: the record of one live run of a task. Named after its task, so a second run cannot exist.
+
+use serde::{Deserialize, Serialize};
+
+use super::meta::Object;
+
+/// A lease: which agent runs which task, and what the shim observed of the process.
+pub type Lease = Object<LeaseSpec, LeaseStatus>;
+crate::impl_resource!(Lease, "Lease", "leases");
+
+/// Who holds the run and for how long it may go unrenewed.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LeaseSpec {
+    pub task: String,
+    pub agent: String,
+    /// `host/pid` of the scheduler that created it.
+    #[serde(default)]
+    pub holder_identity: String,
+    /// The lease is stale when not renewed for this long.
+    pub lease_duration_seconds: i64,
+    /// The run is killed when it lasts longer than this.
+    pub max_runtime_seconds: i64,
+    /// Which attempt of the task this run is (1-based).
+    #[serde(default)]
+    pub attempt: i64,
+}
+
+/// Lifecycle of one run.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LeasePhase {
+    /// Created; no process yet.
+    #[default]
+    Pending,
+    /// The shim started the agent.
+    Running,
+    /// The agent exited and the shim recorded how.
+    Completed,
+    /// Being killed by the reclaim controller.
+    Terminating,
+}
+
+/// What the shim and the reclaim controller observed.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LeaseStatus {
+    #[serde(default)]
+    pub phase: LeasePhase,
+    /// The agent process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    /// Start time of the agent process in clock ticks since boot (`/proc/<pid>/stat` field 22).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_start_time: Option<u64>,
+    /// Process group of the agent (the shim's session).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pgid: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shim_pid: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shim_start_time: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acquire_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Signal that ended the agent, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}

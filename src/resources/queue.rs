@@ -1,0 +1,79 @@
+//! Queue: a pool of agents and where its tasks come from.
+
+use serde::{Deserialize, Serialize};
+
+use super::meta::{Condition, Object};
+
+/// A queue: the source of its tasks and whether blockers are respected.
+pub type Queue = Object<QueueSpec, QueueStatus>;
+crate::impl_resource!(Queue, "Queue", "queues");
+
+/// Default poll interval for a tinytask queue.
+pub const DEFAULT_POLL_INTERVAL_SECONDS: i64 = 2;
+
+/// Where a queue's tasks come from.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueSource {
+    /// Tasks are Task objects written to the store.
+    #[default]
+    Local,
+    /// Tasks are reflected from a tinytask server.
+    Tinytask,
+}
+
+/// Whether `blockedBy` holds tasks back.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockingPolicy {
+    /// A task waits until every blocker has succeeded.
+    #[default]
+    Respect,
+    /// Blockers are ignored.
+    Ignore,
+}
+
+/// What the user wants of a queue.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct QueueSpec {
+    #[serde(default)]
+    pub source: QueueSource,
+    #[serde(default)]
+    pub blocking: BlockingPolicy,
+    /// tinytask only: how often the server is polled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_interval_seconds: Option<i64>,
+    /// tinytask only: base URL of the server (default from the global setting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// tinytask only: the queue's name on the server (default: this Queue's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_queue: Option<String>,
+}
+
+/// What the controllers observed of a queue.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct QueueStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub pending: i64,
+    #[serde(default)]
+    pub blocked: i64,
+    #[serde(default)]
+    pub running: i64,
+    #[serde(default)]
+    pub succeeded: i64,
+    #[serde(default)]
+    pub failed: i64,
+    /// Agents serving this queue.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<String>,
+    /// Sum of the agents' `maxConcurrency`.
+    #[serde(default)]
+    pub capacity: i64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

@@ -1,0 +1,126 @@
+//! Task: one unit of work for an agent.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::meta::{Condition, Object};
+
+/// A task: where it may run, what it waits for, and how its attempts went.
+pub type Task = Object<TaskSpec, TaskStatus>;
+crate::impl_resource!(Task, "Task", "tasks");
+
+/// Default `maxRetries`.
+pub const DEFAULT_MAX_RETRIES: i64 = 3;
+/// Annotation holding the remote id of a task reflected from tinytask.
+pub const TINYTASK_ID_ANNOTATION: &str = "tinyscheduler.io/tinytask-id";
+
+/// What the user wants of a task.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TaskSpec {
+    /// The queue whose agent pool may run it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    /// Pins the task to one agent (direct mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assigned_to: Option<String>,
+    /// Higher runs first.
+    #[serde(default)]
+    pub priority: i64,
+    /// Tasks that must succeed first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocked_by: Vec<String>,
+    /// Values for `{{task.params.KEY}}` and the agent's environment (scalars only).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, serde_json::Value>,
+    /// Failed attempts retried before the task is `Failed`.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: i64,
+    /// A run longer than this is killed (overrides the agent's `maxRuntimeSeconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<i64>,
+    /// A finished task is deleted this long after it finished (default 7 days; 1 hour for tinytask).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds_after_finished: Option<i64>,
+}
+
+fn default_max_retries() -> i64 {
+    DEFAULT_MAX_RETRIES
+}
+
+impl Default for TaskSpec {
+    fn default() -> Self {
+        TaskSpec {
+            queue: None,
+            assigned_to: None,
+            priority: 0,
+            blocked_by: Vec::new(),
+            params: BTreeMap::new(),
+            max_retries: DEFAULT_MAX_RETRIES,
+            timeout_seconds: None,
+            ttl_seconds_after_finished: None,
+        }
+    }
+}
+
+/// Where a task is in its life.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TaskPhase {
+    #[default]
+    Pending,
+    Blocked,
+    Assigned,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl TaskPhase {
+    /// Succeeded or Failed: nothing more will happen to it.
+    pub fn is_finished(self) -> bool {
+        matches!(self, TaskPhase::Succeeded | TaskPhase::Failed)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskPhase::Pending => "Pending",
+            TaskPhase::Blocked => "Blocked",
+            TaskPhase::Assigned => "Assigned",
+            TaskPhase::Running => "Running",
+            TaskPhase::Succeeded => "Succeeded",
+            TaskPhase::Failed => "Failed",
+        }
+    }
+}
+
+/// What the controllers observed of a task.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TaskStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub phase: TaskPhase,
+    /// Attempts started so far.
+    #[serde(default)]
+    pub attempts: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// A failed task is not retried before this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_after: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

@@ -1,0 +1,219 @@
+//! Validation of user-supplied objects: names and per-kind rules, each error with its field path.
+
+use std::fmt;
+
+use super::agent::AgentSpec;
+use super::lease::LeaseSpec;
+use super::queue::{QueueSource, QueueSpec};
+use super::task::TaskSpec;
+
+/// Longest name a DNS subdomain may have.
+pub const MAX_NAME_LEN: usize = 253;
+
+/// One invalid field: its path (`spec.maxConcurrency`) and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+fn err(path: &str, message: impl Into<String>) -> FieldError {
+    FieldError {
+        path: path.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Checks an RFC 1123 DNS subdomain: at most 253 characters of lower-case alphanumerics, `-` and
+/// `.`, each dot-separated label non-empty and starting and ending with an alphanumeric. This is what
+/// keeps `/`, `..` and NUL away from the store's paths.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("name is required".into());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "must be no more than {MAX_NAME_LEN} characters (got {})",
+            name.len()
+        ));
+    }
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    for label in name.split('.') {
+        let first = label.chars().next();
+        let last = label.chars().last();
+        if label.is_empty()
+            || !label.chars().all(|c| ok_char(c) || c == '-')
+            || !first.is_some_and(ok_char)
+            || !last.is_some_and(ok_char)
+        {
+            return Err(format!(
+                "{name:?} is not a valid name: a lowercase RFC 1123 subdomain must consist of lower case \
+                 alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn positive(errors: &mut Vec<FieldError>, path: &str, v: i64) {
+    if v < 1 {
+        errors.push(err(path, format!("must be greater than 0 (got {v})")));
+    }
+}
+
+fn optional_name(errors: &mut Vec<FieldError>, path: &str, v: &Option<String>) {
+    if let Some(n) = v {
+        if let Err(e) = validate_name(n) {
+            errors.push(err(path, e));
+        }
+    }
+}
+
+/// Rules for an Agent's spec.
+pub fn validate_agent(spec: &AgentSpec) -> Vec<FieldError> {
+    let mut e = Vec::new();
+    optional_name(&mut e, "spec.queue", &spec.queue);
+    positive(&mut e, "spec.maxConcurrency", spec.max_concurrency);
+    positive(&mut e, "spec.heartbeatSeconds", spec.heartbeat_seconds);
+    positive(&mut e, "spec.maxRuntimeSeconds", spec.max_runtime_seconds);
+    if spec.command.first().is_some_and(|c| c.is_empty()) {
+        e.push(err("spec.command[0]", "the program must not be empty"));
+    }
+    for (i, a) in spec.command.iter().enumerate() {
+        if a.contains('\0') {
+            e.push(err(&format!("spec.command[{i}]"), "must not contain NUL"));
+        }
+    }
+    for (k, v) in &spec.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            e.push(err(
+                &format!("spec.env.{k}"),
+                "names must be non-empty without '=' or NUL",
+            ));
+        }
+    }
+    e
+}
+
+/// Rules for a Queue's spec.
+pub fn validate_queue(spec: &QueueSpec) -> Vec<FieldError> {
+    let mut e = Vec::new();
+    if let Some(p) = spec.poll_interval_seconds {
+        positive(&mut e, "spec.pollIntervalSeconds", p);
+    }
+    if spec.source == QueueSource::Local {
+        if spec.endpoint.is_some() {
+            e.push(err("spec.endpoint", "only allowed with source: tinytask"));
+        }
+        if spec.remote_queue.is_some() {
+            e.push(err("spec.remoteQueue", "only allowed with source: tinytask"));
+        }
+    }
+    if let Some(ep) = &spec.endpoint {
+        if !(ep.starts_with("http://") || ep.starts_with("https://")) {
+            e.push(err("spec.endpoint", "must be an http:// or https:// URL"));
+        }
+    }
+    e
+}
+
+/// Rules for a Task's spec.
+pub fn validate_task(name: &str, spec: &TaskSpec) -> Vec<FieldError> {
+    let mut e = Vec::new();
+    if spec.queue.is_none() && spec.assigned_to.is_none() {
+        e.push(err("spec.queue", "required: set spec.queue or spec.assignedTo"));
+    }
+    optional_name(&mut e, "spec.queue", &spec.queue);
+    optional_name(&mut e, "spec.assignedTo", &spec.assigned_to);
+    for (i, b) in spec.blocked_by.iter().enumerate() {
+        let path = format!("spec.blockedBy[{i}]");
+        if let Err(m) = validate_name(b) {
+            e.push(err(&path, m));
+        } else if b == name {
+            e.push(err(&path, "a task cannot block itself"));
+        }
+    }
+    for (k, v) in &spec.params {
+        let path = format!("spec.params.{k}");
+        if k.is_empty() || k.contains('\0') || k.contains('=') {
+            e.push(err(&path, "keys must be non-empty without '=' or NUL"));
+        }
+        if v.is_object() || v.is_array() {
+            e.push(err(&path, "must be a string, number or boolean"));
+        }
+    }
+    if spec.max_retries < 0 {
+        e.push(err(
+            "spec.maxRetries",
+            format!("must be 0 or greater (got {})", spec.max_retries),
+        ));
+    }
+    if let Some(t) = spec.timeout_seconds {
+        positive(&mut e, "spec.timeoutSeconds", t);
+    }
+    if let Some(t) = spec.ttl_seconds_after_finished {
+        if t < 0 {
+            e.push(err(
+                "spec.ttlSecondsAfterFinished",
+                format!("must be 0 or greater (got {t})"),
+            ));
+        }
+    }
+    e
+}
+
+/// Rules for a Lease's spec.
+pub fn validate_lease(spec: &LeaseSpec) -> Vec<FieldError> {
+    let mut e = Vec::new();
+    if let Err(m) = validate_name(&spec.task) {
+        e.push(err("spec.task", m));
+    }
+    if let Err(m) = validate_name(&spec.agent) {
+        e.push(err("spec.agent", m));
+    }
+    positive(&mut e, "spec.leaseDurationSeconds", spec.lease_duration_seconds);
+    positive(&mut e, "spec.maxRuntimeSeconds", spec.max_runtime_seconds);
+    e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_rfc1123_subdomains() {
+        for ok in ["a", "vaela", "task-1", "tt-42", "a.b-c.d", &"a".repeat(253)] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "", "A", "a/b", "..", "a..b", ".a", "a.", "-a", "a-", "a_b", "a\0b", "ü", &"a".repeat(254),
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn zero_and_negative_limits_name_their_field() {
+        let spec = AgentSpec {
+            max_concurrency: 0,
+            heartbeat_seconds: -5,
+            ..Default::default()
+        };
+        let errs = validate_agent(&spec);
+        let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["spec.maxConcurrency", "spec.heartbeatSeconds"]);
+        assert!(errs[1].message.contains("-5"));
+    }
+
+    #[test]
+    fn a_task_needs_a_queue_or_an_agent() {
+        let errs = validate_task("t", &TaskSpec::default());
+        assert_eq!(errs[0].path, "spec.queue");
+    }
+}

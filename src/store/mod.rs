@@ -1,0 +1,766 @@
+//! The object store: one pretty JSON file per object under `<state>/objects/<plural>/<name>.json`,
+//! a global revision, optimistic concurrency, cross-process write serialization (flock), atomic and
+//! durable writes, and a watch API (inotify plus periodic relist).
+//!
+//! The store knows object envelopes (`metadata`, `spec`, `status`) and nothing about what any kind
+//! means.
+
+pub mod fsio;
+pub mod selector;
+pub mod watch;
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::resources::meta::{now_rfc3339, Resource};
+use crate::resources::validate::validate_name;
+pub use selector::Selector;
+pub use watch::{Watch, WatchEvent, WatchOptions};
+
+/// Largest object (and input document) the store accepts.
+pub const MAX_OBJECT_BYTES: u64 = 1024 * 1024;
+
+/// What went wrong in a store operation. `Display` reads like kubectl's server messages.
+#[derive(Debug)]
+pub enum StoreError {
+    NotFound { plural: String, name: String },
+    AlreadyExists { plural: String, name: String },
+    /// A stale resourceVersion: someone else wrote the object since it was read.
+    Conflict { plural: String, name: String },
+    /// The object itself is unacceptable (bad name, too large).
+    Invalid { plural: String, name: String, message: String },
+    /// Something on disk is not what the store wrote: a symlink, a FIFO, a torn file.
+    Refused { path: PathBuf, message: String },
+    /// The store was opened read-only.
+    ReadOnly,
+    Io { path: PathBuf, source: io::Error },
+}
+
+impl StoreError {
+    /// The kubectl-style reason: `NotFound`, `AlreadyExists`, `Conflict`, `Invalid`, …
+    pub fn reason(&self) -> &'static str {
+        match self {
+            StoreError::NotFound { .. } => "NotFound",
+            StoreError::AlreadyExists { .. } => "AlreadyExists",
+            StoreError::Conflict { .. } => "Conflict",
+            StoreError::Invalid { .. } => "Invalid",
+            StoreError::Refused { .. } => "Forbidden",
+            StoreError::ReadOnly => "MethodNotAllowed",
+            StoreError::Io { .. } => "InternalError",
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::NotFound { .. })
+    }
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, StoreError::Conflict { .. })
+    }
+    pub fn is_already_exists(&self) -> bool {
+        matches!(self, StoreError::AlreadyExists { .. })
+    }
+
+    fn io(path: &Path, source: io::Error) -> StoreError {
+        StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::NotFound { plural, name } => write!(f, "{plural} {name:?} not found"),
+            StoreError::AlreadyExists { plural, name } => {
+                write!(f, "{plural} {name:?} already exists")
+            }
+            StoreError::Conflict { plural, name } => write!(
+                f,
+                "Operation cannot be fulfilled on {plural} {name:?}: the object has been modified; \
+                 please apply your changes to the latest version and try again"
+            ),
+            StoreError::Invalid {
+                plural,
+                name,
+                message,
+            } => write!(f, "{plural} {name:?} is invalid: {message}"),
+            StoreError::Refused { path, message } => {
+                write!(f, "refusing {}: {message}", path.display())
+            }
+            StoreError::ReadOnly => write!(f, "the store is open read-only"),
+            StoreError::Io { path, source } => write!(f, "{}: {source}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// A file in the objects directory that could not be read as an object; reported, then skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// The result of a list: the objects, the store revision when it was taken, and what was skipped.
+#[derive(Debug, Clone)]
+pub struct List<T> {
+    pub items: Vec<T>,
+    pub revision: u64,
+    pub skipped: Vec<Skipped>,
+}
+
+/// How a write changed the stored object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOutcome {
+    Created,
+    Updated,
+    /// Nothing differed; nothing was written.
+    Unchanged,
+}
+
+/// Handle to a state directory's object store. Cheap to clone; safe to share between threads.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    objects: PathBuf,
+    tmp: PathBuf,
+    /// The flock file and the revision file, held open; `None` when read-only.
+    writer: Option<Mutex<Writer>>,
+}
+
+struct Writer {
+    lock: File,
+    revision: File,
+}
+
+impl Store {
+    /// Opens (creating with mode 0700 if needed) the store in `root` for reading and writing.
+    pub fn open(root: impl AsRef<Path>) -> Result<Store, StoreError> {
+        let root = root.as_ref().to_path_buf();
+        let objects = root.join("objects");
+        let tmp = root.join("tmp");
+        for d in [&root, &objects, &tmp] {
+            fsio::ensure_private_dir(d).map_err(|e| StoreError::io(d, e))?;
+        }
+        let open = |p: &Path| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(p)
+                .map_err(|e| StoreError::io(p, e))
+        };
+        let writer = Writer {
+            lock: open(&root.join("store.lock"))?,
+            revision: open(&root.join("revision"))?,
+        };
+        let store = Store {
+            inner: Arc::new(Inner {
+                root,
+                objects,
+                tmp,
+                writer: Some(Mutex::new(writer)),
+            }),
+        };
+        store.clean_tmp()?;
+        Ok(store)
+    }
+
+    /// Opens the store for reading only: creates nothing, takes no lock. A missing state directory
+    /// reads as empty.
+    pub fn open_read_only(root: impl AsRef<Path>) -> Store {
+        let root = root.as_ref().to_path_buf();
+        Store {
+            inner: Arc::new(Inner {
+                objects: root.join("objects"),
+                tmp: root.join("tmp"),
+                root,
+                writer: None,
+            }),
+        }
+    }
+
+    /// The state directory.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// Directory holding the objects of one kind.
+    pub fn kind_dir(&self, plural: &str) -> PathBuf {
+        self.inner.objects.join(plural)
+    }
+
+    fn object_path(&self, plural: &str, name: &str) -> PathBuf {
+        self.kind_dir(plural).join(format!("{name}.json"))
+    }
+
+    /// Removes temp files a crashed writer left behind (under the lock, so no live writer's).
+    fn clean_tmp(&self) -> Result<(), StoreError> {
+        self.with_lock(|_| {
+            let entries = fs::read_dir(&self.inner.tmp).map_err(|e| StoreError::io(&self.inner.tmp, e))?;
+            for e in entries.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs `f` holding the in-process mutex and the cross-process flock.
+    fn with_lock<R>(
+        &self,
+        f: impl FnOnce(&mut Writer) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let Some(writer) = &self.inner.writer else {
+            return Err(StoreError::ReadOnly);
+        };
+        let mut guard = writer.lock().unwrap_or_else(|p| p.into_inner());
+        let lock_path = self.inner.root.join("store.lock");
+        let lock_file = guard
+            .lock
+            .try_clone()
+            .map_err(|e| StoreError::io(&lock_path, e))?;
+        let flock = Flock::lock(lock_file, FlockArg::LockExclusive)
+            .map_err(|(_, e)| StoreError::io(&lock_path, io::Error::from(e)))?;
+        let result = f(&mut guard);
+        drop(flock);
+        result
+    }
+
+    /// The current global revision.
+    pub fn revision(&self) -> Result<u64, StoreError> {
+        let path = self.inner.root.join("revision");
+        match fs::read_to_string(&path) {
+            Ok(s) => Ok(s.trim().parse().unwrap_or(0)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(StoreError::io(&path, e)),
+        }
+    }
+
+    /// Takes the next revision durably (written before the object, so a crash leaves a gap, never a
+    /// repeat).
+    fn next_revision(&self, w: &mut Writer) -> Result<u64, StoreError> {
+        let path = self.inner.root.join("revision");
+        let mut buf = [0u8; 20];
+        let n = w
+            .revision
+            .read_at(&mut buf, 0)
+            .map_err(|e| StoreError::io(&path, e))?;
+        let current: u64 = std::str::from_utf8(&buf[..n])
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let next = current + 1;
+        w.revision
+            .write_all_at(format!("{next:020}").as_bytes(), 0)
+            .and_then(|_| w.revision.sync_data())
+            .map_err(|e| StoreError::io(&path, e))?;
+        Ok(next)
+    }
+
+    // ----- raw (JSON) operations: the CLI uses these for kinds chosen at run time -----
+
+    /// Reads one object as JSON.
+    pub fn get_raw(&self, plural: &str, name: &str) -> Result<Value, StoreError> {
+        self.read_obj(plural, name)?
+            .ok_or_else(|| not_found(plural, name))
+    }
+
+    fn read_obj<T: DeserializeOwned + HasName>(
+        &self,
+        plural: &str,
+        name: &str,
+    ) -> Result<Option<T>, StoreError> {
+        if validate_name(name).is_err() {
+            return Ok(None);
+        }
+        let path = self.object_path(plural, name);
+        match read_object_file::<T>(&path, name) {
+            Ok(v) => Ok(Some(v)),
+            Err(ReadFailure::Missing) => Ok(None),
+            Err(ReadFailure::Bad(reason)) => Err(StoreError::Refused {
+                path,
+                message: reason,
+            }),
+        }
+    }
+
+    /// Lists the objects of one kind as JSON, optionally filtered by a label selector.
+    pub fn list_raw(&self, plural: &str, selector: Option<&Selector>) -> Result<List<Value>, StoreError> {
+        self.list_as::<Value>(plural, selector)
+    }
+
+    fn list_as<T: DeserializeOwned + HasName + Send>(
+        &self,
+        plural: &str,
+        selector: Option<&Selector>,
+    ) -> Result<List<T>, StoreError> {
+        let revision = self.revision()?;
+        let dir = self.kind_dir(plural);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok(List {
+                    items: Vec::new(),
+                    revision,
+                    skipped: Vec::new(),
+                })
+            }
+            Err(e) => return Err(StoreError::io(&dir, e)),
+        };
+        let mut paths = Vec::new();
+        let mut skipped = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io(&dir, e))?;
+            let path = entry.path();
+            match object_name_of(&path) {
+                Some(name) => paths.push((path, name)),
+                None => skipped.push(Skipped {
+                    path,
+                    reason: "not an object file (expected <name>.json)".into(),
+                }),
+            }
+        }
+        let read = read_many::<T>(paths);
+        let mut items = Vec::with_capacity(read.len());
+        for r in read {
+            match r {
+                Ok(obj) => {
+                    if selector.is_none_or(|s| s.matches(&obj.labels())) {
+                        items.push(obj)
+                    }
+                }
+                Err(Some(s)) => skipped.push(s),
+                Err(None) => {} // deleted while listing
+            }
+        }
+        items.sort_by(|a, b| a.name().cmp(b.name()));
+        Ok(List {
+            items,
+            revision,
+            skipped,
+        })
+    }
+
+    /// Creates an object; fails with AlreadyExists if one of that name exists. Sets uid,
+    /// resourceVersion, generation 1 and creationTimestamp.
+    pub fn create_raw(&self, plural: &str, obj: &Value) -> Result<Value, StoreError> {
+        let name = name_of(obj).to_string();
+        self.check_name(plural, &name)?;
+        self.with_lock(|w| {
+            let path = self.object_path(plural, &name);
+            self.refuse_foreign(&path)?;
+            if fsio::entry_kind(&path)
+                .map_err(|e| StoreError::io(&path, e))?
+                .is_some()
+            {
+                return Err(StoreError::AlreadyExists {
+                    plural: plural.into(),
+                    name,
+                });
+            }
+            let mut obj = obj.clone();
+            let meta = meta_mut(&mut obj);
+            meta.insert("uid".into(), Value::String(fsio::new_uid()));
+            meta.insert("generation".into(), Value::from(1));
+            meta.insert("creationTimestamp".into(), Value::String(now_rfc3339()));
+            self.write_locked(w, plural, &name, obj)
+        })
+    }
+
+    /// Replaces spec, labels and annotations (status is kept as stored). A non-empty
+    /// `metadata.resourceVersion` must match the stored one or the write is refused with Conflict.
+    /// `generation` is bumped when spec changes; nothing is written when nothing changed.
+    pub fn update_raw(&self, plural: &str, obj: &Value) -> Result<(Value, WriteOutcome), StoreError> {
+        self.modify_raw(plural, obj, false)
+    }
+
+    /// Replaces status only (the status path). Same concurrency rules as [`Store::update_raw`].
+    pub fn update_status_raw(
+        &self,
+        plural: &str,
+        obj: &Value,
+    ) -> Result<(Value, WriteOutcome), StoreError> {
+        self.modify_raw(plural, obj, true)
+    }
+
+    fn modify_raw(
+        &self,
+        plural: &str,
+        obj: &Value,
+        status_only: bool,
+    ) -> Result<(Value, WriteOutcome), StoreError> {
+        let name = name_of(obj).to_string();
+        self.check_name(plural, &name)?;
+        self.with_lock(|w| {
+            let path = self.object_path(plural, &name);
+            let current: Value = self
+                .read_obj(plural, &name)?
+                .ok_or_else(|| not_found(plural, &name))?;
+            let wanted_rv = obj
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let current_rv = current
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            if !wanted_rv.is_empty() && wanted_rv != current_rv {
+                return Err(StoreError::Conflict {
+                    plural: plural.into(),
+                    name,
+                });
+            }
+            let mut next = current.clone();
+            if status_only {
+                set_field(&mut next, "status", obj.get("status").cloned());
+            } else {
+                let spec_changed = obj.get("spec") != current.get("spec");
+                set_field(&mut next, "spec", obj.get("spec").cloned());
+                for field in ["labels", "annotations"] {
+                    let v = obj.pointer(&format!("/metadata/{field}")).cloned();
+                    let v = v.filter(|v| v.as_object().is_some_and(|m| !m.is_empty()));
+                    let meta = meta_mut(&mut next);
+                    match v {
+                        Some(v) => meta.insert(field.into(), v),
+                        None => meta.remove(field),
+                    };
+                }
+                if spec_changed {
+                    let generation = current
+                        .pointer("/metadata/generation")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(0);
+                    meta_mut(&mut next).insert("generation".into(), Value::from(generation + 1));
+                }
+            }
+            if next == current {
+                return Ok((current, WriteOutcome::Unchanged));
+            }
+            let _ = path;
+            let written = self.write_locked(w, plural, &name, next)?;
+            Ok((written, WriteOutcome::Updated))
+        })
+    }
+
+    /// Deletes an object, optionally only if its resourceVersion is `precondition`. Returns the object
+    /// as it was.
+    pub fn delete_raw(
+        &self,
+        plural: &str,
+        name: &str,
+        precondition: Option<&str>,
+    ) -> Result<Value, StoreError> {
+        if validate_name(name).is_err() {
+            return Err(not_found(plural, name));
+        }
+        self.with_lock(|w| {
+            let path = self.object_path(plural, name);
+            let current: Value = self
+                .read_obj(plural, name)?
+                .ok_or_else(|| not_found(plural, name))?;
+            if let Some(rv) = precondition {
+                if current.pointer("/metadata/resourceVersion").and_then(Value::as_str) != Some(rv) {
+                    return Err(StoreError::Conflict {
+                        plural: plural.into(),
+                        name: name.into(),
+                    });
+                }
+            }
+            self.next_revision(w)?;
+            fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
+            fsio::fsync_dir(&self.kind_dir(plural)).map_err(|e| StoreError::io(&path, e))?;
+            Ok(current)
+        })
+    }
+
+    fn check_name(&self, plural: &str, name: &str) -> Result<(), StoreError> {
+        validate_name(name).map_err(|m| StoreError::Invalid {
+            plural: plural.into(),
+            name: name.into(),
+            message: format!("metadata.name: {m}"),
+        })
+    }
+
+    /// Refuses to write through or over anything the store did not put there.
+    fn refuse_foreign(&self, path: &Path) -> Result<(), StoreError> {
+        match fsio::entry_kind(path).map_err(|e| StoreError::io(path, e))? {
+            Some(ft) if !ft.is_file() => Err(StoreError::Refused {
+                path: path.to_path_buf(),
+                message: if ft.is_symlink() {
+                    "it is a symlink; the store never follows links".into()
+                } else {
+                    "it is not a regular file".into()
+                },
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn write_locked(
+        &self,
+        w: &mut Writer,
+        plural: &str,
+        name: &str,
+        mut obj: Value,
+    ) -> Result<Value, StoreError> {
+        let dir = self.kind_dir(plural);
+        fsio::ensure_private_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
+        let path = self.object_path(plural, name);
+        self.refuse_foreign(&path)?;
+        let revision = self.next_revision(w)?;
+        meta_mut(&mut obj).insert("resourceVersion".into(), Value::String(revision.to_string()));
+        let mut bytes = serde_json::to_vec_pretty(&obj).map_err(|e| StoreError::Invalid {
+            plural: plural.into(),
+            name: name.into(),
+            message: e.to_string(),
+        })?;
+        bytes.push(b'\n');
+        if bytes.len() as u64 > MAX_OBJECT_BYTES {
+            return Err(StoreError::Invalid {
+                plural: plural.into(),
+                name: name.into(),
+                message: format!(
+                    "the object is {} bytes; the limit is {MAX_OBJECT_BYTES}",
+                    bytes.len()
+                ),
+            });
+        }
+        fsio::write_atomic(&self.inner.tmp, &path, &bytes).map_err(|e| StoreError::io(&path, e))?;
+        Ok(obj)
+    }
+
+    // ----- typed operations -----
+
+    /// Reads one object; NotFound if absent.
+    pub fn get<K: Resource>(&self, name: &str) -> Result<K, StoreError> {
+        self.read_obj::<K>(K::PLURAL, name)?
+            .ok_or_else(|| not_found(K::PLURAL, name))
+    }
+
+    /// Reads one object; `None` if absent.
+    pub fn try_get<K: Resource>(&self, name: &str) -> Result<Option<K>, StoreError> {
+        self.read_obj::<K>(K::PLURAL, name)
+    }
+
+    /// Lists every object of a kind (torn or foreign files are in `skipped`).
+    pub fn list<K: Resource>(&self, selector: Option<&Selector>) -> Result<List<K>, StoreError> {
+        self.list_as::<K>(K::PLURAL, selector)
+    }
+
+    /// Creates an object (exclusive: AlreadyExists if the name is taken).
+    pub fn create<K: Resource>(&self, obj: &K) -> Result<K, StoreError> {
+        let v = self.create_raw(K::PLURAL, &to_value(obj)?)?;
+        from_value(v)
+    }
+
+    /// Updates spec, labels and annotations with optimistic concurrency.
+    pub fn update<K: Resource>(&self, obj: &K) -> Result<K, StoreError> {
+        let (v, _) = self.update_raw(K::PLURAL, &to_value(obj)?)?;
+        from_value(v)
+    }
+
+    /// Updates status only, with optimistic concurrency.
+    pub fn update_status<K: Resource>(&self, obj: &K) -> Result<K, StoreError> {
+        let (v, _) = self.update_status_raw(K::PLURAL, &to_value(obj)?)?;
+        from_value(v)
+    }
+
+    /// Deletes an object, optionally only at a given resourceVersion.
+    pub fn delete<K: Resource>(&self, name: &str, precondition: Option<&str>) -> Result<K, StoreError> {
+        from_value(self.delete_raw(K::PLURAL, name, precondition)?)
+    }
+
+    /// Reads the object, applies `f` to its status and writes it back, retrying on Conflict.
+    /// Returns the written object, or `None` if the object does not exist.
+    pub fn patch_status<K: Resource>(
+        &self,
+        name: &str,
+        mut f: impl FnMut(&mut K),
+    ) -> Result<Option<K>, StoreError> {
+        loop {
+            let Some(mut obj) = self.try_get::<K>(name)? else {
+                return Ok(None);
+            };
+            f(&mut obj);
+            match self.update_status(&obj) {
+                Ok(o) => return Ok(Some(o)),
+                Err(e) if e.is_conflict() => continue,
+                Err(e) if e.is_not_found() => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+fn not_found(plural: &str, name: &str) -> StoreError {
+    StoreError::NotFound {
+        plural: plural.into(),
+        name: name.into(),
+    }
+}
+
+fn to_value<K: Resource>(obj: &K) -> Result<Value, StoreError> {
+    serde_json::to_value(obj).map_err(|e| StoreError::Invalid {
+        plural: K::PLURAL.into(),
+        name: obj.name().into(),
+        message: e.to_string(),
+    })
+}
+
+fn from_value<K: Resource>(v: Value) -> Result<K, StoreError> {
+    let name = name_of(&v).to_string();
+    serde_json::from_value(v).map_err(|e| StoreError::Invalid {
+        plural: K::PLURAL.into(),
+        name,
+        message: e.to_string(),
+    })
+}
+
+fn name_of(v: &Value) -> &str {
+    v.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("")
+}
+
+fn meta_mut(v: &mut Value) -> &mut serde_json::Map<String, Value> {
+    if !v.is_object() {
+        *v = Value::Object(Default::default());
+    }
+    let map = v.as_object_mut().expect("made an object above");
+    let meta = map
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Default::default()));
+    if !meta.is_object() {
+        *meta = Value::Object(Default::default());
+    }
+    meta.as_object_mut().expect("made an object above")
+}
+
+fn set_field(v: &mut Value, field: &str, value: Option<Value>) {
+    if let Some(map) = v.as_object_mut() {
+        match value {
+            Some(x) => map.insert(field.into(), x),
+            None => map.remove(field),
+        };
+    }
+}
+
+/// The object name a file in an objects directory stands for, if it is named like one.
+pub(crate) fn object_name_of(path: &Path) -> Option<String> {
+    let file = path.file_name()?.to_str()?;
+    let name = file.strip_suffix(".json")?;
+    validate_name(name).ok()?;
+    Some(name.to_string())
+}
+
+/// Access to name and labels on both typed objects and raw JSON.
+pub(crate) trait HasName {
+    fn name(&self) -> &str;
+    fn labels(&self) -> std::collections::BTreeMap<String, String>;
+}
+
+impl HasName for Value {
+    fn name(&self) -> &str {
+        name_of(self)
+    }
+    fn labels(&self) -> std::collections::BTreeMap<String, String> {
+        self.pointer("/metadata/labels")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl<K: Resource> HasName for K {
+    fn name(&self) -> &str {
+        &self.meta().name
+    }
+    fn labels(&self) -> std::collections::BTreeMap<String, String> {
+        self.meta().labels.clone()
+    }
+}
+
+pub(crate) enum ReadFailure {
+    Missing,
+    Bad(String),
+}
+
+/// Reads and parses one object file, checking that it names itself.
+pub(crate) fn read_object_file<T: DeserializeOwned + HasName>(
+    path: &Path,
+    name: &str,
+) -> Result<T, ReadFailure> {
+    let bytes = fsio::read_regular(path, MAX_OBJECT_BYTES).map_err(|e| match e {
+        fsio::ReadError::Missing => ReadFailure::Missing,
+        fsio::ReadError::NotRegular(what) => {
+            ReadFailure::Bad(format!("{what}; the store never follows links or reads special files"))
+        }
+        fsio::ReadError::TooLarge(n) => {
+            ReadFailure::Bad(format!("{n} bytes is over the {MAX_OBJECT_BYTES}-byte limit"))
+        }
+        fsio::ReadError::Io(e) => ReadFailure::Bad(e.to_string()),
+    })?;
+    let obj: T = serde_json::from_slice(&bytes)
+        .map_err(|e| ReadFailure::Bad(format!("not a valid object: {e}")))?;
+    if obj.name() != name {
+        return Err(ReadFailure::Bad(format!(
+            "metadata.name {:?} does not match the file name",
+            obj.name()
+        )));
+    }
+    Ok(obj)
+}
+
+/// Reads many object files, on two threads when there are enough to be worth it.
+fn read_many<T: DeserializeOwned + HasName + Send>(
+    paths: Vec<(PathBuf, String)>,
+) -> Vec<Result<T, Option<Skipped>>> {
+    let read_one = |(path, name): &(PathBuf, String)| match read_object_file::<T>(path, name) {
+        Ok(o) => Ok(o),
+        Err(ReadFailure::Missing) => Err(None),
+        Err(ReadFailure::Bad(reason)) => Err(Some(Skipped {
+            path: path.clone(),
+            reason,
+        })),
+    };
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(4);
+    if paths.len() < 256 || threads < 2 {
+        return paths.iter().map(read_one).collect();
+    }
+    let chunk = paths.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = paths
+            .chunks(chunk)
+            .map(|c| s.spawn(move || c.iter().map(read_one).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+#[cfg(test)]
+mod tests;

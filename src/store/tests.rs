@@ -1,0 +1,154 @@
+use super::*;
+use crate::resources::{Agent, AgentSpec, Task, TaskSpec};
+use std::os::unix::fs::PermissionsExt;
+
+fn agent(name: &str) -> Agent {
+    Agent::new("Agent", name, AgentSpec::default())
+}
+
+#[test]
+fn create_sets_identity_and_refuses_a_second_create() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let a = store.create(&agent("a")).unwrap();
+    assert_eq!(a.metadata.generation, 1);
+    assert_eq!(a.metadata.uid.len(), 36);
+    assert!(a.metadata.creation_timestamp.is_some());
+    assert_eq!(a.revision(), 1);
+    let e = store.create(&agent("a")).unwrap_err();
+    assert!(e.is_already_exists(), "{e}");
+}
+
+#[test]
+fn revisions_strictly_increase_across_kinds() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let a = store.create(&agent("a")).unwrap();
+    let mut spec = TaskSpec::default();
+    spec.queue = Some("q".into());
+    let t = store.create(&Task::new("Task", "t", spec)).unwrap();
+    let b = store.create(&agent("b")).unwrap();
+    assert!(a.revision() < t.revision() && t.revision() < b.revision());
+}
+
+#[test]
+fn a_stale_resource_version_is_a_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let a = store.create(&agent("a")).unwrap();
+    let mut first = a.clone();
+    first.spec.max_concurrency = 2;
+    let updated = store.update(&first).unwrap();
+    assert_eq!(updated.metadata.generation, 2);
+    let mut stale = a;
+    stale.spec.max_concurrency = 3;
+    let e = store.update(&stale).unwrap_err();
+    assert!(e.is_conflict());
+    assert!(e.to_string().contains("agents \"a\""), "{e}");
+}
+
+#[test]
+fn status_updates_keep_spec_and_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let a = store.create(&agent("a")).unwrap();
+    let mut s = a.clone();
+    s.spec.max_concurrency = 9;
+    s.status.free_slots = 1;
+    let w = store.update_status(&s).unwrap();
+    assert_eq!(w.spec.max_concurrency, 1);
+    assert_eq!(w.status.free_slots, 1);
+    assert_eq!(w.metadata.generation, 1);
+}
+
+#[test]
+fn an_unchanged_update_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let a = store.create(&agent("a")).unwrap();
+    let (_, outcome) = store.update_raw("agents", &serde_json::to_value(&a).unwrap()).unwrap();
+    assert_eq!(outcome, WriteOutcome::Unchanged);
+    assert_eq!(store.revision().unwrap(), 1);
+}
+
+#[test]
+fn files_are_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("s")).unwrap();
+    store.create(&agent("a")).unwrap();
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir.path().join("s/objects/agents/a.json")), 0o600);
+    assert_eq!(mode(&dir.path().join("s/objects/agents")), 0o700);
+    assert_eq!(mode(&dir.path().join("s")), 0o700);
+}
+
+#[test]
+fn a_torn_file_is_skipped_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.create(&agent("a")).unwrap();
+    fs::write(dir.path().join("objects/agents/b.json"), "{\"apiVers").unwrap();
+    let list = store.list::<Agent>(None).unwrap();
+    assert_eq!(list.items.len(), 1);
+    assert_eq!(list.skipped.len(), 1);
+    assert!(list.skipped[0].path.ends_with("b.json"));
+}
+
+#[test]
+fn a_symlink_is_neither_followed_nor_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.create(&agent("a")).unwrap();
+    let target = dir.path().join("outside.json");
+    fs::write(&target, "secret").unwrap();
+    std::os::unix::fs::symlink(&target, dir.path().join("objects/agents/b.json")).unwrap();
+    assert!(matches!(store.get::<Agent>("b"), Err(StoreError::Refused { .. })));
+    let e = store.create(&agent("b")).unwrap_err();
+    assert!(e.to_string().contains("symlink"), "{e}");
+    assert_eq!(fs::read_to_string(&target).unwrap(), "secret");
+    assert_eq!(store.list::<Agent>(None).unwrap().skipped.len(), 1);
+}
+
+#[test]
+fn a_read_only_store_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_read_only(dir.path().join("missing"));
+    assert!(store.list::<Agent>(None).unwrap().items.is_empty());
+    assert!(matches!(store.create(&agent("a")), Err(StoreError::ReadOnly)));
+    assert!(!dir.path().join("missing").exists());
+}
+
+#[tokio::test]
+async fn watch_reports_adds_modifications_and_deletes_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let pre = store.create(&agent("pre")).unwrap();
+    let mut w = store.watch::<Agent>(&[pre.clone()], WatchOptions::default()).unwrap();
+    let a = store.create(&agent("a")).unwrap();
+    let mut a2 = a.clone();
+    a2.spec.max_concurrency = 5;
+    store.update(&a2).unwrap();
+    store.delete::<Agent>("pre", None).unwrap();
+    let mut seen = Vec::new();
+    let done = |seen: &Vec<String>| {
+        seen.iter().any(|s| s == "deleted pre")
+            && seen.iter().any(|s| s == "modified a 5" || s == "added a 5")
+    };
+    while !done(&seen) {
+        let ev = tokio::time::timeout(Duration::from_secs(10), w.next())
+            .await
+            .expect("event within 10s")
+            .expect("open");
+        match ev {
+            WatchEvent::Added(o) => seen.push(format!("added {} {}", o.metadata.name, o.spec.max_concurrency)),
+            WatchEvent::Modified(o) => seen.push(format!("modified {} {}", o.metadata.name, o.spec.max_concurrency)),
+            WatchEvent::Deleted { name, .. } => seen.push(format!("deleted {name}")),
+            WatchEvent::Error(e) => panic!("{e}"),
+        }
+    }
+    // The create and update of `a` may be coalesced into one Added carrying the newest version,
+    // but `a` is never reported after its newest version.
+    assert!(seen.iter().all(|s| !s.starts_with("deleted a")), "{seen:?}");
+}
+
+use std::time::Duration;

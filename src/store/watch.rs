@@ -1,0 +1,272 @@
+//! Watching one kind: inotify (through `notify`) says which files changed; a periodic relist
+//! catches anything inotify dropped or overflowed. Events are diffs against the revisions the
+//! watcher already knows, so every change since the starting list is delivered, in order per object.
+
+use std::collections::{HashMap, HashSet};
+use std::marker::PhantomData;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use super::{fsio, object_name_of, read_object_file, ReadFailure, Store, StoreError};
+use crate::resources::meta::Resource;
+
+/// One change to an object of the watched kind.
+#[derive(Debug, Clone)]
+pub enum WatchEvent<K> {
+    /// An object the watcher did not know.
+    Added(K),
+    /// A known object with a new resourceVersion.
+    Modified(K),
+    /// A known object is gone; its name and last known resourceVersion.
+    Deleted { name: String, resource_version: u64 },
+    /// The watch could not read its directory; it retries on its own (relist with backoff).
+    Error(String),
+}
+
+/// Tuning for a watch.
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    /// How often the whole directory is rescanned regardless of inotify.
+    pub relist_interval: Duration,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        WatchOptions {
+            relist_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A running watch; dropping it stops the watcher.
+pub struct Watch<K> {
+    rx: mpsc::UnboundedReceiver<WatchEvent<K>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl<K> Watch<K> {
+    /// The next event; `None` only once the watcher stopped.
+    pub async fn next(&mut self) -> Option<WatchEvent<K>> {
+        self.rx.recv().await
+    }
+}
+
+impl<K> Drop for Watch<K> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What the watcher remembers of one object: its revision and the inode of the file holding it
+/// (every write is a rename, so a new inode means a new version).
+#[derive(Clone, Copy)]
+struct Known {
+    revision: u64,
+    inode: u64,
+}
+
+struct Watcher_<K> {
+    dir: PathBuf,
+    known: HashMap<String, Known>,
+    /// Files already reported as unreadable, with the inode seen, so each is reported once.
+    reported: HashMap<String, u64>,
+    tx: mpsc::UnboundedSender<WatchEvent<K>>,
+    _k: PhantomData<K>,
+}
+
+impl Store {
+    /// Watches kind `K`, starting from `known` (the objects of a list the caller already has):
+    /// everything that differs from it is delivered as an event. Must be called inside a tokio
+    /// runtime.
+    pub fn watch<K: Resource>(&self, known: &[K], opts: WatchOptions) -> Result<Watch<K>, StoreError> {
+        let dir = self.kind_dir(K::PLURAL);
+        if self.inner.writer.is_some() {
+            fsio::ensure_private_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
+        }
+        let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<notify::Result<notify::Event>>();
+        let mut inotify = notify::recommended_watcher(move |ev| {
+            let _ = raw_tx.send(ev);
+        })
+        .map_err(|e| StoreError::io(&dir, std::io::Error::other(e)))?;
+        let watching = inotify.watch(&dir, RecursiveMode::NonRecursive);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut w = Watcher_::<K> {
+            dir: dir.clone(),
+            known: known
+                .iter()
+                .map(|o| {
+                    (
+                        o.name().to_string(),
+                        Known {
+                            revision: o.revision(),
+                            inode: 0,
+                        },
+                    )
+                })
+                .collect(),
+            reported: HashMap::new(),
+            tx,
+            _k: PhantomData,
+        };
+        let task = tokio::spawn(async move {
+            let mut inotify = inotify;
+            let mut watching = watching.is_ok();
+            let mut retry = Duration::from_millis(800);
+            // Catch up on anything written between the caller's list and the inotify watch.
+            w.relist();
+            let mut relist = tokio::time::interval_at(
+                tokio::time::Instant::now() + opts.relist_interval,
+                opts.relist_interval,
+            );
+            relist.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                if !watching {
+                    // The directory could not be watched (it does not exist yet, say, in a
+                    // read-only store): relist and retry with backoff until it can be.
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(Duration::from_secs(30));
+                    watching = inotify.watch(&w.dir, RecursiveMode::NonRecursive).is_ok();
+                    w.relist();
+                    if w.tx.is_closed() {
+                        return;
+                    }
+                    continue;
+                }
+                tokio::select! {
+                    ev = raw_rx.recv() => {
+                        let Some(ev) = ev else { return };
+                        let mut names = HashSet::new();
+                        let mut rescan = false;
+                        collect(ev, &mut names, &mut rescan);
+                        while let Ok(ev) = raw_rx.try_recv() {
+                            collect(ev, &mut names, &mut rescan);
+                        }
+                        if rescan {
+                            w.relist();
+                        } else {
+                            for n in names {
+                                w.check(&n);
+                            }
+                        }
+                    }
+                    _ = relist.tick() => w.relist(),
+                }
+                if w.tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Ok(Watch { rx, task })
+    }
+}
+
+fn collect(ev: notify::Result<notify::Event>, names: &mut HashSet<String>, rescan: &mut bool) {
+    match ev {
+        Ok(ev) => {
+            if ev.need_rescan() {
+                *rescan = true;
+            }
+            for p in ev.paths {
+                if let Some(n) = object_name_of(&p) {
+                    names.insert(n);
+                }
+            }
+        }
+        Err(_) => *rescan = true,
+    }
+}
+
+impl<K: Resource> Watcher_<K> {
+    fn send(&self, ev: WatchEvent<K>) {
+        let _ = self.tx.send(ev);
+    }
+
+    /// Re-reads one object's file and emits whatever changed.
+    fn check(&mut self, name: &str) {
+        let path = self.dir.join(format!("{name}.json"));
+        let inode = std::fs::symlink_metadata(&path).map(|m| m.ino()).ok();
+        self.check_with_inode(name, inode)
+    }
+
+    fn check_with_inode(&mut self, name: &str, inode: Option<u64>) {
+        let path = self.dir.join(format!("{name}.json"));
+        let Some(inode) = inode else {
+            self.reported.remove(name);
+            if let Some(k) = self.known.remove(name) {
+                self.send(WatchEvent::Deleted {
+                    name: name.to_string(),
+                    resource_version: k.revision,
+                });
+            }
+            return;
+        };
+        match read_object_file::<K>(&path, name) {
+            Ok(obj) => {
+                self.reported.remove(name);
+                let revision = obj.revision();
+                match self.known.get_mut(name) {
+                    Some(k) if k.revision == revision => k.inode = inode,
+                    Some(k) => {
+                        *k = Known { revision, inode };
+                        self.send(WatchEvent::Modified(obj));
+                    }
+                    None => {
+                        self.known.insert(name.to_string(), Known { revision, inode });
+                        self.send(WatchEvent::Added(obj));
+                    }
+                }
+            }
+            Err(ReadFailure::Missing) => self.check_with_inode(name, None),
+            Err(ReadFailure::Bad(reason)) => {
+                if self.reported.insert(name.to_string(), inode) != Some(inode) {
+                    tracing::warn!(path = %path.display(), %reason, "skipping unreadable object file");
+                }
+            }
+        }
+    }
+
+    /// Rescans the directory: stats every file, re-reads those whose inode changed, and reports
+    /// deletions of names no longer present.
+    fn relist(&mut self) {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let gone: Vec<String> = self.known.keys().cloned().collect();
+                for n in gone {
+                    self.check_with_inode(&n, None);
+                }
+                return;
+            }
+            Err(e) => {
+                self.send(WatchEvent::Error(format!("{}: {e}", self.dir.display())));
+                return;
+            }
+        };
+        let mut seen = HashSet::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(name) = object_name_of(&path) else {
+                continue;
+            };
+            let inode = entry.metadata().map(|m| m.ino()).ok();
+            seen.insert(name.clone());
+            match (self.known.get(&name), inode) {
+                (Some(k), Some(i)) if k.inode == i => {}
+                _ => self.check_with_inode(&name, inode),
+            }
+        }
+        let gone: Vec<String> = self
+            .known
+            .keys()
+            .filter(|n| !seen.contains(*n))
+            .cloned()
+            .collect();
+        for n in gone {
+            self.check_with_inode(&n, None);
+        }
+    }
+}
