@@ -57,7 +57,13 @@ pub struct Condition {
 
 /// Sets or replaces the condition of `type_`, keeping `lastTransitionTime` when the status is
 /// unchanged (so the time says when it last flipped, not when it was last written).
-pub fn set_condition(conditions: &mut Vec<Condition>, type_: &str, status: bool, reason: &str, message: &str) {
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+) {
     let status = if status { "True" } else { "False" };
     if let Some(c) = conditions.iter_mut().find(|c| c.type_ == type_) {
         if c.status != status {

@@ -23,7 +23,13 @@ pub enum Kind {
 
 impl Kind {
     /// All kinds, in the order `apply` writes them (pools before their work).
-    pub const ALL: [Kind; 5] = [Kind::Queue, Kind::Agent, Kind::Task, Kind::Lease, Kind::Event];
+    pub const ALL: [Kind; 5] = [
+        Kind::Queue,
+        Kind::Agent,
+        Kind::Task,
+        Kind::Lease,
+        Kind::Event,
+    ];
 
     /// The `kind:` field value (`Agent`).
     pub fn name(self) -> &'static str {
@@ -76,9 +82,9 @@ impl Kind {
         let base = lower
             .strip_suffix(&format!(".{}", super::meta::GROUP))
             .unwrap_or(&lower);
-        Kind::ALL.into_iter().find(|k| {
-            base == k.singular() || base == k.plural() || base == k.short()
-        })
+        Kind::ALL
+            .into_iter()
+            .find(|k| base == k.singular() || base == k.plural() || base == k.short())
     }
 
     /// Resolves the `kind:` field of a document (exact, as in Kubernetes).
@@ -106,7 +112,9 @@ pub fn admit(kind: Kind, doc: &Value) -> Result<Value, Vec<FieldError>> {
     match kind {
         Kind::Agent => admit_typed::<Agent>(doc, |a| validate::validate_agent(&a.spec)),
         Kind::Queue => admit_typed::<Queue>(doc, |q| validate::validate_queue(&q.spec)),
-        Kind::Task => admit_typed::<Task>(doc, |t| validate::validate_task(&t.metadata.name, &t.spec)),
+        Kind::Task => {
+            admit_typed::<Task>(doc, |t| validate::validate_task(&t.metadata.name, &t.spec))
+        }
         Kind::Lease => admit_typed::<Lease>(doc, |l| validate::validate_lease(&l.spec)),
         Kind::Event => Err(vec![FieldError {
             path: "kind".into(),
@@ -213,6 +221,9 @@ mod tests {
                     "spec": {"colour": "red"}}),
         )
         .unwrap_err();
-        assert!(errs[0].message.contains("unknown field `colour`"), "{errs:?}");
+        assert!(
+            errs[0].message.contains("unknown field `colour`"),
+            "{errs:?}"
+        );
     }
 }

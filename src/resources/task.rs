@@ -65,7 +65,9 @@ impl Default for TaskSpec {
 }
 
 /// Where a task is in its life.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
 pub enum TaskPhase {
     #[default]
     Pending,

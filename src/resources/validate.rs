@@ -112,7 +112,10 @@ pub fn validate_queue(spec: &QueueSpec) -> Vec<FieldError> {
             e.push(err("spec.endpoint", "only allowed with source: tinytask"));
         }
         if spec.remote_queue.is_some() {
-            e.push(err("spec.remoteQueue", "only allowed with source: tinytask"));
+            e.push(err(
+                "spec.remoteQueue",
+                "only allowed with source: tinytask",
+            ));
         }
     }
     if let Some(ep) = &spec.endpoint {
@@ -127,7 +130,10 @@ pub fn validate_queue(spec: &QueueSpec) -> Vec<FieldError> {
 pub fn validate_task(name: &str, spec: &TaskSpec) -> Vec<FieldError> {
     let mut e = Vec::new();
     if spec.queue.is_none() && spec.assigned_to.is_none() {
-        e.push(err("spec.queue", "required: set spec.queue or spec.assignedTo"));
+        e.push(err(
+            "spec.queue",
+            "required: set spec.queue or spec.assignedTo",
+        ));
     }
     optional_name(&mut e, "spec.queue", &spec.queue);
     optional_name(&mut e, "spec.assignedTo", &spec.assigned_to);
@@ -177,7 +183,11 @@ pub fn validate_lease(spec: &LeaseSpec) -> Vec<FieldError> {
     if let Err(m) = validate_name(&spec.agent) {
         e.push(err("spec.agent", m));
     }
-    positive(&mut e, "spec.leaseDurationSeconds", spec.lease_duration_seconds);
+    positive(
+        &mut e,
+        "spec.leaseDurationSeconds",
+        spec.lease_duration_seconds,
+    );
     positive(&mut e, "spec.maxRuntimeSeconds", spec.max_runtime_seconds);
     e
 }
@@ -192,7 +202,19 @@ mod tests {
             assert!(validate_name(ok).is_ok(), "{ok}");
         }
         for bad in [
-            "", "A", "a/b", "..", "a..b", ".a", "a.", "-a", "a-", "a_b", "a\0b", "ü", &"a".repeat(254),
+            "",
+            "A",
+            "a/b",
+            "..",
+            "a..b",
+            ".a",
+            "a.",
+            "-a",
+            "a-",
+            "a_b",
+            "a\0b",
+            "ü",
+            &"a".repeat(254),
         ] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }

@@ -31,17 +31,36 @@ pub const MAX_OBJECT_BYTES: u64 = 1024 * 1024;
 /// What went wrong in a store operation. `Display` reads like kubectl's server messages.
 #[derive(Debug)]
 pub enum StoreError {
-    NotFound { plural: String, name: String },
-    AlreadyExists { plural: String, name: String },
+    NotFound {
+        plural: String,
+        name: String,
+    },
+    AlreadyExists {
+        plural: String,
+        name: String,
+    },
     /// A stale resourceVersion: someone else wrote the object since it was read.
-    Conflict { plural: String, name: String },
+    Conflict {
+        plural: String,
+        name: String,
+    },
     /// The object itself is unacceptable (bad name, too large).
-    Invalid { plural: String, name: String, message: String },
+    Invalid {
+        plural: String,
+        name: String,
+        message: String,
+    },
     /// Something on disk is not what the store wrote: a symlink, a FIFO, a torn file.
-    Refused { path: PathBuf, message: String },
+    Refused {
+        path: PathBuf,
+        message: String,
+    },
     /// The store was opened read-only.
     ReadOnly,
-    Io { path: PathBuf, source: io::Error },
+    Io {
+        path: PathBuf,
+        source: io::Error,
+    },
 }
 
 impl StoreError {
@@ -214,7 +233,8 @@ impl Store {
     /// Removes temp files a crashed writer left behind (under the lock, so no live writer's).
     fn clean_tmp(&self) -> Result<(), StoreError> {
         self.with_lock(|_| {
-            let entries = fs::read_dir(&self.inner.tmp).map_err(|e| StoreError::io(&self.inner.tmp, e))?;
+            let entries =
+                fs::read_dir(&self.inner.tmp).map_err(|e| StoreError::io(&self.inner.tmp, e))?;
             for e in entries.flatten() {
                 let _ = fs::remove_file(e.path());
             }
@@ -302,7 +322,11 @@ impl Store {
     }
 
     /// Lists the objects of one kind as JSON, optionally filtered by a label selector.
-    pub fn list_raw(&self, plural: &str, selector: Option<&Selector>) -> Result<List<Value>, StoreError> {
+    pub fn list_raw(
+        &self,
+        plural: &str,
+        selector: Option<&Selector>,
+    ) -> Result<List<Value>, StoreError> {
         self.list_as::<Value>(plural, selector)
     }
 
@@ -387,7 +411,11 @@ impl Store {
     /// Replaces spec, labels and annotations (status is kept as stored). A non-empty
     /// `metadata.resourceVersion` must match the stored one or the write is refused with Conflict.
     /// `generation` is bumped when spec changes; nothing is written when nothing changed.
-    pub fn update_raw(&self, plural: &str, obj: &Value) -> Result<(Value, WriteOutcome), StoreError> {
+    pub fn update_raw(
+        &self,
+        plural: &str,
+        obj: &Value,
+    ) -> Result<(Value, WriteOutcome), StoreError> {
         self.modify_raw(plural, obj, false)
     }
 
@@ -476,7 +504,11 @@ impl Store {
                 .read_obj(plural, name)?
                 .ok_or_else(|| not_found(plural, name))?;
             if let Some(rv) = precondition {
-                if current.pointer("/metadata/resourceVersion").and_then(Value::as_str) != Some(rv) {
+                if current
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+                    != Some(rv)
+                {
                     return Err(StoreError::Conflict {
                         plural: plural.into(),
                         name: name.into(),
@@ -525,7 +557,10 @@ impl Store {
         let path = self.object_path(plural, name);
         self.refuse_foreign(&path)?;
         let revision = self.next_revision(w)?;
-        meta_mut(&mut obj).insert("resourceVersion".into(), Value::String(revision.to_string()));
+        meta_mut(&mut obj).insert(
+            "resourceVersion".into(),
+            Value::String(revision.to_string()),
+        );
         let mut bytes = serde_json::to_vec_pretty(&obj).map_err(|e| StoreError::Invalid {
             plural: plural.into(),
             name: name.into(),
@@ -583,7 +618,11 @@ impl Store {
     }
 
     /// Deletes an object, optionally only at a given resourceVersion.
-    pub fn delete<K: Resource>(&self, name: &str, precondition: Option<&str>) -> Result<K, StoreError> {
+    pub fn delete<K: Resource>(
+        &self,
+        name: &str,
+        precondition: Option<&str>,
+    ) -> Result<K, StoreError> {
         from_value(self.delete_raw(K::PLURAL, name, precondition)?)
     }
 
@@ -634,7 +673,9 @@ fn from_value<K: Resource>(v: Value) -> Result<K, StoreError> {
 }
 
 fn name_of(v: &Value) -> &str {
-    v.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("")
+    v.pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
 }
 
 fn meta_mut(v: &mut Value) -> &mut serde_json::Map<String, Value> {
@@ -711,12 +752,12 @@ pub(crate) fn read_object_file<T: DeserializeOwned + HasName>(
 ) -> Result<T, ReadFailure> {
     let bytes = fsio::read_regular(path, MAX_OBJECT_BYTES).map_err(|e| match e {
         fsio::ReadError::Missing => ReadFailure::Missing,
-        fsio::ReadError::NotRegular(what) => {
-            ReadFailure::Bad(format!("{what}; the store never follows links or reads special files"))
-        }
-        fsio::ReadError::TooLarge(n) => {
-            ReadFailure::Bad(format!("{n} bytes is over the {MAX_OBJECT_BYTES}-byte limit"))
-        }
+        fsio::ReadError::NotRegular(what) => ReadFailure::Bad(format!(
+            "{what}; the store never follows links or reads special files"
+        )),
+        fsio::ReadError::TooLarge(n) => ReadFailure::Bad(format!(
+            "{n} bytes is over the {MAX_OBJECT_BYTES}-byte limit"
+        )),
         fsio::ReadError::Io(e) => ReadFailure::Bad(e.to_string()),
     })?;
     let obj: T = serde_json::from_slice(&bytes)

@@ -77,7 +77,10 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -85,7 +88,11 @@ mod tests {
         let s = Selector::parse("team=core,tier!=gpu,owner,!legacy").unwrap();
         assert!(s.matches(&labels(&[("team", "core"), ("owner", "x")])));
         assert!(!s.matches(&labels(&[("team", "core")])));
-        assert!(!s.matches(&labels(&[("team", "core"), ("owner", "x"), ("tier", "gpu")])));
+        assert!(!s.matches(&labels(&[
+            ("team", "core"),
+            ("owner", "x"),
+            ("tier", "gpu")
+        ])));
         assert!(!s.matches(&labels(&[("team", "core"), ("owner", "x"), ("legacy", "")])));
         assert!(Selector::parse("").unwrap().matches(&labels(&[])));
     }

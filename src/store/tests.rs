@@ -24,8 +24,10 @@ fn revisions_strictly_increase_across_kinds() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let a = store.create(&agent("a")).unwrap();
-    let mut spec = TaskSpec::default();
-    spec.queue = Some("q".into());
+    let spec = TaskSpec {
+        queue: Some("q".into()),
+        ..Default::default()
+    };
     let t = store.create(&Task::new("Task", "t", spec)).unwrap();
     let b = store.create(&agent("b")).unwrap();
     assert!(a.revision() < t.revision() && t.revision() < b.revision());
@@ -66,7 +68,9 @@ fn an_unchanged_update_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let a = store.create(&agent("a")).unwrap();
-    let (_, outcome) = store.update_raw("agents", &serde_json::to_value(&a).unwrap()).unwrap();
+    let (_, outcome) = store
+        .update_raw("agents", &serde_json::to_value(&a).unwrap())
+        .unwrap();
     assert_eq!(outcome, WriteOutcome::Unchanged);
     assert_eq!(store.revision().unwrap(), 1);
 }
@@ -102,7 +106,10 @@ fn a_symlink_is_neither_followed_nor_replaced() {
     let target = dir.path().join("outside.json");
     fs::write(&target, "secret").unwrap();
     std::os::unix::fs::symlink(&target, dir.path().join("objects/agents/b.json")).unwrap();
-    assert!(matches!(store.get::<Agent>("b"), Err(StoreError::Refused { .. })));
+    assert!(matches!(
+        store.get::<Agent>("b"),
+        Err(StoreError::Refused { .. })
+    ));
     let e = store.create(&agent("b")).unwrap_err();
     assert!(e.to_string().contains("symlink"), "{e}");
     assert_eq!(fs::read_to_string(&target).unwrap(), "secret");
@@ -114,7 +121,10 @@ fn a_read_only_store_creates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_read_only(dir.path().join("missing"));
     assert!(store.list::<Agent>(None).unwrap().items.is_empty());
-    assert!(matches!(store.create(&agent("a")), Err(StoreError::ReadOnly)));
+    assert!(matches!(
+        store.create(&agent("a")),
+        Err(StoreError::ReadOnly)
+    ));
     assert!(!dir.path().join("missing").exists());
 }
 
@@ -123,7 +133,9 @@ async fn watch_reports_adds_modifications_and_deletes_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let pre = store.create(&agent("pre")).unwrap();
-    let mut w = store.watch::<Agent>(&[pre.clone()], WatchOptions::default()).unwrap();
+    let mut w = store
+        .watch::<Agent>(std::slice::from_ref(&pre), WatchOptions::default())
+        .unwrap();
     let a = store.create(&agent("a")).unwrap();
     let mut a2 = a.clone();
     a2.spec.max_concurrency = 5;
@@ -140,8 +152,14 @@ async fn watch_reports_adds_modifications_and_deletes_in_order() {
             .expect("event within 10s")
             .expect("open");
         match ev {
-            WatchEvent::Added(o) => seen.push(format!("added {} {}", o.metadata.name, o.spec.max_concurrency)),
-            WatchEvent::Modified(o) => seen.push(format!("modified {} {}", o.metadata.name, o.spec.max_concurrency)),
+            WatchEvent::Added(o) => seen.push(format!(
+                "added {} {}",
+                o.metadata.name, o.spec.max_concurrency
+            )),
+            WatchEvent::Modified(o) => seen.push(format!(
+                "modified {} {}",
+                o.metadata.name, o.spec.max_concurrency
+            )),
             WatchEvent::Deleted { name, .. } => seen.push(format!("deleted {name}")),
             WatchEvent::Error(e) => panic!("{e}"),
         }

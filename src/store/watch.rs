@@ -82,7 +82,11 @@ impl Store {
     /// Watches kind `K`, starting from `known` (the objects of a list the caller already has):
     /// everything that differs from it is delivered as an event. Must be called inside a tokio
     /// runtime.
-    pub fn watch<K: Resource>(&self, known: &[K], opts: WatchOptions) -> Result<Watch<K>, StoreError> {
+    pub fn watch<K: Resource>(
+        &self,
+        known: &[K],
+        opts: WatchOptions,
+    ) -> Result<Watch<K>, StoreError> {
         let dir = self.kind_dir(K::PLURAL);
         if self.inner.writer.is_some() {
             fsio::ensure_private_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
@@ -215,7 +219,8 @@ impl<K: Resource> Watcher_<K> {
                         self.send(WatchEvent::Modified(obj));
                     }
                     None => {
-                        self.known.insert(name.to_string(), Known { revision, inode });
+                        self.known
+                            .insert(name.to_string(), Known { revision, inode });
                         self.send(WatchEvent::Added(obj));
                     }
                 }

@@ -1,0 +1,167 @@
+//! Command-line grammar (clap derive). Global settings come from flags, then `TINYSCHEDULER_*`
+//! environment variables, then defaults.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// TinyScheduler: a Kubernetes-style control plane for AI coding agents.
+#[derive(Parser, Debug)]
+#[command(name = "tinyscheduler", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub globals: Globals,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Settings shared by every command.
+#[derive(Args, Debug, Clone)]
+pub struct Globals {
+    /// State directory holding the object store, logs and the lock.
+    #[arg(
+        long,
+        global = true,
+        env = "TINYSCHEDULER_STATE_DIR",
+        default_value = "./state"
+    )]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create or update objects from YAML or JSON manifests.
+    Apply(ApplyArgs),
+    /// List objects of a kind.
+    Get(GetArgs),
+    /// Show one object in detail, with its events.
+    Describe(DescribeArgs),
+    /// Delete objects by kind and name, or those named in a manifest.
+    Delete(DeleteArgs),
+    /// Print the output of a task's run.
+    Logs(LogsArgs),
+    /// Wait for a condition on an object.
+    Wait(WaitArgs),
+    /// Run the scheduler: once to a fixed point, or as a daemon.
+    Run(RunArgs),
+    /// Supervise one agent run (started by the scheduler; not for direct use).
+    #[command(hide = true)]
+    Shim(ShimArgs),
+    /// Print the version.
+    Version,
+}
+
+#[derive(Args, Debug)]
+pub struct ApplyArgs {
+    /// File, directory or `-` for standard input (repeatable).
+    #[arg(short = 'f', long = "filename", required = true)]
+    pub files: Vec<String>,
+    /// Recurse into subdirectories.
+    #[arg(short = 'R', long)]
+    pub recursive: bool,
+    /// Validate and report what would change without writing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GetArgs {
+    /// Kind: singular, plural or short name (agents, ag, tasks, tk, …).
+    pub kind: String,
+    /// Names to show (default: all).
+    pub names: Vec<String>,
+    /// Output format: wide, yaml, json or name.
+    #[arg(short = 'o', long)]
+    pub output: Option<String>,
+    /// Label selector (key=value,key2!=value2).
+    #[arg(short = 'l', long)]
+    pub selector: Option<String>,
+    /// Omit the header line.
+    #[arg(long)]
+    pub no_headers: bool,
+    /// After listing, print changes as they happen until interrupted.
+    #[arg(short = 'w', long)]
+    pub watch: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DescribeArgs {
+    pub kind: String,
+    pub name: String,
+}
+
+#[derive(Args, Debug)]
+pub struct DeleteArgs {
+    /// Kind, then one or more names.
+    pub args: Vec<String>,
+    /// Delete the objects named in these manifests.
+    #[arg(short = 'f', long = "filename")]
+    pub files: Vec<String>,
+    #[arg(short = 'R', long)]
+    pub recursive: bool,
+    /// Succeed when an object is already gone.
+    #[arg(long)]
+    pub ignore_not_found: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    /// Task name.
+    pub task: String,
+    /// Keep printing as the run writes.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// Which attempt (default: the latest).
+    #[arg(long)]
+    pub attempt: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+pub struct WaitArgs {
+    /// KIND/NAME, e.g. task/fix-login.
+    pub target: String,
+    /// `condition=NAME`, `jsonpath={.status.phase}=Succeeded` or `delete`.
+    #[arg(long = "for")]
+    pub for_: String,
+    /// Give up after this long (e.g. 30s, 5m).
+    #[arg(long, default_value = "30s")]
+    pub timeout: String,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Reconcile everything to a fixed point, print a summary and exit.
+    #[arg(long, conflicts_with = "daemon")]
+    pub once: bool,
+    /// Keep running, reacting to changes as they happen.
+    #[arg(long)]
+    pub daemon: bool,
+    /// Print each decision and change nothing.
+    #[arg(long, env = "TINYSCHEDULER_DRY_RUN")]
+    pub dry_run: bool,
+    /// With --once: keep going until no task is pending or running (the quick start uses this).
+    #[arg(long, requires = "once")]
+    pub wait: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ShimArgs {
+    /// The Lease whose run this shim supervises.
+    #[arg(long)]
+    pub lease: String,
+}
+
+/// The command's name as typed, for messages.
+pub fn command_name(c: &Command) -> &'static str {
+    match c {
+        Command::Apply(_) => "apply",
+        Command::Get(_) => "get",
+        Command::Describe(_) => "describe",
+        Command::Delete(_) => "delete",
+        Command::Logs(_) => "logs",
+        Command::Wait(_) => "wait",
+        Command::Run(_) => "run",
+        Command::Shim(_) => "shim",
+        Command::Version => "version",
+    }
+}

@@ -1,0 +1,1 @@
+//! The scheduling controllers: assignment, lease, reclaim (and tinytask sync). No framework code.

@@ -1,0 +1,1 @@
+//! Daemon plumbing: signals, systemd notify and watchdog, HTTP metrics and health endpoints.

@@ -1,0 +1,1 @@
+//! Client for the tinytask REST API (`/api/v1`).
