@@ -356,3 +356,56 @@ fn log_files_and_directories_are_private() {
     assert_eq!(mode("logs/priv"), 0o700);
     assert_eq!(mode("logs/priv/1.log"), 0o600);
 }
+
+#[test]
+fn sigterm_to_the_shim_kills_an_agent_that_ignores_it_and_records_sigkill() {
+    let s = State::new();
+    s.run_of(
+        "stubborn",
+        &[
+            "sh",
+            "-c",
+            "trap '' TERM; echo ready; while :; do sleep 0.05; done",
+        ],
+    );
+    let mut child = s
+        .shim_cmd("stubborn")
+        .env("TINYSCHEDULER_KILL_GRACE_SEC", "0.3")
+        .spawn()
+        .unwrap();
+    wait_for("the agent to be ready", LONG, || {
+        s.log("stubborn", 1).contains("ready")
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    let l = s.get_lease("stubborn").unwrap();
+    assert_eq!(l.status.phase, LeasePhase::Completed);
+    assert_eq!(l.status.signal, Some(9));
+    let msg = l.status.message.unwrap();
+    assert!(msg.contains("SIGKILL"), "{msg}");
+    assert!(!tinyscheduler::agent::group_alive(l.status.pgid.unwrap()));
+}
+
+#[test]
+fn processes_the_agent_leaves_behind_in_its_group_end_with_the_run() {
+    let s = State::new();
+    let pidfile = s.dir.path().join("bg");
+    let cmd = format!("sleep 300 & echo $! > {}; exit 0", pidfile.display());
+    s.run_of("leaver", &["sh", "-c", &cmd]);
+    assert!(s.shim("leaver").status.success());
+    let bg: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let gone =
+        tinyscheduler::agent::liveness::read_stat(bg).map_or(true, |st| st.is_zombie_or_dead());
+    assert!(gone, "background pid {bg} outlived the run");
+    let l = s.get_lease("leaver").unwrap();
+    assert_eq!(l.status.exit_code, Some(0));
+    assert!(l.status.message.unwrap().contains("left in its group"));
+}
