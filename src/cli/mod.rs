@@ -1,6 +1,7 @@
 //! The kubectl-style command line: argument parsing and dispatch to one module per command.
 
 pub mod args;
+pub mod logs;
 pub mod run;
 
 use std::process::ExitCode;
@@ -45,6 +46,7 @@ pub fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> CliResult {
     let g = cli.globals;
     match cli.command {
+        Command::Logs(a) => logs::logs(&g, a),
         Command::Run(a) => run::run(&g, a),
         Command::Shim(a) => crate::agent::shim::main(&g, a),
         Command::Version => {
