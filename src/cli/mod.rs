@@ -34,6 +34,17 @@ pub type CliResult = Result<ExitCode, CliError>;
 /// Parses the command line, runs the command, prints any error and returns the exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let g = &cli.globals;
+    if let Err(e) = crate::daemon::logging::init_logging(g.log_format, g.log_level.as_deref()) {
+        eprintln!("error: {e}");
+        return ExitCode::from(1);
+    }
+    tracing::debug!(
+        command = args::command_name(&cli.command),
+        version = env!("CARGO_PKG_VERSION"),
+        pid = std::process::id(),
+        "starting"
+    );
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
