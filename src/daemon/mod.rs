@@ -3,6 +3,7 @@
 
 pub mod health;
 pub mod http;
+pub mod lock;
 pub mod logging;
 pub mod notify;
 pub mod signals;
