@@ -94,19 +94,27 @@ impl Scheduler {
             .watches(&ctx.leases, by_name)
             .workers(4);
         queues.push(c.queue());
-        tasks.spawn(c.run(
-            |key, ctx: Arc<Ctx>| async move { counted(&ctx, lease::reconcile(key, ctx.clone()).await) },
-            shutdown.wait(),
-        ));
+        tasks.spawn(
+            c.run(
+                |key, ctx: Arc<Ctx>| async move {
+                    counted(&ctx, lease::reconcile(key, ctx.clone()).await)
+                },
+                shutdown.wait(),
+            ),
+        );
 
         let c = Controller::new("reclaim", ctx.clone(), metrics.clone())
             .watches(&ctx.leases, by_name)
             // A deleted Task's run must be reclaimed: its last known state names the Lease.
-            .watches(&ctx.tasks, |t: &Task| t.status.lease.iter().cloned().collect())
+            .watches(&ctx.tasks, |t: &Task| {
+                t.status.lease.iter().cloned().collect()
+            })
             .workers(4);
         queues.push(c.queue());
         tasks.spawn(c.run(
-            |key, ctx: Arc<Ctx>| async move { counted(&ctx, reclaim::reconcile(key, ctx.clone()).await) },
+            |key, ctx: Arc<Ctx>| async move {
+                counted(&ctx, reclaim::reconcile(key, ctx.clone()).await)
+            },
             shutdown.wait(),
         ));
 
@@ -116,15 +124,23 @@ impl Scheduler {
                 k.extend(a.spec.queue.iter().map(|q| format!("queue/{q}")));
                 k
             })
-            .watches(&ctx.queues, |q: &Queue| vec![format!("queue/{}", q.metadata.name)])
-            .watches(&ctx.leases, |l: &Lease| vec![format!("agent/{}", l.spec.agent)])
+            .watches(&ctx.queues, |q: &Queue| {
+                vec![format!("queue/{}", q.metadata.name)]
+            })
+            .watches(&ctx.leases, |l: &Lease| {
+                vec![format!("agent/{}", l.spec.agent)]
+            })
             .watches(&ctx.tasks, status::keys_for_task)
             .workers(1);
         queues.push(c.queue());
-        tasks.spawn(c.run(
-            |key, ctx: Arc<Ctx>| async move { counted(&ctx, status::reconcile(key, ctx.clone()).await) },
-            shutdown.wait(),
-        ));
+        tasks.spawn(
+            c.run(
+                |key, ctx: Arc<Ctx>| async move {
+                    counted(&ctx, status::reconcile(key, ctx.clone()).await)
+                },
+                shutdown.wait(),
+            ),
+        );
 
         for h in [
             ctx.tasks.start(),
@@ -208,7 +224,9 @@ impl Scheduler {
             .map(|t| (t.metadata.name.as_str(), t.status.phase))
             .collect();
         let serves = |t: &Task| match (&t.spec.assigned_to, &t.spec.queue) {
-            (Some(a), _) => agents.iter().any(|x| &x.metadata.name == a && !x.spec.paused),
+            (Some(a), _) => agents
+                .iter()
+                .any(|x| &x.metadata.name == a && !x.spec.paused),
             (None, Some(q)) => agents
                 .iter()
                 .any(|x| x.spec.queue.as_deref() == Some(q) && !x.spec.paused),
@@ -219,11 +237,11 @@ impl Scheduler {
             TaskPhase::Assigned | TaskPhase::Running => false,
             TaskPhase::Pending => !serves(t),
             // Blocked for good only if some blocker can no longer succeed.
-            TaskPhase::Blocked => t.spec.blocked_by.iter().all(|b| {
-                phases
-                    .get(b.as_str())
-                    .is_none_or(|p| p.is_finished())
-            }),
+            TaskPhase::Blocked => t
+                .spec
+                .blocked_by
+                .iter()
+                .all(|b| phases.get(b.as_str()).is_none_or(|p| p.is_finished())),
         })
     }
 
@@ -249,7 +267,9 @@ pub fn render_metrics(ctx: &Ctx, metrics: &Metrics) -> String {
         let q = t.spec.queue.clone().unwrap_or_default();
         *by_phase.entry((q, t.status.phase.as_str())).or_default() += 1;
     }
-    out.push_str("# HELP tinyscheduler_tasks Tasks by queue and phase.\n# TYPE tinyscheduler_tasks gauge\n");
+    out.push_str(
+        "# HELP tinyscheduler_tasks Tasks by queue and phase.\n# TYPE tinyscheduler_tasks gauge\n",
+    );
     for ((q, p), n) in by_phase {
         out.push_str(&format!(
             "tinyscheduler_tasks{{queue=\"{}\",phase=\"{p}\"}} {n}\n",
@@ -261,7 +281,10 @@ pub fn render_metrics(ctx: &Ctx, metrics: &Metrics) -> String {
     let free = crate::controllers::plan::free_slots(&agents, &leases);
     out.push_str("# HELP tinyscheduler_agent_leases Live leases held by each agent.\n# TYPE tinyscheduler_agent_leases gauge\n");
     for a in &agents {
-        let n = leases.iter().filter(|l| l.spec.agent == a.metadata.name).count();
+        let n = leases
+            .iter()
+            .filter(|l| l.spec.agent == a.metadata.name)
+            .count();
         out.push_str(&format!(
             "tinyscheduler_agent_leases{{agent=\"{}\"}} {n}\n",
             escape(&a.metadata.name)
@@ -278,7 +301,9 @@ pub fn render_metrics(ctx: &Ctx, metrics: &Metrics) -> String {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Runs `fut` and returns early with `None` if `shutdown` fires first.

@@ -24,7 +24,8 @@ use crate::store::Store;
 pub fn run(g: &Globals, args: RunArgs) -> CliResult {
     if !args.once && !args.daemon {
         return Err(CliError(
-            "error: say how to run: --once (reconcile to a fixed point and exit) or --daemon".into(),
+            "error: say how to run: --once (reconcile to a fixed point and exit) or --daemon"
+                .into(),
         ));
     }
     let default_level = if args.daemon { "info" } else { "warn" };
@@ -70,7 +71,12 @@ fn env_secs(name: &str) -> Result<Option<Duration>, CliError> {
 
 fn env_flag(name: &str) -> bool {
     std::env::var(name)
-        .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+        .map(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        })
         .unwrap_or(false)
 }
 
@@ -182,14 +188,20 @@ async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
         }
         let idle = last.1.elapsed();
         if idle > Duration::from_secs(60) {
-            Err(format!("the assignment loop has not gone round for {}s", idle.as_secs()))
+            Err(format!(
+                "the assignment loop has not gone round for {}s",
+                idle.as_secs()
+            ))
         } else {
             Ok(())
         }
     });
     let c = Arc::clone(&ctx);
     health.add_readiness("informers-synced", move || {
-        let synced = c.tasks.is_synced() && c.agents.is_synced() && c.queues.is_synced() && c.leases.is_synced();
+        let synced = c.tasks.is_synced()
+            && c.agents.is_synced()
+            && c.queues.is_synced()
+            && c.leases.is_synced();
         if synced {
             Ok(())
         } else {
@@ -209,9 +221,13 @@ async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
     if let Some(addr) = &args.http {
         let c = Arc::clone(&ctx);
         let m = metrics.clone();
-        let server = HttpServer::bind(addr, move || crate::scheduler::render_metrics(&c, &m), health.clone())
-            .await
-            .map_err(|e| CliError(format!("error: --http {addr}: {e}")))?;
+        let server = HttpServer::bind(
+            addr,
+            move || crate::scheduler::render_metrics(&c, &m),
+            health.clone(),
+        )
+        .await
+        .map_err(|e| CliError(format!("error: --http {addr}: {e}")))?;
         let stop = sig.shutdown.wait();
         background.spawn(async move {
             if let Err(e) = server.serve(stop).await {

@@ -98,7 +98,12 @@ fn unblock(ctx: &Ctx, name: &str) -> Result<(), Error> {
         }
     })?;
     if let (Some(t), true) = (t, changed) {
-        ctx.event(&t, EventType::Normal, "Unblocked", "every blocker succeeded");
+        ctx.event(
+            &t,
+            EventType::Normal,
+            "Unblocked",
+            "every blocker succeeded",
+        );
     }
     Ok(())
 }
@@ -139,7 +144,10 @@ fn commit(ctx: &Ctx, task_name: &str, agent_name: &str) -> Result<(), Error> {
             attempt,
         },
     );
-    lease.metadata.labels.insert("tinyscheduler.io/agent".into(), agent_name.into());
+    lease
+        .metadata
+        .labels
+        .insert("tinyscheduler.io/agent".into(), agent_name.into());
     let lease = match ctx.store.create(&lease) {
         Ok(l) => l,
         // Someone holds this task's run already: invariant 1 says we must not start another.

@@ -18,7 +18,10 @@ const START_CHECK: Duration = Duration::from_secs(2);
 
 pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let Some(lease) = ctx.store.try_get::<Lease>(&name)? else {
-        ctx.spawned.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
+        ctx.spawned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&name);
         return Ok(Action::await_change());
     };
     Summary::bump(&ctx.summary.leases_scanned);
@@ -48,7 +51,9 @@ fn start(ctx: &Ctx, lease: &Lease) -> Result<Action, Error> {
     {
         let spawned = ctx.spawned.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((uid, pid)) = spawned.get(name) {
-            if *uid == lease.metadata.uid && start_time_of(*pid as i32).is_some_and(|st| is_alive(*pid as i32, st)) {
+            if *uid == lease.metadata.uid
+                && start_time_of(*pid as i32).is_some_and(|st| is_alive(*pid as i32, st))
+            {
                 return Ok(Action::requeue_after(START_CHECK));
             }
         }
@@ -75,7 +80,9 @@ fn mark_task_running(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
     let Some(task) = ctx.tasks.get(&lease.spec.task) else {
         return Ok(());
     };
-    if task.status.phase == TaskPhase::Running && task.status.lease.as_deref() == Some(&lease.metadata.name) {
+    if task.status.phase == TaskPhase::Running
+        && task.status.lease.as_deref() == Some(&lease.metadata.name)
+    {
         return Ok(());
     }
     if task.status.phase.is_finished() {
@@ -105,7 +112,12 @@ fn mark_task_running(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
     })?;
     if let (Some(t), true) = (t, changed) {
         let log = lease.status.log_path.as_deref().unwrap_or("-");
-        ctx.event(&t, EventType::Normal, "Started", &format!("{message}; log {log}"));
+        ctx.event(
+            &t,
+            EventType::Normal,
+            "Started",
+            &format!("{message}; log {log}"),
+        );
     }
     Ok(())
 }

@@ -151,7 +151,10 @@ impl Ctx {
             return;
         }
         tracing::info!(kind = K::KIND, name = %obj.meta().name, reason, "{message}");
-        if let Err(e) = self.recorder.publish(&object_ref(obj), type_, reason, message) {
+        if let Err(e) = self
+            .recorder
+            .publish(&object_ref(obj), type_, reason, message)
+        {
             tracing::warn!(kind = K::KIND, name = %obj.meta().name, "cannot record event {reason}: {e}");
         }
     }
@@ -172,7 +175,11 @@ impl Ctx {
     }
 
     /// Updates a Lease's status with `f` and puts the result into the cache.
-    pub fn patch_lease(&self, name: &str, f: impl FnMut(&mut Lease)) -> Result<Option<Lease>, Error> {
+    pub fn patch_lease(
+        &self,
+        name: &str,
+        f: impl FnMut(&mut Lease),
+    ) -> Result<Option<Lease>, Error> {
         let l = self.store.patch_status::<Lease>(name, f)?;
         if let Some(l) = &l {
             self.leases.observe(l.clone());

@@ -56,7 +56,11 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
     let attempt = lease.spec.attempt;
     let what = ending.describe();
     if ctx.settings.dry_run {
-        let verdict = if ending.succeeded() { "Succeeded" } else { "failed" };
+        let verdict = if ending.succeeded() {
+            "Succeeded"
+        } else {
+            "failed"
+        };
         ctx.would(&format!(
             "record task/{task_name} attempt {attempt} {verdict}: {what}, then delete lease/{name}"
         ));
@@ -69,11 +73,7 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
     };
     let already = task.status.lease.is_none() && task.status.attempts >= attempt;
     if !already && !task.status.phase.is_finished() {
-        let finished = lease
-            .status
-            .finish_time
-            .clone()
-            .unwrap_or_else(now_rfc3339);
+        let finished = lease.status.finish_time.clone().unwrap_or_else(now_rfc3339);
         let mut verdict = ("", String::new(), EventType::Normal);
         let updated = ctx.patch_task(task_name, |t| {
             t.status.lease = None;
@@ -85,7 +85,11 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
                 t.status.reason = Some("Succeeded".into());
                 t.status.message = Some(format!("exited 0 on agent/{}", lease.spec.agent));
                 t.status.next_attempt_after = None;
-                verdict = ("Succeeded", t.status.message.clone().unwrap_or_default(), EventType::Normal);
+                verdict = (
+                    "Succeeded",
+                    t.status.message.clone().unwrap_or_default(),
+                    EventType::Normal,
+                );
             } else if t.status.attempts > t.spec.max_retries {
                 t.status.phase = TaskPhase::Failed;
                 t.status.reason = Some(if ending.reclaimed.is_some() {
@@ -98,7 +102,11 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
                     t.status.attempts
                 ));
                 t.status.next_attempt_after = None;
-                verdict = ("Failed", t.status.message.clone().unwrap_or_default(), EventType::Warning);
+                verdict = (
+                    "Failed",
+                    t.status.message.clone().unwrap_or_default(),
+                    EventType::Warning,
+                );
             } else {
                 let delay = ctx.settings.retry_delay(t.status.attempts);
                 let at = SystemTime::now() + delay;
@@ -112,7 +120,11 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
                     t.spec.max_retries,
                     delay.as_secs_f64().ceil() as u64
                 ));
-                verdict = ("Retrying", t.status.message.clone().unwrap_or_default(), EventType::Warning);
+                verdict = (
+                    "Retrying",
+                    t.status.message.clone().unwrap_or_default(),
+                    EventType::Warning,
+                );
             }
         })?;
         if let Some(t) = updated {

@@ -72,8 +72,10 @@ pub fn plan(
     opts: PlanOptions,
 ) -> Plan {
     let mut out = Plan::default();
-    let by_name: HashMap<&str, &Arc<Task>> =
-        tasks.iter().map(|t| (t.metadata.name.as_str(), t)).collect();
+    let by_name: HashMap<&str, &Arc<Task>> = tasks
+        .iter()
+        .map(|t| (t.metadata.name.as_str(), t))
+        .collect();
     let leased: HashSet<&str> = leases.iter().map(|l| l.spec.task.as_str()).collect();
     let ignore_blocking: HashSet<&str> = queues
         .iter()
@@ -128,7 +130,12 @@ pub fn plan(
 
     runnable.sort_by_key(|t| {
         (
-            Reverse(dependents.get(t.metadata.name.as_str()).copied().unwrap_or(0)),
+            Reverse(
+                dependents
+                    .get(t.metadata.name.as_str())
+                    .copied()
+                    .unwrap_or(0),
+            ),
             Reverse(t.spec.priority),
             t.metadata
                 .creation_timestamp
@@ -142,7 +149,9 @@ pub fn plan(
     let mut free = free_slots(agents, leases);
     let pool: HashMap<&str, Vec<&str>> = agents.iter().fold(HashMap::new(), |mut m, a| {
         if let Some(q) = &a.spec.queue {
-            m.entry(q.as_str()).or_default().push(a.metadata.name.as_str());
+            m.entry(q.as_str())
+                .or_default()
+                .push(a.metadata.name.as_str());
         }
         m
     });
@@ -234,7 +243,14 @@ mod tests {
             task("b-old", "q", 5, 1),
             task("a-new", "q", 5, 2),
         ]);
-        let p = plan(&tasks, &[agent("x", "q", 3)], &[queue("q")], &[], now(), Default::default());
+        let p = plan(
+            &tasks,
+            &[agent("x", "q", 3)],
+            &[queue("q")],
+            &[],
+            now(),
+            Default::default(),
+        );
         let order: Vec<_> = p.assignments.iter().map(|(t, _)| t.as_str()).collect();
         assert_eq!(order, ["b-old", "a-new", "c-low"]);
     }
@@ -243,18 +259,46 @@ mod tests {
     fn tasks_that_block_others_go_before_higher_priority_ones() {
         let mut waiting = task("waiting", "q", 9, 0);
         waiting.spec.blocked_by = vec!["blocker".into()];
-        let tasks = arcs(vec![task("urgent", "q", 9, 0), task("blocker", "q", 0, 5), waiting]);
-        let p = plan(&tasks, &[agent("x", "q", 1)], &[queue("q")], &[], now(), Default::default());
-        assert_eq!(p.assignments, vec![("blocker".to_string(), "x".to_string())]);
-        assert_eq!(p.newly_blocked, vec![("waiting".to_string(), vec!["blocker".to_string()])]);
+        let tasks = arcs(vec![
+            task("urgent", "q", 9, 0),
+            task("blocker", "q", 0, 5),
+            waiting,
+        ]);
+        let p = plan(
+            &tasks,
+            &[agent("x", "q", 1)],
+            &[queue("q")],
+            &[],
+            now(),
+            Default::default(),
+        );
+        assert_eq!(
+            p.assignments,
+            vec![("blocker".to_string(), "x".to_string())]
+        );
+        assert_eq!(
+            p.newly_blocked,
+            vec![("waiting".to_string(), vec!["blocker".to_string()])]
+        );
     }
 
     #[test]
     fn the_agent_with_most_free_slots_wins_and_ties_go_to_the_first_name() {
         let agents = vec![agent("b", "q", 2), agent("a", "q", 2), agent("c", "q", 3)];
         let leases = vec![lease("running", "c")];
-        let tasks = arcs(vec![task("t1", "q", 0, 1), task("t2", "q", 0, 2), task("t3", "q", 0, 3)]);
-        let p = plan(&tasks, &agents, &[queue("q")], &leases, now(), Default::default());
+        let tasks = arcs(vec![
+            task("t1", "q", 0, 1),
+            task("t2", "q", 0, 2),
+            task("t3", "q", 0, 3),
+        ]);
+        let p = plan(
+            &tasks,
+            &agents,
+            &[queue("q")],
+            &leases,
+            now(),
+            Default::default(),
+        );
         let got: Vec<_> = p.assignments.iter().map(|(_, a)| a.as_str()).collect();
         // free: a=2 b=2 c=2 -> a (tie, first name); then b=2 c=2 a=1 -> b; then c=2 -> c.
         assert_eq!(got, ["a", "b", "c"]);
@@ -267,7 +311,14 @@ mod tests {
         let agents = vec![agent("x", "q", 2), Arc::new(paused)];
         let leases = vec![lease("old1", "x"), lease("old2", "x")];
         let tasks = arcs(vec![task("t", "q", 0, 0)]);
-        let p = plan(&tasks, &agents, &[queue("q")], &leases, now(), Default::default());
+        let p = plan(
+            &tasks,
+            &agents,
+            &[queue("q")],
+            &leases,
+            now(),
+            Default::default(),
+        );
         assert!(p.assignments.is_empty());
     }
 
@@ -276,7 +327,14 @@ mod tests {
         let mut t = task("t", "q", 0, 0);
         t.spec.assigned_to = Some("y".into());
         let agents = vec![agent("x", "q", 5), agent("y", "other", 1)];
-        let p = plan(&arcs(vec![t]), &agents, &[queue("q")], &[], now(), Default::default());
+        let p = plan(
+            &arcs(vec![t]),
+            &agents,
+            &[queue("q")],
+            &[],
+            now(),
+            Default::default(),
+        );
         assert_eq!(p.assignments, vec![("t".to_string(), "y".to_string())]);
     }
 
@@ -317,13 +375,36 @@ mod tests {
         t.spec.blocked_by = vec!["missing".into()];
         let tasks = arcs(vec![t]);
         let agents = [agent("x", "q", 1)];
-        let p = plan(&tasks, &agents, &[queue("q")], &[], now(), Default::default());
+        let p = plan(
+            &tasks,
+            &agents,
+            &[queue("q")],
+            &[],
+            now(),
+            Default::default(),
+        );
         assert!(p.assignments.is_empty());
-        let p = plan(&tasks, &agents, &[queue("q")], &[], now(), PlanOptions { disable_blocking: true });
+        let p = plan(
+            &tasks,
+            &agents,
+            &[queue("q")],
+            &[],
+            now(),
+            PlanOptions {
+                disable_blocking: true,
+            },
+        );
         assert_eq!(p.assignments.len(), 1);
         let mut q = (*queue("q")).clone();
         q.spec.blocking = BlockingPolicy::Ignore;
-        let p = plan(&tasks, &agents, &[Arc::new(q)], &[], now(), Default::default());
+        let p = plan(
+            &tasks,
+            &agents,
+            &[Arc::new(q)],
+            &[],
+            now(),
+            Default::default(),
+        );
         assert_eq!(p.assignments.len(), 1);
     }
 
@@ -332,7 +413,14 @@ mod tests {
         let mut t = task("t", "q", 0, 0);
         let later = now() + Duration::from_secs(60);
         t.status.next_attempt_after = Some(crate::resources::meta::format_time(later));
-        let p = plan(&arcs(vec![t]), &[agent("x", "q", 1)], &[queue("q")], &[], now(), Default::default());
+        let p = plan(
+            &arcs(vec![t]),
+            &[agent("x", "q", 1)],
+            &[queue("q")],
+            &[],
+            now(),
+            Default::default(),
+        );
         assert!(p.assignments.is_empty());
         assert!(p.next_wakeup.is_some());
     }

@@ -24,7 +24,8 @@ pub enum Verdict {
 }
 
 fn age(ts: Option<&str>, now: SystemTime) -> Option<Duration> {
-    ts.and_then(parse_time).map(|t| now.duration_since(t).unwrap_or_default())
+    ts.and_then(parse_time)
+        .map(|t| now.duration_since(t).unwrap_or_default())
 }
 
 /// Judges a Lease at `now`. `local` says whether its processes run on this host (so that pids can
@@ -39,10 +40,15 @@ pub fn judge(lease: &Lease, now: SystemTime, local: bool, task_exists: bool) -> 
     match s.phase {
         LeasePhase::Completed => return Verdict::Healthy(Duration::MAX),
         LeasePhase::Terminating => {
-            return Verdict::Stale(s.message.clone().unwrap_or_else(|| "being reclaimed".into()))
+            return Verdict::Stale(
+                s.message
+                    .clone()
+                    .unwrap_or_else(|| "being reclaimed".into()),
+            )
         }
         LeasePhase::Pending => {
-            let created = age(lease.metadata.creation_timestamp.as_deref(), now).unwrap_or_default();
+            let created =
+                age(lease.metadata.creation_timestamp.as_deref(), now).unwrap_or_default();
             let shim_alive = local
                 && matches!((s.shim_pid, s.shim_start_time), (Some(p), Some(t)) if is_alive(p, t));
             if created > duration && !shim_alive {
@@ -56,11 +62,14 @@ pub fn judge(lease: &Lease, now: SystemTime, local: bool, task_exists: bool) -> 
         LeasePhase::Running => {}
     }
     if local {
-        let agent_alive = matches!((s.pid, s.process_start_time), (Some(p), Some(t)) if is_alive(p, t));
+        let agent_alive =
+            matches!((s.pid, s.process_start_time), (Some(p), Some(t)) if is_alive(p, t));
         let shim_alive =
             matches!((s.shim_pid, s.shim_start_time), (Some(p), Some(t)) if is_alive(p, t));
         if !agent_alive && !shim_alive {
-            return Verdict::Stale("the shim and the agent exited without recording a result".into());
+            return Verdict::Stale(
+                "the shim and the agent exited without recording a result".into(),
+            );
         }
     }
     let since_renew = age(s.renew_time.as_deref(), now).unwrap_or_default();
@@ -121,7 +130,12 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
     };
     let task = ctx.store.try_get::<Task>(&lease.spec.task)?;
     if let Some(t) = &task {
-        ctx.event(t, EventType::Warning, "Reclaiming", &format!("lease/{name}: {reason}"));
+        ctx.event(
+            t,
+            EventType::Warning,
+            "Reclaiming",
+            &format!("lease/{name}: {reason}"),
+        );
     }
     // Kill first (invariant 4): only the group of a process that is still the one we started.
     if local {
@@ -158,7 +172,12 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
     outcome::record(ctx, &lease, &ending)?;
     Summary::bump(&ctx.summary.reclaimed);
     if let Some(t) = &task {
-        ctx.event(t, EventType::Warning, "Reclaimed", &format!("lease/{name}: {reason}"));
+        ctx.event(
+            t,
+            EventType::Warning,
+            "Reclaimed",
+            &format!("lease/{name}: {reason}"),
+        );
     }
     Ok(())
 }
@@ -193,7 +212,10 @@ mod tests {
     #[test]
     fn a_remote_lease_is_judged_by_its_renew_time_alone() {
         let fresh = lease(LeasePhase::Running, 10, 100);
-        assert!(matches!(judge(&fresh, SystemTime::now(), false, true), Verdict::Healthy(_)));
+        assert!(matches!(
+            judge(&fresh, SystemTime::now(), false, true),
+            Verdict::Healthy(_)
+        ));
         let stale = lease(LeasePhase::Running, 140, 200);
         match judge(&stale, SystemTime::now(), false, true) {
             Verdict::Stale(r) => assert!(r.starts_with("heartbeat expired 95s ago"), "{r}"),
@@ -224,6 +246,9 @@ mod tests {
     #[test]
     fn a_lease_whose_task_is_gone_is_stale() {
         let l = lease(LeasePhase::Running, 1, 5);
-        assert!(matches!(judge(&l, SystemTime::now(), false, false), Verdict::Stale(_)));
+        assert!(matches!(
+            judge(&l, SystemTime::now(), false, false),
+            Verdict::Stale(_)
+        ));
     }
 }

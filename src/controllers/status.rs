@@ -80,9 +80,17 @@ fn agent_status(ctx: &Ctx, name: &str) -> Result<(), Error> {
         a.status.active_leases = active;
         a.status.free_slots = free;
         let (ready, reason, msg) = if a.spec.paused {
-            (false, "Paused", "spec.paused is true: no new tasks".to_string())
+            (
+                false,
+                "Paused",
+                "spec.paused is true: no new tasks".to_string(),
+            )
         } else {
-            (true, "Ready", format!("{free} of {} slots free", a.spec.max_concurrency))
+            (
+                true,
+                "Ready",
+                format!("{free} of {} slots free", a.spec.max_concurrency),
+            )
         };
         set_condition(&mut a.status.conditions, "Ready", ready, reason, &msg);
     })?;
@@ -147,7 +155,13 @@ fn task_ttl(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     }
     let ttl = match task.spec.ttl_seconds_after_finished {
         Some(s) => Duration::from_secs(s.max(0) as u64),
-        None if task.metadata.annotations.contains_key(TINYTASK_ID_ANNOTATION) => DEFAULT_TINYTASK_TTL,
+        None if task
+            .metadata
+            .annotations
+            .contains_key(TINYTASK_ID_ANNOTATION) =>
+        {
+            DEFAULT_TINYTASK_TTL
+        }
         None => DEFAULT_TTL,
     };
     let finished = task
@@ -160,13 +174,21 @@ fn task_ttl(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     if let Ok(left) = due.duration_since(SystemTime::now()) {
         return Ok(Action::requeue_after(left.max(Duration::from_secs(1))));
     }
-    match ctx.store.delete::<Task>(name, Some(&task.metadata.resource_version)) {
+    match ctx
+        .store
+        .delete::<Task>(name, Some(&task.metadata.resource_version))
+    {
         Ok(_) => {
             ctx.tasks.observe_deleted(name);
             let logs = ctx.state_dir.join("logs").join(name);
             if let Err(e) = std::fs::remove_dir_all(&logs) {
                 if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(kind = "Task", name, "cannot remove logs {}: {e}", logs.display());
+                    tracing::warn!(
+                        kind = "Task",
+                        name,
+                        "cannot remove logs {}: {e}",
+                        logs.display()
+                    );
                 }
             }
             tracing::info!(kind = "Task", name, "deleted after its TTL");

@@ -24,8 +24,14 @@ pub struct InstanceLock {
 #[derive(Debug)]
 pub enum LockError {
     /// Another scheduler holds it; the text says who, as written in the holder file.
-    Held { path: PathBuf, holder: String },
-    Io { path: PathBuf, source: io::Error },
+    Held {
+        path: PathBuf,
+        holder: String,
+    },
+    Io {
+        path: PathBuf,
+        source: io::Error,
+    },
 }
 
 impl fmt::Display for LockError {
@@ -101,9 +107,14 @@ mod tests {
     fn a_second_instance_is_told_who_holds_the_lock() {
         let dir = tempfile::tempdir().unwrap();
         let first = InstanceLock::acquire(dir.path()).unwrap();
-        let e = InstanceLock::acquire(dir.path()).err().expect("second must fail");
+        let e = InstanceLock::acquire(dir.path())
+            .err()
+            .expect("second must fail");
         let msg = e.to_string();
-        assert!(msg.contains(&format!("pid {}", std::process::id())), "{msg}");
+        assert!(
+            msg.contains(&format!("pid {}", std::process::id())),
+            "{msg}"
+        );
         drop(first);
         InstanceLock::acquire(dir.path()).expect("free again after drop");
     }

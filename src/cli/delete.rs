@@ -1,0 +1,99 @@
+//! `delete KIND NAME... | KIND/NAME... | -f FILE [--ignore-not-found]`.
+
+use std::process::ExitCode;
+
+use super::args::DeleteArgs;
+use super::get::resolve_kind;
+use super::input;
+use super::{CliError, CliResult, Globals};
+use crate::resources::meta::GROUP;
+use crate::resources::Kind;
+use crate::store::Store;
+
+/// Resolves the targets: `KIND NAME...`, `KIND/NAME...`, or the objects a manifest names.
+fn targets(a: &DeleteArgs) -> Result<Vec<(Kind, String)>, CliError> {
+    let mut out = Vec::new();
+    if !a.files.is_empty() {
+        let docs = input::read_all(&a.files, a.recursive).map_err(|errs| {
+            CliError(
+                errs.iter()
+                    .map(|e| format!("error: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            )
+        })?;
+        for d in &docs {
+            let kind = d.kind().and_then(Kind::from_kind_field).ok_or_else(|| {
+                CliError(format!(
+                    "error: {}: kind: missing or unknown kind {:?}",
+                    d.origin(),
+                    d.kind().unwrap_or("")
+                ))
+            })?;
+            let name = d.name().filter(|n| !n.is_empty()).ok_or_else(|| {
+                CliError(format!("error: {}: metadata.name: required", d.origin()))
+            })?;
+            out.push((kind, name.to_string()));
+        }
+        // Dependents first: tasks before the agents and queues they refer to.
+        out.sort_by_key(|(k, _)| std::cmp::Reverse(Kind::ALL.iter().position(|x| x == k)));
+    }
+    if a.args.first().is_some_and(|s| s.contains('/')) {
+        for t in &a.args {
+            let (k, n) = t.split_once('/').ok_or_else(|| {
+                CliError(format!(
+                    "error: there is no need to specify a resource type as a separate argument when \
+                     passing arguments in resource/name form (e.g. 'tinyscheduler delete task/x'); got {t:?}"
+                ))
+            })?;
+            out.push((resolve_kind(k)?, n.to_string()));
+        }
+    } else if let Some((kind, names)) = a.args.split_first() {
+        let kind = resolve_kind(kind)?;
+        if names.is_empty() {
+            return Err(CliError(format!(
+                "error: resource(s) were provided, but no name was specified (e.g. 'tinyscheduler delete {} NAME')",
+                kind.singular()
+            )));
+        }
+        out.extend(names.iter().map(|n| (kind, n.clone())));
+    }
+    if out.is_empty() {
+        return Err(CliError(
+            "error: you must provide one or more resources by argument or filename".into(),
+        ));
+    }
+    Ok(out)
+}
+
+/// `delete` entry point.
+pub fn delete(g: &Globals, a: DeleteArgs) -> CliResult {
+    let targets = targets(&a)?;
+    let store = if g.state_dir.exists() {
+        Store::open(&g.state_dir)?
+    } else {
+        // Nothing to delete; do not create a state directory just to say so.
+        Store::open_read_only(&g.state_dir)
+    };
+    let mut failed = false;
+    for (kind, name) in targets {
+        let exists = store.get_raw(kind.plural(), &name);
+        let r = match exists {
+            Ok(_) => store.delete_raw(kind.plural(), &name, None).map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => println!("{}.{GROUP} {name:?} deleted", kind.singular()),
+            Err(e) if e.is_not_found() && a.ignore_not_found => {}
+            Err(e) => {
+                failed = true;
+                eprintln!("{}", CliError::from(e));
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,504 @@
+//! `apply`: every bad input is refused with an error naming the file, the document and the field,
+//! exit status 1, and a state directory left byte-for-byte as it was; good input is created,
+//! configured or left unchanged like kubectl.
+
+mod support;
+
+use std::process::Stdio;
+
+use serde_json::Value;
+use support::*;
+
+/// A store holding queue `default` and agent `existing`, ready for a bad apply.
+fn seeded() -> Env {
+    let env = Env::new();
+    env.apply_ok(
+        "seed.yaml",
+        &format!("{}---\n{}", queue("default"), agent("existing", 1)),
+    );
+    env
+}
+
+/// Applies `content` as `file` in a seeded store and asserts the refusal: exit 1, every `needle` in
+/// stderr, nothing on disk changed. Returns stderr.
+fn refused(file: &str, content: &str, needles: &[&str]) -> String {
+    let env = seeded();
+    refused_in(&env, file, content, needles)
+}
+
+fn refused_in(env: &Env, file: &str, content: &str, needles: &[&str]) -> String {
+    let before = env.snapshot();
+    let f = env.file(file, content);
+    let r = env.run(&["apply", "-f", f.to_str().unwrap()]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout.is_empty(),
+        "nothing may be reported as applied: {r:?}"
+    );
+    for n in needles {
+        assert!(r.stderr.contains(n), "stderr lacks {n:?}:\n{}", r.stderr);
+    }
+    assert_eq!(env.snapshot(), before, "the state directory changed");
+    r.stderr
+}
+
+fn agent_named(name: &str) -> String {
+    format!("{API}\nkind: Agent\nmetadata:\n  name: {name:?}\nspec:\n  maxConcurrency: 1\n")
+}
+
+#[test]
+fn malformed_yaml_is_reported_with_its_line_and_column() {
+    let content = format!(
+        "{}---\n{API}\nkind: Agent\nmetadata:\n  name: b\n   bad: indent\nspec: {{}}\n",
+        agent("a", 1)
+    );
+    let err = refused(
+        "broken.yaml",
+        &content,
+        &[
+            "broken.yaml",
+            "document 2",
+            "invalid YAML at line 14, column",
+        ],
+    );
+    assert!(err.starts_with("error: "), "{err}");
+}
+
+#[test]
+fn an_unknown_kind_lists_the_known_ones() {
+    let content = format!("{API}\nkind: Pod\nmetadata:\n  name: p\nspec: {{}}\n");
+    refused(
+        "pod.yaml",
+        &content,
+        &[
+            "pod.yaml",
+            "document 1",
+            "kind: unknown kind \"Pod\"",
+            "Agent",
+            "Queue",
+            "Task",
+        ],
+    );
+}
+
+#[test]
+fn an_unknown_field_is_named_with_its_path() {
+    let content = format!("{API}\nkind: Agent\nmetadata:\n  name: a\nspec:\n  colour: red\n");
+    refused(
+        "a.yaml",
+        &content,
+        &[
+            "a.yaml",
+            "document 1 (Agent \"a\")",
+            "spec.colour",
+            "unknown field `colour`",
+        ],
+    );
+}
+
+#[test]
+fn a_field_of_the_wrong_type_is_named_with_its_path() {
+    let content =
+        format!("{API}\nkind: Agent\nmetadata:\n  name: a\nspec:\n  maxConcurrency: three\n");
+    refused(
+        "a.yaml",
+        &content,
+        &[
+            "a.yaml",
+            "document 1 (Agent \"a\")",
+            "spec.maxConcurrency",
+            "invalid type",
+        ],
+    );
+}
+
+#[test]
+fn a_name_with_a_slash_is_refused() {
+    refused(
+        "n.yaml",
+        &agent_named("a/b"),
+        &["n.yaml", "document 1", "metadata.name", "RFC 1123"],
+    );
+}
+
+#[test]
+fn a_name_with_dot_dot_is_refused() {
+    refused(
+        "n.yaml",
+        &agent_named(".."),
+        &["n.yaml", "document 1", "metadata.name"],
+    );
+}
+
+#[test]
+fn an_upper_case_name_is_refused() {
+    refused(
+        "n.yaml",
+        &agent_named("Vaela"),
+        &["n.yaml", "document 1", "metadata.name", "lower case"],
+    );
+}
+
+#[test]
+fn a_300_character_name_is_refused() {
+    let name = "a".repeat(300);
+    refused(
+        "n.yaml",
+        &agent_named(&name),
+        &[
+            "n.yaml",
+            "document 1",
+            "metadata.name",
+            "no more than 253 characters (got 300)",
+        ],
+    );
+}
+
+#[test]
+fn a_zero_limit_is_refused() {
+    refused(
+        "z.yaml",
+        &agent("a", 0),
+        &[
+            "z.yaml",
+            "document 1 (Agent \"a\")",
+            "spec.maxConcurrency: must be greater than 0 (got 0)",
+        ],
+    );
+}
+
+#[test]
+fn a_negative_limit_is_refused() {
+    refused(
+        "z.yaml",
+        &agent("a", -4),
+        &[
+            "z.yaml",
+            "document 1 (Agent \"a\")",
+            "spec.maxConcurrency: must be greater than 0 (got -4)",
+        ],
+    );
+}
+
+#[test]
+fn a_document_over_one_mebibyte_is_refused() {
+    let big = "x".repeat(2 * 1024 * 1024);
+    let content = format!("{}---\n{API}\nkind: Task\nmetadata:\n  name: big\nspec:\n  queue: default\n  params:\n    blob: {big}\n", agent("a", 1));
+    refused(
+        "big.yaml",
+        &content,
+        &["big.yaml", "document 2", "the limit is 1048576 bytes"],
+    );
+}
+
+#[test]
+fn an_empty_file_is_an_error() {
+    refused("empty.yaml", "", &["empty.yaml", "no objects"]);
+    refused(
+        "comments.yaml",
+        "# nothing here\n---\n",
+        &["comments.yaml", "no objects"],
+    );
+}
+
+#[test]
+fn a_document_without_kind_says_so() {
+    let content = format!(
+        "{}---\n{API}\nmetadata:\n  name: a\nspec: {{}}\n",
+        queue("q")
+    );
+    refused(
+        "nokind.yaml",
+        &content,
+        &["nokind.yaml", "document 2", "kind: required"],
+    );
+}
+
+#[test]
+fn a_stale_resource_version_is_a_conflict() {
+    let env = seeded();
+    let current: Value =
+        serde_json::from_str(&env.run(&["get", "agent", "existing", "-o", "json"]).stdout).unwrap();
+    let rv = current["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    env.apply_ok("bump.yaml", &agent("existing", 2));
+    let stale = format!("{API}\nkind: Agent\nmetadata:\n  name: existing\n  resourceVersion: \"{rv}\"\nspec:\n  maxConcurrency: 3\n");
+    refused_in(&env, "stale.yaml", &stale, &["Error from server (Conflict)", "stale.yaml", "document 1 (Agent \"existing\")", "metadata.resourceVersion", "the object has been modified; please apply your changes to the latest version and try again"]);
+}
+
+#[test]
+fn an_invalid_third_document_keeps_the_first_two_from_being_written() {
+    let content = format!(
+        "{}---\n{}---\n{}",
+        queue("q2"),
+        agent("fine", 1),
+        agent("broken", 0)
+    );
+    refused(
+        "three.yaml",
+        &content,
+        &[
+            "three.yaml",
+            "document 3 (Agent \"broken\")",
+            "spec.maxConcurrency",
+        ],
+    );
+}
+
+#[test]
+fn a_symlink_planted_in_the_objects_directory_is_refused() {
+    let env = seeded();
+    let link = env.state().join("objects/agents/x.json");
+    std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
+    let passwd = std::fs::read("/etc/passwd").unwrap();
+    refused_in(
+        &env,
+        "x.yaml",
+        &agent("x", 1),
+        &[
+            "x.yaml",
+            "document 1 (Agent \"x\")",
+            "objects/agents/x.json",
+            "symlink",
+        ],
+    );
+    assert_eq!(std::fs::read("/etc/passwd").unwrap(), passwd);
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+}
+
+#[test]
+fn every_invalid_document_is_reported_at_once() {
+    let content = format!("{}---\n{}", agent("a", 0), agent("b", -1));
+    let err = refused(
+        "two.yaml",
+        &content,
+        &["document 1 (Agent \"a\")", "document 2 (Agent \"b\")"],
+    );
+    assert_eq!(err.lines().count(), 2, "{err}");
+}
+
+#[test]
+fn a_failed_apply_does_not_create_a_missing_state_directory() {
+    let env = Env::new();
+    let f = env.file("z.yaml", &agent("a", 0));
+    let r = env.run(&["apply", "-f", f.to_str().unwrap()]);
+    assert_eq!(r.code, 1);
+    assert!(!env.state().exists());
+}
+
+// ----- happy paths -----
+
+fn get_json(env: &Env, kind: &str, name: &str) -> Value {
+    let r = env.run(&["get", kind, name, "-o", "json"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    serde_json::from_str(&r.stdout).unwrap()
+}
+
+#[test]
+fn apply_creates_then_leaves_unchanged_then_configures() {
+    let env = Env::new();
+    let r = env.apply_ok("a.yaml", &agent("vaela", 1));
+    assert_eq!(r.stdout, "agent.tinyscheduler.io/vaela created\n");
+    assert!(env.state().is_dir(), "apply creates the state directory");
+    let r = env.apply_ok("a.yaml", &agent("vaela", 1));
+    assert_eq!(r.stdout, "agent.tinyscheduler.io/vaela unchanged\n");
+    let r = env.apply_ok("a.yaml", &agent("vaela", 2));
+    assert_eq!(r.stdout, "agent.tinyscheduler.io/vaela configured\n");
+}
+
+#[test]
+fn generation_is_bumped_only_when_the_spec_changes() {
+    let env = Env::new();
+    env.apply_ok("a.yaml", &agent("vaela", 1));
+    assert_eq!(
+        get_json(&env, "agent", "vaela")["metadata"]["generation"],
+        1
+    );
+    let labelled = agent("vaela", 1).replace(
+        "  name: vaela\n",
+        "  name: vaela\n  labels:\n    team: core\n",
+    );
+    let r = env.apply_ok("a.yaml", &labelled);
+    assert!(r.stdout.contains("configured"), "{r:?}");
+    let v = get_json(&env, "agent", "vaela");
+    assert_eq!(v["metadata"]["generation"], 1);
+    assert_eq!(v["metadata"]["labels"]["team"], "core");
+    env.apply_ok("a.yaml", &agent("vaela", 5));
+    let v = get_json(&env, "agent", "vaela");
+    assert_eq!(v["metadata"]["generation"], 2);
+    assert!(
+        v["metadata"].get("labels").is_none(),
+        "labels are replaced, not merged"
+    );
+}
+
+#[test]
+fn dry_run_reports_what_would_happen_and_creates_nothing() {
+    let env = Env::new();
+    let f = env.file(
+        "a.yaml",
+        &format!("{}---\n{}", agent("vaela", 1), queue("default")),
+    );
+    let r = env.run(&["apply", "--dry-run", "-f", f.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        r.stdout,
+        "queue.tinyscheduler.io/default created (dry run)\nagent.tinyscheduler.io/vaela created (dry run)\n"
+    );
+    assert!(!env.state().exists());
+    env.apply_ok("a.yaml", &agent("vaela", 1));
+    let before = env.snapshot();
+    let f = env.file(
+        "b.yaml",
+        &format!("{}---\n{}", agent("vaela", 1), agent("other", 1)),
+    );
+    let r = env.run(&["apply", "--dry-run", "-f", f.to_str().unwrap()]);
+    assert!(r.stdout.contains("vaela unchanged (dry run)"), "{r:?}");
+    assert!(r.stdout.contains("other created (dry run)"), "{r:?}");
+    assert_eq!(env.snapshot(), before);
+}
+
+#[test]
+fn a_directory_is_applied_in_kind_order_and_recursion_is_opt_in() {
+    let env = Env::new();
+    env.file("m/tasks.yaml", &task("t1", "default"));
+    env.file("m/agents.json", &serde_json::to_string(&serde_json::json!({
+        "apiVersion": "tinyscheduler.io/v1alpha1", "kind": "List", "items": [
+            {"apiVersion": "tinyscheduler.io/v1alpha1", "kind": "Agent", "metadata": {"name": "a1"}, "spec": {}},
+            {"apiVersion": "tinyscheduler.io/v1alpha1", "kind": "Agent", "metadata": {"name": "a2"}, "spec": {}}
+        ]})).unwrap());
+    env.file("m/queues.yml", &queue("default"));
+    env.file("m/README.txt", "not a manifest");
+    env.file("m/sub/more.yaml", &queue("nested"));
+    let dir = env.tmp.path().join("m");
+    let r = env.run(&["apply", "-f", dir.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        r.stdout,
+        "queue.tinyscheduler.io/default created\nagent.tinyscheduler.io/a1 created\n\
+         agent.tinyscheduler.io/a2 created\ntask.tinyscheduler.io/t1 created\n"
+    );
+    let r = env.run(&["apply", "-R", "-f", dir.to_str().unwrap()]);
+    assert!(
+        r.stdout.contains("queue.tinyscheduler.io/nested created"),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn standard_input_is_read_with_dash() {
+    let env = Env::new();
+    let r = env.run_stdin(&["apply", "-f", "-"], &queue("from-stdin"));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout, "queue.tinyscheduler.io/from-stdin created\n");
+    let r = env.run_stdin(&["apply", "-f", "-"], "kind: Agent\n");
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("<stdin>: document 1 (Agent)"), "{r:?}");
+}
+
+#[test]
+fn the_example_manifests_apply_cleanly() {
+    let env = Env::new();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/manifests");
+    let r = env.run(&["apply", "-f", dir]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout.starts_with("queue.tinyscheduler.io/"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.lines().count() >= 10, "{}", r.stdout);
+    assert!(r.stdout.lines().all(|l| l.ends_with(" created")));
+    let r = env.run(&["apply", "-f", dir]);
+    assert!(
+        r.stdout.lines().all(|l| l.ends_with(" unchanged")),
+        "{}",
+        r.stdout
+    );
+}
+
+// ----- concurrency -----
+
+#[test]
+fn concurrent_applies_of_one_object_either_succeed_or_report_a_conflict() {
+    let env = Env::new();
+    env.apply_ok("seed.yaml", &agent("shared", 1));
+    let rv = get_json(&env, "agent", "shared")["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let children: Vec<_> = (0..16)
+        .map(|i| {
+            let m = format!(
+                "{API}\nkind: Agent\nmetadata:\n  name: shared\n  resourceVersion: \"{rv}\"\nspec:\n  maxConcurrency: {}\n",
+                i + 2
+            );
+            let f = env.file(&format!("c{i}.yaml"), &m);
+            env.cmd(&["apply", "-f", f.to_str().unwrap()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut won = 0;
+    for c in children {
+        let r: Run = c.wait_with_output().unwrap().into();
+        if r.code == 0 {
+            assert_eq!(r.stdout, "agent.tinyscheduler.io/shared configured\n");
+            won += 1;
+        } else {
+            assert_eq!(r.code, 1);
+            assert!(r.stderr.contains("Conflict"), "{r:?}");
+        }
+    }
+    assert_eq!(won, 1, "exactly one writer holds the version they all read");
+    assert_eq!(
+        get_json(&env, "agent", "shared")["metadata"]["generation"],
+        2
+    );
+}
+
+#[test]
+fn concurrent_creates_of_distinct_objects_all_land_with_unique_versions() {
+    let env = Env::new();
+    let children: Vec<_> = (0..16)
+        .map(|i| {
+            let f = env.file(
+                &format!("t{i}.yaml"),
+                &task(&format!("task-{i}"), "default"),
+            );
+            env.cmd(&["apply", "-f", f.to_str().unwrap()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let r: Run = c.wait_with_output().unwrap().into();
+        assert_eq!(r.code, 0, "{r:?}");
+    }
+    let r = env.run(&["get", "tasks", "-o", "json"]);
+    let list: Value = serde_json::from_str(&r.stdout).unwrap();
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 16);
+    let mut rvs: Vec<u64> = items
+        .iter()
+        .map(|i| {
+            i["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    rvs.sort();
+    rvs.dedup();
+    assert_eq!(rvs.len(), 16, "resourceVersions must be unique");
+}
