@@ -259,3 +259,21 @@ async fn a_controller_reconciles_the_keys_its_watched_objects_map_to() {
     run.await.unwrap();
     assert!(queue_handle.is_shutting_down());
 }
+
+#[tokio::test]
+async fn a_panicking_event_handler_does_not_stop_the_informer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let inf = Informer::<Queue>::new(
+        store.clone(),
+        opts(Duration::from_secs(3600), Duration::from_secs(3600)),
+    );
+    inf.on_event(|_, _| panic!("buggy mapper"));
+    let mut rx = inf.subscribe();
+    let _h = inf.start();
+    inf.wait_synced().await;
+    store.create(&queue("first", "a")).unwrap();
+    assert_eq!(applied_name(&next_change(&mut rx).await), "applied first");
+    store.create(&queue("second", "a")).unwrap();
+    assert_eq!(applied_name(&next_change(&mut rx).await), "applied second");
+}
