@@ -202,3 +202,78 @@ fn the_resync_period_comes_from_the_loop_interval_variable() {
     std::env::remove_var("TINYSCHEDULER_LOOP_INTERVAL_SEC");
     assert_eq!(InformerOptions::from_env().resync, Duration::from_secs(30));
 }
+
+/// A change to one kind wakes the keys its mapper names (here: a Queue wakes the key of its team),
+/// the initial list wakes every mapped key, and `run` returns once shut down.
+#[tokio::test]
+async fn a_controller_reconciles_the_keys_its_watched_objects_map_to() {
+    use std::sync::Mutex;
+    use tinyscheduler::runtime::{Action, Controller, Metrics};
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.create(&queue("q1", "alpha")).unwrap();
+    let inf = Informer::<Queue>::new(
+        store.clone(),
+        opts(Duration::from_secs(3600), Duration::from_secs(3600)),
+    );
+    let _h = inf.start();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let c =
+        Controller::new("teams", seen.clone(), Metrics::default()).watches(&inf, |q: &Queue| {
+            q.metadata
+                .labels
+                .get("team")
+                .map(|t| format!("team/{t}"))
+                .into_iter()
+                .collect()
+        });
+    let queue_handle = c.queue();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(c.run(
+        |key: String, seen: Arc<Mutex<Vec<String>>>| async move {
+            seen.lock().unwrap().push(key);
+            Ok::<_, String>(Action::await_change())
+        },
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let wait_for = |key: &'static str| {
+        let seen = seen.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while !seen.lock().unwrap().iter().any(|k| k == key) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("{key} was never reconciled"))
+        }
+    };
+    wait_for("team/alpha").await;
+    store.create(&queue("q2", "beta")).unwrap();
+    wait_for("team/beta").await;
+    queue_handle.wait_idle().await;
+    tx.send(()).unwrap();
+    run.await.unwrap();
+    assert!(queue_handle.is_shutting_down());
+}
+
+#[tokio::test]
+async fn a_panicking_event_handler_does_not_stop_the_informer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let inf = Informer::<Queue>::new(
+        store.clone(),
+        opts(Duration::from_secs(3600), Duration::from_secs(3600)),
+    );
+    inf.on_event(|_, _| panic!("buggy mapper"));
+    let mut rx = inf.subscribe();
+    let _h = inf.start();
+    inf.wait_synced().await;
+    store.create(&queue("first", "a")).unwrap();
+    assert_eq!(applied_name(&next_change(&mut rx).await), "applied first");
+    store.create(&queue("second", "a")).unwrap();
+    assert_eq!(applied_name(&next_change(&mut rx).await), "applied second");
+}

@@ -247,6 +247,16 @@ async fn a_panicking_reconciler_is_backed_off_and_the_controller_lives_on() {
         text.contains("tinyscheduler_reconcile_errors_total{controller=\"panicky\"} 2"),
         "{text}"
     );
+    for line in [
+        "tinyscheduler_reconcile_total{controller=\"panicky\",result=\"error\"} 2",
+        "tinyscheduler_reconcile_total{controller=\"panicky\",result=\"success\"} 3",
+        "tinyscheduler_workqueue_retries_total{name=\"panicky\"} 2",
+        "tinyscheduler_workqueue_depth{name=\"panicky\"} 0",
+        "tinyscheduler_reconcile_duration_seconds_count{controller=\"panicky\"} 5",
+        "tinyscheduler_workqueue_queue_duration_seconds_bucket{name=\"panicky\",le=\"+Inf\"} 5",
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
     tx.send(()).unwrap();
     run.await.unwrap();
 }
@@ -330,4 +340,34 @@ async fn shutdown_lets_in_flight_reconciles_finish_and_starts_no_new_ones() {
         "queued work was not started"
     );
     assert!(q.is_shutting_down());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reconcile_that_outlives_the_grace_period_is_cancelled_and_run_returns() {
+    let ctx = Arc::new(Ctx::default());
+    let finished = Arc::new(AtomicUsize::new(0));
+    let c = Controller::new("stuck", ctx.clone(), Metrics::default())
+        .grace_period(Duration::from_secs(2));
+    c.queue().add("a".into());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let f = finished.clone();
+    let run = tokio::spawn(c.run(
+        move |_key: String, _ctx: Arc<Ctx>| {
+            let f = f.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                f.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>(Action::await_change())
+            }
+        },
+        async {
+            let _ = rx.await;
+        },
+    ));
+    settle().await;
+    let t0 = Instant::now();
+    tx.send(()).unwrap();
+    run.await.unwrap();
+    assert_eq!(t0.elapsed(), Duration::from_secs(2));
+    assert_eq!(finished.load(Ordering::SeqCst), 0);
 }

@@ -316,7 +316,14 @@ impl<K: Resource> Informer<K> {
             _ => Vec::new(),
         };
         for h in handlers {
-            h(&ev, &snapshot);
+            // A panicking handler (a buggy mapper) must not take the shared informer down.
+            let call = std::panic::AssertUnwindSafe(|| h(&ev, &snapshot));
+            if std::panic::catch_unwind(call).is_err() {
+                tracing::error!(
+                    kind = K::KIND,
+                    "an informer event handler panicked; skipped"
+                );
+            }
         }
     }
 
