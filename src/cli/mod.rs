@@ -42,7 +42,13 @@ pub type CliResult = Result<ExitCode, CliError>;
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let g = &cli.globals;
-    if let Err(e) = crate::daemon::logging::init_logging(g.log_format, g.log_level.as_deref()) {
+    // The daemon reports what it does at info; a command run by hand stays quiet but for warnings.
+    let default_level = match &cli.command {
+        Command::Run(r) if r.daemon => "info",
+        _ => "warn",
+    };
+    let level = g.log_level.as_deref().unwrap_or(default_level);
+    if let Err(e) = crate::daemon::logging::init_logging(g.log_format, Some(level)) {
         eprintln!("error: {e}");
         return ExitCode::from(1);
     }

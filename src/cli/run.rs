@@ -28,17 +28,6 @@ pub fn run(g: &Globals, args: RunArgs) -> CliResult {
                 .into(),
         ));
     }
-    let default_level = if args.daemon { "info" } else { "warn" };
-    // A second logger (tests calling run twice in one process) is harmless: keep the first.
-    let _ = crate::daemon::logging::init_logging(
-        g.log_format,
-        Some(g.log_level.as_deref().unwrap_or(default_level)),
-    )
-    .map_err(|e| {
-        if e.contains("invalid") {
-            eprintln!("error: {e}");
-        }
-    });
     let settings = settings_from_env(args.dry_run)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -146,6 +135,9 @@ async fn once(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
     }
     let ctx = Arc::clone(&sched.ctx);
     sched.stop().await;
+    if let Err(e) = crate::controllers::status::flush_all(&ctx) {
+        eprintln!("warning: cannot write agent and queue status: {e}");
+    }
     if !args.dry_run {
         if let Err(e) = ctx.recorder.gc() {
             tracing::warn!("event garbage collection failed: {e}");

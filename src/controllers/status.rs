@@ -44,6 +44,21 @@ pub async fn reconcile(key: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
     }
 }
 
+/// Writes every Agent's and Queue's status now, bypassing the batching: `run --once` calls it
+/// before it exits so that `get agents` shows the state it left behind.
+pub fn flush_all(ctx: &Ctx) -> Result<(), Error> {
+    if ctx.settings.dry_run {
+        return Ok(());
+    }
+    for a in ctx.agents.list() {
+        agent_status(ctx, &a.metadata.name)?;
+    }
+    for q in ctx.queues.list() {
+        queue_status(ctx, &q.metadata.name)?;
+    }
+    Ok(())
+}
+
 /// How long `key` must wait before its next write (zero: write now, and the clock restarts).
 fn throttle(ctx: &Ctx, key: &str) -> Duration {
     let mut last = ctx.status_writes.lock().unwrap_or_else(|p| p.into_inner());
