@@ -31,7 +31,10 @@ fn refused_in(env: &Env, file: &str, content: &str, needles: &[&str]) -> String 
     let f = env.file(file, content);
     let r = env.run(&["apply", "-f", f.to_str().unwrap()]);
     assert_eq!(r.code, 1, "{r:?}");
-    assert!(r.stdout.is_empty(), "nothing may be reported as applied: {r:?}");
+    assert!(
+        r.stdout.is_empty(),
+        "nothing may be reported as applied: {r:?}"
+    );
     for n in needles {
         assert!(r.stderr.contains(n), "stderr lacks {n:?}:\n{}", r.stderr);
     }
@@ -45,84 +48,181 @@ fn agent_named(name: &str) -> String {
 
 #[test]
 fn malformed_yaml_is_reported_with_its_line_and_column() {
-    let content = format!("{}---\n{API}\nkind: Agent\nmetadata:\n  name: b\n   bad: indent\nspec: {{}}\n", agent("a", 1));
-    let err = refused("broken.yaml", &content, &["broken.yaml", "document 2", "invalid YAML at line 14, column"]);
+    let content = format!(
+        "{}---\n{API}\nkind: Agent\nmetadata:\n  name: b\n   bad: indent\nspec: {{}}\n",
+        agent("a", 1)
+    );
+    let err = refused(
+        "broken.yaml",
+        &content,
+        &[
+            "broken.yaml",
+            "document 2",
+            "invalid YAML at line 14, column",
+        ],
+    );
     assert!(err.starts_with("error: "), "{err}");
 }
 
 #[test]
 fn an_unknown_kind_lists_the_known_ones() {
     let content = format!("{API}\nkind: Pod\nmetadata:\n  name: p\nspec: {{}}\n");
-    refused("pod.yaml", &content, &["pod.yaml", "document 1", "kind: unknown kind \"Pod\"", "Agent", "Queue", "Task"]);
+    refused(
+        "pod.yaml",
+        &content,
+        &[
+            "pod.yaml",
+            "document 1",
+            "kind: unknown kind \"Pod\"",
+            "Agent",
+            "Queue",
+            "Task",
+        ],
+    );
 }
 
 #[test]
 fn an_unknown_field_is_named_with_its_path() {
     let content = format!("{API}\nkind: Agent\nmetadata:\n  name: a\nspec:\n  colour: red\n");
-    refused("a.yaml", &content, &["a.yaml", "document 1 (Agent \"a\")", "spec.colour", "unknown field `colour`"]);
+    refused(
+        "a.yaml",
+        &content,
+        &[
+            "a.yaml",
+            "document 1 (Agent \"a\")",
+            "spec.colour",
+            "unknown field `colour`",
+        ],
+    );
 }
 
 #[test]
 fn a_field_of_the_wrong_type_is_named_with_its_path() {
-    let content = format!("{API}\nkind: Agent\nmetadata:\n  name: a\nspec:\n  maxConcurrency: three\n");
-    refused("a.yaml", &content, &["a.yaml", "document 1 (Agent \"a\")", "spec.maxConcurrency", "invalid type"]);
+    let content =
+        format!("{API}\nkind: Agent\nmetadata:\n  name: a\nspec:\n  maxConcurrency: three\n");
+    refused(
+        "a.yaml",
+        &content,
+        &[
+            "a.yaml",
+            "document 1 (Agent \"a\")",
+            "spec.maxConcurrency",
+            "invalid type",
+        ],
+    );
 }
 
 #[test]
 fn a_name_with_a_slash_is_refused() {
-    refused("n.yaml", &agent_named("a/b"), &["n.yaml", "document 1", "metadata.name", "RFC 1123"]);
+    refused(
+        "n.yaml",
+        &agent_named("a/b"),
+        &["n.yaml", "document 1", "metadata.name", "RFC 1123"],
+    );
 }
 
 #[test]
 fn a_name_with_dot_dot_is_refused() {
-    refused("n.yaml", &agent_named(".."), &["n.yaml", "document 1", "metadata.name"]);
+    refused(
+        "n.yaml",
+        &agent_named(".."),
+        &["n.yaml", "document 1", "metadata.name"],
+    );
 }
 
 #[test]
 fn an_upper_case_name_is_refused() {
-    refused("n.yaml", &agent_named("Vaela"), &["n.yaml", "document 1", "metadata.name", "lower case"]);
+    refused(
+        "n.yaml",
+        &agent_named("Vaela"),
+        &["n.yaml", "document 1", "metadata.name", "lower case"],
+    );
 }
 
 #[test]
 fn a_300_character_name_is_refused() {
     let name = "a".repeat(300);
-    refused("n.yaml", &agent_named(&name), &["n.yaml", "document 1", "metadata.name", "no more than 253 characters (got 300)"]);
+    refused(
+        "n.yaml",
+        &agent_named(&name),
+        &[
+            "n.yaml",
+            "document 1",
+            "metadata.name",
+            "no more than 253 characters (got 300)",
+        ],
+    );
 }
 
 #[test]
 fn a_zero_limit_is_refused() {
-    refused("z.yaml", &agent("a", 0), &["z.yaml", "document 1 (Agent \"a\")", "spec.maxConcurrency: must be greater than 0 (got 0)"]);
+    refused(
+        "z.yaml",
+        &agent("a", 0),
+        &[
+            "z.yaml",
+            "document 1 (Agent \"a\")",
+            "spec.maxConcurrency: must be greater than 0 (got 0)",
+        ],
+    );
 }
 
 #[test]
 fn a_negative_limit_is_refused() {
-    refused("z.yaml", &agent("a", -4), &["z.yaml", "document 1 (Agent \"a\")", "spec.maxConcurrency: must be greater than 0 (got -4)"]);
+    refused(
+        "z.yaml",
+        &agent("a", -4),
+        &[
+            "z.yaml",
+            "document 1 (Agent \"a\")",
+            "spec.maxConcurrency: must be greater than 0 (got -4)",
+        ],
+    );
 }
 
 #[test]
 fn a_document_over_one_mebibyte_is_refused() {
     let big = "x".repeat(2 * 1024 * 1024);
     let content = format!("{}---\n{API}\nkind: Task\nmetadata:\n  name: big\nspec:\n  queue: default\n  params:\n    blob: {big}\n", agent("a", 1));
-    refused("big.yaml", &content, &["big.yaml", "document 2", "the limit is 1048576 bytes"]);
+    refused(
+        "big.yaml",
+        &content,
+        &["big.yaml", "document 2", "the limit is 1048576 bytes"],
+    );
 }
 
 #[test]
 fn an_empty_file_is_an_error() {
     refused("empty.yaml", "", &["empty.yaml", "no objects"]);
-    refused("comments.yaml", "# nothing here\n---\n", &["comments.yaml", "no objects"]);
+    refused(
+        "comments.yaml",
+        "# nothing here\n---\n",
+        &["comments.yaml", "no objects"],
+    );
 }
 
 #[test]
 fn a_document_without_kind_says_so() {
-    let content = format!("{}---\n{API}\nmetadata:\n  name: a\nspec: {{}}\n", queue("q"));
-    refused("nokind.yaml", &content, &["nokind.yaml", "document 2", "kind: required"]);
+    let content = format!(
+        "{}---\n{API}\nmetadata:\n  name: a\nspec: {{}}\n",
+        queue("q")
+    );
+    refused(
+        "nokind.yaml",
+        &content,
+        &["nokind.yaml", "document 2", "kind: required"],
+    );
 }
 
 #[test]
 fn a_stale_resource_version_is_a_conflict() {
     let env = seeded();
-    let current: Value = serde_json::from_str(&env.run(&["get", "agent", "existing", "-o", "json"]).stdout).unwrap();
-    let rv = current["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+    let current: Value =
+        serde_json::from_str(&env.run(&["get", "agent", "existing", "-o", "json"]).stdout).unwrap();
+    let rv = current["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
     env.apply_ok("bump.yaml", &agent("existing", 2));
     let stale = format!("{API}\nkind: Agent\nmetadata:\n  name: existing\n  resourceVersion: \"{rv}\"\nspec:\n  maxConcurrency: 3\n");
     refused_in(&env, "stale.yaml", &stale, &["Error from server (Conflict)", "stale.yaml", "document 1 (Agent \"existing\")", "metadata.resourceVersion", "the object has been modified; please apply your changes to the latest version and try again"]);
@@ -130,8 +230,21 @@ fn a_stale_resource_version_is_a_conflict() {
 
 #[test]
 fn an_invalid_third_document_keeps_the_first_two_from_being_written() {
-    let content = format!("{}---\n{}---\n{}", queue("q2"), agent("fine", 1), agent("broken", 0));
-    refused("three.yaml", &content, &["three.yaml", "document 3 (Agent \"broken\")", "spec.maxConcurrency"]);
+    let content = format!(
+        "{}---\n{}---\n{}",
+        queue("q2"),
+        agent("fine", 1),
+        agent("broken", 0)
+    );
+    refused(
+        "three.yaml",
+        &content,
+        &[
+            "three.yaml",
+            "document 3 (Agent \"broken\")",
+            "spec.maxConcurrency",
+        ],
+    );
 }
 
 #[test]
@@ -140,15 +253,32 @@ fn a_symlink_planted_in_the_objects_directory_is_refused() {
     let link = env.state().join("objects/agents/x.json");
     std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
     let passwd = std::fs::read("/etc/passwd").unwrap();
-    refused_in(&env, "x.yaml", &agent("x", 1), &["x.yaml", "document 1 (Agent \"x\")", "objects/agents/x.json", "symlink"]);
+    refused_in(
+        &env,
+        "x.yaml",
+        &agent("x", 1),
+        &[
+            "x.yaml",
+            "document 1 (Agent \"x\")",
+            "objects/agents/x.json",
+            "symlink",
+        ],
+    );
     assert_eq!(std::fs::read("/etc/passwd").unwrap(), passwd);
-    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
 }
 
 #[test]
 fn every_invalid_document_is_reported_at_once() {
     let content = format!("{}---\n{}", agent("a", 0), agent("b", -1));
-    let err = refused("two.yaml", &content, &["document 1 (Agent \"a\")", "document 2 (Agent \"b\")"]);
+    let err = refused(
+        "two.yaml",
+        &content,
+        &["document 1 (Agent \"a\")", "document 2 (Agent \"b\")"],
+    );
     assert_eq!(err.lines().count(), 2, "{err}");
 }
 
@@ -185,8 +315,14 @@ fn apply_creates_then_leaves_unchanged_then_configures() {
 fn generation_is_bumped_only_when_the_spec_changes() {
     let env = Env::new();
     env.apply_ok("a.yaml", &agent("vaela", 1));
-    assert_eq!(get_json(&env, "agent", "vaela")["metadata"]["generation"], 1);
-    let labelled = agent("vaela", 1).replace("  name: vaela\n", "  name: vaela\n  labels:\n    team: core\n");
+    assert_eq!(
+        get_json(&env, "agent", "vaela")["metadata"]["generation"],
+        1
+    );
+    let labelled = agent("vaela", 1).replace(
+        "  name: vaela\n",
+        "  name: vaela\n  labels:\n    team: core\n",
+    );
     let r = env.apply_ok("a.yaml", &labelled);
     assert!(r.stdout.contains("configured"), "{r:?}");
     let v = get_json(&env, "agent", "vaela");
@@ -195,13 +331,19 @@ fn generation_is_bumped_only_when_the_spec_changes() {
     env.apply_ok("a.yaml", &agent("vaela", 5));
     let v = get_json(&env, "agent", "vaela");
     assert_eq!(v["metadata"]["generation"], 2);
-    assert!(v["metadata"].get("labels").is_none(), "labels are replaced, not merged");
+    assert!(
+        v["metadata"].get("labels").is_none(),
+        "labels are replaced, not merged"
+    );
 }
 
 #[test]
 fn dry_run_reports_what_would_happen_and_creates_nothing() {
     let env = Env::new();
-    let f = env.file("a.yaml", &format!("{}---\n{}", agent("vaela", 1), queue("default")));
+    let f = env.file(
+        "a.yaml",
+        &format!("{}---\n{}", agent("vaela", 1), queue("default")),
+    );
     let r = env.run(&["apply", "--dry-run", "-f", f.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(
@@ -211,7 +353,10 @@ fn dry_run_reports_what_would_happen_and_creates_nothing() {
     assert!(!env.state().exists());
     env.apply_ok("a.yaml", &agent("vaela", 1));
     let before = env.snapshot();
-    let f = env.file("b.yaml", &format!("{}---\n{}", agent("vaela", 1), agent("other", 1)));
+    let f = env.file(
+        "b.yaml",
+        &format!("{}---\n{}", agent("vaela", 1), agent("other", 1)),
+    );
     let r = env.run(&["apply", "--dry-run", "-f", f.to_str().unwrap()]);
     assert!(r.stdout.contains("vaela unchanged (dry run)"), "{r:?}");
     assert!(r.stdout.contains("other created (dry run)"), "{r:?}");
@@ -239,7 +384,10 @@ fn a_directory_is_applied_in_kind_order_and_recursion_is_opt_in() {
          agent.tinyscheduler.io/a2 created\ntask.tinyscheduler.io/t1 created\n"
     );
     let r = env.run(&["apply", "-R", "-f", dir.to_str().unwrap()]);
-    assert!(r.stdout.contains("queue.tinyscheduler.io/nested created"), "{r:?}");
+    assert!(
+        r.stdout.contains("queue.tinyscheduler.io/nested created"),
+        "{r:?}"
+    );
 }
 
 #[test]
@@ -259,11 +407,19 @@ fn the_example_manifests_apply_cleanly() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/manifests");
     let r = env.run(&["apply", "-f", dir]);
     assert_eq!(r.code, 0, "{r:?}");
-    assert!(r.stdout.starts_with("queue.tinyscheduler.io/"), "{}", r.stdout);
+    assert!(
+        r.stdout.starts_with("queue.tinyscheduler.io/"),
+        "{}",
+        r.stdout
+    );
     assert!(r.stdout.lines().count() >= 10, "{}", r.stdout);
     assert!(r.stdout.lines().all(|l| l.ends_with(" created")));
     let r = env.run(&["apply", "-f", dir]);
-    assert!(r.stdout.lines().all(|l| l.ends_with(" unchanged")), "{}", r.stdout);
+    assert!(
+        r.stdout.lines().all(|l| l.ends_with(" unchanged")),
+        "{}",
+        r.stdout
+    );
 }
 
 // ----- concurrency -----
@@ -302,7 +458,10 @@ fn concurrent_applies_of_one_object_either_succeed_or_report_a_conflict() {
         }
     }
     assert_eq!(won, 1, "exactly one writer holds the version they all read");
-    assert_eq!(get_json(&env, "agent", "shared")["metadata"]["generation"], 2);
+    assert_eq!(
+        get_json(&env, "agent", "shared")["metadata"]["generation"],
+        2
+    );
 }
 
 #[test]
@@ -310,7 +469,10 @@ fn concurrent_creates_of_distinct_objects_all_land_with_unique_versions() {
     let env = Env::new();
     let children: Vec<_> = (0..16)
         .map(|i| {
-            let f = env.file(&format!("t{i}.yaml"), &task(&format!("task-{i}"), "default"));
+            let f = env.file(
+                &format!("t{i}.yaml"),
+                &task(&format!("task-{i}"), "default"),
+            );
             env.cmd(&["apply", "-f", f.to_str().unwrap()])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -328,7 +490,13 @@ fn concurrent_creates_of_distinct_objects_all_land_with_unique_versions() {
     assert_eq!(items.len(), 16);
     let mut rvs: Vec<u64> = items
         .iter()
-        .map(|i| i["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap())
+        .map(|i| {
+            i["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
         .collect();
     rvs.sort();
     rvs.dedup();

@@ -10,10 +10,17 @@ use tinyscheduler::resources::{Event, EventSpec, EventType, ObjectReference, Tas
 
 fn with_tasks() -> Env {
     let env = Env::new();
-    let labelled = task("t-b", "default").replace("  name: t-b\n", "  name: t-b\n  labels:\n    team: core\n");
+    let labelled =
+        task("t-b", "default").replace("  name: t-b\n", "  name: t-b\n  labels:\n    team: core\n");
     env.apply_ok(
         "m.yaml",
-        &format!("{}---\n{}---\n{}---\n{}", queue("default"), agent("vaela", 2), task("t-a", "default"), labelled),
+        &format!(
+            "{}---\n{}---\n{}---\n{}",
+            queue("default"),
+            agent("vaela", 2),
+            task("t-a", "default"),
+            labelled
+        ),
     );
     env
 }
@@ -25,10 +32,23 @@ fn get_prints_a_kubectl_style_table() {
     assert_eq!(r.code, 0, "{r:?}");
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert_eq!(lines.len(), 3, "{}", r.stdout);
-    assert!(lines[0].starts_with("NAME   QUEUE     PHASE     AGENT    PRIORITY   ATTEMPTS   AGE"), "{}", lines[0]);
-    assert!(lines[1].starts_with("t-a    default   Pending   <none>   0          0          "), "{}", lines[1]);
+    assert!(
+        lines[0].starts_with("NAME   QUEUE     PHASE     AGENT    PRIORITY   ATTEMPTS   AGE"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].starts_with("t-a    default   Pending   <none>   0          0          "),
+        "{}",
+        lines[1]
+    );
     let r = env.run(&["get", "ag", "-o", "wide"]);
-    assert!(r.stdout.starts_with("NAME    QUEUE     RUNNING   LIMIT   AGE"), "{}", r.stdout);
+    assert!(
+        r.stdout
+            .starts_with("NAME    QUEUE     RUNNING   LIMIT   AGE"),
+        "{}",
+        r.stdout
+    );
     assert!(r.stdout.contains("PAUSED   FREE   COMMAND"), "{}", r.stdout);
     let r = env.run(&["get", "tasks", "--no-headers"]);
     assert!(r.stdout.starts_with("t-a "), "{}", r.stdout);
@@ -38,15 +58,20 @@ fn get_prints_a_kubectl_style_table() {
 #[test]
 fn get_prints_one_object_or_a_list_as_json_and_yaml() {
     let env = with_tasks();
-    let one: Value = serde_json::from_str(&env.run(&["get", "task", "t-a", "-o", "json"]).stdout).unwrap();
+    let one: Value =
+        serde_json::from_str(&env.run(&["get", "task", "t-a", "-o", "json"]).stdout).unwrap();
     assert_eq!(one["kind"], "Task");
     assert_eq!(one["metadata"]["name"], "t-a");
-    let list: Value = serde_json::from_str(&env.run(&["get", "tasks", "-o", "json"]).stdout).unwrap();
+    let list: Value =
+        serde_json::from_str(&env.run(&["get", "tasks", "-o", "json"]).stdout).unwrap();
     assert_eq!(list["apiVersion"], "v1");
     assert_eq!(list["kind"], "List");
     assert_eq!(list["items"].as_array().unwrap().len(), 2);
     let y = env.run(&["get", "task", "t-a", "-o", "yaml"]).stdout;
-    assert!(y.contains("kind: Task\n") && y.contains("  name: t-a\n"), "{y}");
+    assert!(
+        y.contains("kind: Task\n") && y.contains("  name: t-a\n"),
+        "{y}"
+    );
     let y = env.run(&["get", "tasks", "-o", "yaml"]).stdout;
     assert!(y.contains("kind: List\n") && y.contains("items:"), "{y}");
 }
@@ -55,7 +80,10 @@ fn get_prints_one_object_or_a_list_as_json_and_yaml() {
 fn get_prints_names_and_filters_by_label() {
     let env = with_tasks();
     let r = env.run(&["get", "tasks", "-o", "name"]);
-    assert_eq!(r.stdout, "task.tinyscheduler.io/t-a\ntask.tinyscheduler.io/t-b\n");
+    assert_eq!(
+        r.stdout,
+        "task.tinyscheduler.io/t-a\ntask.tinyscheduler.io/t-b\n"
+    );
     let r = env.run(&["get", "tasks", "-l", "team=core", "-o", "name"]);
     assert_eq!(r.stdout, "task.tinyscheduler.io/t-b\n");
     let r = env.run(&["get", "tasks", "-l", "team!=core", "-o", "name"]);
@@ -66,7 +94,10 @@ fn get_prints_names_and_filters_by_label() {
 fn an_empty_result_says_no_resources_found_on_stderr() {
     let env = with_tasks();
     let r = env.run(&["get", "leases"]);
-    assert_eq!((r.code, r.stdout.as_str(), r.stderr.as_str()), (0, "", "No resources found.\n"));
+    assert_eq!(
+        (r.code, r.stdout.as_str(), r.stderr.as_str()),
+        (0, "", "No resources found.\n")
+    );
 }
 
 #[test]
@@ -75,7 +106,10 @@ fn a_missing_name_is_not_found_and_the_others_are_still_printed() {
     let r = env.run(&["get", "tasks", "t-a", "nope", "-o", "name"]);
     assert_eq!(r.code, 1);
     assert_eq!(r.stdout, "task.tinyscheduler.io/t-a\n");
-    assert_eq!(r.stderr, "Error from server (NotFound): tasks \"nope\" not found\n");
+    assert_eq!(
+        r.stderr,
+        "Error from server (NotFound): tasks \"nope\" not found\n"
+    );
 }
 
 #[test]
@@ -83,7 +117,10 @@ fn an_unknown_kind_is_an_error() {
     let env = with_tasks();
     let r = env.run(&["get", "pods"]);
     assert_eq!(r.code, 1);
-    assert_eq!(r.stderr, "error: the server doesn't have a resource type \"pods\"\n");
+    assert_eq!(
+        r.stderr,
+        "error: the server doesn't have a resource type \"pods\"\n"
+    );
 }
 
 #[test]
@@ -95,7 +132,11 @@ fn a_torn_file_is_warned_about_and_the_rest_is_printed() {
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.stdout.lines().count(), 2);
     assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
-    assert!(r.stderr.starts_with("warning: skipping ") && r.stderr.contains("objects/tasks/torn.json"), "{}", r.stderr);
+    assert!(
+        r.stderr.starts_with("warning: skipping ") && r.stderr.contains("objects/tasks/torn.json"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -107,10 +148,25 @@ fn get_never_creates_the_state_directory() {
     assert!(!env.state().exists());
 }
 
-fn event(store: &tinyscheduler::store::Store, name: &str, reason: &str, count: i64, first: &str, last: &str) {
+fn event(
+    store: &tinyscheduler::store::Store,
+    name: &str,
+    reason: &str,
+    count: i64,
+    first: &str,
+    last: &str,
+) {
     let spec = EventSpec {
-        involved_object: ObjectReference { kind: "Task".into(), name: "t-a".into(), uid: String::new() },
-        type_: if reason == "Failed" { EventType::Warning } else { EventType::Normal },
+        involved_object: ObjectReference {
+            kind: "Task".into(),
+            name: "t-a".into(),
+            uid: String::new(),
+        },
+        type_: if reason == "Failed" {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
         reason: reason.into(),
         message: format!("{reason} happened"),
         count,
@@ -127,36 +183,92 @@ fn describe_shows_sections_conditions_and_the_objects_events_in_order() {
     let store = env.store();
     let now = std::time::SystemTime::now();
     let ago = |s: u64| tinyscheduler::resources::meta::format_time(now - Duration::from_secs(s));
-    event(&store, "t-a.0000000000000002", "Started", 1, &ago(60), &ago(60));
-    event(&store, "t-a.0000000000000001", "Assigned", 5, &ago(720), &ago(180));
+    event(
+        &store,
+        "t-a.0000000000000002",
+        "Started",
+        1,
+        &ago(60),
+        &ago(60),
+    );
+    event(
+        &store,
+        "t-a.0000000000000001",
+        "Assigned",
+        5,
+        &ago(720),
+        &ago(180),
+    );
     let other = EventSpec {
-        involved_object: ObjectReference { kind: "Task".into(), name: "t-b".into(), uid: String::new() },
+        involved_object: ObjectReference {
+            kind: "Task".into(),
+            name: "t-b".into(),
+            uid: String::new(),
+        },
         reason: "Other".into(),
         ..Default::default()
     };
     store.create(&Event::new("Event", "t-b.1", other)).unwrap();
     store
         .patch_status::<Task>("t-a", |t| {
-            tinyscheduler::resources::meta::set_condition(&mut t.status.conditions, "Ready", true, "Assigned", "on vaela");
+            tinyscheduler::resources::meta::set_condition(
+                &mut t.status.conditions,
+                "Ready",
+                true,
+                "Assigned",
+                "on vaela",
+            );
         })
         .unwrap();
     let r = env.run(&["describe", "task", "t-a"]);
     assert_eq!(r.code, 0, "{r:?}");
     let out = &r.stdout;
-    for needle in ["Name:         t-a\n", "API Version:  tinyscheduler.io/v1alpha1\n", "Kind:         Task\n", "Metadata:\n", "  Resource Version:", "Spec:\n", "  Queue:", "  Max Retries:", "Status:\n", "  Phase:", "Conditions:\n", "LastTransitionTime", "Ready", "on vaela", "Events:\n"] {
+    for needle in [
+        "Name:         t-a\n",
+        "API Version:  tinyscheduler.io/v1alpha1\n",
+        "Kind:         Task\n",
+        "Metadata:\n",
+        "  Resource Version:",
+        "Spec:\n",
+        "  Queue:",
+        "  Max Retries:",
+        "Status:\n",
+        "  Phase:",
+        "Conditions:\n",
+        "LastTransitionTime",
+        "Ready",
+        "on vaela",
+        "Events:\n",
+    ] {
         assert!(out.contains(needle), "missing {needle:?} in\n{out}");
     }
     let assigned = out.find("Assigned happened").unwrap();
     let started = out.find("Started happened").unwrap();
-    assert!(assigned < started, "events are sorted by lastTimestamp:\n{out}");
+    assert!(
+        assigned < started,
+        "events are sorted by lastTimestamp:\n{out}"
+    );
     assert!(out.contains("3m (x5 over 12m)"), "{out}");
-    assert!(!out.contains("Other"), "another object's events are not shown:\n{out}");
+    assert!(
+        !out.contains("Other"),
+        "another object's events are not shown:\n{out}"
+    );
     let r = env.run(&["describe", "task", "t-b"]);
-    assert!(r.stdout.contains("Events:  <none>") || r.stdout.contains("Other"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("Events:  <none>") || r.stdout.contains("Other"),
+        "{}",
+        r.stdout
+    );
     let r = env.run(&["describe", "agent", "vaela"]);
     assert!(r.stdout.contains("Events:  <none>\n"), "{}", r.stdout);
     let r = env.run(&["describe", "task", "nope"]);
-    assert_eq!((r.code, r.stderr.as_str()), (1, "Error from server (NotFound): tasks \"nope\" not found\n"));
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (
+            1,
+            "Error from server (NotFound): tasks \"nope\" not found\n"
+        )
+    );
 }
 
 #[test]
@@ -164,8 +276,14 @@ fn delete_removes_named_objects_and_reports_missing_ones() {
     let env = with_tasks();
     let r = env.run(&["delete", "task", "t-a", "nope", "t-b"]);
     assert_eq!(r.code, 1);
-    assert_eq!(r.stdout, "task.tinyscheduler.io \"t-a\" deleted\ntask.tinyscheduler.io \"t-b\" deleted\n");
-    assert_eq!(r.stderr, "Error from server (NotFound): tasks \"nope\" not found\n");
+    assert_eq!(
+        r.stdout,
+        "task.tinyscheduler.io \"t-a\" deleted\ntask.tinyscheduler.io \"t-b\" deleted\n"
+    );
+    assert_eq!(
+        r.stderr,
+        "Error from server (NotFound): tasks \"nope\" not found\n"
+    );
     let r = env.run(&["delete", "task", "nope", "--ignore-not-found"]);
     assert_eq!((r.code, r.stdout.as_str(), r.stderr.as_str()), (0, "", ""));
     let r = env.run(&["get", "tasks"]);
@@ -175,24 +293,38 @@ fn delete_removes_named_objects_and_reports_missing_ones() {
 #[test]
 fn delete_with_a_manifest_removes_what_it_names() {
     let env = with_tasks();
-    let f = env.file("d.yaml", &format!("{}---\n{}", agent("vaela", 2), task("t-a", "default")));
+    let f = env.file(
+        "d.yaml",
+        &format!("{}---\n{}", agent("vaela", 2), task("t-a", "default")),
+    );
     let r = env.run(&["delete", "-f", f.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{r:?}");
-    assert_eq!(r.stdout, "task.tinyscheduler.io \"t-a\" deleted\nagent.tinyscheduler.io \"vaela\" deleted\n");
+    assert_eq!(
+        r.stdout,
+        "task.tinyscheduler.io \"t-a\" deleted\nagent.tinyscheduler.io \"vaela\" deleted\n"
+    );
 }
 
 #[test]
 fn wait_returns_when_the_jsonpath_matches() {
     let env = with_tasks();
     let child = env
-        .cmd(&["wait", "task/t-a", "--for=jsonpath={.status.phase}=Succeeded", "--timeout", "20s"])
+        .cmd(&[
+            "wait",
+            "task/t-a",
+            "--for=jsonpath={.status.phase}=Succeeded",
+            "--timeout",
+            "20s",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     env.store()
-        .patch_status::<Task>("t-a", |t| t.status.phase = tinyscheduler::resources::TaskPhase::Succeeded)
+        .patch_status::<Task>("t-a", |t| {
+            t.status.phase = tinyscheduler::resources::TaskPhase::Succeeded
+        })
         .unwrap();
     let r: Run = child.wait_with_output().unwrap().into();
     assert_eq!(r.code, 0, "{r:?}");
@@ -210,15 +342,27 @@ fn wait_for_delete_returns_when_the_object_is_gone() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(env.run(&["delete", "task", "t-b"]).code, 0);
     let r: Run = child.wait_with_output().unwrap().into();
-    assert_eq!((r.code, r.stdout.as_str()), (0, "task.tinyscheduler.io/t-b condition met\n"));
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "task.tinyscheduler.io/t-b condition met\n")
+    );
 }
 
 #[test]
 fn wait_times_out_with_kubectls_message() {
     let env = with_tasks();
-    let r = env.run(&["wait", "task/t-a", "--for=condition=Ready", "--timeout", "500ms"]);
+    let r = env.run(&[
+        "wait",
+        "task/t-a",
+        "--for=condition=Ready",
+        "--timeout",
+        "500ms",
+    ]);
     assert_eq!(r.code, 1);
-    assert_eq!(r.stderr, "error: timed out waiting for the condition on tasks/t-a\n");
+    assert_eq!(
+        r.stderr,
+        "error: timed out waiting for the condition on tasks/t-a\n"
+    );
 }
 
 #[test]

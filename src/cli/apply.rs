@@ -218,9 +218,9 @@ fn write(store: &Store, p: &Planned) -> Result<Outcome, StoreError> {
     };
     if p.current.is_some() {
         match update(store) {
-            Err(e) if e.is_not_found() && !has_rv => {
-                store.create_raw(plural, &p.object).map(|_| Outcome::Created)
-            }
+            Err(e) if e.is_not_found() && !has_rv => store
+                .create_raw(plural, &p.object)
+                .map(|_| Outcome::Created),
             r => r,
         }
     } else {

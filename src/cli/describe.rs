@@ -76,7 +76,12 @@ fn is_scalar(v: &Value) -> bool {
 
 /// Writes `key: value` lines of a map at `indent`, values aligned; `human` turns field names into
 /// words (user keys such as env or params are kept as written).
-fn write_fields(out: &mut String, map: &serde_json::Map<String, Value>, indent: usize, human: bool) {
+fn write_fields(
+    out: &mut String,
+    map: &serde_json::Map<String, Value>,
+    indent: usize,
+    human: bool,
+) {
     let keys: Vec<(String, &Value)> = map
         .iter()
         .filter(|(k, _)| k.as_str() != "conditions")
@@ -134,7 +139,11 @@ fn write_fields(out: &mut String, map: &serde_json::Map<String, Value>, indent: 
 fn kv_block(out: &mut String, title: &str, map: Option<&Value>) {
     let entries: Vec<String> = map
         .and_then(Value::as_object)
-        .map(|m| m.iter().map(|(k, v)| format!("{k}={}", scalar(v))).collect())
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", scalar(v)))
+                .collect()
+        })
         .unwrap_or_default();
     let label = format!("{title}:");
     if entries.is_empty() {
@@ -153,7 +162,12 @@ fn kv_block(out: &mut String, title: &str, map: Option<&Value>) {
 pub fn render(obj: &Value, events: &[Event], now: SystemTime) -> String {
     let mut out = String::new();
     let meta = obj.get("metadata").cloned().unwrap_or(Value::Null);
-    let _ = writeln!(out, "{:<13} {}", "Name:", scalar(meta.get("name").unwrap_or(&Value::Null)));
+    let _ = writeln!(
+        out,
+        "{:<13} {}",
+        "Name:",
+        scalar(meta.get("name").unwrap_or(&Value::Null))
+    );
     kv_block(&mut out, "Labels", meta.get("labels"));
     kv_block(&mut out, "Annotations", meta.get("annotations"));
     let _ = writeln!(
@@ -162,7 +176,12 @@ pub fn render(obj: &Value, events: &[Event], now: SystemTime) -> String {
         "API Version:",
         scalar(obj.get("apiVersion").unwrap_or(&Value::Null))
     );
-    let _ = writeln!(out, "{:<13} {}", "Kind:", scalar(obj.get("kind").unwrap_or(&Value::Null)));
+    let _ = writeln!(
+        out,
+        "{:<13} {}",
+        "Kind:",
+        scalar(obj.get("kind").unwrap_or(&Value::Null))
+    );
     let _ = writeln!(out, "Metadata:");
     for (k, label) in [
         ("uid", "UID:"),
@@ -201,10 +220,12 @@ pub fn render(obj: &Value, events: &[Event], now: SystemTime) -> String {
                 "Message",
                 "LastTransitionTime",
             ]);
-            t.rows.push(vec!["----", "------", "------", "-------", "------------------"]
-                .into_iter()
-                .map(String::from)
-                .collect());
+            t.rows.push(
+                vec!["----", "------", "------", "-------", "------------------"]
+                    .into_iter()
+                    .map(String::from)
+                    .collect(),
+            );
             for c in cs {
                 let f = |k: &str| c.get(k).and_then(Value::as_str).unwrap_or("").to_string();
                 t.rows.push(vec![

@@ -70,8 +70,7 @@ fn get_kind<K: Printable>(store: &Store, o: &Opts) -> CliResult {
         for n in &o.names {
             match store.try_get::<K>(n) {
                 Ok(Some(obj)) => {
-                    if o
-                        .selector
+                    if o.selector
                         .as_ref()
                         .is_none_or(|s| s.matches(&obj.meta().labels))
                     {

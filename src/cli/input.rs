@@ -130,8 +130,8 @@ pub fn read_source(src: &Option<PathBuf>) -> Result<(String, String), InputError
             "{name}: the file is over the {MAX_FILE_BYTES}-byte limit"
         )));
     }
-    let text = String::from_utf8(bytes)
-        .map_err(|e| InputError(format!("{name}: not UTF-8 text: {e}")))?;
+    let text =
+        String::from_utf8(bytes).map_err(|e| InputError(format!("{name}: not UTF-8 text: {e}")))?;
     Ok((name, text))
 }
 
@@ -242,14 +242,10 @@ fn parse_json(source: &str, text: &str) -> Result<Vec<Document>, Vec<InputError>
             Ok(v) => {
                 let end = stream.byte_offset();
                 if let Some(m) = too_large(&text.as_bytes()[start..end]) {
-                    return Err(vec![InputError(format!(
-                        "{source}: document {index}: {m}"
-                    ))]);
+                    return Err(vec![InputError(format!("{source}: document {index}: {m}"))]);
                 }
                 if let Some(e) = not_an_object(&v) {
-                    return Err(vec![InputError(format!(
-                        "{source}: document {index}: {e}"
-                    ))]);
+                    return Err(vec![InputError(format!("{source}: document {index}: {e}"))]);
                 }
                 docs.push(Document {
                     source: source.to_string(),
@@ -319,8 +315,7 @@ fn split_yaml(text: &str) -> Vec<Chunk> {
     for (i, line) in text.split_inclusive('\n').enumerate() {
         let lineno = i + 1;
         let bare = line.trim_end_matches(['\n', '\r']);
-        let is_start =
-            bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t");
+        let is_start = bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t");
         let is_end = bare == "..." || bare.starts_with("... ") || bare.starts_with("...\t");
         if is_start {
             chunks.push(std::mem::replace(
@@ -378,9 +373,7 @@ fn parse_yaml(source: &str, text: &str) -> Result<Vec<Document>, Vec<InputError>
             continue;
         }
         if let Some(e) = not_an_object(&v) {
-            return Err(vec![InputError(format!(
-                "{source}: document {index}: {e}"
-            ))]);
+            return Err(vec![InputError(format!("{source}: document {index}: {e}"))]);
         }
         docs.push(Document {
             source: source.to_string(),
@@ -439,7 +432,10 @@ mod tests {
         let text = "kind: A\n---\nkind: B\nmetadata:\n  name: [unclosed\n";
         let e = parse("f.yaml", text).unwrap_err();
         let msg = &e[0].0;
-        assert!(msg.starts_with("f.yaml: document 2: invalid YAML at line "), "{msg}");
+        assert!(
+            msg.starts_with("f.yaml: document 2: invalid YAML at line "),
+            "{msg}"
+        );
         let line: usize = msg
             .split("at line ")
             .nth(1)

@@ -340,7 +340,8 @@ impl Printable for Event {
         items.sort_by(|a, b| {
             let ta = parse_time(&a.spec.last_timestamp);
             let tb = parse_time(&b.spec.last_timestamp);
-            ta.cmp(&tb).then_with(|| a.metadata.name.cmp(&b.metadata.name))
+            ta.cmp(&tb)
+                .then_with(|| a.metadata.name.cmp(&b.metadata.name))
         });
     }
 }
@@ -397,7 +398,9 @@ pub fn write_names<K: Printable>(out: &mut impl Write, items: &[K]) -> io::Resul
 }
 
 /// Runs `f` against a buffered stdout; a closed pipe (`| head`) ends output quietly.
-pub fn with_stdout(f: impl FnOnce(&mut io::BufWriter<io::StdoutLock>) -> io::Result<()>) -> Result<(), CliError> {
+pub fn with_stdout(
+    f: impl FnOnce(&mut io::BufWriter<io::StdoutLock>) -> io::Result<()>,
+) -> Result<(), CliError> {
     let stdout = io::stdout();
     let mut out = io::BufWriter::with_capacity(1 << 16, stdout.lock());
     let r = f(&mut out).and_then(|_| out.flush());

@@ -67,7 +67,10 @@ pub fn parse_for(s: &str) -> Result<For, CliError> {
             rest.rsplit_once('=')
                 .ok_or_else(|| bad("no '=VALUE' after the path"))?
         };
-        return Ok(For::JsonPath(parse_path(path).map_err(|e| bad(&e))?, value.trim_matches('\'').to_string()));
+        return Ok(For::JsonPath(
+            parse_path(path).map_err(|e| bad(&e))?,
+            value.trim_matches('\'').to_string(),
+        ));
     }
     Err(bad("unknown form"))
 }
@@ -86,7 +89,9 @@ fn parse_path(p: &str) -> Result<Vec<Step>, String> {
         }
         while let Some(r) = rest.strip_prefix('[') {
             let end = r.find(']').ok_or("unclosed '['")?;
-            let idx = r[..end].parse().map_err(|_| format!("bad index {:?}", &r[..end]))?;
+            let idx = r[..end]
+                .parse()
+                .map_err(|_| format!("bad index {:?}", &r[..end]))?;
             steps.push(Step::Index(idx));
             rest = &r[end + 1..];
         }
@@ -121,7 +126,7 @@ pub fn holds(f: &For, obj: &Value) -> bool {
             }),
         For::JsonPath(steps, want) => lookup(obj, steps).is_some_and(|v| match v {
             Value::String(s) => s == want,
-            other => other.to_string() == *want,
+            other => serde_json::from_str::<Value>(want).is_ok_and(|w| w == *other),
         }),
     }
 }
@@ -239,7 +244,10 @@ mod tests {
         assert!(holds(&f, &json!({"status": {"phase": "Succeeded"}})));
         assert!(!holds(&f, &json!({"status": {"phase": "Running"}})));
         let f = parse_for("jsonpath='{.status.conditions[0].status}'=True").unwrap();
-        assert!(holds(&f, &json!({"status": {"conditions": [{"status": "True"}]}})));
+        assert!(holds(
+            &f,
+            &json!({"status": {"conditions": [{"status": "True"}]}})
+        ));
         assert!(parse_for("jsonpath={.a").is_err());
         assert!(parse_for("ready").is_err());
     }
