@@ -1,15 +1,13 @@
 //! The kubectl-style command line: argument parsing and dispatch to one module per command.
 
-pub mod args;
-pub mod run;
-
-// The kubectl-style commands over the store, and what they share.
 pub mod apply;
+pub mod args;
 pub mod delete;
 pub mod describe;
 pub mod get;
 pub mod input;
 pub mod printers;
+pub mod run;
 pub mod wait;
 
 use std::process::ExitCode;
@@ -54,13 +52,13 @@ pub fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> CliResult {
     let g = cli.globals;
     match cli.command {
-        Command::Run(a) => run::run(&g, a),
-        Command::Shim(a) => crate::agent::shim::main(&g, a),
         Command::Apply(a) => apply::apply(&g, a),
         Command::Get(a) => get::get(&g, a),
         Command::Describe(a) => describe::describe(&g, a),
         Command::Delete(a) => delete::delete(&g, a),
         Command::Wait(a) => wait::wait(&g, a),
+        Command::Run(a) => run::run(&g, a),
+        Command::Shim(a) => crate::agent::shim::main(&g, a),
         Command::Version => {
             println!("tinyscheduler {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
