@@ -7,5 +7,6 @@ pub mod controllers;
 pub mod daemon;
 pub mod resources;
 pub mod runtime;
+pub mod scheduler;
 pub mod store;
 pub mod tinytask;

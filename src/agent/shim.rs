@@ -1,9 +1,563 @@
 //! The shim: owns one agent process, renews its Lease and records how it ended.
+//!
+//! `tinyscheduler shim --lease NAME` is started detached by the lease controller (see
+//! [`super::spawn::spawn_shim`]). It
+//!
+//! 1. claims the Lease: only a `Pending` Lease is run, and only if no other live shim claimed it
+//!    (`shimPid` + `shimStartTime` are written with optimistic concurrency before anything starts);
+//! 2. renders the Agent's argv template, opens `<state>/logs/<task>/<attempt>.log` and starts the
+//!    agent in its own process group (pgid = agent pid) with a minimal environment;
+//! 3. records `phase: Running` with pid, start time, pgid, host, times and the log path, and renews
+//!    `renewTime` every `heartbeatSeconds`;
+//! 4. when the agent exits, terminates what is left of its process group, appends
+//!    `[tinyscheduler] exited with code N` to the log and records `phase: Completed` with the exit
+//!    code or signal and `finishTime`.
+//!
+//! A program that cannot be started is recorded as Completed with exit code 127 (126 when it is
+//! not executable) and a message. If the Lease is deleted while the agent runs, the shim keeps
+//! supervising and exits with the agent; it never writes into a different Lease of the same name
+//! (compared by uid). SIGHUP and SIGPIPE are ignored; SIGTERM or SIGINT to the shim terminates the
+//! agent's group (SIGTERM, grace, SIGKILL) and the result is recorded.
+//!
+//! A relative `workingDir` is resolved against the state directory's parent (for the default
+//! `./state` that is the directory the scheduler runs in), so it does not depend on where the
+//! scheduler happened to be started; without `workingDir` the agent inherits the shim's working
+//! directory, which is the scheduler's.
 
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal};
+use tokio::signal::unix::{signal as unix_signal, SignalKind};
+
+use super::kill::{terminate_group, KillOutcome};
+use super::liveness::{is_alive, start_time_of};
+use super::template::render;
 use crate::cli::args::{Globals, ShimArgs};
 use crate::cli::{CliError, CliResult};
+use crate::resources::agent::default_goose_command;
+use crate::resources::meta::now_rfc3339;
+use crate::resources::task::TINYTASK_ID_ANNOTATION;
+use crate::resources::validate::validate_name;
+use crate::resources::{Agent, Lease, LeasePhase, Resource, Task};
+use crate::store::fsio::ensure_private_dir;
+use crate::store::Store;
+
+/// Environment variable with the Goose binary used by the default command.
+pub const GOOSE_BIN_ENV: &str = "TINYSCHEDULER_GOOSE_BIN";
+/// Environment variable with the grace (seconds) between SIGTERM and SIGKILL.
+pub const KILL_GRACE_ENV: &str = "TINYSCHEDULER_KILL_GRACE_SEC";
+/// Default grace between SIGTERM and SIGKILL.
+pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(10);
+/// PATH given to agents when the shim has none.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Where the output of one run goes: `<state>/logs/<task>/<attempt>.log`.
+pub fn log_path(state_dir: &Path, task: &str, attempt: i64) -> PathBuf {
+    state_dir
+        .join("logs")
+        .join(task)
+        .join(format!("{attempt}.log"))
+}
+
+/// The kill grace from `TINYSCHEDULER_KILL_GRACE_SEC` (default 10 s).
+pub fn kill_grace() -> Duration {
+    std::env::var(KILL_GRACE_ENV)
+        .ok()
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(DEFAULT_KILL_GRACE)
+}
 
 /// Entry point of `tinyscheduler shim --lease NAME`.
-pub fn main(_g: &Globals, _args: ShimArgs) -> CliResult {
-    Err(CliError("error: `shim` is not implemented yet".into()))
+pub fn main(g: &Globals, args: ShimArgs) -> CliResult {
+    // A vanished parent or terminal must not take the run down with it.
+    // SAFETY: setting signal dispositions to SIG_IGN before any other thread exists.
+    unsafe {
+        let _ = nix::sys::signal::signal(Signal::SIGHUP, SigHandler::SigIgn);
+        let _ = nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigIgn);
+    }
+    let state_dir = std::path::absolute(&g.state_dir)
+        .map_err(|e| CliError(format!("error: {}: {e}", g.state_dir.display())))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError(format!("error: cannot start the runtime: {e}")))?;
+    rt.block_on(supervise(state_dir, args.lease))
+}
+
+/// Everything about the started agent that goes into the Lease status.
+#[derive(Clone)]
+struct RunInfo {
+    uid: String,
+    pid: i32,
+    start_time: Option<u64>,
+    shim_pid: i32,
+    shim_start_time: Option<u64>,
+    host: String,
+    acquire_time: String,
+    log_path: String,
+}
+
+/// How the run ended, as recorded.
+struct Outcome {
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    message: String,
+}
+
+async fn supervise(state_dir: PathBuf, lease_name: String) -> CliResult {
+    let store = Store::open(&state_dir)?;
+    let Some(lease) = claim(&store, &lease_name)? else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let uid = lease.metadata.uid.clone();
+    let attempt = lease.spec.attempt;
+
+    // The log first, so that a failure to start can be written into it.
+    let log = match validate_name(&lease.spec.task) {
+        Ok(()) => {
+            let path = log_path(&state_dir, &lease.spec.task, attempt);
+            match open_log(&path) {
+                Ok(f) => Ok((path, f)),
+                Err(e) => Err(format!("cannot open log file {}: {e}", path.display())),
+            }
+        }
+        Err(e) => Err(format!("invalid task name {:?}: {e}", lease.spec.task)),
+    };
+    let (path, mut log) = match log {
+        Ok(x) => x,
+        Err(msg) => {
+            record_not_started(&store, &lease_name, &uid, 127, &msg, None).await;
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+
+    let prepared = prepare(&store, &state_dir, &lease);
+    let (argv, env, workdir, heartbeat) = match prepared {
+        Ok(p) => p,
+        Err(msg) => {
+            record_not_started(&store, &lease_name, &uid, 127, &msg, Some(&mut log)).await;
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+
+    let mut child = match start_agent(&argv, &env, workdir.as_deref(), &log) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = match e.raw_os_error() {
+                Some(nix::libc::EACCES) | Some(nix::libc::EPERM) | Some(nix::libc::ENOEXEC) => 126,
+                _ if e.kind() == io::ErrorKind::PermissionDenied => 126,
+                _ => 127,
+            };
+            let msg = format!("cannot start {:?}: {e}", argv[0]);
+            record_not_started(&store, &lease_name, &uid, code, &msg, Some(&mut log)).await;
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let pid = child.id().map(|p| p as i32).unwrap_or(0);
+    let me = std::process::id() as i32;
+    let info = RunInfo {
+        uid,
+        pid,
+        start_time: start_time_of(pid),
+        shim_pid: me,
+        shim_start_time: start_time_of(me),
+        host: super::hostname(),
+        acquire_time: now_rfc3339(),
+        log_path: path.display().to_string(),
+    };
+    if let Err(e) = store.patch_status::<Lease>(&lease_name, |l| mark_running(l, &info)) {
+        tracing::warn!(lease = %lease_name, "cannot record the running agent: {e}");
+    }
+
+    let period = Duration::from_secs(heartbeat.max(1) as u64);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sigterm = unix_signal(SignalKind::terminate()).ok();
+    let mut sigint = unix_signal(SignalKind::interrupt()).ok();
+    let grace = kill_grace();
+    let mut forwarded: Option<(&'static str, tokio::task::JoinHandle<KillOutcome>)> = None;
+
+    let status: io::Result<ExitStatus> = loop {
+        tokio::select! {
+            st = child.wait() => break st,
+            _ = ticker.tick() => {
+                if let Err(e) = store.patch_status::<Lease>(&lease_name, |l| mark_running(l, &info)) {
+                    tracing::warn!(lease = %lease_name, "cannot renew: {e}");
+                }
+            }
+            Some(()) = recv(&mut sigterm), if forwarded.is_none() => {
+                forwarded = Some(("SIGTERM", tokio::spawn(terminate_group(pid, grace))));
+            }
+            Some(()) = recv(&mut sigint), if forwarded.is_none() => {
+                forwarded = Some(("SIGINT", tokio::spawn(terminate_group(pid, grace))));
+            }
+        }
+    };
+
+    // Whatever the agent left behind in its group goes with it.
+    let forwarded = match forwarded {
+        Some((sig, h)) => Some((sig, h.await.unwrap_or_default())),
+        None => None,
+    };
+    let leftovers = if forwarded.is_none() && super::liveness::group_alive(pid) {
+        Some(terminate_group(pid, grace).await)
+    } else {
+        None
+    };
+
+    let mut outcome = match &status {
+        Ok(st) => match (st.code(), st.signal()) {
+            (Some(code), _) => Outcome {
+                exit_code: Some(code),
+                signal: None,
+                message: format!("exited with code {code}"),
+            },
+            (None, Some(sig)) => Outcome {
+                exit_code: None,
+                signal: Some(sig),
+                message: format!("exited with signal {sig} ({})", signal_name(sig)),
+            },
+            _ => Outcome {
+                exit_code: None,
+                signal: None,
+                message: format!("exited with unknown status {st:?}"),
+            },
+        },
+        Err(e) => Outcome {
+            exit_code: None,
+            signal: None,
+            message: format!("lost track of the agent: {e}"),
+        },
+    };
+    let _ = writeln!(log, "[tinyscheduler] {}", outcome.message);
+    let _ = log.sync_all();
+    if let Some((sig, k)) = forwarded {
+        outcome.message = format!(
+            "{}; the shim received {sig} and {}",
+            outcome.message,
+            describe_kill(&k)
+        );
+    } else if let Some(k) = leftovers {
+        outcome.message = format!(
+            "{}; processes left in its group were {}",
+            outcome.message,
+            if k.killed {
+                "killed (SIGKILL)"
+            } else {
+                "terminated (SIGTERM)"
+            }
+        );
+    }
+    record_completed(&store, &lease_name, &info.uid, &outcome).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn recv(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match s {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn describe_kill(k: &KillOutcome) -> &'static str {
+    match (k.terminated, k.killed) {
+        (true, false) => "terminated the agent's process group (SIGTERM)",
+        (true, true) => "killed the agent's process group (SIGKILL after the grace period)",
+        (false, _) => "could not empty the agent's process group",
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    Signal::try_from(sig)
+        .map(|s| s.as_str())
+        .unwrap_or("unknown")
+}
+
+/// Claims the Lease for this shim. `None`: nothing to run (gone, not Pending, or another live shim
+/// has it).
+fn claim(store: &Store, name: &str) -> Result<Option<Lease>, CliError> {
+    let me = std::process::id() as i32;
+    let my_start = start_time_of(me);
+    loop {
+        let Some(mut lease) = store.try_get::<Lease>(name)? else {
+            return Ok(None);
+        };
+        if lease.status.phase != LeasePhase::Pending {
+            return Ok(None);
+        }
+        if let (Some(pid), Some(st)) = (lease.status.shim_pid, lease.status.shim_start_time) {
+            if (pid, Some(st)) != (me, my_start) && is_alive(pid, st) {
+                return Ok(None);
+            }
+        }
+        lease.status.shim_pid = Some(me);
+        lease.status.shim_start_time = my_start;
+        lease.status.host = Some(super::hostname());
+        match store.update_status(&lease) {
+            Ok(l) => return Ok(Some(l)),
+            Err(e) if e.is_conflict() => continue,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+type Prepared = (Vec<String>, Vec<(String, String)>, Option<PathBuf>, i64);
+
+/// Reads the Task and Agent, renders the argv, builds the environment and the working directory.
+fn prepare(store: &Store, state_dir: &Path, lease: &Lease) -> Result<Prepared, String> {
+    let task = store
+        .try_get::<Task>(&lease.spec.task)
+        .map_err(|e| format!("cannot read task {:?}: {e}", lease.spec.task))?
+        .ok_or_else(|| format!("task {:?} not found", lease.spec.task))?;
+    let agent = store
+        .try_get::<Agent>(&lease.spec.agent)
+        .map_err(|e| format!("cannot read agent {:?}: {e}", lease.spec.agent))?
+        .ok_or_else(|| format!("agent {:?} not found", lease.spec.agent))?;
+
+    let params: BTreeMap<String, String> = task
+        .spec
+        .params
+        .iter()
+        .map(|(k, v)| (k.clone(), param_string(v)))
+        .collect();
+    let mut vars = BTreeMap::new();
+    vars.insert("task.name".to_string(), task.name().to_string());
+    let id = task
+        .metadata
+        .annotations
+        .get(TINYTASK_ID_ANNOTATION)
+        .cloned()
+        .unwrap_or_else(|| task.name().to_string());
+    vars.insert("task.id".to_string(), id);
+    for (k, v) in &params {
+        vars.insert(format!("task.params.{k}"), v.clone());
+    }
+    vars.insert("agent.name".to_string(), agent.name().to_string());
+    vars.insert("lease.name".to_string(), lease.name().to_string());
+    vars.insert("attempt".to_string(), lease.spec.attempt.to_string());
+
+    let template = if agent.spec.command.is_empty() {
+        let goose = std::env::var(GOOSE_BIN_ENV)
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "goose".to_string());
+        default_goose_command(&goose)
+    } else {
+        agent.spec.command.clone()
+    };
+    let argv = render(&template, &vars).map_err(|e| format!("bad command template: {e}"))?;
+    if argv.first().is_none_or(|a| a.is_empty()) {
+        return Err("the command is empty".into());
+    }
+
+    let mut env: Vec<(String, String)> = vec![
+        (
+            "PATH".into(),
+            std::env::var("PATH")
+                .ok()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| DEFAULT_PATH.into()),
+        ),
+        ("HOME".into(), home_dir()),
+        ("TINYSCHEDULER_TASK".into(), task.name().to_string()),
+        ("TINYSCHEDULER_LEASE".into(), lease.name().to_string()),
+        (
+            "TINYSCHEDULER_ATTEMPT".into(),
+            lease.spec.attempt.to_string(),
+        ),
+        ("TINYSCHEDULER_AGENT".into(), agent.name().to_string()),
+    ];
+    for (k, v) in &params {
+        env.push((format!("TINYSCHEDULER_PARAM_{}", env_key(k)), v.clone()));
+    }
+    for (k, v) in &agent.spec.env {
+        env.push((k.clone(), v.clone()));
+    }
+
+    let workdir = match agent.spec.working_dir.as_deref().filter(|w| !w.is_empty()) {
+        None => None,
+        Some(w) => {
+            let base = state_dir.parent().unwrap_or(Path::new("/"));
+            let dir = base.join(w);
+            if !dir.is_dir() {
+                return Err(format!(
+                    "working directory {} does not exist or is not a directory",
+                    dir.display()
+                ));
+            }
+            Some(dir)
+        }
+    };
+    Ok((argv, env, workdir, agent.spec.heartbeat_seconds))
+}
+
+/// A param as text: strings as they are, other scalars in JSON notation, null as empty.
+fn param_string(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// `TINYSCHEDULER_PARAM_<KEY>`: upper case, every non-alphanumeric character as `_`.
+pub fn env_key(key: &str) -> String {
+    key.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn home_dir() -> String {
+    if let Some(h) = std::env::var("HOME").ok().filter(|s| !s.is_empty()) {
+        return h;
+    }
+    nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map(|u| u.dir.display().to_string())
+        .unwrap_or_else(|| "/".into())
+}
+
+/// Opens (appending, creating 0600 in 0700 directories) a run's log file.
+fn open_log(path: &Path) -> io::Result<File> {
+    if let Some(dir) = path.parent() {
+        ensure_private_dir(dir)?;
+    }
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Starts the agent in its own process group with exactly `env`, stdin from /dev/null and
+/// stdout + stderr appended to the log.
+fn start_agent(
+    argv: &[String],
+    env: &[(String, String)],
+    workdir: Option<&Path>,
+    log: &File,
+) -> io::Result<tokio::process::Child> {
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env_clear()
+        .envs(
+            env.iter()
+                .map(|(k, v)| (OsString::from(k), OsString::from(v))),
+        )
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log.try_clone()?)
+        .kill_on_drop(false);
+    if let Some(w) = workdir {
+        cmd.current_dir(w);
+    }
+    // SAFETY: only async-signal-safe calls (setpgid, sigaction, sigprocmask) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))
+                .map_err(io::Error::from)?;
+            // The shim ignores these; the agent gets the defaults back.
+            let _ = nix::sys::signal::signal(Signal::SIGHUP, SigHandler::SigDfl);
+            let _ = nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigDfl);
+            let _ = nix::sys::signal::sigprocmask(
+                SigmaskHow::SIG_SETMASK,
+                Some(&SigSet::empty()),
+                None,
+            );
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// Fills in the Running status (idempotent: also used to renew). Never touches a different Lease
+/// of the same name, nor one already Completed.
+fn mark_running(l: &mut Lease, info: &RunInfo) {
+    if l.metadata.uid != info.uid || l.status.phase == LeasePhase::Completed {
+        return;
+    }
+    let s = &mut l.status;
+    if s.phase == LeasePhase::Pending {
+        s.phase = LeasePhase::Running;
+    }
+    s.pid = Some(info.pid);
+    s.process_start_time = info.start_time;
+    s.pgid = Some(info.pid);
+    s.shim_pid = Some(info.shim_pid);
+    s.shim_start_time = info.shim_start_time;
+    s.host = Some(info.host.clone());
+    if s.acquire_time.is_none() {
+        s.acquire_time = Some(info.acquire_time.clone());
+    }
+    s.renew_time = Some(now_rfc3339());
+    s.log_path = Some(info.log_path.clone());
+}
+
+/// Records that nothing could be started.
+async fn record_not_started(
+    store: &Store,
+    lease: &str,
+    uid: &str,
+    code: i32,
+    message: &str,
+    log: Option<&mut File>,
+) {
+    if let Some(log) = log {
+        let _ = writeln!(log, "[tinyscheduler] {message}");
+        let _ = writeln!(log, "[tinyscheduler] exited with code {code}");
+        let _ = log.sync_all();
+    }
+    let outcome = Outcome {
+        exit_code: Some(code),
+        signal: None,
+        message: message.to_string(),
+    };
+    record_completed(store, lease, uid, &outcome).await;
+}
+
+/// Writes `phase: Completed` durably, retrying store errors for a while: the exit status must not
+/// be lost (invariant 7). A Lease that is gone (or replaced) is left alone.
+async fn record_completed(store: &Store, lease: &str, uid: &str, outcome: &Outcome) {
+    let finish = now_rfc3339();
+    let mut delay = Duration::from_millis(100);
+    for _ in 0..30 {
+        let res = store.patch_status::<Lease>(lease, |l| {
+            if l.metadata.uid != uid {
+                return;
+            }
+            let s = &mut l.status;
+            s.phase = LeasePhase::Completed;
+            s.exit_code = outcome.exit_code;
+            s.signal = outcome.signal;
+            s.finish_time = Some(finish.clone());
+            s.message = Some(outcome.message.clone());
+        });
+        match res {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(lease, "cannot record completion (will retry): {e}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }

@@ -26,6 +26,13 @@ pub struct Globals {
         default_value = "./state"
     )]
     pub state_dir: PathBuf,
+    /// Log format: human (default on a terminal) or json (default otherwise). Logs go to stderr.
+    #[arg(long, global = true, env = "TINYSCHEDULER_LOG_FORMAT", value_enum)]
+    pub log_format: Option<crate::daemon::logging::LogFormat>,
+    /// Log level or filter: error, warn, info (default), debug, trace; DEBUG/INFO/WARNING/ERROR;
+    /// or a RUST_LOG-style filter such as `info,tinyscheduler::controllers=debug`.
+    #[arg(long, global = true, env = "TINYSCHEDULER_LOG_LEVEL")]
+    pub log_level: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -142,6 +149,10 @@ pub struct RunArgs {
     /// With --once: keep going until no task is pending or running (the quick start uses this).
     #[arg(long, requires = "once")]
     pub wait: bool,
+    /// Serve /metrics, /healthz, /livez and /readyz on this address (HOST:PORT, e.g.
+    /// 127.0.0.1:9464; `:PORT` for every interface). Off unless set.
+    #[arg(long = "http", value_name = "ADDR", env = "TINYSCHEDULER_HTTP_ADDR")]
+    pub http: Option<String>,
 }
 
 #[derive(Args, Debug)]

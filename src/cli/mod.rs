@@ -6,6 +6,7 @@ pub mod delete;
 pub mod describe;
 pub mod get;
 pub mod input;
+pub mod logs;
 pub mod printers;
 pub mod run;
 pub mod wait;
@@ -40,6 +41,17 @@ pub type CliResult = Result<ExitCode, CliError>;
 /// Parses the command line, runs the command, prints any error and returns the exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let g = &cli.globals;
+    if let Err(e) = crate::daemon::logging::init_logging(g.log_format, g.log_level.as_deref()) {
+        eprintln!("error: {e}");
+        return ExitCode::from(1);
+    }
+    tracing::debug!(
+        command = args::command_name(&cli.command),
+        version = env!("CARGO_PKG_VERSION"),
+        pid = std::process::id(),
+        "starting"
+    );
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -52,6 +64,7 @@ pub fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> CliResult {
     let g = cli.globals;
     match cli.command {
+        Command::Logs(a) => logs::logs(&g, a),
         Command::Apply(a) => apply::apply(&g, a),
         Command::Get(a) => get::get(&g, a),
         Command::Describe(a) => describe::describe(&g, a),
@@ -63,9 +76,5 @@ fn dispatch(cli: Cli) -> CliResult {
             println!("tinyscheduler {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
         }
-        other => Err(CliError(format!(
-            "error: `{}` is not implemented yet",
-            args::command_name(&other)
-        ))),
     }
 }

@@ -1,9 +1,288 @@
-//! `tinyscheduler run --once | --daemon`: the scheduler's entry point.
+//! `tinyscheduler run --once | --daemon [--dry-run]`: take the instance lock, start the controllers,
+//! and either reconcile to a fixed point and exit (agents keep running), or keep reacting until
+//! SIGINT/SIGTERM, as a good systemd citizen (notify, watchdog, metrics and health endpoints).
+
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::args::{Globals, RunArgs};
 use super::{CliError, CliResult};
+use crate::controllers::Settings;
+use crate::daemon::health::HealthRegistry;
+use crate::daemon::http::HttpServer;
+use crate::daemon::lock::InstanceLock;
+use crate::daemon::notify::Notifier;
+use crate::daemon::signals;
+use crate::daemon::watchdog::{run_watchdog, Heartbeat, WatchdogConfig};
+use crate::runtime::informer::InformerOptions;
+use crate::scheduler::{print_progress, Options, Scheduler};
+use crate::store::Store;
 
 /// Runs the scheduler in the mode `args` asks for.
-pub fn run(_g: &Globals, _args: RunArgs) -> CliResult {
-    Err(CliError("error: `run` is not implemented yet".into()))
+pub fn run(g: &Globals, args: RunArgs) -> CliResult {
+    if !args.once && !args.daemon {
+        return Err(CliError(
+            "error: say how to run: --once (reconcile to a fixed point and exit) or --daemon"
+                .into(),
+        ));
+    }
+    let default_level = if args.daemon { "info" } else { "warn" };
+    // A second logger (tests calling run twice in one process) is harmless: keep the first.
+    let _ = crate::daemon::logging::init_logging(
+        g.log_format,
+        Some(g.log_level.as_deref().unwrap_or(default_level)),
+    )
+    .map_err(|e| {
+        if e.contains("invalid") {
+            eprintln!("error: {e}");
+        }
+    });
+    let settings = settings_from_env(args.dry_run)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| CliError(format!("error: cannot start the runtime: {e}")))?;
+    if args.daemon {
+        rt.block_on(daemon(g, &args, settings))
+    } else {
+        rt.block_on(once(g, &args, settings))
+    }
+}
+
+fn env_secs(name: &str) -> Result<Option<Duration>, CliError> {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(|s| Some(Duration::from_secs_f64(s)))
+            .ok_or_else(|| {
+                CliError(format!(
+                    "error: {name}: expected a number of seconds, got {v:?}"
+                ))
+            }),
+        _ => Ok(None),
+    }
+}
+
+fn env_flag(name: &str) -> bool {
+    std::env::var(name)
+        .map(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        })
+        .unwrap_or(false)
+}
+
+/// Controller settings from the environment (`TINYSCHEDULER_DISABLE_BLOCKING`,
+/// `TINYSCHEDULER_RETRY_BASE_SEC`, `TINYSCHEDULER_RETRY_MAX_SEC`, `TINYSCHEDULER_KILL_GRACE_SEC`).
+fn settings_from_env(dry_run: bool) -> Result<Settings, CliError> {
+    let mut s = Settings {
+        dry_run,
+        disable_blocking: env_flag("TINYSCHEDULER_DISABLE_BLOCKING"),
+        kill_grace: crate::agent::shim::kill_grace(),
+        ..Settings::default()
+    };
+    if let Some(d) = env_secs("TINYSCHEDULER_RETRY_BASE_SEC")? {
+        s.retry_base = d;
+    }
+    if let Some(d) = env_secs("TINYSCHEDULER_RETRY_MAX_SEC")? {
+        s.retry_cap = d;
+    }
+    Ok(s)
+}
+
+/// Opens the store and takes the lock — or, in a dry run, opens it read-only and takes nothing, so
+/// that not a byte of the state directory changes.
+fn open(g: &Globals, dry_run: bool) -> Result<(Store, Option<InstanceLock>), CliError> {
+    if dry_run {
+        return Ok((Store::open_read_only(&g.state_dir), None));
+    }
+    let store = Store::open(&g.state_dir)?;
+    let lock = InstanceLock::acquire(&g.state_dir).map_err(|e| CliError(format!("error: {e}")))?;
+    Ok((store, Some(lock)))
+}
+
+fn state_dir(g: &Globals) -> std::path::PathBuf {
+    std::path::absolute(&g.state_dir).unwrap_or_else(|_| g.state_dir.clone())
+}
+
+async fn once(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
+    let (store, _lock) = open(g, args.dry_run)?;
+    let sched = Scheduler::start(
+        store,
+        state_dir(g),
+        settings,
+        Options {
+            informers: InformerOptions::from_env(),
+            heartbeat: None,
+        },
+    );
+    sched.wait_synced().await;
+    if args.wait {
+        print_progress(&sched.ctx.tasks);
+        let sig = signals::install().map_err(|e| CliError(format!("error: signals: {e}")))?;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = sig.shutdown.wait() => break,
+            }
+            if sched.all_done() {
+                sched.wait_fixed_point().await;
+                if sched.all_done() {
+                    break;
+                }
+            }
+        }
+    } else {
+        sched.wait_fixed_point().await;
+    }
+    let ctx = Arc::clone(&sched.ctx);
+    sched.stop().await;
+    if !args.dry_run {
+        if let Err(e) = ctx.recorder.gc() {
+            tracing::warn!("event garbage collection failed: {e}");
+        }
+    }
+    let errors = ctx.summary.errors.load(Ordering::Relaxed);
+    println!("{}", ctx.summary);
+    Ok(if errors > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
+    let sig = signals::install().map_err(|e| CliError(format!("error: signals: {e}")))?;
+    let notifier = Notifier::from_env();
+    let (store, lock) = open(g, args.dry_run)?;
+    let heartbeat = Heartbeat::new();
+    let sched = Scheduler::start(
+        store,
+        state_dir(g),
+        settings,
+        Options {
+            informers: InformerOptions::from_env(),
+            heartbeat: Some(heartbeat.clone()),
+        },
+    );
+    let ctx = Arc::clone(&sched.ctx);
+    let metrics = sched.metrics.clone();
+
+    let health = HealthRegistry::new();
+    let beats = heartbeat.clone();
+    let last_beat = Arc::new(std::sync::Mutex::new((0u64, Instant::now())));
+    health.add_liveness("reconcile-loop", move || {
+        let mut last = last_beat.lock().unwrap_or_else(|p| p.into_inner());
+        let now = beats.count();
+        if now != last.0 {
+            *last = (now, Instant::now());
+        }
+        let idle = last.1.elapsed();
+        if idle > Duration::from_secs(60) {
+            Err(format!(
+                "the assignment loop has not gone round for {}s",
+                idle.as_secs()
+            ))
+        } else {
+            Ok(())
+        }
+    });
+    let c = Arc::clone(&ctx);
+    health.add_readiness("informers-synced", move || {
+        let synced = c.tasks.is_synced()
+            && c.agents.is_synced()
+            && c.queues.is_synced()
+            && c.leases.is_synced();
+        if synced {
+            Ok(())
+        } else {
+            Err("informers have not finished their initial list".into())
+        }
+    });
+    let has_lock = lock.is_some() || args.dry_run;
+    health.add_readiness("lock", move || {
+        if has_lock {
+            Ok(())
+        } else {
+            Err("the instance lock is not held".into())
+        }
+    });
+
+    let mut background = tokio::task::JoinSet::new();
+    if let Some(addr) = &args.http {
+        let c = Arc::clone(&ctx);
+        let m = metrics.clone();
+        let server = HttpServer::bind(
+            addr,
+            move || crate::scheduler::render_metrics(&c, &m),
+            health.clone(),
+        )
+        .await
+        .map_err(|e| CliError(format!("error: --http {addr}: {e}")))?;
+        let stop = sig.shutdown.wait();
+        background.spawn(async move {
+            if let Err(e) = server.serve(stop).await {
+                tracing::error!("HTTP server failed: {e}");
+            }
+        });
+    }
+
+    sched.wait_synced().await;
+    // The heartbeat key goes through the assignment queue, so a wedged loop stops the beats.
+    let interval = WatchdogConfig::from_env()
+        .map(|w| w.interval)
+        .unwrap_or(Duration::from_secs(10))
+        .min(Duration::from_secs(10));
+    sched.poke_heartbeat();
+    if let Some(cfg) = WatchdogConfig::from_env() {
+        background.spawn(run_watchdog(notifier.clone(), heartbeat.clone(), cfg));
+    }
+    let _ = notifier.ready();
+    tracing::info!(state_dir = %g.state_dir.display(), "scheduler running");
+
+    let mut reloads = sig.reloads;
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = sig.shutdown.wait() => break,
+            Some(()) = reloads.recv() => {
+                let _ = notifier.reloading();
+                tracing::info!("reload: settings are read at start; controllers keep running");
+                let _ = notifier.ready();
+            }
+            _ = tick.tick() => {
+                sched.poke_heartbeat();
+                let _ = notifier.status(&status_line(&ctx));
+            }
+        }
+    }
+    let _ = notifier.stopping();
+    tracing::info!(reason = ?sig.shutdown.reason(), "stopping; running agents are left running");
+    sched.stop().await;
+    background.abort_all();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One line for systemd's STATUS=: running / queued / failed.
+fn status_line(ctx: &crate::controllers::Ctx) -> String {
+    use crate::resources::TaskPhase::*;
+    let (mut running, mut queued, mut failed) = (0, 0, 0);
+    for t in ctx.tasks.list() {
+        match t.status.phase {
+            Assigned | Running => running += 1,
+            Pending | Blocked => queued += 1,
+            Failed => failed += 1,
+            Succeeded => {}
+        }
+    }
+    format!("{running} running, {queued} queued, {failed} failed")
 }

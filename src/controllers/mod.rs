@@ -1,1 +1,234 @@
-//! The scheduling controllers: assignment, lease, reclaim (and tinytask sync). No framework code.
+//! The scheduling controllers: assignment (task → agent), lease (run the agent, record the outcome),
+//! reclaim (kill and requeue stale runs), status (agent and queue counters) and gc (finished-task
+//! TTL). Each is a reconcile function over the shared [`Ctx`]; the framework lives in `runtime`.
+
+pub mod assignment;
+pub mod lease;
+pub mod outcome;
+pub mod plan;
+pub mod reclaim;
+pub mod status;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::resources::event::{EventType, ObjectReference};
+use crate::resources::{Agent, Lease, Queue, Resource, Task};
+use crate::runtime::events::Recorder;
+use crate::runtime::informer::Informer;
+use crate::store::{Store, StoreError};
+
+/// Settings the controllers act on.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Print each decision instead of acting on it.
+    pub dry_run: bool,
+    /// Ignore `blockedBy` everywhere (`TINYSCHEDULER_DISABLE_BLOCKING=1`).
+    pub disable_blocking: bool,
+    /// Delay before the first retry of a failed attempt; doubles per attempt.
+    pub retry_base: Duration,
+    /// Longest delay between attempts.
+    pub retry_cap: Duration,
+    /// Time between SIGTERM and SIGKILL when a run is reclaimed.
+    pub kill_grace: Duration,
+    /// `host/pid` written into every Lease this scheduler creates.
+    pub holder: String,
+    /// This host's name, to tell our own runs from other hosts'.
+    pub host: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            dry_run: false,
+            disable_blocking: false,
+            retry_base: Duration::from_secs(10),
+            retry_cap: Duration::from_secs(600),
+            kill_grace: Duration::from_secs(10),
+            holder: format!("{}/{}", crate::agent::hostname(), std::process::id()),
+            host: crate::agent::hostname(),
+        }
+    }
+}
+
+impl Settings {
+    /// The delay before attempt `failed + 1` after `failed` failed attempts.
+    pub fn retry_delay(&self, failed: i64) -> Duration {
+        let exp = (failed.max(1) - 1).min(30) as u32;
+        self.retry_base
+            .checked_mul(1u32 << exp.min(31))
+            .unwrap_or(self.retry_cap)
+            .min(self.retry_cap)
+    }
+}
+
+/// What one `run --once` did, printed as its summary.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub leases_scanned: AtomicU64,
+    pub reclaimed: AtomicU64,
+    pub completed: AtomicU64,
+    pub assigned: AtomicU64,
+    pub started: AtomicU64,
+    pub blocked: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+impl Summary {
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        write!(
+            f,
+            "leases scanned: {}, reclaimed: {}, completed: {}, assigned: {}, started: {}, blocked: {}, errors: {}",
+            g(&self.leases_scanned),
+            g(&self.reclaimed),
+            g(&self.completed),
+            g(&self.assigned),
+            g(&self.started),
+            g(&self.blocked),
+            g(&self.errors),
+        )
+    }
+}
+
+/// Everything a reconciler needs: the store, the shared informers, the event recorder, settings.
+pub struct Ctx {
+    pub store: Store,
+    pub state_dir: PathBuf,
+    pub tasks: Informer<Task>,
+    pub agents: Informer<Agent>,
+    pub queues: Informer<Queue>,
+    pub leases: Informer<Lease>,
+    pub recorder: Recorder,
+    pub settings: Settings,
+    pub summary: Summary,
+    /// Shims this process started, by lease name: (lease uid, shim pid).
+    pub spawned: Mutex<HashMap<String, (String, u32)>>,
+    /// Last status write per status key, to batch bursts.
+    pub status_writes: Mutex<HashMap<String, std::time::Instant>>,
+}
+
+/// A reconcile failure; the runtime backs the key off and retries.
+#[derive(Debug)]
+pub struct Error(pub String);
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        Error(e.to_string())
+    }
+}
+
+/// A reference to an object for events.
+pub fn object_ref<K: Resource>(obj: &K) -> ObjectReference {
+    ObjectReference {
+        kind: K::KIND.to_string(),
+        name: obj.meta().name.clone(),
+        uid: obj.meta().uid.clone(),
+    }
+}
+
+impl Ctx {
+    /// Records an event on `obj` (best effort: failures are logged, never fatal). Nothing is
+    /// written in a dry run.
+    pub fn event<K: Resource>(&self, obj: &K, type_: EventType, reason: &str, message: &str) {
+        if self.settings.dry_run {
+            return;
+        }
+        tracing::info!(kind = K::KIND, name = %obj.meta().name, reason, "{message}");
+        if let Err(e) = self
+            .recorder
+            .publish(&object_ref(obj), type_, reason, message)
+        {
+            tracing::warn!(kind = K::KIND, name = %obj.meta().name, "cannot record event {reason}: {e}");
+        }
+    }
+
+    /// Prints a dry-run decision (`would assign task/x to agent/y`).
+    pub fn would(&self, decision: &str) {
+        println!("would {decision}");
+    }
+
+    /// Updates a Task's status with `f` (re-reading on conflict) and puts the result into the cache.
+    /// Returns `None` if the task does not exist.
+    pub fn patch_task(&self, name: &str, f: impl FnMut(&mut Task)) -> Result<Option<Task>, Error> {
+        let t = self.store.patch_status::<Task>(name, f)?;
+        if let Some(t) = &t {
+            self.tasks.observe(t.clone());
+        }
+        Ok(t)
+    }
+
+    /// Updates a Lease's status with `f` and puts the result into the cache.
+    pub fn patch_lease(
+        &self,
+        name: &str,
+        f: impl FnMut(&mut Lease),
+    ) -> Result<Option<Lease>, Error> {
+        let l = self.store.patch_status::<Lease>(name, f)?;
+        if let Some(l) = &l {
+            self.leases.observe(l.clone());
+        }
+        Ok(l)
+    }
+
+    /// Deletes the Lease `name` if it is still the one with `uid` (a later attempt's Lease, which
+    /// reuses the name, is left alone).
+    pub fn delete_lease(&self, name: &str, uid: &str) -> Result<(), Error> {
+        loop {
+            let Some(current) = self.store.try_get::<Lease>(name)? else {
+                self.leases.observe_deleted(name);
+                return Ok(());
+            };
+            if current.metadata.uid != uid {
+                return Ok(());
+            }
+            match self
+                .store
+                .delete::<Lease>(name, Some(&current.metadata.resource_version))
+            {
+                Ok(_) => {
+                    self.leases.observe_deleted(name);
+                    self.spawned
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(name);
+                    return Ok(());
+                }
+                Err(e) if e.is_conflict() => continue,
+                Err(e) if e.is_not_found() => {
+                    self.leases.observe_deleted(name);
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_double_up_to_the_cap() {
+        let s = Settings::default();
+        let d: Vec<u64> = (1..=8).map(|n| s.retry_delay(n).as_secs()).collect();
+        assert_eq!(d, [10, 20, 40, 80, 160, 320, 600, 600]);
+    }
+}

@@ -1,0 +1,214 @@
+//! Exact liveness of a process (invariant 5): a pid is alive only if `/proc/<pid>` exists with the
+//! start time recorded when it was spawned and it is not a zombie. A pid reused by an unrelated
+//! process has another start time and is therefore dead.
+//!
+//! When `/proc/<pid>` cannot be read (a `hidepid` mount hiding other users' processes), the answer
+//! falls back to `kill(pid, 0)`: EPERM means the process exists and is alive, ESRCH that it is gone.
+//! In that case the start time cannot be checked.
+
+use std::fs;
+use std::io;
+
+use nix::errno::Errno;
+use nix::sys::signal::kill;
+use nix::unistd::Pid;
+
+/// What `/proc/<pid>/stat` says of a process (the fields this crate needs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcStat {
+    pub pid: i32,
+    /// The command name (field 2, without the parentheses; may contain spaces and parentheses).
+    pub comm: String,
+    /// Field 3: `R`, `S`, `D`, `Z`, `X`, `T`, …
+    pub state: char,
+    pub ppid: i32,
+    /// Field 5: process group id.
+    pub pgrp: i32,
+    pub session: i32,
+    /// Field 22: start time in clock ticks since boot.
+    pub start_time: u64,
+}
+
+impl ProcStat {
+    /// A zombie (`Z`) or dead (`X`) process is not running anything any more.
+    pub fn is_zombie_or_dead(&self) -> bool {
+        matches!(self.state, 'Z' | 'X' | 'x')
+    }
+}
+
+/// Parses the contents of `/proc/<pid>/stat`. The comm field is split at the LAST `)`, since a
+/// command name may itself contain `)` and spaces.
+pub fn parse_stat(text: &str) -> Option<ProcStat> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    if close < open {
+        return None;
+    }
+    let pid = text[..open].trim().parse().ok()?;
+    let comm = text[open + 1..close].to_string();
+    // Fields from 3 (state) on.
+    let rest: Vec<&str> = text[close + 1..].split_whitespace().collect();
+    let state = rest.first()?.chars().next()?;
+    let field = |n: usize| rest.get(n - 3).copied();
+    Some(ProcStat {
+        pid,
+        comm,
+        state,
+        ppid: field(4)?.parse().ok()?,
+        pgrp: field(5)?.parse().ok()?,
+        session: field(6)?.parse().ok()?,
+        start_time: field(22)?.parse().ok()?,
+    })
+}
+
+/// Reads and parses `/proc/<pid>/stat`.
+pub fn read_stat(pid: i32) -> io::Result<ProcStat> {
+    if pid <= 0 {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_stat(&text).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("/proc/{pid}/stat: unparsable"),
+        )
+    })
+}
+
+/// Start time of `pid` in clock ticks since boot (`/proc/<pid>/stat` field 22), if it exists.
+pub fn start_time_of(pid: i32) -> Option<u64> {
+    read_stat(pid).ok().map(|s| s.start_time)
+}
+
+/// What `kill(pid, 0)` says: `Some(true)` exists (also EPERM), `Some(false)` ESRCH, `None` unknown.
+fn signal_probe(target: i32) -> Option<bool> {
+    match kill(Pid::from_raw(target), None) {
+        Ok(()) => Some(true),
+        Err(Errno::EPERM) => Some(true),
+        Err(Errno::ESRCH) => Some(false),
+        Err(_) => None,
+    }
+}
+
+/// True only if `pid` is running with exactly `start_time` and is not a zombie. EPERM from
+/// `kill(pid, 0)` counts as alive; ESRCH as dead.
+pub fn is_alive(pid: i32, start_time: u64) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    match read_stat(pid) {
+        Ok(stat) => {
+            if stat.start_time != start_time || stat.is_zombie_or_dead() {
+                return false;
+            }
+            // The process may have ended between the read and now; EPERM still means alive.
+            signal_probe(pid).unwrap_or(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // Gone — unless /proc hides it from us (hidepid=2) while it exists.
+            if proc_is_mounted() {
+                matches!(signal_probe(pid), Some(true)) && proc_hides_others()
+            } else {
+                false
+            }
+        }
+        // hidepid=1: the directory is there but unreadable; only the signal probe can tell.
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => signal_probe(pid).unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// True while the process group `pgid` has a member that is not a zombie. A group whose members
+/// are all zombies (ended, not yet reaped by their parent) runs nothing and counts as empty.
+pub fn group_alive(pgid: i32) -> bool {
+    if pgid <= 0 {
+        return false;
+    }
+    match signal_probe(-pgid) {
+        Some(false) => false,
+        _ => {
+            if proc_is_mounted() && !proc_hides_others() {
+                !group_members(pgid).is_empty()
+            } else {
+                // Without a full view of /proc only the signal probe can tell.
+                signal_probe(-pgid).unwrap_or(true)
+            }
+        }
+    }
+}
+
+/// Pids of the members of process group `pgid` that are not zombies, as far as `/proc` shows.
+pub fn group_members(pgid: i32) -> Vec<i32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            read_stat(pid)
+                .map(|s| s.pgrp == pgid && !s.is_zombie_or_dead())
+                .unwrap_or(false)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+fn proc_is_mounted() -> bool {
+    fs::metadata("/proc/self/stat").is_ok()
+}
+
+/// Whether `/proc` is mounted with `hidepid` (other users' processes invisible or unreadable).
+fn proc_hides_others() -> bool {
+    let Ok(mounts) = fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
+    mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_dev, mnt, fstype, opts) = (f.next(), f.next(), f.next(), f.next().unwrap_or(""));
+        mnt == Some("/proc")
+            && fstype == Some("proc")
+            && opts
+                .split(',')
+                .any(|o| o.starts_with("hidepid=") && !matches!(o, "hidepid=0" | "hidepid=off"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_comm_with_spaces_and_parentheses_is_split_at_the_last_paren() {
+        let mut fields = vec!["S".to_string()];
+        for n in 4..=52 {
+            fields.push(n.to_string());
+        }
+        let line = format!("1234 (my (weird) prog) ) {}\n", fields.join(" "));
+        let s = parse_stat(&line).unwrap();
+        assert_eq!(s.pid, 1234);
+        assert_eq!(s.comm, "my (weird) prog) ");
+        assert_eq!(s.state, 'S');
+        assert_eq!(s.ppid, 4);
+        assert_eq!(s.pgrp, 5);
+        assert_eq!(s.session, 6);
+        assert_eq!(s.start_time, 22);
+    }
+
+    #[test]
+    fn a_truncated_stat_line_is_rejected() {
+        assert!(parse_stat("12 (x) S 1 2").is_none());
+        assert!(parse_stat("garbage").is_none());
+    }
+
+    #[test]
+    fn this_process_is_alive_with_its_own_start_time_and_dead_with_another() {
+        let me = std::process::id() as i32;
+        let st = start_time_of(me).unwrap();
+        assert!(is_alive(me, st));
+        assert!(!is_alive(me, st + 1));
+        assert!(!is_alive(0, st));
+        assert!(!is_alive(-1, st));
+    }
+}

@@ -1,0 +1,93 @@
+//! Starting a shim: detached (own session, stdio on /dev/null, a minimal environment) and reaped
+//! by a background thread, so the scheduler never waits on it and no zombie lingers while the
+//! scheduler lives. When the scheduler exits first, the shim is re-parented and goes on
+//! (invariant 7).
+
+use std::ffi::OsString;
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Environment variable naming the binary to run as the shim (default: the current executable).
+pub const SHIM_EXE_ENV: &str = "TINYSCHEDULER_SHIM_EXE";
+
+/// Starts `<tinyscheduler> --state-dir <absolute state_dir> shim --lease <lease>` in its own
+/// session and returns its pid. A background thread reaps it; callers never wait on it.
+pub fn spawn_shim(state_dir: &Path, lease: &str) -> io::Result<u32> {
+    let exe = shim_exe()?;
+    spawn_shim_with(&exe, state_dir, lease)
+}
+
+/// Like [`spawn_shim`] with an explicit binary.
+pub fn spawn_shim_with(exe: &Path, state_dir: &Path, lease: &str) -> io::Result<u32> {
+    let state_dir = std::path::absolute(state_dir)?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--state-dir")
+        .arg(&state_dir)
+        .arg("shim")
+        .arg("--lease")
+        .arg(lease)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .env_clear()
+        .envs(shim_env(std::env::vars_os()));
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(io::Error::from)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    let pid = child.id();
+    std::thread::Builder::new()
+        .name(format!("reap-shim-{pid}"))
+        .spawn(move || {
+            let _ = child.wait();
+        })?;
+    Ok(pid)
+}
+
+/// The environment a shim gets: PATH, HOME, LANG and every `TINYSCHEDULER_*` setting, nothing
+/// else of the scheduler's environment.
+pub fn shim_env(vars: impl IntoIterator<Item = (OsString, OsString)>) -> Vec<(OsString, OsString)> {
+    vars.into_iter()
+        .filter(|(k, _)| {
+            let k = k.to_string_lossy();
+            matches!(k.as_ref(), "PATH" | "HOME" | "LANG") || k.starts_with("TINYSCHEDULER_")
+        })
+        .collect()
+}
+
+/// The binary to run as the shim: `$TINYSCHEDULER_SHIM_EXE`, else the current executable. When the
+/// current executable is a cargo test harness (`target/<profile>/deps/<name>-<hash>`), the
+/// `tinyscheduler` binary beside `deps/` is used instead, so a test never re-runs its own harness.
+pub fn shim_exe() -> io::Result<PathBuf> {
+    if let Some(p) = std::env::var_os(SHIM_EXE_ENV).filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let in_deps = exe
+        .parent()
+        .and_then(|d| d.file_name())
+        .is_some_and(|n| n == "deps");
+    if in_deps {
+        let sibling = exe
+            .parent()
+            .and_then(Path::parent)
+            .map(|d| d.join("tinyscheduler"));
+        return match sibling {
+            Some(s) if s.is_file() => Ok(s),
+            _ => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "{} looks like a test harness and no tinyscheduler binary is beside it; set {SHIM_EXE_ENV}",
+                    exe.display()
+                ),
+            )),
+        };
+    }
+    Ok(exe)
+}

@@ -1,0 +1,185 @@
+//! Assignment: one serialized decision loop (like kube-scheduler). It plans over the cache, then
+//! commits each decision by creating the task's Lease exclusively — the commit point of invariant 1
+//! — and only then marks the Task `Assigned`.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::plan::{self, PlanOptions};
+use super::{Ctx, Error, Summary};
+use crate::resources::event::EventType;
+use crate::resources::meta::now_rfc3339;
+use crate::resources::{Lease, LeaseSpec, Task, TaskPhase};
+use crate::runtime::controller::Action;
+
+/// The single key of the assignment loop.
+pub const KEY: &str = "assign";
+
+/// One assignment pass over the whole cache.
+pub async fn reconcile(_key: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let (tasks, agents, queues, leases) = (
+        ctx.tasks.list(),
+        ctx.agents.list(),
+        ctx.queues.list(),
+        ctx.leases.list(),
+    );
+    let now = SystemTime::now();
+    let p = plan::plan(
+        &tasks,
+        &agents,
+        &queues,
+        &leases,
+        now,
+        PlanOptions {
+            disable_blocking: ctx.settings.disable_blocking,
+        },
+    );
+
+    let mut first_error = None;
+    for (name, waiting) in &p.newly_blocked {
+        if let Err(e) = block(&ctx, name, waiting) {
+            first_error.get_or_insert(e);
+        }
+    }
+    for name in &p.unblocked {
+        if let Err(e) = unblock(&ctx, name) {
+            first_error.get_or_insert(e);
+        }
+    }
+    for (task, agent) in &p.assignments {
+        if let Err(e) = commit(&ctx, task, agent) {
+            Summary::bump(&ctx.summary.errors);
+            first_error.get_or_insert(e);
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    Ok(match p.next_wakeup {
+        Some(t) => Action::requeue_after(t.duration_since(now).unwrap_or_default()),
+        None => Action::await_change(),
+    })
+}
+
+fn block(ctx: &Ctx, name: &str, waiting: &[String]) -> Result<(), Error> {
+    let message = format!("waiting for {}", waiting.join(", "));
+    Summary::bump(&ctx.summary.blocked);
+    if ctx.settings.dry_run {
+        ctx.would(&format!("mark task/{name} Blocked: {message}"));
+        return Ok(());
+    }
+    let mut changed = false;
+    let t = ctx.patch_task(name, |t| {
+        changed = t.status.phase == TaskPhase::Pending;
+        if changed {
+            t.status.phase = TaskPhase::Blocked;
+            t.status.reason = Some("Blocked".into());
+            t.status.message = Some(message.clone());
+        }
+    })?;
+    if let (Some(t), true) = (t, changed) {
+        ctx.event(&t, EventType::Normal, "Blocked", &message);
+    }
+    Ok(())
+}
+
+fn unblock(ctx: &Ctx, name: &str) -> Result<(), Error> {
+    if ctx.settings.dry_run {
+        ctx.would(&format!("mark task/{name} Pending: its blockers are done"));
+        return Ok(());
+    }
+    let mut changed = false;
+    let t = ctx.patch_task(name, |t| {
+        changed = t.status.phase == TaskPhase::Blocked;
+        if changed {
+            t.status.phase = TaskPhase::Pending;
+            t.status.reason = None;
+            t.status.message = Some("blockers done".into());
+        }
+    })?;
+    if let (Some(t), true) = (t, changed) {
+        ctx.event(
+            &t,
+            EventType::Normal,
+            "Unblocked",
+            "every blocker succeeded",
+        );
+    }
+    Ok(())
+}
+
+/// Creates the Lease (the commit point), then records the assignment on the Task.
+fn commit(ctx: &Ctx, task_name: &str, agent_name: &str) -> Result<(), Error> {
+    // The plan came from the cache; the commit re-reads the Task so that a task finished a moment
+    // ago is never started again.
+    let Some(task) = ctx.store.try_get::<Task>(task_name)? else {
+        return Ok(());
+    };
+    if !matches!(task.status.phase, TaskPhase::Pending | TaskPhase::Blocked) {
+        return Ok(());
+    }
+    let Some(agent) = ctx.agents.get(agent_name) else {
+        return Ok(());
+    };
+    let attempt = task.status.attempts + 1;
+    if ctx.settings.dry_run {
+        ctx.would(&format!(
+            "assign task/{task_name} to agent/{agent_name} (attempt {attempt})"
+        ));
+        Summary::bump(&ctx.summary.assigned);
+        return Ok(());
+    }
+    let mut lease = Lease::new(
+        "Lease",
+        task_name,
+        LeaseSpec {
+            task: task_name.to_string(),
+            agent: agent_name.to_string(),
+            holder_identity: ctx.settings.holder.clone(),
+            lease_duration_seconds: 3 * agent.spec.heartbeat_seconds,
+            max_runtime_seconds: task
+                .spec
+                .timeout_seconds
+                .unwrap_or(agent.spec.max_runtime_seconds),
+            attempt,
+        },
+    );
+    lease
+        .metadata
+        .labels
+        .insert("tinyscheduler.io/agent".into(), agent_name.into());
+    let lease = match ctx.store.create(&lease) {
+        Ok(l) => l,
+        // Someone holds this task's run already: invariant 1 says we must not start another.
+        Err(e) if e.is_already_exists() => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let now = now_rfc3339();
+    let t = ctx.patch_task(task_name, |t| {
+        // The lease controller may already have seen the run start; never step back from Running.
+        if matches!(t.status.phase, TaskPhase::Pending | TaskPhase::Blocked) {
+            t.status.phase = TaskPhase::Assigned;
+        }
+        t.status.agent = Some(agent_name.to_string());
+        t.status.lease = Some(lease.metadata.name.clone());
+        t.status.attempts = attempt;
+        t.status.next_attempt_after = None;
+        t.status.exit_code = None;
+        t.status.start_time = None;
+        t.status.finish_time = None;
+        t.status.reason = None;
+        t.status.message = Some(format!("assigned to agent/{agent_name} at {now}"));
+    })?;
+    // Wake the lease controller only now, so that it finds the Task already Assigned.
+    ctx.leases.observe(lease);
+    Summary::bump(&ctx.summary.assigned);
+    if let Some(t) = t {
+        ctx.event(
+            &t,
+            EventType::Normal,
+            "Assigned",
+            &format!("assigned to agent/{agent_name} (attempt {attempt})"),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! Lease controller: starts a shim for a Lease with no process (spawning is the last step after the
+//! Lease exists — invariant 1), mirrors a running Lease onto its Task, and records the outcome of a
+//! completed one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::outcome::{self, Ending};
+use super::{Ctx, Error, Summary};
+use crate::agent::liveness::{is_alive, start_time_of};
+use crate::agent::spawn::spawn_shim;
+use crate::resources::event::EventType;
+use crate::resources::{Lease, LeasePhase, TaskPhase};
+use crate::runtime::controller::Action;
+
+/// How long a started shim has to claim its Lease before the controller looks again.
+const START_CHECK: Duration = Duration::from_secs(2);
+
+pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let Some(lease) = ctx.store.try_get::<Lease>(&name)? else {
+        ctx.spawned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&name);
+        return Ok(Action::await_change());
+    };
+    Summary::bump(&ctx.summary.leases_scanned);
+    match lease.status.phase {
+        LeasePhase::Pending => start(&ctx, &lease),
+        LeasePhase::Running => {
+            mark_task_running(&ctx, &lease)?;
+            Ok(Action::await_change())
+        }
+        LeasePhase::Completed => {
+            outcome::record(&ctx, &lease, &Ending::from_lease(&lease))?;
+            Ok(Action::await_change())
+        }
+        // The reclaim controller owns a Lease it is killing.
+        LeasePhase::Terminating => Ok(Action::await_change()),
+    }
+}
+
+/// Starts the shim for a Lease no process holds yet, unless one is already starting.
+fn start(ctx: &Ctx, lease: &Lease) -> Result<Action, Error> {
+    let name = &lease.metadata.name;
+    if let (Some(pid), Some(st)) = (lease.status.shim_pid, lease.status.shim_start_time) {
+        if is_alive(pid, st) {
+            return Ok(Action::requeue_after(START_CHECK));
+        }
+    }
+    {
+        let spawned = ctx.spawned.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((uid, pid)) = spawned.get(name) {
+            if *uid == lease.metadata.uid
+                && start_time_of(*pid as i32).is_some_and(|st| is_alive(*pid as i32, st))
+            {
+                return Ok(Action::requeue_after(START_CHECK));
+            }
+        }
+    }
+    if ctx.settings.dry_run {
+        ctx.would(&format!(
+            "start agent/{} for task/{} (lease/{name}, attempt {})",
+            lease.spec.agent, lease.spec.task, lease.spec.attempt
+        ));
+        return Ok(Action::await_change());
+    }
+    let pid = spawn_shim(&ctx.state_dir, name)
+        .map_err(|e| Error(format!("cannot start the shim for lease/{name}: {e}")))?;
+    ctx.spawned
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(name.clone(), (lease.metadata.uid.clone(), pid));
+    Summary::bump(&ctx.summary.started);
+    Ok(Action::requeue_after(START_CHECK))
+}
+
+/// Mirrors a running Lease onto its Task (phase Running, start time), once.
+fn mark_task_running(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
+    let Some(task) = ctx.tasks.get(&lease.spec.task) else {
+        return Ok(());
+    };
+    if task.status.phase == TaskPhase::Running
+        && task.status.lease.as_deref() == Some(&lease.metadata.name)
+    {
+        return Ok(());
+    }
+    if task.status.phase.is_finished() {
+        return Ok(());
+    }
+    if ctx.settings.dry_run {
+        ctx.would(&format!("mark task/{} Running", lease.spec.task));
+        return Ok(());
+    }
+    let pid = lease.status.pid.unwrap_or_default();
+    let message = format!(
+        "running on agent/{} (pid {pid}, attempt {})",
+        lease.spec.agent, lease.spec.attempt
+    );
+    let mut changed = false;
+    let t = ctx.patch_task(&lease.spec.task, |t| {
+        changed = !t.status.phase.is_finished();
+        if changed {
+            t.status.phase = TaskPhase::Running;
+            t.status.agent = Some(lease.spec.agent.clone());
+            t.status.lease = Some(lease.metadata.name.clone());
+            t.status.attempts = t.status.attempts.max(lease.spec.attempt);
+            t.status.start_time = lease.status.acquire_time.clone();
+            t.status.reason = None;
+            t.status.message = Some(message.clone());
+        }
+    })?;
+    if let (Some(t), true) = (t, changed) {
+        let log = lease.status.log_path.as_deref().unwrap_or("-");
+        ctx.event(
+            &t,
+            EventType::Normal,
+            "Started",
+            &format!("{message}; log {log}"),
+        );
+    }
+    Ok(())
+}

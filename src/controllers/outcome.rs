@@ -1,0 +1,136 @@
+//! Recording how an attempt ended: the Task's outcome is written durably first, and only then is
+//! the Lease deleted (invariant 3). Failed attempts are retried with exponential delay until
+//! `maxRetries`, then the Task is `Failed` (invariant 6).
+
+use std::time::SystemTime;
+
+use super::{Ctx, Error, Summary};
+use crate::resources::event::EventType;
+use crate::resources::meta::{format_time, now_rfc3339};
+use crate::resources::{Lease, TaskPhase};
+
+/// How a run ended, from the shim's record or the reclaim controller's verdict.
+#[derive(Debug, Clone)]
+pub struct Ending {
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    /// Set when the run was reclaimed (killed or lost) rather than ending by itself.
+    pub reclaimed: Option<String>,
+    pub message: Option<String>,
+}
+
+impl Ending {
+    /// What the shim recorded on a completed Lease.
+    pub fn from_lease(l: &Lease) -> Ending {
+        Ending {
+            exit_code: l.status.exit_code,
+            signal: l.status.signal,
+            reclaimed: None,
+            message: l.status.message.clone(),
+        }
+    }
+
+    fn succeeded(&self) -> bool {
+        self.reclaimed.is_none() && self.exit_code == Some(0) && self.signal.is_none()
+    }
+
+    fn describe(&self) -> String {
+        let mut s = match (&self.reclaimed, self.exit_code, self.signal) {
+            (Some(r), _, _) => format!("reclaimed: {r}"),
+            (None, _, Some(sig)) => format!("killed by signal {sig}"),
+            (None, Some(c), None) => format!("exit code {c}"),
+            (None, None, None) => "no exit status recorded".to_string(),
+        };
+        if let Some(m) = self.message.as_deref().filter(|m| !m.is_empty()) {
+            s.push_str(&format!(" ({m})"));
+        }
+        s
+    }
+}
+
+/// Records `ending` for `lease`'s attempt on its Task, then deletes the Lease. Idempotent: an
+/// attempt already recorded (a crash between the two writes) only has its Lease deleted.
+pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
+    let name = &lease.metadata.name;
+    let task_name = &lease.spec.task;
+    let attempt = lease.spec.attempt;
+    let what = ending.describe();
+    if ctx.settings.dry_run {
+        let verdict = if ending.succeeded() {
+            "Succeeded"
+        } else {
+            "failed"
+        };
+        ctx.would(&format!(
+            "record task/{task_name} attempt {attempt} {verdict}: {what}, then delete lease/{name}"
+        ));
+        Summary::bump(&ctx.summary.completed);
+        return Ok(());
+    }
+
+    let Some(task) = ctx.store.try_get::<crate::resources::Task>(task_name)? else {
+        return ctx.delete_lease(name, &lease.metadata.uid);
+    };
+    let already = task.status.lease.is_none() && task.status.attempts >= attempt;
+    if !already && !task.status.phase.is_finished() {
+        let finished = lease.status.finish_time.clone().unwrap_or_else(now_rfc3339);
+        let mut verdict = ("", String::new(), EventType::Normal);
+        let updated = ctx.patch_task(task_name, |t| {
+            t.status.lease = None;
+            t.status.attempts = t.status.attempts.max(attempt);
+            t.status.exit_code = ending.exit_code;
+            t.status.finish_time = Some(finished.clone());
+            if ending.succeeded() {
+                t.status.phase = TaskPhase::Succeeded;
+                t.status.reason = Some("Succeeded".into());
+                t.status.message = Some(format!("exited 0 on agent/{}", lease.spec.agent));
+                t.status.next_attempt_after = None;
+                verdict = (
+                    "Succeeded",
+                    t.status.message.clone().unwrap_or_default(),
+                    EventType::Normal,
+                );
+            } else if t.status.attempts > t.spec.max_retries {
+                t.status.phase = TaskPhase::Failed;
+                t.status.reason = Some(if ending.reclaimed.is_some() {
+                    "Reclaimed".into()
+                } else {
+                    "BackoffLimitExceeded".into()
+                });
+                t.status.message = Some(format!(
+                    "failed after {} attempts; last: {what}",
+                    t.status.attempts
+                ));
+                t.status.next_attempt_after = None;
+                verdict = (
+                    "Failed",
+                    t.status.message.clone().unwrap_or_default(),
+                    EventType::Warning,
+                );
+            } else {
+                let delay = ctx.settings.retry_delay(t.status.attempts);
+                let at = SystemTime::now() + delay;
+                t.status.phase = TaskPhase::Pending;
+                t.status.reason = Some("Retrying".into());
+                t.status.next_attempt_after = Some(format_time(at));
+                t.status.message = Some(format!(
+                    "attempt {} failed ({what}); retry {} of {} in {}s",
+                    t.status.attempts,
+                    t.status.attempts,
+                    t.spec.max_retries,
+                    delay.as_secs_f64().ceil() as u64
+                ));
+                verdict = (
+                    "Retrying",
+                    t.status.message.clone().unwrap_or_default(),
+                    EventType::Warning,
+                );
+            }
+        })?;
+        if let Some(t) = updated {
+            ctx.event(&t, verdict.2, verdict.0, &verdict.1);
+        }
+        Summary::bump(&ctx.summary.completed);
+    }
+    ctx.delete_lease(name, &lease.metadata.uid)
+}

@@ -1,0 +1,427 @@
+//! The assignment decision, as a pure function of the cached world: which tasks are blocked, which
+//! are runnable, in what order, and which agent gets each. The assignment controller applies it.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::resources::meta::parse_time;
+use crate::resources::{Agent, BlockingPolicy, Lease, Queue, Task, TaskPhase};
+
+/// What the planner decided for one pass.
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    /// Task → agent, in the order they should be committed.
+    pub assignments: Vec<(String, String)>,
+    /// Pending tasks that must show `Blocked`, with the blockers they wait for.
+    pub newly_blocked: Vec<(String, Vec<String>)>,
+    /// Blocked tasks whose blockers are all done: back to `Pending`.
+    pub unblocked: Vec<String>,
+    /// The earliest `nextAttemptAfter` still in the future, if any (when to look again).
+    pub next_wakeup: Option<SystemTime>,
+}
+
+/// Inputs that are not objects.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlanOptions {
+    /// `TINYSCHEDULER_DISABLE_BLOCKING`: ignore `blockedBy` everywhere.
+    pub disable_blocking: bool,
+}
+
+/// Free slots per agent: `maxConcurrency` minus every live Lease it holds; paused agents have none.
+pub fn free_slots(agents: &[Arc<Agent>], leases: &[Arc<Lease>]) -> BTreeMap<String, i64> {
+    let mut used: HashMap<&str, i64> = HashMap::new();
+    for l in leases {
+        *used.entry(l.spec.agent.as_str()).or_default() += 1;
+    }
+    agents
+        .iter()
+        .map(|a| {
+            let free = if a.spec.paused {
+                0
+            } else {
+                a.spec.max_concurrency - used.get(a.metadata.name.as_str()).copied().unwrap_or(0)
+            };
+            (a.metadata.name.clone(), free.max(0))
+        })
+        .collect()
+}
+
+/// The blockers of `task` that have not succeeded (missing ones count as unfinished).
+pub fn unfinished_blockers(task: &Task, by_name: &HashMap<&str, &Arc<Task>>) -> Vec<String> {
+    task.spec
+        .blocked_by
+        .iter()
+        .filter(|b| {
+            by_name
+                .get(b.as_str())
+                .is_none_or(|t| t.status.phase != TaskPhase::Succeeded)
+        })
+        .cloned()
+        .collect()
+}
+
+/// Decides one assignment pass.
+pub fn plan(
+    tasks: &[Arc<Task>],
+    agents: &[Arc<Agent>],
+    queues: &[Arc<Queue>],
+    leases: &[Arc<Lease>],
+    now: SystemTime,
+    opts: PlanOptions,
+) -> Plan {
+    let mut out = Plan::default();
+    let by_name: HashMap<&str, &Arc<Task>> = tasks
+        .iter()
+        .map(|t| (t.metadata.name.as_str(), t))
+        .collect();
+    let leased: HashSet<&str> = leases.iter().map(|l| l.spec.task.as_str()).collect();
+    let ignore_blocking: HashSet<&str> = queues
+        .iter()
+        .filter(|q| q.spec.blocking == BlockingPolicy::Ignore)
+        .map(|q| q.metadata.name.as_str())
+        .collect();
+    // How many unfinished tasks wait on each task: those unblock the most work, so go first.
+    let mut dependents: HashMap<&str, usize> = HashMap::new();
+    for t in tasks.iter().filter(|t| !t.status.phase.is_finished()) {
+        for b in &t.spec.blocked_by {
+            *dependents.entry(b.as_str()).or_default() += 1;
+        }
+    }
+
+    let mut runnable: Vec<&Arc<Task>> = Vec::new();
+    for t in tasks {
+        let phase = t.status.phase;
+        if !matches!(phase, TaskPhase::Pending | TaskPhase::Blocked) {
+            continue;
+        }
+        let respects = !opts.disable_blocking
+            && !t
+                .spec
+                .queue
+                .as_deref()
+                .is_some_and(|q| ignore_blocking.contains(q));
+        let waiting = if respects {
+            unfinished_blockers(t, &by_name)
+        } else {
+            Vec::new()
+        };
+        if !waiting.is_empty() {
+            if phase == TaskPhase::Pending && !leased.contains(t.metadata.name.as_str()) {
+                out.newly_blocked.push((t.metadata.name.clone(), waiting));
+            }
+            continue;
+        }
+        if phase == TaskPhase::Blocked {
+            out.unblocked.push(t.metadata.name.clone());
+        }
+        if leased.contains(t.metadata.name.as_str()) {
+            continue;
+        }
+        if let Some(after) = t.status.next_attempt_after.as_deref().and_then(parse_time) {
+            if after > now {
+                out.next_wakeup = Some(out.next_wakeup.map_or(after, |w| w.min(after)));
+                continue;
+            }
+        }
+        runnable.push(t);
+    }
+
+    runnable.sort_by_key(|t| {
+        (
+            Reverse(
+                dependents
+                    .get(t.metadata.name.as_str())
+                    .copied()
+                    .unwrap_or(0),
+            ),
+            Reverse(t.spec.priority),
+            t.metadata
+                .creation_timestamp
+                .as_deref()
+                .and_then(parse_time)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+            t.metadata.name.clone(),
+        )
+    });
+
+    let mut free = free_slots(agents, leases);
+    let pool: HashMap<&str, Vec<&str>> = agents.iter().fold(HashMap::new(), |mut m, a| {
+        if let Some(q) = &a.spec.queue {
+            m.entry(q.as_str())
+                .or_default()
+                .push(a.metadata.name.as_str());
+        }
+        m
+    });
+    for t in runnable {
+        let candidates: Vec<&str> = match (&t.spec.assigned_to, &t.spec.queue) {
+            (Some(agent), _) => vec![agent.as_str()],
+            (None, Some(q)) => pool.get(q.as_str()).cloned().unwrap_or_default(),
+            (None, None) => Vec::new(),
+        };
+        // Most free slots first; ties go to the alphabetically first name.
+        let best = candidates
+            .into_iter()
+            .filter_map(|a| free.get(a).map(|f| (a, *f)))
+            .filter(|(_, f)| *f > 0)
+            .min_by_key(|(a, f)| (Reverse(*f), *a));
+        if let Some((agent, _)) = best {
+            let agent = agent.to_string();
+            if let Some(f) = free.get_mut(&agent) {
+                *f -= 1;
+            }
+            out.assignments.push((t.metadata.name.clone(), agent));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::{AgentSpec, LeaseSpec, QueueSpec, TaskSpec};
+    use std::time::Duration;
+
+    fn agent(name: &str, queue: &str, max: i64) -> Arc<Agent> {
+        Arc::new(Agent::new(
+            "Agent",
+            name,
+            AgentSpec {
+                queue: Some(queue.into()),
+                max_concurrency: max,
+                ..Default::default()
+            },
+        ))
+    }
+
+    fn task(name: &str, queue: &str, priority: i64, created: u64) -> Task {
+        let mut t = Task::new(
+            "Task",
+            name,
+            TaskSpec {
+                queue: Some(queue.into()),
+                priority,
+                ..Default::default()
+            },
+        );
+        t.metadata.creation_timestamp = Some(crate::resources::meta::format_time(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + created),
+        ));
+        t
+    }
+
+    fn lease(task: &str, agent: &str) -> Arc<Lease> {
+        Arc::new(Lease::new(
+            "Lease",
+            task,
+            LeaseSpec {
+                task: task.into(),
+                agent: agent.into(),
+                ..Default::default()
+            },
+        ))
+    }
+
+    fn queue(name: &str) -> Arc<Queue> {
+        Arc::new(Queue::new("Queue", name, QueueSpec::default()))
+    }
+
+    fn arcs(ts: Vec<Task>) -> Vec<Arc<Task>> {
+        ts.into_iter().map(Arc::new).collect()
+    }
+
+    fn now() -> SystemTime {
+        SystemTime::now()
+    }
+
+    #[test]
+    fn higher_priority_then_older_tasks_go_first() {
+        let tasks = arcs(vec![
+            task("c-low", "q", 0, 1),
+            task("b-old", "q", 5, 1),
+            task("a-new", "q", 5, 2),
+        ]);
+        let p = plan(
+            &tasks,
+            &[agent("x", "q", 3)],
+            &[queue("q")],
+            &[],
+            now(),
+            Default::default(),
+        );
+        let order: Vec<_> = p.assignments.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(order, ["b-old", "a-new", "c-low"]);
+    }
+
+    #[test]
+    fn tasks_that_block_others_go_before_higher_priority_ones() {
+        let mut waiting = task("waiting", "q", 9, 0);
+        waiting.spec.blocked_by = vec!["blocker".into()];
+        let tasks = arcs(vec![
+            task("urgent", "q", 9, 0),
+            task("blocker", "q", 0, 5),
+            waiting,
+        ]);
+        let p = plan(
+            &tasks,
+            &[agent("x", "q", 1)],
+            &[queue("q")],
+            &[],
+            now(),
+            Default::default(),
+        );
+        assert_eq!(
+            p.assignments,
+            vec![("blocker".to_string(), "x".to_string())]
+        );
+        assert_eq!(
+            p.newly_blocked,
+            vec![("waiting".to_string(), vec!["blocker".to_string()])]
+        );
+    }
+
+    #[test]
+    fn the_agent_with_most_free_slots_wins_and_ties_go_to_the_first_name() {
+        let agents = vec![agent("b", "q", 2), agent("a", "q", 2), agent("c", "q", 3)];
+        let leases = vec![lease("running", "c")];
+        let tasks = arcs(vec![
+            task("t1", "q", 0, 1),
+            task("t2", "q", 0, 2),
+            task("t3", "q", 0, 3),
+        ]);
+        let p = plan(
+            &tasks,
+            &agents,
+            &[queue("q")],
+            &leases,
+            now(),
+            Default::default(),
+        );
+        let got: Vec<_> = p.assignments.iter().map(|(_, a)| a.as_str()).collect();
+        // free: a=2 b=2 c=2 -> a (tie, first name); then b=2 c=2 a=1 -> b; then c=2 -> c.
+        assert_eq!(got, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn limits_count_every_live_lease_and_paused_agents_get_nothing() {
+        let mut paused = (*agent("p", "q", 5)).clone();
+        paused.spec.paused = true;
+        let agents = vec![agent("x", "q", 2), Arc::new(paused)];
+        let leases = vec![lease("old1", "x"), lease("old2", "x")];
+        let tasks = arcs(vec![task("t", "q", 0, 0)]);
+        let p = plan(
+            &tasks,
+            &agents,
+            &[queue("q")],
+            &leases,
+            now(),
+            Default::default(),
+        );
+        assert!(p.assignments.is_empty());
+    }
+
+    #[test]
+    fn a_pinned_task_runs_only_on_its_agent() {
+        let mut t = task("t", "q", 0, 0);
+        t.spec.assigned_to = Some("y".into());
+        let agents = vec![agent("x", "q", 5), agent("y", "other", 1)];
+        let p = plan(
+            &arcs(vec![t]),
+            &agents,
+            &[queue("q")],
+            &[],
+            now(),
+            Default::default(),
+        );
+        assert_eq!(p.assignments, vec![("t".to_string(), "y".to_string())]);
+    }
+
+    #[test]
+    fn blocked_tasks_never_use_capacity_and_unblock_when_their_blocker_succeeds() {
+        let mut b1 = task("b1", "q", 0, 0);
+        b1.spec.blocked_by = vec!["root".into()];
+        let mut root = task("root", "q", 0, 0);
+        root.status.phase = TaskPhase::Running;
+        let p = plan(
+            &arcs(vec![b1.clone(), root.clone(), task("free", "q", -5, 9)]),
+            &[agent("x", "q", 1)],
+            &[queue("q")],
+            &[lease("root", "x")],
+            now(),
+            Default::default(),
+        );
+        assert!(p.assignments.is_empty(), "the only slot is held by root");
+        assert_eq!(p.newly_blocked.len(), 1);
+
+        b1.status.phase = TaskPhase::Blocked;
+        root.status.phase = TaskPhase::Succeeded;
+        let p = plan(
+            &arcs(vec![b1, root]),
+            &[agent("x", "q", 1)],
+            &[queue("q")],
+            &[],
+            now(),
+            Default::default(),
+        );
+        assert_eq!(p.unblocked, vec!["b1".to_string()]);
+        assert_eq!(p.assignments, vec![("b1".to_string(), "x".to_string())]);
+    }
+
+    #[test]
+    fn blocking_can_be_ignored_per_queue_or_globally() {
+        let mut t = task("t", "q", 0, 0);
+        t.spec.blocked_by = vec!["missing".into()];
+        let tasks = arcs(vec![t]);
+        let agents = [agent("x", "q", 1)];
+        let p = plan(
+            &tasks,
+            &agents,
+            &[queue("q")],
+            &[],
+            now(),
+            Default::default(),
+        );
+        assert!(p.assignments.is_empty());
+        let p = plan(
+            &tasks,
+            &agents,
+            &[queue("q")],
+            &[],
+            now(),
+            PlanOptions {
+                disable_blocking: true,
+            },
+        );
+        assert_eq!(p.assignments.len(), 1);
+        let mut q = (*queue("q")).clone();
+        q.spec.blocking = BlockingPolicy::Ignore;
+        let p = plan(
+            &tasks,
+            &agents,
+            &[Arc::new(q)],
+            &[],
+            now(),
+            Default::default(),
+        );
+        assert_eq!(p.assignments.len(), 1);
+    }
+
+    #[test]
+    fn a_task_waiting_for_its_retry_delay_is_not_run_early() {
+        let mut t = task("t", "q", 0, 0);
+        let later = now() + Duration::from_secs(60);
+        t.status.next_attempt_after = Some(crate::resources::meta::format_time(later));
+        let p = plan(
+            &arcs(vec![t]),
+            &[agent("x", "q", 1)],
+            &[queue("q")],
+            &[],
+            now(),
+            Default::default(),
+        );
+        assert!(p.assignments.is_empty());
+        assert!(p.next_wakeup.is_some());
+    }
+}

@@ -1,0 +1,254 @@
+//! Reclaim controller: finds stale runs — shim and agent gone with no result, heartbeat expired,
+//! over their maximum runtime, or whose Task was deleted — kills the whole process group (SIGTERM,
+//! then SIGKILL after a grace) and only then fails the attempt (invariant 4). Liveness is exact:
+//! pid plus start time (invariant 5); a Lease held on another host is judged by its renew time alone.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::outcome::{self, Ending};
+use super::{Ctx, Error, Summary};
+use crate::agent::kill::terminate_group;
+use crate::agent::liveness::is_alive;
+use crate::resources::event::EventType;
+use crate::resources::meta::parse_time;
+use crate::resources::{Lease, LeasePhase, Task};
+use crate::runtime::controller::Action;
+
+/// Why a run is being reclaimed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Healthy; look again after this long.
+    Healthy(Duration),
+    Stale(String),
+}
+
+fn age(ts: Option<&str>, now: SystemTime) -> Option<Duration> {
+    ts.and_then(parse_time)
+        .map(|t| now.duration_since(t).unwrap_or_default())
+}
+
+/// Judges a Lease at `now`. `local` says whether its processes run on this host (so that pids can
+/// be checked); `task_exists` whether its Task is still there.
+pub fn judge(lease: &Lease, now: SystemTime, local: bool, task_exists: bool) -> Verdict {
+    let s = &lease.status;
+    if !task_exists {
+        return Verdict::Stale("its task was deleted".into());
+    }
+    let duration = Duration::from_secs(lease.spec.lease_duration_seconds.max(1) as u64);
+    let max_runtime = Duration::from_secs(lease.spec.max_runtime_seconds.max(1) as u64);
+    match s.phase {
+        LeasePhase::Completed => return Verdict::Healthy(Duration::MAX),
+        LeasePhase::Terminating => {
+            return Verdict::Stale(
+                s.message
+                    .clone()
+                    .unwrap_or_else(|| "being reclaimed".into()),
+            )
+        }
+        LeasePhase::Pending => {
+            let created =
+                age(lease.metadata.creation_timestamp.as_deref(), now).unwrap_or_default();
+            let shim_alive = local
+                && matches!((s.shim_pid, s.shim_start_time), (Some(p), Some(t)) if is_alive(p, t));
+            if created > duration && !shim_alive {
+                return Verdict::Stale(format!(
+                    "never started: no process {}s after the lease was created",
+                    created.as_secs()
+                ));
+            }
+            return Verdict::Healthy(duration.saturating_sub(created).max(Duration::from_secs(1)));
+        }
+        LeasePhase::Running => {}
+    }
+    if local {
+        let agent_alive =
+            matches!((s.pid, s.process_start_time), (Some(p), Some(t)) if is_alive(p, t));
+        let shim_alive =
+            matches!((s.shim_pid, s.shim_start_time), (Some(p), Some(t)) if is_alive(p, t));
+        if !agent_alive && !shim_alive {
+            return Verdict::Stale(
+                "the shim and the agent exited without recording a result".into(),
+            );
+        }
+    }
+    let since_renew = age(s.renew_time.as_deref(), now).unwrap_or_default();
+    if since_renew > duration {
+        return Verdict::Stale(format!(
+            "heartbeat expired {}s ago",
+            (since_renew - duration).as_secs()
+        ));
+    }
+    let running_for = age(s.acquire_time.as_deref(), now).unwrap_or_default();
+    if running_for > max_runtime {
+        return Verdict::Stale(format!(
+            "exceeded its maximum runtime of {}s",
+            max_runtime.as_secs()
+        ));
+    }
+    let next = (duration - since_renew).min(max_runtime - running_for);
+    Verdict::Healthy(next.max(Duration::from_millis(200)))
+}
+
+pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let Some(lease) = ctx.store.try_get::<Lease>(&name)? else {
+        return Ok(Action::await_change());
+    };
+    let local = lease
+        .status
+        .host
+        .as_deref()
+        .is_none_or(|h| h == ctx.settings.host);
+    let task_exists = ctx.store.try_get::<Task>(&lease.spec.task)?.is_some();
+    let reason = match judge(&lease, SystemTime::now(), local, task_exists) {
+        Verdict::Healthy(after) if after == Duration::MAX => return Ok(Action::await_change()),
+        Verdict::Healthy(after) => return Ok(Action::requeue_after(after)),
+        Verdict::Stale(reason) => reason,
+    };
+    if ctx.settings.dry_run {
+        ctx.would(&format!("reclaim lease/{name}: {reason}"));
+        Summary::bump(&ctx.summary.reclaimed);
+        return Ok(Action::await_change());
+    }
+    reclaim(&ctx, lease, local, &reason).await?;
+    Ok(Action::await_change())
+}
+
+/// Marks the Lease Terminating, kills the run's process group, then fails the attempt.
+async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(), Error> {
+    let name = lease.metadata.name.clone();
+    let uid = lease.metadata.uid.clone();
+    let message = reason.to_string();
+    let marked = ctx.patch_lease(&name, |l| {
+        if l.metadata.uid == uid && l.status.phase != LeasePhase::Completed {
+            l.status.phase = LeasePhase::Terminating;
+            l.status.message = Some(message.clone());
+        }
+    })?;
+    let Some(lease) = marked.filter(|l| l.metadata.uid == uid) else {
+        return Ok(());
+    };
+    let task = ctx.store.try_get::<Task>(&lease.spec.task)?;
+    if let Some(t) = &task {
+        ctx.event(
+            t,
+            EventType::Warning,
+            "Reclaiming",
+            &format!("lease/{name}: {reason}"),
+        );
+    }
+    // Kill first (invariant 4): only the group of a process that is still the one we started.
+    if local {
+        let s = &lease.status;
+        let agent_alive =
+            matches!((s.pid, s.process_start_time), (Some(p), Some(t)) if is_alive(p, t));
+        let group = s.pgid.filter(|g| *g > 1);
+        if let (true, Some(pgid)) = (agent_alive, group) {
+            let k = terminate_group(pgid, ctx.settings.kill_grace).await;
+            if !k.terminated {
+                return Err(Error(format!(
+                    "lease/{name}: process group {pgid} survived SIGKILL; will try again"
+                )));
+            }
+            if let Some(t) = &task {
+                let how = if k.killed {
+                    format!(
+                        "process group {pgid} ignored SIGTERM for {}s and was SIGKILLed",
+                        ctx.settings.kill_grace.as_secs()
+                    )
+                } else {
+                    format!("process group {pgid} ended on SIGTERM")
+                };
+                ctx.event(t, EventType::Warning, "Killed", &how);
+            }
+        }
+    }
+    let ending = Ending {
+        exit_code: None,
+        signal: None,
+        reclaimed: Some(reason.to_string()),
+        message: None,
+    };
+    outcome::record(ctx, &lease, &ending)?;
+    Summary::bump(&ctx.summary.reclaimed);
+    if let Some(t) = &task {
+        ctx.event(
+            t,
+            EventType::Warning,
+            "Reclaimed",
+            &format!("lease/{name}: {reason}"),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::meta::format_time;
+    use crate::resources::LeaseSpec;
+
+    fn lease(phase: LeasePhase, renewed_ago: u64, running_for: u64) -> Lease {
+        let now = SystemTime::now();
+        let mut l = Lease::new(
+            "Lease",
+            "t",
+            LeaseSpec {
+                task: "t".into(),
+                agent: "a".into(),
+                lease_duration_seconds: 45,
+                max_runtime_seconds: 3600,
+                attempt: 1,
+                ..Default::default()
+            },
+        );
+        l.metadata.creation_timestamp = Some(format_time(now - Duration::from_secs(running_for)));
+        l.status.phase = phase;
+        l.status.renew_time = Some(format_time(now - Duration::from_secs(renewed_ago)));
+        l.status.acquire_time = Some(format_time(now - Duration::from_secs(running_for)));
+        l
+    }
+
+    #[test]
+    fn a_remote_lease_is_judged_by_its_renew_time_alone() {
+        let fresh = lease(LeasePhase::Running, 10, 100);
+        assert!(matches!(
+            judge(&fresh, SystemTime::now(), false, true),
+            Verdict::Healthy(_)
+        ));
+        let stale = lease(LeasePhase::Running, 140, 200);
+        match judge(&stale, SystemTime::now(), false, true) {
+            Verdict::Stale(r) => assert!(r.starts_with("heartbeat expired 95s ago"), "{r}"),
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn a_local_run_with_no_live_process_is_stale_at_once() {
+        let mut l = lease(LeasePhase::Running, 1, 5);
+        l.status.pid = Some(i32::MAX - 7);
+        l.status.process_start_time = Some(1);
+        match judge(&l, SystemTime::now(), true, true) {
+            Verdict::Stale(r) => assert!(r.contains("without recording a result"), "{r}"),
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn an_over_time_run_is_stale() {
+        let l = lease(LeasePhase::Running, 1, 3700);
+        match judge(&l, SystemTime::now(), false, true) {
+            Verdict::Stale(r) => assert!(r.contains("maximum runtime of 3600s"), "{r}"),
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn a_lease_whose_task_is_gone_is_stale() {
+        let l = lease(LeasePhase::Running, 1, 5);
+        assert!(matches!(
+            judge(&l, SystemTime::now(), false, false),
+            Verdict::Stale(_)
+        ));
+    }
+}

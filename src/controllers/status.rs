@@ -1,0 +1,210 @@
+//! Status controller: keeps Agent and Queue status (live leases, free slots, task counts) true, and
+//! garbage-collects finished Tasks after their TTL. Keys are `agent/NAME`, `queue/NAME` and
+//! `task/NAME`. Agent and queue writes are batched to at most one per second per object, so a burst
+//! of runs does not double the store's write load.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::{Ctx, Error};
+use crate::resources::meta::{parse_time, set_condition};
+use crate::resources::task::TINYTASK_ID_ANNOTATION;
+use crate::resources::{Agent, Queue, Task, TaskPhase};
+use crate::runtime::controller::Action;
+
+/// Shortest time between two status writes of one object.
+const MIN_WRITE_INTERVAL: Duration = Duration::from_secs(1);
+/// Default TTL of a finished local task.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Default TTL of a finished task mirrored from tinytask.
+pub const DEFAULT_TINYTASK_TTL: Duration = Duration::from_secs(3600);
+
+pub async fn reconcile(key: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let Some((kind, name)) = key.split_once('/') else {
+        return Ok(Action::await_change());
+    };
+    if ctx.settings.dry_run {
+        return Ok(Action::await_change());
+    }
+    match kind {
+        "agent" | "queue" => {
+            let wait = throttle(&ctx, &key);
+            if !wait.is_zero() {
+                return Ok(Action::requeue_after(wait));
+            }
+            if kind == "agent" {
+                agent_status(&ctx, name)?;
+            } else {
+                queue_status(&ctx, name)?;
+            }
+            Ok(Action::await_change())
+        }
+        "task" => task_ttl(&ctx, name),
+        _ => Ok(Action::await_change()),
+    }
+}
+
+/// How long `key` must wait before its next write (zero: write now, and the clock restarts).
+fn throttle(ctx: &Ctx, key: &str) -> Duration {
+    let mut last = ctx.status_writes.lock().unwrap_or_else(|p| p.into_inner());
+    let now = Instant::now();
+    match last.get(key) {
+        Some(t) if now.duration_since(*t) < MIN_WRITE_INTERVAL => {
+            MIN_WRITE_INTERVAL - now.duration_since(*t)
+        }
+        _ => {
+            last.insert(key.to_string(), now);
+            Duration::ZERO
+        }
+    }
+}
+
+fn agent_status(ctx: &Ctx, name: &str) -> Result<(), Error> {
+    let Some(agent) = ctx.agents.get(name) else {
+        return Ok(());
+    };
+    let active = ctx
+        .leases
+        .list()
+        .iter()
+        .filter(|l| l.spec.agent == name)
+        .count() as i64;
+    let free = if agent.spec.paused {
+        0
+    } else {
+        (agent.spec.max_concurrency - active).max(0)
+    };
+    let generation = agent.metadata.generation;
+    let written = ctx.store.patch_status::<Agent>(name, |a| {
+        a.status.observed_generation = Some(generation);
+        a.status.active_leases = active;
+        a.status.free_slots = free;
+        let (ready, reason, msg) = if a.spec.paused {
+            (
+                false,
+                "Paused",
+                "spec.paused is true: no new tasks".to_string(),
+            )
+        } else {
+            (
+                true,
+                "Ready",
+                format!("{free} of {} slots free", a.spec.max_concurrency),
+            )
+        };
+        set_condition(&mut a.status.conditions, "Ready", ready, reason, &msg);
+    })?;
+    if let Some(a) = written {
+        ctx.agents.observe(a);
+    }
+    Ok(())
+}
+
+fn queue_status(ctx: &Ctx, name: &str) -> Result<(), Error> {
+    if ctx.queues.get(name).is_none() {
+        return Ok(());
+    }
+    let (mut pending, mut blocked, mut running, mut succeeded, mut failed) = (0, 0, 0, 0, 0);
+    for t in ctx.tasks.list() {
+        if t.spec.queue.as_deref() != Some(name) {
+            continue;
+        }
+        match t.status.phase {
+            TaskPhase::Pending => pending += 1,
+            TaskPhase::Blocked => blocked += 1,
+            TaskPhase::Assigned | TaskPhase::Running => running += 1,
+            TaskPhase::Succeeded => succeeded += 1,
+            TaskPhase::Failed => failed += 1,
+        }
+    }
+    let agents: Vec<Arc<Agent>> = ctx
+        .agents
+        .list()
+        .into_iter()
+        .filter(|a| a.spec.queue.as_deref() == Some(name))
+        .collect();
+    let capacity = agents
+        .iter()
+        .filter(|a| !a.spec.paused)
+        .map(|a| a.spec.max_concurrency)
+        .sum();
+    let names: Vec<String> = agents.iter().map(|a| a.metadata.name.clone()).collect();
+    let written = ctx.store.patch_status::<Queue>(name, |q| {
+        q.status.observed_generation = Some(q.metadata.generation);
+        q.status.pending = pending;
+        q.status.blocked = blocked;
+        q.status.running = running;
+        q.status.succeeded = succeeded;
+        q.status.failed = failed;
+        q.status.agents = names.clone();
+        q.status.capacity = capacity;
+    })?;
+    if let Some(q) = written {
+        ctx.queues.observe(q);
+    }
+    Ok(())
+}
+
+/// Deletes a finished Task (and its logs) once its TTL has passed.
+fn task_ttl(ctx: &Ctx, name: &str) -> Result<Action, Error> {
+    let Some(task) = ctx.tasks.get(name) else {
+        return Ok(Action::await_change());
+    };
+    if !task.status.phase.is_finished() {
+        return Ok(Action::await_change());
+    }
+    let ttl = match task.spec.ttl_seconds_after_finished {
+        Some(s) => Duration::from_secs(s.max(0) as u64),
+        None if task
+            .metadata
+            .annotations
+            .contains_key(TINYTASK_ID_ANNOTATION) =>
+        {
+            DEFAULT_TINYTASK_TTL
+        }
+        None => DEFAULT_TTL,
+    };
+    let finished = task
+        .status
+        .finish_time
+        .as_deref()
+        .and_then(parse_time)
+        .unwrap_or_else(SystemTime::now);
+    let due = finished + ttl;
+    if let Ok(left) = due.duration_since(SystemTime::now()) {
+        return Ok(Action::requeue_after(left.max(Duration::from_secs(1))));
+    }
+    match ctx
+        .store
+        .delete::<Task>(name, Some(&task.metadata.resource_version))
+    {
+        Ok(_) => {
+            ctx.tasks.observe_deleted(name);
+            let logs = ctx.state_dir.join("logs").join(name);
+            if let Err(e) = std::fs::remove_dir_all(&logs) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(
+                        kind = "Task",
+                        name,
+                        "cannot remove logs {}: {e}",
+                        logs.display()
+                    );
+                }
+            }
+            tracing::info!(kind = "Task", name, "deleted after its TTL");
+            Ok(Action::await_change())
+        }
+        // Changed since the cache saw it: look again with the new version.
+        Err(e) if e.is_conflict() || e.is_not_found() => Ok(Action::await_change()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The status keys a Task change affects.
+pub fn keys_for_task(t: &Task) -> Vec<String> {
+    let mut keys = vec![format!("task/{}", t.metadata.name)];
+    if let Some(q) = &t.spec.queue {
+        keys.push(format!("queue/{q}"));
+    }
+    keys
+}

@@ -1,0 +1,488 @@
+//! Informers: one shared, in-memory cache per kind, kept current from the store.
+//!
+//! An informer lists its kind once, then follows `store.watch` seeded with that list. Subscribers
+//! hear `Applied`/`Deleted` for every change the cache takes, and `Resync` on a period (after a
+//! fresh relist from the store, which catches anything the watch missed). Writers in this process
+//! call [`Informer::observe`] right after a write so their next read sees it (read-your-writes);
+//! the watch event for the same revision arrives later and is ignored, since the cache only ever
+//! moves forward in revision.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::resources::meta::Resource;
+use crate::store::watch::{WatchEvent, WatchOptions};
+use crate::store::Store;
+
+/// What subscribers hear.
+#[derive(Debug)]
+pub enum InformerEvent<K> {
+    /// The cache took this object (new, or a newer revision).
+    Applied(Arc<K>),
+    /// The object is gone; this is its last known state.
+    Deleted(Arc<K>),
+    /// Periodic: re-check everything (the cache was just relisted from the store).
+    Resync,
+}
+
+impl<K> Clone for InformerEvent<K> {
+    fn clone(&self) -> Self {
+        match self {
+            InformerEvent::Applied(o) => InformerEvent::Applied(o.clone()),
+            InformerEvent::Deleted(o) => InformerEvent::Deleted(o.clone()),
+            InformerEvent::Resync => InformerEvent::Resync,
+        }
+    }
+}
+
+/// Env variable overriding the resync period, in seconds.
+pub const LOOP_INTERVAL_ENV: &str = "TINYSCHEDULER_LOOP_INTERVAL_SEC";
+
+/// Informer tuning.
+#[derive(Debug, Clone)]
+pub struct InformerOptions {
+    /// How often subscribers get `Resync` (after a relist). Default 30 s, or
+    /// `TINYSCHEDULER_LOOP_INTERVAL_SEC`.
+    pub resync: Duration,
+    /// The watch's own directory rescan period (catches what inotify dropped). Default 30 s.
+    pub relist: Duration,
+}
+
+impl Default for InformerOptions {
+    fn default() -> Self {
+        Self::from_env()
+    }
+}
+
+impl InformerOptions {
+    /// Defaults, with the resync period from `TINYSCHEDULER_LOOP_INTERVAL_SEC` when it is set to a
+    /// positive number of seconds (fractions allowed).
+    pub fn from_env() -> Self {
+        let resync = std::env::var(LOOP_INTERVAL_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map(Duration::from_secs_f64)
+            .unwrap_or(Duration::from_secs(30));
+        InformerOptions {
+            resync,
+            relist: Duration::from_secs(30),
+        }
+    }
+}
+
+type IndexFn<K> = Arc<dyn Fn(&K) -> Vec<String> + Send + Sync>;
+type Handler<K> = Arc<dyn Fn(&InformerEvent<K>, &[Arc<K>]) + Send + Sync>;
+
+struct Index<K> {
+    f: IndexFn<K>,
+    /// value -> names
+    entries: HashMap<String, BTreeSet<String>>,
+}
+
+struct Cache<K> {
+    objects: HashMap<String, Arc<K>>,
+    indexes: HashMap<&'static str, Index<K>>,
+}
+
+impl<K: Resource> Cache<K> {
+    fn unindex(&mut self, obj: &K) {
+        for idx in self.indexes.values_mut() {
+            for v in (idx.f)(obj) {
+                if let Some(set) = idx.entries.get_mut(&v) {
+                    set.remove(obj.name());
+                    if set.is_empty() {
+                        idx.entries.remove(&v);
+                    }
+                }
+            }
+        }
+    }
+
+    fn index(&mut self, obj: &K) {
+        for idx in self.indexes.values_mut() {
+            for v in (idx.f)(obj) {
+                idx.entries
+                    .entry(v)
+                    .or_default()
+                    .insert(obj.name().to_string());
+            }
+        }
+    }
+
+    /// Puts `obj` in unless the cache already has this revision or a newer one.
+    fn apply(&mut self, obj: K) -> Option<Arc<K>> {
+        if let Some(old) = self.objects.get(obj.name()) {
+            if old.revision() >= obj.revision() {
+                return None;
+            }
+            let old = old.clone();
+            self.unindex(&old);
+        }
+        let obj = Arc::new(obj);
+        self.index(&obj);
+        self.objects.insert(obj.name().to_string(), obj.clone());
+        Some(obj)
+    }
+
+    fn remove(&mut self, name: &str) -> Option<Arc<K>> {
+        let old = self.objects.remove(name)?;
+        self.unindex(&old);
+        Some(old)
+    }
+}
+
+struct Inner<K> {
+    store: Store,
+    opts: InformerOptions,
+    cache: RwLock<Cache<K>>,
+    synced: watch::Sender<bool>,
+    started: AtomicBool,
+    handlers: Mutex<Vec<Handler<K>>>,
+}
+
+/// A shared cache of one kind. Clones share everything.
+pub struct Informer<K: Resource> {
+    inner: Arc<Inner<K>>,
+}
+
+impl<K: Resource> Clone for Informer<K> {
+    fn clone(&self) -> Self {
+        Informer {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<K: Resource> Informer<K> {
+    pub fn new(store: Store, opts: InformerOptions) -> Self {
+        Informer {
+            inner: Arc::new(Inner {
+                store,
+                opts,
+                cache: RwLock::new(Cache {
+                    objects: HashMap::new(),
+                    indexes: HashMap::new(),
+                }),
+                synced: watch::channel(false).0,
+                started: AtomicBool::new(false),
+                handlers: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// The store this informer reads.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Cache<K>> {
+        self.inner.cache.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Cache<K>> {
+        self.inner.cache.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a secondary index: `f` gives the values an object is found under with
+    /// [`Informer::by_index`]. Meant to be called before `start`; later, the index is built from
+    /// the current cache.
+    pub fn add_index(
+        &self,
+        name: &'static str,
+        f: impl Fn(&K) -> Vec<String> + Send + Sync + 'static,
+    ) {
+        let mut cache = self.write();
+        let mut idx = Index {
+            f: Arc::new(f),
+            entries: HashMap::new(),
+        };
+        for obj in cache.objects.values() {
+            for v in (idx.f)(obj) {
+                idx.entries
+                    .entry(v)
+                    .or_default()
+                    .insert(obj.name().to_string());
+            }
+        }
+        cache.indexes.insert(name, idx);
+    }
+
+    /// Starts following the store (once; later calls return a handle that finishes at once).
+    /// Must be called inside a tokio runtime. Aborting the handle stops the informer.
+    pub fn start(&self) -> JoinHandle<()> {
+        if self.inner.started.swap(true, Ordering::SeqCst) {
+            return tokio::spawn(async {});
+        }
+        let this = self.clone();
+        tokio::spawn(async move { this.run().await })
+    }
+
+    /// True once the initial list is in the cache.
+    pub fn is_synced(&self) -> bool {
+        *self.inner.synced.borrow()
+    }
+
+    /// Waits until the initial list is in the cache.
+    pub async fn wait_synced(&self) {
+        let mut rx = self.inner.synced.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// The cached object named `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<K>> {
+        self.read().objects.get(name).cloned()
+    }
+
+    /// Every cached object, sorted by name.
+    pub fn list(&self) -> Vec<Arc<K>> {
+        let mut v: Vec<Arc<K>> = self.read().objects.values().cloned().collect();
+        v.sort_by(|a, b| a.name().cmp(b.name()));
+        v
+    }
+
+    /// Cached objects that index `index` files under `value`, sorted by name.
+    pub fn by_index(&self, index: &str, value: &str) -> Vec<Arc<K>> {
+        let cache = self.read();
+        let Some(idx) = cache.indexes.get(index) else {
+            return Vec::new();
+        };
+        idx.entries
+            .get(value)
+            .map(|names| {
+                names
+                    .iter()
+                    .filter_map(|n| cache.objects.get(n).cloned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Read-your-writes: puts an object this process just wrote into the cache (only if its
+    /// revision is newer than the cached one) and notifies subscribers before returning.
+    pub fn observe(&self, obj: K) {
+        let applied = self.write().apply(obj);
+        if let Some(obj) = applied {
+            self.dispatch(InformerEvent::Applied(obj));
+        }
+    }
+
+    /// Read-your-writes for a delete this process just did.
+    pub fn observe_deleted(&self, name: &str) {
+        let removed = self.write().remove(name);
+        if let Some(obj) = removed {
+            self.dispatch(InformerEvent::Deleted(obj));
+        }
+    }
+
+    /// A channel of every event from now on.
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<InformerEvent<K>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.on_event(move |ev, _| {
+            let _ = tx.send(ev.clone());
+        });
+        rx
+    }
+
+    /// Registers a handler called synchronously (outside the cache lock) for every event, in the
+    /// thread that caused it; for `Resync`, the second argument is a snapshot of the cache (empty
+    /// for other events). Handlers must be quick and must not block: mapping to work-queue keys is
+    /// the intended use.
+    pub fn on_event(&self, f: impl Fn(&InformerEvent<K>, &[Arc<K>]) + Send + Sync + 'static) {
+        self.inner
+            .handlers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::new(f));
+    }
+
+    fn dispatch(&self, ev: InformerEvent<K>) {
+        let handlers: Vec<Handler<K>> = self
+            .inner
+            .handlers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if handlers.is_empty() {
+            return;
+        }
+        let snapshot = match ev {
+            InformerEvent::Resync => self.list(),
+            _ => Vec::new(),
+        };
+        for h in handlers {
+            // A panicking handler (a buggy mapper) must not take the shared informer down.
+            let call = std::panic::AssertUnwindSafe(|| h(&ev, &snapshot));
+            if std::panic::catch_unwind(call).is_err() {
+                tracing::error!(
+                    kind = K::KIND,
+                    "an informer event handler panicked; skipped"
+                );
+            }
+        }
+    }
+
+    /// Brings the cache to a fresh list of the store: applies newer objects, drops objects that
+    /// are gone (unless they were observed after the list was taken).
+    fn replace(&self, items: &[K], list_revision: u64) {
+        let mut applied = Vec::new();
+        let mut deleted = Vec::new();
+        {
+            let mut cache = self.write();
+            let listed: std::collections::HashSet<&str> = items.iter().map(|o| o.name()).collect();
+            let gone: Vec<String> = cache
+                .objects
+                .values()
+                .filter(|o| !listed.contains(o.name()) && o.revision() <= list_revision)
+                .map(|o| o.name().to_string())
+                .collect();
+            for n in gone {
+                if let Some(o) = cache.remove(&n) {
+                    deleted.push(o);
+                }
+            }
+            for obj in items {
+                if let Some(o) = cache.apply(obj.clone()) {
+                    applied.push(o);
+                }
+            }
+        }
+        for o in deleted {
+            self.dispatch(InformerEvent::Deleted(o));
+        }
+        for o in applied {
+            self.dispatch(InformerEvent::Applied(o));
+        }
+    }
+
+    fn on_watch_deleted(&self, name: &str, resource_version: u64) {
+        let cached = self.get(name);
+        let Some(cached) = cached else { return };
+        if cached.revision() > resource_version {
+            // We observed a newer write the watcher had not seen; the file may be back. Ask the
+            // store rather than guess.
+            match self.inner.store.try_get::<K>(name) {
+                Ok(Some(obj)) => return self.observe(obj),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(kind = K::KIND, name, error = %e, "informer re-read failed");
+                    return;
+                }
+            }
+        }
+        self.observe_deleted(name);
+    }
+
+    /// Lists the store into the cache; `Some(revision, items)` on success.
+    fn relist(&self) -> Option<Vec<K>> {
+        match self.inner.store.list::<K>(None) {
+            Ok(list) => {
+                for s in &list.skipped {
+                    tracing::debug!(kind = K::KIND, path = %s.path.display(), reason = %s.reason, "informer skipped a file");
+                }
+                self.replace(&list.items, list.revision);
+                Some(list.items)
+            }
+            Err(e) => {
+                tracing::warn!(kind = K::KIND, error = %e, "informer list failed; retrying");
+                None
+            }
+        }
+    }
+
+    async fn run(self) {
+        const RETRY_BASE: Duration = Duration::from_millis(800);
+        const RETRY_CAP: Duration = Duration::from_secs(30);
+        let mut retry = RETRY_BASE;
+        let period = self.inner.opts.resync.max(Duration::from_millis(1));
+        let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // List (or relist after an error), then watch from that list.
+            let items = match self.relist() {
+                Some(items) => items,
+                None => {
+                    self.backoff_sleep(&mut retry, RETRY_CAP, &mut resync).await;
+                    continue;
+                }
+            };
+            if !self.is_synced() {
+                self.inner.synced.send_replace(true);
+                tracing::debug!(kind = K::KIND, objects = items.len(), "informer synced");
+            }
+            let mut watch = match self.inner.store.watch::<K>(
+                &items,
+                WatchOptions {
+                    relist_interval: self.inner.opts.relist,
+                },
+            ) {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(kind = K::KIND, error = %e, retry_in = ?retry, "informer watch failed; retrying");
+                    self.backoff_sleep(&mut retry, RETRY_CAP, &mut resync).await;
+                    continue;
+                }
+            };
+            drop(items);
+            loop {
+                tokio::select! {
+                    ev = watch.next() => match ev {
+                        Some(WatchEvent::Added(o)) | Some(WatchEvent::Modified(o)) => {
+                            retry = RETRY_BASE;
+                            self.observe(o);
+                        }
+                        Some(WatchEvent::Deleted { name, resource_version }) => {
+                            retry = RETRY_BASE;
+                            self.on_watch_deleted(&name, resource_version);
+                        }
+                        Some(WatchEvent::Error(e)) => {
+                            tracing::warn!(kind = K::KIND, error = %e, retry_in = ?retry, "informer watch error; relisting");
+                            self.backoff_sleep(&mut retry, RETRY_CAP, &mut resync).await;
+                            break;
+                        }
+                        None => {
+                            tracing::warn!(kind = K::KIND, retry_in = ?retry, "informer watch ended; relisting");
+                            self.backoff_sleep(&mut retry, RETRY_CAP, &mut resync).await;
+                            break;
+                        }
+                    },
+                    _ = resync.tick() => self.resync(),
+                }
+            }
+        }
+    }
+
+    /// Periodic resync: relist from the store (catching whatever the watch missed), then tell
+    /// every subscriber to re-check everything.
+    fn resync(&self) {
+        self.relist();
+        self.dispatch(InformerEvent::Resync);
+    }
+
+    /// Sleeps for the current retry delay (doubling it up to `cap`), still serving resyncs.
+    async fn backoff_sleep(
+        &self,
+        retry: &mut Duration,
+        cap: Duration,
+        resync: &mut tokio::time::Interval,
+    ) {
+        let sleep = tokio::time::sleep(*retry);
+        tokio::pin!(sleep);
+        *retry = (*retry * 2).min(cap);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => return,
+                _ = resync.tick() => {
+                    if self.is_synced() {
+                        self.dispatch(InformerEvent::Resync);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! Wiring: the shared informers, the controllers' context, and the five controllers, run either to
+//! a fixed point (`run --once`) or until shutdown (`run --daemon`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+
+use crate::controllers::{assignment, lease, reclaim, status, Ctx, Settings, Summary};
+use crate::daemon::signals::Shutdown;
+use crate::daemon::watchdog::Heartbeat;
+use crate::resources::{Agent, Lease, Queue, Task, TaskPhase};
+use crate::runtime::controller::{Action, Controller};
+use crate::runtime::events::Recorder;
+use crate::runtime::informer::{Informer, InformerEvent, InformerOptions};
+use crate::runtime::metrics::Metrics;
+use crate::runtime::workqueue::WorkQueue;
+use crate::store::Store;
+
+/// The work-queue key that proves the assignment loop is alive (for the systemd watchdog).
+pub const HEARTBEAT_KEY: &str = "heartbeat";
+
+/// A running set of controllers over one store.
+pub struct Scheduler {
+    pub ctx: Arc<Ctx>,
+    pub metrics: Metrics,
+    queues: Vec<WorkQueue<String>>,
+    tasks: JoinSet<()>,
+    shutdown: Shutdown,
+}
+
+/// Tuning that is not a controller setting.
+#[derive(Clone, Default)]
+pub struct Options {
+    pub informers: InformerOptions,
+    /// Beaten by the assignment loop each time it handles [`HEARTBEAT_KEY`].
+    pub heartbeat: Option<Heartbeat>,
+}
+
+impl Scheduler {
+    /// Builds the informers and controllers and starts them. Must run inside a tokio runtime.
+    pub fn start(store: Store, state_dir: PathBuf, settings: Settings, opts: Options) -> Scheduler {
+        let metrics = Metrics::default();
+        let informer = |_: &str| opts.informers.clone();
+        let ctx = Arc::new(Ctx {
+            recorder: Recorder::new(store.clone(), "tinyscheduler"),
+            tasks: Informer::new(store.clone(), informer("tasks")),
+            agents: Informer::new(store.clone(), informer("agents")),
+            queues: Informer::new(store.clone(), informer("queues")),
+            leases: Informer::new(store.clone(), informer("leases")),
+            store,
+            state_dir,
+            settings,
+            summary: Summary::default(),
+            spawned: Default::default(),
+            status_writes: Default::default(),
+        });
+        let shutdown = Shutdown::new();
+        let mut tasks = JoinSet::new();
+        let mut queues = Vec::new();
+        fn one<K>(_: &K) -> Vec<String> {
+            vec![assignment::KEY.to_string()]
+        }
+
+        let c = Controller::new("assignment", ctx.clone(), metrics.clone())
+            .watches(&ctx.tasks, one::<Task>)
+            .watches(&ctx.agents, one::<Agent>)
+            .watches(&ctx.queues, one::<Queue>)
+            .watches(&ctx.leases, one::<Lease>)
+            .workers(1);
+        queues.push(c.queue());
+        let heartbeat = opts.heartbeat.clone();
+        tasks.spawn(c.run(
+            move |key: String, ctx: Arc<Ctx>| {
+                let heartbeat = heartbeat.clone();
+                async move {
+                    if key == HEARTBEAT_KEY {
+                        if let Some(h) = heartbeat {
+                            h.beat();
+                        }
+                        return Ok(Action::await_change());
+                    }
+                    counted(&ctx, assignment::reconcile(key, ctx.clone()).await)
+                }
+            },
+            shutdown.wait(),
+        ));
+
+        let by_name = |l: &Lease| vec![l.metadata.name.clone()];
+        let c = Controller::new("lease", ctx.clone(), metrics.clone())
+            .watches(&ctx.leases, by_name)
+            .workers(4);
+        queues.push(c.queue());
+        tasks.spawn(
+            c.run(
+                |key, ctx: Arc<Ctx>| async move {
+                    counted(&ctx, lease::reconcile(key, ctx.clone()).await)
+                },
+                shutdown.wait(),
+            ),
+        );
+
+        let c = Controller::new("reclaim", ctx.clone(), metrics.clone())
+            .watches(&ctx.leases, by_name)
+            // A deleted Task's run must be reclaimed: its last known state names the Lease.
+            .watches(&ctx.tasks, |t: &Task| {
+                t.status.lease.iter().cloned().collect()
+            })
+            .workers(4);
+        queues.push(c.queue());
+        tasks.spawn(c.run(
+            |key, ctx: Arc<Ctx>| async move {
+                counted(&ctx, reclaim::reconcile(key, ctx.clone()).await)
+            },
+            shutdown.wait(),
+        ));
+
+        let c = Controller::new("status", ctx.clone(), metrics.clone())
+            .watches(&ctx.agents, |a: &Agent| {
+                let mut k = vec![format!("agent/{}", a.metadata.name)];
+                k.extend(a.spec.queue.iter().map(|q| format!("queue/{q}")));
+                k
+            })
+            .watches(&ctx.queues, |q: &Queue| {
+                vec![format!("queue/{}", q.metadata.name)]
+            })
+            .watches(&ctx.leases, |l: &Lease| {
+                vec![format!("agent/{}", l.spec.agent)]
+            })
+            .watches(&ctx.tasks, status::keys_for_task)
+            .workers(1);
+        queues.push(c.queue());
+        tasks.spawn(
+            c.run(
+                |key, ctx: Arc<Ctx>| async move {
+                    counted(&ctx, status::reconcile(key, ctx.clone()).await)
+                },
+                shutdown.wait(),
+            ),
+        );
+
+        for h in [
+            ctx.tasks.start(),
+            ctx.agents.start(),
+            ctx.queues.start(),
+            ctx.leases.start(),
+        ] {
+            let stop = shutdown.wait();
+            let mut h = h;
+            tasks.spawn(async move {
+                tokio::select! {
+                    _ = stop => h.abort(),
+                    _ = &mut h => {}
+                }
+            });
+        }
+
+        Scheduler {
+            ctx,
+            metrics,
+            queues,
+            tasks,
+            shutdown,
+        }
+    }
+
+    /// Waits until every informer has its initial list.
+    pub async fn wait_synced(&self) {
+        self.ctx.tasks.wait_synced().await;
+        self.ctx.agents.wait_synced().await;
+        self.ctx.queues.wait_synced().await;
+        self.ctx.leases.wait_synced().await;
+    }
+
+    /// Waits until no controller has ready or in-flight work (delayed requeues do not count): the
+    /// fixed point of `run --once`.
+    pub async fn wait_fixed_point(&self) {
+        loop {
+            for q in &self.queues {
+                q.wait_idle().await;
+            }
+            // Another controller's reconcile may have woken one we already passed.
+            tokio::task::yield_now().await;
+            if self.queues.iter().all(|q| q.is_idle()) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if self.queues.iter().all(|q| q.is_idle()) {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Enqueues the watchdog heartbeat key into the assignment loop.
+    pub fn poke_heartbeat(&self) {
+        if let Some(q) = self.queues.first() {
+            q.add(HEARTBEAT_KEY.to_string());
+        }
+    }
+
+    /// A handle that stops the controllers.
+    pub fn shutdown_handle(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+
+    /// Stops intake, lets in-flight reconciles finish, and returns when every controller has.
+    pub async fn stop(mut self) {
+        self.shutdown.trigger("stop");
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// True when nothing is left to do: no live Lease, and every unfinished task is waiting on
+    /// something that can never happen (a failed blocker, no agent for its queue).
+    pub fn all_done(&self) -> bool {
+        if !self.ctx.leases.list().is_empty() {
+            return false;
+        }
+        let tasks = self.ctx.tasks.list();
+        let agents = self.ctx.agents.list();
+        let phases: HashMap<&str, TaskPhase> = tasks
+            .iter()
+            .map(|t| (t.metadata.name.as_str(), t.status.phase))
+            .collect();
+        let serves = |t: &Task| match (&t.spec.assigned_to, &t.spec.queue) {
+            (Some(a), _) => agents
+                .iter()
+                .any(|x| &x.metadata.name == a && !x.spec.paused),
+            (None, Some(q)) => agents
+                .iter()
+                .any(|x| x.spec.queue.as_deref() == Some(q) && !x.spec.paused),
+            _ => false,
+        };
+        tasks.iter().all(|t| match t.status.phase {
+            TaskPhase::Succeeded | TaskPhase::Failed => true,
+            TaskPhase::Assigned | TaskPhase::Running => false,
+            TaskPhase::Pending => !serves(t),
+            // Blocked for good only if some blocker can no longer succeed.
+            TaskPhase::Blocked => t
+                .spec
+                .blocked_by
+                .iter()
+                .all(|b| phases.get(b.as_str()).is_none_or(|p| p.is_finished())),
+        })
+    }
+
+    /// Prometheus text: the runtime's controller metrics plus scheduler gauges computed from the
+    /// caches at scrape time.
+    pub fn render_metrics(&self) -> String {
+        render_metrics(&self.ctx, &self.metrics)
+    }
+}
+
+fn counted<E>(ctx: &Ctx, r: Result<Action, E>) -> Result<Action, E> {
+    if r.is_err() {
+        Summary::bump(&ctx.summary.errors);
+    }
+    r
+}
+
+/// Scheduler gauges from the caches plus the runtime registry.
+pub fn render_metrics(ctx: &Ctx, metrics: &Metrics) -> String {
+    let mut out = metrics.render();
+    let mut by_phase: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
+    for t in ctx.tasks.list() {
+        let q = t.spec.queue.clone().unwrap_or_default();
+        *by_phase.entry((q, t.status.phase.as_str())).or_default() += 1;
+    }
+    out.push_str(
+        "# HELP tinyscheduler_tasks Tasks by queue and phase.\n# TYPE tinyscheduler_tasks gauge\n",
+    );
+    for ((q, p), n) in by_phase {
+        out.push_str(&format!(
+            "tinyscheduler_tasks{{queue=\"{}\",phase=\"{p}\"}} {n}\n",
+            escape(&q)
+        ));
+    }
+    let leases = ctx.leases.list();
+    let agents = ctx.agents.list();
+    let free = crate::controllers::plan::free_slots(&agents, &leases);
+    out.push_str("# HELP tinyscheduler_agent_leases Live leases held by each agent.\n# TYPE tinyscheduler_agent_leases gauge\n");
+    for a in &agents {
+        let n = leases
+            .iter()
+            .filter(|l| l.spec.agent == a.metadata.name)
+            .count();
+        out.push_str(&format!(
+            "tinyscheduler_agent_leases{{agent=\"{}\"}} {n}\n",
+            escape(&a.metadata.name)
+        ));
+    }
+    out.push_str("# HELP tinyscheduler_agent_free_slots Free slots of each agent.\n# TYPE tinyscheduler_agent_free_slots gauge\n");
+    for (a, n) in free {
+        out.push_str(&format!(
+            "tinyscheduler_agent_free_slots{{agent=\"{}\"}} {n}\n",
+            escape(&a)
+        ));
+    }
+    out
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Runs `fut` and returns early with `None` if `shutdown` fires first.
+pub async fn until<T>(shutdown: &Shutdown, fut: impl Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        v = fut => Some(v),
+        _ = shutdown.wait() => None,
+    }
+}
+
+/// Prints task phase changes as they happen (for `run --once --wait`).
+pub fn print_progress(tasks: &Informer<Task>) {
+    let last: std::sync::Mutex<HashMap<String, TaskPhase>> = Default::default();
+    tasks.on_event(move |ev, _| {
+        let InformerEvent::Applied(t) = ev else {
+            return;
+        };
+        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+        let phase = t.status.phase;
+        if last.insert(t.metadata.name.clone(), phase) == Some(phase) {
+            return;
+        }
+        let detail = match phase {
+            TaskPhase::Assigned | TaskPhase::Running => {
+                format!(" on agent/{}", t.status.agent.as_deref().unwrap_or("?"))
+            }
+            _ => t
+                .status
+                .message
+                .as_deref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default(),
+        };
+        println!("task/{} {}{detail}", t.metadata.name, phase.as_str());
+    });
+}

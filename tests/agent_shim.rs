@@ -1,0 +1,411 @@
+//! The shim, driven through the real binary against a temporary state directory.
+
+#[path = "support/agent_fixtures.rs"]
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tinyscheduler::resources::LeasePhase;
+
+#[test]
+fn the_shim_records_exit_code_zero_and_the_log_of_a_successful_run() {
+    let s = State::new();
+    s.run_of(
+        "ok",
+        &["sh", "-c", "echo hello {{task.name}}; echo err >&2"],
+    );
+    let out = s.shim("ok");
+    assert!(out.status.success(), "{out:?}");
+    let l = s.get_lease("ok").unwrap();
+    assert_eq!(l.status.phase, LeasePhase::Completed);
+    assert_eq!(l.status.exit_code, Some(0));
+    assert_eq!(l.status.signal, None);
+    assert!(l.status.finish_time.is_some());
+    assert!(l.status.pid.is_some() && l.status.process_start_time.is_some());
+    assert_eq!(l.status.pgid, l.status.pid);
+    assert!(l.status.shim_pid.is_some() && l.status.shim_start_time.is_some());
+    assert!(l.status.acquire_time.is_some() && l.status.renew_time.is_some());
+    assert!(l.status.host.is_some());
+    let log_path = s.path().join("logs/ok/1.log");
+    assert_eq!(
+        l.status.log_path.as_deref(),
+        Some(log_path.to_str().unwrap())
+    );
+    assert_eq!(
+        s.log("ok", 1),
+        "hello ok\nerr\n[tinyscheduler] exited with code 0\n"
+    );
+}
+
+#[test]
+fn the_shim_records_a_nonzero_exit_code() {
+    let s = State::new();
+    s.run_of("three", &["sh", "-c", "exit 3"]);
+    assert!(s.shim("three").status.success());
+    let l = s.get_lease("three").unwrap();
+    assert_eq!(l.status.phase, LeasePhase::Completed);
+    assert_eq!(l.status.exit_code, Some(3));
+    assert!(s
+        .log("three", 1)
+        .ends_with("[tinyscheduler] exited with code 3\n"));
+}
+
+#[test]
+fn the_shim_records_the_signal_that_ended_the_agent() {
+    let s = State::new();
+    s.run_of("sig", &["sh", "-c", "kill -USR1 $$"]);
+    assert!(s.shim("sig").status.success());
+    let l = s.get_lease("sig").unwrap();
+    assert_eq!(l.status.phase, LeasePhase::Completed);
+    assert_eq!(l.status.exit_code, None);
+    assert_eq!(l.status.signal, Some(10));
+    assert!(
+        s.log("sig", 1)
+            .ends_with("[tinyscheduler] exited with signal 10 (SIGUSR1)\n"),
+        "{}",
+        s.log("sig", 1)
+    );
+}
+
+#[test]
+fn the_agent_gets_exactly_the_documented_environment() {
+    let s = State::new();
+    let mut spec = tinyscheduler::resources::AgentSpec {
+        command: vec!["env".into()],
+        ..Default::default()
+    };
+    spec.env.insert("EXTRA".into(), "from agent".into());
+    spec.env
+        .insert("TINYSCHEDULER_AGENT".into(), "overridden".into());
+    s.agent_with("envy", spec);
+    s.task(
+        "envy",
+        &[
+            ("branch", serde_json::json!("feature/x y")),
+            ("max-steps", serde_json::json!(7)),
+            ("dry.run", serde_json::json!(true)),
+        ],
+    );
+    s.lease("envy", "envy", 2);
+    let out = s
+        .shim_cmd("envy")
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", "/home/nobody-in-particular")
+        .env("SECRET_OF_THE_SCHEDULER", "leak")
+        .env("LANG", "C.UTF-8")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let log = s.log("envy", 2);
+    let mut lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.pop(), Some("[tinyscheduler] exited with code 0"));
+    lines.sort_unstable();
+    assert_eq!(
+        lines,
+        vec![
+            "EXTRA=from agent",
+            "HOME=/home/nobody-in-particular",
+            "PATH=/usr/bin:/bin",
+            "TINYSCHEDULER_AGENT=overridden",
+            "TINYSCHEDULER_ATTEMPT=2",
+            "TINYSCHEDULER_LEASE=envy",
+            "TINYSCHEDULER_PARAM_BRANCH=feature/x y",
+            "TINYSCHEDULER_PARAM_DRY_RUN=true",
+            "TINYSCHEDULER_PARAM_MAX_STEPS=7",
+            "TINYSCHEDULER_TASK=envy",
+        ]
+    );
+}
+
+#[test]
+fn template_variables_reach_the_agent_as_separate_arguments_without_a_shell() {
+    let s = State::new();
+    s.agent(
+        "argv",
+        &[
+            "printf",
+            "[%s]\\n",
+            "{{task.name}}",
+            "{{ task.id }}",
+            "{{task.params.msg}}",
+            "{{agent.name}}/{{lease.name}}#{{attempt}}",
+        ],
+        15,
+    );
+    let mut t = tinyscheduler::resources::Task::new(
+        "Task",
+        "argv",
+        tinyscheduler::resources::TaskSpec {
+            params: [("msg".to_string(), serde_json::json!("a b; $(rm -rf /)"))].into(),
+            ..Default::default()
+        },
+    );
+    t.metadata.annotations.insert(
+        tinyscheduler::resources::task::TINYTASK_ID_ANNOTATION.into(),
+        "417".into(),
+    );
+    s.store.create(&t).unwrap();
+    s.lease("argv", "argv", 1);
+    assert!(s.shim("argv").status.success());
+    assert_eq!(
+        s.log("argv", 1),
+        "[argv]\n[417]\n[a b; $(rm -rf /)]\n[argv/argv#1]\n[tinyscheduler] exited with code 0\n"
+    );
+}
+
+#[test]
+fn a_relative_working_dir_is_resolved_against_the_state_dirs_parent() {
+    let s = State::new();
+    std::fs::create_dir(s.dir.path().join("repo")).unwrap();
+    s.agent_with(
+        "wd",
+        tinyscheduler::resources::AgentSpec {
+            command: vec!["pwd".into()],
+            working_dir: Some("repo".into()),
+            ..Default::default()
+        },
+    );
+    s.task("wd", &[]);
+    s.lease("wd", "wd", 1);
+    assert!(s.shim("wd").status.success());
+    let want = s.dir.path().join("repo").canonicalize().unwrap();
+    assert_eq!(
+        s.log("wd", 1).lines().next().map(std::path::PathBuf::from),
+        Some(want)
+    );
+}
+
+#[test]
+fn the_shim_renews_the_lease_every_heartbeat() {
+    let s = State::new();
+    s.agent("hb", &["sleep", "30"], 1);
+    s.task("hb", &[]);
+    s.lease("hb", "hb", 1);
+    let mut child = s.shim_cmd("hb").spawn().unwrap();
+    wait_for("the run to be recorded", LONG, || {
+        s.get_lease("hb").unwrap().status.phase == LeasePhase::Running
+    });
+    let first = s.get_lease("hb").unwrap().status.renew_time.unwrap();
+    wait_for("renewTime to advance", LONG, || {
+        s.get_lease("hb").unwrap().status.renew_time.unwrap() > first
+    });
+    let l = s.get_lease("hb").unwrap();
+    assert_eq!(l.status.phase, LeasePhase::Running);
+    // Ending the shim with SIGTERM ends the agent and records it.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    let l = s.get_lease("hb").unwrap();
+    assert_eq!(l.status.phase, LeasePhase::Completed);
+    assert_eq!(l.status.signal, Some(15));
+    assert!(
+        l.status
+            .message
+            .as_deref()
+            .unwrap_or("")
+            .contains("SIGTERM"),
+        "{:?}",
+        l.status.message
+    );
+    assert!(!tinyscheduler::agent::is_alive(
+        l.status.pid.unwrap(),
+        l.status.process_start_time.unwrap()
+    ));
+}
+
+#[test]
+fn a_missing_program_is_recorded_as_exit_code_127_with_a_message() {
+    let s = State::new();
+    s.run_of("nope", &["/definitely/not/a/program", "x"]);
+    assert!(s.shim("nope").status.success());
+    let l = s.get_lease("nope").unwrap();
+    assert_eq!(l.status.phase, LeasePhase::Completed);
+    assert_eq!(l.status.exit_code, Some(127));
+    let msg = l.status.message.unwrap();
+    assert!(msg.contains("/definitely/not/a/program"), "{msg}");
+    assert!(msg.contains("No such file"), "{msg}");
+    assert!(s
+        .log("nope", 1)
+        .contains("[tinyscheduler] exited with code 127"));
+}
+
+#[test]
+fn a_program_that_is_not_executable_is_recorded_as_exit_code_126() {
+    let s = State::new();
+    let p = s.dir.path().join("not-exec");
+    std::fs::write(&p, "#!/bin/sh\necho hi\n").unwrap();
+    s.run_of("noexec", &[p.to_str().unwrap()]);
+    assert!(s.shim("noexec").status.success());
+    let l = s.get_lease("noexec").unwrap();
+    assert_eq!(l.status.exit_code, Some(126), "{:?}", l.status.message);
+}
+
+#[test]
+fn an_unknown_template_variable_is_recorded_as_exit_code_127_naming_it() {
+    let s = State::new();
+    s.run_of("tmpl", &["echo", "{{task.params.nope}}"]);
+    assert!(s.shim("tmpl").status.success());
+    let l = s.get_lease("tmpl").unwrap();
+    assert_eq!(l.status.exit_code, Some(127));
+    let msg = l.status.message.unwrap();
+    assert!(
+        msg.contains("task.params.nope") && msg.contains("argument 1"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn the_default_command_is_goose_from_the_environment() {
+    let s = State::new();
+    let fake = script(s.dir.path(), "fake-goose", "echo \"$@\"");
+    s.run_of("dflt", &[]);
+    let out = s
+        .shim_cmd("dflt")
+        .env("TINYSCHEDULER_GOOSE_BIN", &fake)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        s.log("dflt", 1),
+        "run --recipe recipes/dflt.yaml --params task_id=dflt --no-session\n[tinyscheduler] exited with code 0\n"
+    );
+}
+
+#[test]
+fn a_missing_or_completed_lease_runs_nothing() {
+    let s = State::new();
+    let marker = s.dir.path().join("ran");
+    let cmd = format!("touch {}", marker.display());
+    // No lease at all.
+    assert!(s.shim("ghost").status.success());
+    // A Completed lease.
+    s.run_of("done", &["sh", "-c", &cmd]);
+    s.store
+        .patch_status::<tinyscheduler::resources::Lease>("done", |l| {
+            l.status.phase = LeasePhase::Completed
+        })
+        .unwrap();
+    assert!(s.shim("done").status.success());
+    assert!(!marker.exists());
+    assert!(!s.path().join("logs/done").exists());
+}
+
+#[test]
+fn a_second_shim_for_a_running_lease_runs_nothing() {
+    let s = State::new();
+    let counter = s.dir.path().join("runs");
+    let cmd = format!("echo x >> {}; sleep 2", counter.display());
+    s.run_of("once", &["sh", "-c", &cmd]);
+    let mut first = s.shim_cmd("once").spawn().unwrap();
+    wait_for("the first run", LONG, || {
+        s.get_lease("once").unwrap().status.phase == LeasePhase::Running
+    });
+    assert!(s.shim("once").status.success());
+    assert!(first.wait().unwrap().success());
+    assert_eq!(std::fs::read_to_string(&counter).unwrap(), "x\n");
+}
+
+#[test]
+fn the_shim_keeps_supervising_when_its_lease_is_deleted() {
+    let s = State::new();
+    let go = s.dir.path().join("go");
+    let cmd = format!(
+        "while [ ! -e {} ]; do sleep 0.05; done; exit 4",
+        go.display()
+    );
+    s.agent("orphan", &["sh", "-c", &cmd], 1);
+    s.task("orphan", &[]);
+    s.lease("orphan", "orphan", 1);
+    let mut child = s.shim_cmd("orphan").spawn().unwrap();
+    wait_for("the run", LONG, || {
+        s.get_lease("orphan").unwrap().status.phase == LeasePhase::Running
+    });
+    s.store
+        .delete::<tinyscheduler::resources::Lease>("orphan", None)
+        .unwrap();
+    // A new lease of the same name (the next attempt) must not be written by the old shim.
+    let fresh = s.lease("orphan", "orphan", 2);
+    std::thread::sleep(Duration::from_millis(1500));
+    std::fs::write(&go, "").unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(s.log("orphan", 1).ends_with("exited with code 4\n"));
+    let now = s.get_lease("orphan").unwrap();
+    assert_eq!(now.metadata.uid, fresh.metadata.uid);
+    assert_eq!(now.status, fresh.status);
+}
+
+#[test]
+fn log_files_and_directories_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = State::new();
+    s.run_of("priv", &["true"]);
+    assert!(s.shim("priv").status.success());
+    let mode = |p: &str| {
+        std::fs::metadata(s.path().join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("logs"), 0o700);
+    assert_eq!(mode("logs/priv"), 0o700);
+    assert_eq!(mode("logs/priv/1.log"), 0o600);
+}
+
+#[test]
+fn sigterm_to_the_shim_kills_an_agent_that_ignores_it_and_records_sigkill() {
+    let s = State::new();
+    s.run_of(
+        "stubborn",
+        &[
+            "sh",
+            "-c",
+            "trap '' TERM; echo ready; while :; do sleep 0.05; done",
+        ],
+    );
+    let mut child = s
+        .shim_cmd("stubborn")
+        .env("TINYSCHEDULER_KILL_GRACE_SEC", "0.3")
+        .spawn()
+        .unwrap();
+    wait_for("the agent to be ready", LONG, || {
+        s.log("stubborn", 1).contains("ready")
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    let l = s.get_lease("stubborn").unwrap();
+    assert_eq!(l.status.phase, LeasePhase::Completed);
+    assert_eq!(l.status.signal, Some(9));
+    let msg = l.status.message.unwrap();
+    assert!(msg.contains("SIGKILL"), "{msg}");
+    assert!(!tinyscheduler::agent::group_alive(l.status.pgid.unwrap()));
+}
+
+#[test]
+fn processes_the_agent_leaves_behind_in_its_group_end_with_the_run() {
+    let s = State::new();
+    let pidfile = s.dir.path().join("bg");
+    let cmd = format!("sleep 300 & echo $! > {}; exit 0", pidfile.display());
+    s.run_of("leaver", &["sh", "-c", &cmd]);
+    assert!(s.shim("leaver").status.success());
+    let bg: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let gone =
+        tinyscheduler::agent::liveness::read_stat(bg).map_or(true, |st| st.is_zombie_or_dead());
+    assert!(gone, "background pid {bg} outlived the run");
+    let l = s.get_lease("leaver").unwrap();
+    assert_eq!(l.status.exit_code, Some(0));
+    assert!(l.status.message.unwrap().contains("left in its group"));
+}

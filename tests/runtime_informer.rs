@@ -1,0 +1,279 @@
+//! Informers against a real file store in a temporary directory.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tinyscheduler::resources::meta::Resource;
+use tinyscheduler::resources::queue::{Queue, QueueSpec};
+use tinyscheduler::runtime::{Informer, InformerEvent, InformerOptions};
+use tinyscheduler::store::Store;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+fn queue(name: &str, team: &str) -> Queue {
+    let mut q = Queue::new(Queue::KIND, name, QueueSpec::default());
+    q.metadata.labels.insert("team".into(), team.into());
+    q
+}
+
+fn opts(resync: Duration, relist: Duration) -> InformerOptions {
+    InformerOptions { resync, relist }
+}
+
+/// Waits (on whatever clock the test runs) for the next event that is not a Resync.
+async fn next_change(rx: &mut UnboundedReceiver<InformerEvent<Queue>>) -> InformerEvent<Queue> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match rx.recv().await.expect("informer alive") {
+                InformerEvent::Resync => continue,
+                ev => return ev,
+            }
+        }
+    })
+    .await
+    .expect("an event within 10 s")
+}
+
+fn applied_name(ev: &InformerEvent<Queue>) -> String {
+    match ev {
+        InformerEvent::Applied(o) => format!("applied {}", o.name()),
+        InformerEvent::Deleted(o) => format!("deleted {}", o.name()),
+        InformerEvent::Resync => "resync".into(),
+    }
+}
+
+#[tokio::test]
+async fn an_informer_lists_then_syncs_then_follows_creates_updates_and_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.create(&queue("one", "a")).unwrap();
+    let inf = Informer::<Queue>::new(
+        store.clone(),
+        opts(Duration::from_secs(3600), Duration::from_secs(3600)),
+    );
+    let mut rx = inf.subscribe();
+    assert!(!inf.is_synced());
+    let _h = inf.start();
+    inf.wait_synced().await;
+    assert!(inf.is_synced());
+    assert_eq!(applied_name(&next_change(&mut rx).await), "applied one");
+    assert!(inf.get("one").is_some());
+
+    store.create(&queue("two", "b")).unwrap();
+    assert_eq!(applied_name(&next_change(&mut rx).await), "applied two");
+    let mut two = store.get::<Queue>("two").unwrap();
+    two.metadata.labels.insert("team".into(), "c".into());
+    let two = store.update(&two).unwrap();
+    assert_eq!(applied_name(&next_change(&mut rx).await), "applied two");
+    assert_eq!(inf.get("two").unwrap().revision(), two.revision());
+    store.delete::<Queue>("one", None).unwrap();
+    assert_eq!(applied_name(&next_change(&mut rx).await), "deleted one");
+    assert!(inf.get("one").is_none());
+    assert_eq!(inf.list().len(), 1);
+}
+
+#[tokio::test]
+async fn observe_shows_a_write_at_once_and_the_later_watch_event_does_not_fire_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let inf = Informer::<Queue>::new(
+        store.clone(),
+        opts(Duration::from_secs(3600), Duration::from_secs(3600)),
+    );
+    let _h = inf.start();
+    inf.wait_synced().await;
+    let mut rx = inf.subscribe();
+
+    let written = store.create(&queue("mine", "a")).unwrap();
+    inf.observe(written.clone());
+    // Synchronous: the cache and the subscriber have it before observe returns.
+    assert!(inf.get("mine").is_some());
+    assert_eq!(applied_name(&rx.try_recv().unwrap()), "applied mine");
+    // An older revision never replaces a newer one.
+    let mut stale = written.clone();
+    stale.metadata.resource_version = "0".into();
+    inf.observe(stale);
+    assert!(rx.try_recv().is_err());
+
+    // A marker written afterwards: once the watch delivers it, it has seen "mine" too.
+    store.create(&queue("marker", "a")).unwrap();
+    assert_eq!(applied_name(&next_change(&mut rx).await), "applied marker");
+    assert!(
+        rx.try_recv().is_err(),
+        "the watch event for `mine` fired again"
+    );
+
+    inf.observe_deleted("mine");
+    assert_eq!(applied_name(&rx.try_recv().unwrap()), "deleted mine");
+    assert!(inf.get("mine").is_none());
+}
+
+#[tokio::test]
+async fn secondary_indexes_follow_the_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.create(&queue("a1", "a")).unwrap();
+    store.create(&queue("a2", "a")).unwrap();
+    store.create(&queue("b1", "b")).unwrap();
+    let inf = Informer::<Queue>::new(
+        store.clone(),
+        opts(Duration::from_secs(3600), Duration::from_secs(3600)),
+    );
+    inf.add_index("team", |q: &Queue| {
+        q.metadata.labels.get("team").cloned().into_iter().collect()
+    });
+    let _h = inf.start();
+    inf.wait_synced().await;
+    let names = |v: Vec<Arc<Queue>>| v.iter().map(|o| o.name().to_string()).collect::<Vec<_>>();
+    assert_eq!(names(inf.by_index("team", "a")), ["a1", "a2"]);
+    assert_eq!(names(inf.by_index("team", "b")), ["b1"]);
+    let mut a2 = store.get::<Queue>("a2").unwrap();
+    a2.metadata.labels.insert("team".into(), "b".into());
+    inf.observe(store.update(&a2).unwrap());
+    assert_eq!(names(inf.by_index("team", "a")), ["a1"]);
+    assert_eq!(names(inf.by_index("team", "b")), ["a2", "b1"]);
+    inf.observe_deleted("b1");
+    assert_eq!(names(inf.by_index("team", "b")), ["a2"]);
+    assert!(inf.by_index("nope", "b").is_empty());
+}
+
+/// The watch follows the directory's inode: moving the directory away and putting a fresh one in
+/// its place makes every later write invisible to it (and its own rescan is an hour away). Only
+/// the informer's periodic resync, which relists the store, can find the object.
+#[tokio::test(start_paused = true)]
+async fn a_write_the_watch_never_saw_is_caught_by_the_periodic_resync() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let inf = Informer::<Queue>::new(
+        store.clone(),
+        opts(Duration::from_secs(5), Duration::from_secs(3600)),
+    );
+    let mut rx = inf.subscribe();
+    let _h = inf.start();
+    inf.wait_synced().await;
+    let kind_dir = store.kind_dir("queues");
+    std::fs::rename(&kind_dir, dir.path().join("queues-elsewhere")).unwrap();
+    store.create(&queue("hidden", "a")).unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        inf.get("hidden").is_none(),
+        "the watch could not have seen it"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        inf.get("hidden").is_some(),
+        "the resync relist must find it"
+    );
+    let mut seen = vec![];
+    while let Ok(ev) = rx.try_recv() {
+        seen.push(applied_name(&ev));
+    }
+    assert_eq!(seen, ["applied hidden", "resync"]);
+}
+
+/// A watch that reports an error makes the informer relist (with backoff) and carry on.
+#[tokio::test(start_paused = true)]
+async fn an_informer_recovers_after_its_directory_becomes_unreadable_for_a_while() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.create(&queue("before", "a")).unwrap();
+    let inf = Informer::<Queue>::new(
+        store.clone(),
+        opts(Duration::from_secs(3600), Duration::from_secs(1)),
+    );
+    let _h = inf.start();
+    inf.wait_synced().await;
+    let kind_dir = store.kind_dir("queues");
+    std::fs::remove_dir_all(&kind_dir).unwrap();
+    std::fs::write(&kind_dir, b"not a directory").unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    std::fs::remove_file(&kind_dir).unwrap();
+    store.create(&queue("after", "a")).unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(inf.get("after").is_some());
+    assert!(inf.get("before").is_none());
+}
+
+#[test]
+fn the_resync_period_comes_from_the_loop_interval_variable() {
+    std::env::set_var("TINYSCHEDULER_LOOP_INTERVAL_SEC", "7");
+    assert_eq!(InformerOptions::default().resync, Duration::from_secs(7));
+    std::env::set_var("TINYSCHEDULER_LOOP_INTERVAL_SEC", "bogus");
+    assert_eq!(InformerOptions::from_env().resync, Duration::from_secs(30));
+    std::env::remove_var("TINYSCHEDULER_LOOP_INTERVAL_SEC");
+    assert_eq!(InformerOptions::from_env().resync, Duration::from_secs(30));
+}
+
+/// A change to one kind wakes the keys its mapper names (here: a Queue wakes the key of its team),
+/// the initial list wakes every mapped key, and `run` returns once shut down.
+#[tokio::test]
+async fn a_controller_reconciles_the_keys_its_watched_objects_map_to() {
+    use std::sync::Mutex;
+    use tinyscheduler::runtime::{Action, Controller, Metrics};
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.create(&queue("q1", "alpha")).unwrap();
+    let inf = Informer::<Queue>::new(
+        store.clone(),
+        opts(Duration::from_secs(3600), Duration::from_secs(3600)),
+    );
+    let _h = inf.start();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let c =
+        Controller::new("teams", seen.clone(), Metrics::default()).watches(&inf, |q: &Queue| {
+            q.metadata
+                .labels
+                .get("team")
+                .map(|t| format!("team/{t}"))
+                .into_iter()
+                .collect()
+        });
+    let queue_handle = c.queue();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(c.run(
+        |key: String, seen: Arc<Mutex<Vec<String>>>| async move {
+            seen.lock().unwrap().push(key);
+            Ok::<_, String>(Action::await_change())
+        },
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let wait_for = |key: &'static str| {
+        let seen = seen.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while !seen.lock().unwrap().iter().any(|k| k == key) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("{key} was never reconciled"))
+        }
+    };
+    wait_for("team/alpha").await;
+    store.create(&queue("q2", "beta")).unwrap();
+    wait_for("team/beta").await;
+    queue_handle.wait_idle().await;
+    tx.send(()).unwrap();
+    run.await.unwrap();
+    assert!(queue_handle.is_shutting_down());
+}
+
+#[tokio::test]
+async fn a_panicking_event_handler_does_not_stop_the_informer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let inf = Informer::<Queue>::new(
+        store.clone(),
+        opts(Duration::from_secs(3600), Duration::from_secs(3600)),
+    );
+    inf.on_event(|_, _| panic!("buggy mapper"));
+    let mut rx = inf.subscribe();
+    let _h = inf.start();
+    inf.wait_synced().await;
+    store.create(&queue("first", "a")).unwrap();
+    assert_eq!(applied_name(&next_change(&mut rx).await), "applied first");
+    store.create(&queue("second", "a")).unwrap();
+    assert_eq!(applied_name(&next_change(&mut rx).await), "applied second");
+}
