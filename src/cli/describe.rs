@@ -11,7 +11,7 @@ use super::get::resolve_kind;
 use super::printers::{self, shell_join};
 use super::{CliError, CliResult, Globals};
 use crate::resources::meta::{format_age, parse_time};
-use crate::resources::{Event, Kind};
+use crate::resources::{Event, Kind, Resource};
 use crate::store::Store;
 
 /// `describe` entry point.
@@ -41,7 +41,7 @@ pub fn events_for(store: &Store, kind: Kind, name: &str) -> Result<Vec<Event>, C
     events.sort_by(|a, b| {
         parse_time(&a.spec.last_timestamp)
             .cmp(&parse_time(&b.spec.last_timestamp))
-            .then_with(|| a.metadata.name.cmp(&b.metadata.name))
+            .then_with(|| a.revision().cmp(&b.revision())) // same second: write order
     });
     Ok(events)
 }

@@ -340,8 +340,7 @@ impl Printable for Event {
         items.sort_by(|a, b| {
             let ta = parse_time(&a.spec.last_timestamp);
             let tb = parse_time(&b.spec.last_timestamp);
-            ta.cmp(&tb)
-                .then_with(|| a.metadata.name.cmp(&b.metadata.name))
+            ta.cmp(&tb).then_with(|| a.revision().cmp(&b.revision())) // same second: write order
         });
     }
 }

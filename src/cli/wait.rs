@@ -126,7 +126,7 @@ pub fn holds(f: &For, obj: &Value) -> bool {
             }),
         For::JsonPath(steps, want) => lookup(obj, steps).is_some_and(|v| match v {
             Value::String(s) => s == want,
-            other => other.to_string() == *want,
+            other => serde_json::from_str::<Value>(want).is_ok_and(|w| w == *other),
         }),
     }
 }
