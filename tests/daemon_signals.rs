@@ -3,14 +3,13 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tinyscheduler::daemon::signals;
 
-static SIGNALS: Mutex<()> = Mutex::new(());
+static SIGNALS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn raise(sig: Signal) {
     kill(Pid::this(), sig).unwrap();
@@ -18,7 +17,7 @@ fn raise(sig: Signal) {
 
 #[tokio::test]
 async fn sighup_asks_for_a_reload_and_a_burst_of_them_coalesces_into_one() {
-    let _g = SIGNALS.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = SIGNALS.lock().await;
     let mut s = signals::install().unwrap();
     raise(Signal::SIGHUP);
     tokio::time::timeout(Duration::from_secs(5), s.reloads.recv())
@@ -45,7 +44,7 @@ async fn sighup_asks_for_a_reload_and_a_burst_of_them_coalesces_into_one() {
 
 #[tokio::test]
 async fn sigint_begins_shutdown_and_wakes_every_clone() {
-    let _g = SIGNALS.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = SIGNALS.lock().await;
     let s = signals::install().unwrap();
     let a = tokio::spawn(s.shutdown.wait());
     let b = tokio::spawn(s.shutdown.clone().wait());
@@ -124,7 +123,6 @@ fn sigterm_begins_shutdown_and_a_second_one_exits_at_once_with_143() {
         "child: shutting down (SIGTERM)"
     );
     kill(pid, Signal::SIGTERM).unwrap();
-    drop(wait_for);
     let started = std::time::Instant::now();
     let status = child.wait().unwrap();
     assert!(started.elapsed() < Duration::from_secs(30));
