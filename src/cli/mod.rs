@@ -34,9 +34,12 @@ pub type CliResult = Result<ExitCode, CliError>;
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let g = &cli.globals;
-    if let Err(e) = crate::daemon::logging::init_logging(g.log_format, g.log_level.as_deref()) {
-        eprintln!("error: {e}");
-        return ExitCode::from(1);
+    // `run` installs its own logger: its default level depends on --once / --daemon.
+    if !matches!(cli.command, Command::Run(_)) {
+        if let Err(e) = crate::daemon::logging::init_logging(g.log_format, g.log_level.as_deref()) {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
     }
     tracing::debug!(
         command = args::command_name(&cli.command),
