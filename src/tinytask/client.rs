@@ -316,7 +316,9 @@ impl Client {
 
     async fn get_json<T: DeserializeOwned>(&self, url: Url) -> Result<T> {
         let desc = format!("GET {url}");
-        let a = self.execute::<()>(Method::GET, url, None, None, true).await?;
+        let a = self
+            .execute::<()>(Method::GET, url, None, None, true)
+            .await?;
         check_status(&desc, &a)?;
         decode(&desc, &a.body)
     }
@@ -542,9 +544,15 @@ mod tests {
         let c = Client::new("http://127.0.0.1:3000/api/v1/").unwrap();
         assert_eq!(c.endpoint(), "http://127.0.0.1:3000");
         let u = c.url(&["queues", "a b", "stats"], true, &[]);
-        assert_eq!(u.as_str(), "http://127.0.0.1:3000/api/v1/queues/a%20b/stats");
+        assert_eq!(
+            u.as_str(),
+            "http://127.0.0.1:3000/api/v1/queues/a%20b/stats"
+        );
         let c = Client::new("http://h:1/prefix").unwrap();
-        assert_eq!(c.url(&["health"], false, &[]).as_str(), "http://h:1/prefix/health");
+        assert_eq!(
+            c.url(&["health"], false, &[]).as_str(),
+            "http://h:1/prefix/health"
+        );
         assert!(Client::new("ftp://x").is_err());
         assert!(Client::new("not a url").is_err());
     }

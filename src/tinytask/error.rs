@@ -74,7 +74,10 @@ impl std::fmt::Display for Error {
                 message,
             } => write!(f, "tinytask {request}: HTTP {status}: {message}"),
             Error::Decode { request, message } => {
-                write!(f, "tinytask {request}: malformed JSON in the answer: {message}")
+                write!(
+                    f,
+                    "tinytask {request}: malformed JSON in the answer: {message}"
+                )
             }
             Error::Transport { request, message } => write!(f, "tinytask {request}: {message}"),
         }

@@ -13,6 +13,6 @@ pub mod types;
 pub use client::{Client, ClientConfig, RetryPolicy, DEFAULT_ENDPOINT, SCAN_WINDOW_MAX};
 pub use error::{Error, Result};
 pub use types::{
-    Comment, Conditional, Health, ListQuery, NewTask, QueueStats, RemoteTask, StatusCounts,
-    TaskId, TaskPatch, TaskStatus, Transfer,
+    Comment, Conditional, Health, ListQuery, NewTask, QueueStats, RemoteTask, StatusCounts, TaskId,
+    TaskPatch, TaskStatus, Transfer,
 };

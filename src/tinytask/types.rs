@@ -376,7 +376,10 @@ mod tests {
             .status(TaskStatus::Working);
         assert_eq!(
             q.pairs(),
-            vec![("status", "idle,working".to_string()), ("limit", "1".into())]
+            vec![
+                ("status", "idle,working".to_string()),
+                ("limit", "1".into())
+            ]
         );
     }
 }
