@@ -1,11 +1,11 @@
 //! The kubectl-style command line: argument parsing and dispatch to one module per command.
 
 pub mod args;
+pub mod config_cmd;
+pub mod import;
 pub mod run;
 
 use std::process::ExitCode;
-
-use clap::Parser;
 
 pub use args::{Cli, Command, Globals};
 
@@ -32,7 +32,13 @@ pub type CliResult = Result<ExitCode, CliError>;
 
 /// Parses the command line, runs the command, prints any error and returns the exit status.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match crate::config::parse_cli() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -47,6 +53,9 @@ fn dispatch(cli: Cli) -> CliResult {
     match cli.command {
         Command::Run(a) => run::run(&g, a),
         Command::Shim(a) => crate::agent::shim::main(&g, a),
+        Command::Config(a) => config_cmd::config(&g, a),
+        Command::ValidateConfig(a) => config_cmd::validate(&g, a),
+        Command::Import(a) => import::import(&g, a),
         Command::Version => {
             println!("tinyscheduler {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
