@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod config;
 pub mod controllers;
 pub mod daemon;
 pub mod resources;

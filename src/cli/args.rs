@@ -33,6 +33,12 @@ pub struct Globals {
     /// or a RUST_LOG-style filter such as `info,tinyscheduler::controllers=debug`.
     #[arg(long, global = true, env = "TINYSCHEDULER_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// Read settings from this .env file instead of ./.env (below flags and the environment).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub env_file: Option<PathBuf>,
+    /// tinytask server URL [env: TINYSCHEDULER_MCP_ENDPOINT] [default: http://localhost:3000]
+    #[arg(long, global = true, value_name = "URL")]
+    pub tinytask_endpoint: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -54,8 +60,46 @@ pub enum Command {
     /// Supervise one agent run (started by the scheduler; not for direct use).
     #[command(hide = true)]
     Shim(ShimArgs),
+    /// Print the effective settings and where each one comes from.
+    Config(ConfigArgs),
+    /// Check settings, agents and recipes; exit 1 if any check fails.
+    ValidateConfig(ValidateConfigArgs),
+    /// Write Agent and Queue manifests from a Python-era agent-control.json.
+    Import(ImportArgs),
     /// Print the version.
     Version,
+}
+
+#[derive(Args, Debug)]
+pub struct ConfigArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ValidateConfigArgs {
+    /// Create missing directories (state, logs) with mode 0700; nothing else is changed.
+    #[arg(long)]
+    pub fix: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// The Python scheduler's agent-control.json [default: TINYSCHEDULER_AGENT_CONTROL_FILE].
+    #[arg(long = "agent-control", value_name = "FILE")]
+    pub agent_control: Option<PathBuf>,
+    /// Per-agent slots, `{"a":1}` or `a:1,b:2` [default: TINYSCHEDULER_AGENT_LIMITS].
+    #[arg(long, value_name = "SPEC")]
+    pub limits: Option<String>,
+    /// Directory to write one manifest per object into, or `-` for standard output.
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_name = "DIR|-",
+        default_value = "-"
+    )]
+    pub output: String,
 }
 
 #[derive(Args, Debug)]
@@ -173,6 +217,9 @@ pub fn command_name(c: &Command) -> &'static str {
         Command::Wait(_) => "wait",
         Command::Run(_) => "run",
         Command::Shim(_) => "shim",
+        Command::Config(_) => "config",
+        Command::ValidateConfig(_) => "validate-config",
+        Command::Import(_) => "import",
         Command::Version => "version",
     }
 }

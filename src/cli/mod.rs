@@ -2,9 +2,11 @@
 
 pub mod apply;
 pub mod args;
+pub mod config_cmd;
 pub mod delete;
 pub mod describe;
 pub mod get;
+pub mod import;
 pub mod input;
 pub mod logs;
 pub mod printers;
@@ -12,8 +14,6 @@ pub mod run;
 pub mod wait;
 
 use std::process::ExitCode;
-
-use clap::Parser;
 
 pub use args::{Cli, Command, Globals};
 
@@ -40,7 +40,13 @@ pub type CliResult = Result<ExitCode, CliError>;
 
 /// Parses the command line, runs the command, prints any error and returns the exit status.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match crate::config::parse_cli() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let g = &cli.globals;
     // The daemon reports what it does at info; a command run by hand stays quiet but for warnings.
     let default_level = match &cli.command {
@@ -78,6 +84,9 @@ fn dispatch(cli: Cli) -> CliResult {
         Command::Wait(a) => wait::wait(&g, a),
         Command::Run(a) => run::run(&g, a),
         Command::Shim(a) => crate::agent::shim::main(&g, a),
+        Command::Config(a) => config_cmd::config(&g, a),
+        Command::ValidateConfig(a) => config_cmd::validate(&g, a),
+        Command::Import(a) => import::import(&g, a),
         Command::Version => {
             println!("tinyscheduler {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)

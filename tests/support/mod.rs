@@ -204,3 +204,5 @@ pub fn queue(name: &str) -> String {
 pub fn task(name: &str, queue: &str) -> String {
     format!("{API}\nkind: Task\nmetadata:\n  name: {name}\nspec:\n  queue: {queue}\n")
 }
+
+pub mod tinytask_server;

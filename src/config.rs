@@ -1,0 +1,824 @@
+//! Global settings: what each one is, where it came from, and how the process gets them.
+//!
+//! Precedence, highest first: command-line flags, the process environment, a `.env` file (the
+//! one named by `--env-file FILE`, else `./.env` when it exists), built-in defaults. Environment
+//! variables keep the Python tinyscheduler's names (`TINYSCHEDULER_*`) so an existing `.env`
+//! keeps working; an empty value counts as unset.
+//!
+//! `TINYSCHEDULER_BASE_PATH`: when set and no state directory is given (flag or
+//! `TINYSCHEDULER_STATE_DIR`), the state directory defaults to `<base>/state`, the recipes
+//! directory to `<base>/recipes`, and relative `TINYSCHEDULER_RECIPES_DIR` and
+//! `TINYSCHEDULER_AGENT_CONTROL_FILE` paths are taken relative to the base (as the Python
+//! scheduler did).
+//!
+//! The binary loads the `.env` file once at start ([`parse_cli`]): its variables are exported
+//! into the process environment where they are not already set, so every part that reads a
+//! `TINYSCHEDULER_*` variable sees the same values, and the resolved [`Settings`] (with sources)
+//! are kept for [`current`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// Default `TINYSCHEDULER_LOOP_INTERVAL_SEC` (the informers' resync period).
+pub const DEFAULT_LOOP_INTERVAL_SEC: u64 = 30;
+/// Default tinytask endpoint.
+pub const DEFAULT_TINYTASK_ENDPOINT: &str = crate::tinytask::DEFAULT_ENDPOINT;
+
+/// Where a setting's value came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A command-line flag.
+    Flag,
+    /// The process environment.
+    Env,
+    /// The `.env` file (its path is [`Settings::env_file`]).
+    DotEnv,
+    /// The built-in default.
+    Default,
+    /// Derived from `TINYSCHEDULER_BASE_PATH`.
+    BasePath,
+}
+
+impl Source {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Source::Flag => "flag",
+            Source::Env => "env",
+            Source::DotEnv => ".env",
+            Source::Default => "default",
+            Source::BasePath => "base-path",
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One setting: its value, where it came from, and how to set it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Setting<T> {
+    pub value: T,
+    pub source: Source,
+    /// The environment variable.
+    pub env: &'static str,
+    /// The command-line flag, if there is one.
+    pub flag: Option<&'static str>,
+}
+
+/// Every global setting, resolved.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub state_dir: Setting<PathBuf>,
+    pub base_path: Setting<Option<PathBuf>>,
+    pub recipes_dir: Setting<PathBuf>,
+    pub loop_interval: Setting<Duration>,
+    pub heartbeat_sec: Setting<u64>,
+    pub max_runtime_sec: Setting<u64>,
+    pub goose_bin: Setting<String>,
+    pub tinytask_endpoint: Setting<String>,
+    pub log_level: Setting<String>,
+    pub dry_run: Setting<bool>,
+    pub disable_blocking: Setting<bool>,
+    pub agent_limits: Setting<BTreeMap<String, u32>>,
+    pub agent_control_file: Setting<Option<PathBuf>>,
+    /// The `.env` file that was read, if any.
+    pub env_file: Option<PathBuf>,
+    /// Python-era variables that are set but have no effect here, with what to do instead.
+    pub ignored: Vec<(String, &'static str)>,
+}
+
+/// A settings error: names the variable (or file and line) and what was wrong.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Values given as command-line flags (`None` = not given).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Flags {
+    pub state_dir: Option<PathBuf>,
+    pub tinytask_endpoint: Option<String>,
+    pub dry_run: Option<bool>,
+}
+
+/// A parsed `.env` file.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DotEnv {
+    pub path: PathBuf,
+    pub vars: BTreeMap<String, String>,
+}
+
+/// Python-era variables this scheduler does not use, and what replaces them.
+pub const IGNORED_VARS: &[(&str, &str)] = &[
+    (
+        "TINYSCHEDULER_RUNNING_DIR",
+        "runs are Lease objects in the state directory",
+    ),
+    (
+        "TINYSCHEDULER_LOG_DIR",
+        "run logs live in <state>/logs/<task>/<attempt>.log",
+    ),
+    (
+        "TINYSCHEDULER_TASK_CACHE_DIR",
+        "tasks are Task objects in the state directory",
+    ),
+    (
+        "TINYSCHEDULER_LOCK_FILE",
+        "the lock lives in the state directory",
+    ),
+    (
+        "TINYSCHEDULER_BIN_DIR",
+        "the wrapper scripts are not needed",
+    ),
+    (
+        "TINYSCHEDULER_ENABLED",
+        "enable or disable the systemd unit instead",
+    ),
+];
+
+impl DotEnv {
+    /// Parses `.env` text: `KEY=VALUE` lines, blank lines and `#` comments, an optional
+    /// `export ` prefix, values optionally in single quotes (literal) or double quotes (`\n`,
+    /// `\"`, `\\` escapes), an unquoted value ends at ` #`. A bad line is an error naming the
+    /// file and line.
+    pub fn parse(path: &Path, text: &str) -> Result<DotEnv, ConfigError> {
+        let mut vars = BTreeMap::new();
+        for (i, raw) in text.lines().enumerate() {
+            let at = || format!("{}:{}", path.display(), i + 1);
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let line = line
+                .strip_prefix("export ")
+                .map(str::trim_start)
+                .unwrap_or(line);
+            let Some((key, value)) = line.split_once('=') else {
+                return Err(ConfigError(format!(
+                    "{}: expected KEY=VALUE, got {line:?}",
+                    at()
+                )));
+            };
+            let key = key.trim();
+            let valid = key
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(ConfigError(format!(
+                    "{}: invalid variable name {key:?}",
+                    at()
+                )));
+            }
+            let value =
+                parse_value(value.trim()).map_err(|m| ConfigError(format!("{}: {m}", at())))?;
+            vars.insert(key.to_string(), value);
+        }
+        Ok(DotEnv {
+            path: path.to_path_buf(),
+            vars,
+        })
+    }
+
+    /// Reads and parses a `.env` file.
+    pub fn load(path: &Path) -> Result<DotEnv, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read env file {}: {e}", path.display())))?;
+        DotEnv::parse(path, &text)
+    }
+
+    /// The file named by `--env-file` (which must exist), else `./.env` if it exists.
+    pub fn discover(explicit: Option<&Path>) -> Result<Option<DotEnv>, ConfigError> {
+        match explicit {
+            Some(p) => DotEnv::load(p).map(Some),
+            None => {
+                let p = Path::new(".env");
+                if p.is_file() {
+                    DotEnv::load(p).map(Some)
+                } else {
+                    Ok(None)
+                }
+            }
+        }
+    }
+}
+
+fn parse_value(v: &str) -> Result<String, String> {
+    if let Some(rest) = v.strip_prefix('"') {
+        let mut out = String::new();
+        let mut chars = rest.chars();
+        loop {
+            match chars.next() {
+                None => return Err("unterminated double quote".into()),
+                Some('"') => break,
+                Some('\\') => match chars.next() {
+                    Some('n') => out.push('\n'),
+                    Some('t') => out.push('\t'),
+                    Some(c @ ('"' | '\\' | '$')) => out.push(c),
+                    Some(c) => {
+                        out.push('\\');
+                        out.push(c);
+                    }
+                    None => return Err("unterminated double quote".into()),
+                },
+                Some(c) => out.push(c),
+            }
+        }
+        trailing(chars.as_str())?;
+        Ok(out)
+    } else if let Some(rest) = v.strip_prefix('\'') {
+        let Some(end) = rest.find('\'') else {
+            return Err("unterminated single quote".into());
+        };
+        trailing(&rest[end + 1..])?;
+        Ok(rest[..end].to_string())
+    } else {
+        let v = match v.find(" #").or_else(|| v.find("\t#")) {
+            Some(i) => &v[..i],
+            None => v,
+        };
+        Ok(v.trim().to_string())
+    }
+}
+
+fn trailing(rest: &str) -> Result<(), String> {
+    let rest = rest.trim();
+    if rest.is_empty() || rest.starts_with('#') {
+        Ok(())
+    } else {
+        Err(format!("unexpected text after the closing quote: {rest:?}"))
+    }
+}
+
+/// Resolves every setting from flags, an environment lookup and an optional `.env` file.
+pub fn resolve(
+    flags: &Flags,
+    env: &dyn Fn(&str) -> Option<String>,
+    dotenv: Option<&DotEnv>,
+) -> Result<Settings, ConfigError> {
+    let lookup = |name: &'static str| -> Option<(String, Source)> {
+        if let Some(v) = env(name).filter(|v| !v.is_empty()) {
+            return Some((v, Source::Env));
+        }
+        dotenv
+            .and_then(|d| d.vars.get(name))
+            .filter(|v| !v.is_empty())
+            .map(|v| (v.clone(), Source::DotEnv))
+    };
+    fn setting<T>(
+        value: T,
+        source: Source,
+        env: &'static str,
+        flag: Option<&'static str>,
+    ) -> Setting<T> {
+        Setting {
+            value,
+            source,
+            env,
+            flag,
+        }
+    }
+
+    const BASE: &str = "TINYSCHEDULER_BASE_PATH";
+    let base_path = match lookup(BASE) {
+        Some((v, s)) => setting(Some(PathBuf::from(v)), s, BASE, None),
+        None => setting(None, Source::Default, BASE, None),
+    };
+    let base = base_path.value.clone();
+    let under_base = |p: PathBuf| match (&base, p.is_absolute()) {
+        (Some(b), false) => b.join(p),
+        _ => p,
+    };
+
+    const STATE: &str = "TINYSCHEDULER_STATE_DIR";
+    let state_dir = if let Some(p) = &flags.state_dir {
+        setting(p.clone(), Source::Flag, STATE, Some("--state-dir"))
+    } else if let Some((v, s)) = lookup(STATE) {
+        setting(PathBuf::from(v), s, STATE, Some("--state-dir"))
+    } else if let Some(b) = &base {
+        setting(
+            b.join("state"),
+            Source::BasePath,
+            STATE,
+            Some("--state-dir"),
+        )
+    } else {
+        setting(
+            PathBuf::from("./state"),
+            Source::Default,
+            STATE,
+            Some("--state-dir"),
+        )
+    };
+
+    const RECIPES: &str = "TINYSCHEDULER_RECIPES_DIR";
+    let recipes_dir = if let Some((v, s)) = lookup(RECIPES) {
+        setting(under_base(PathBuf::from(v)), s, RECIPES, None)
+    } else if let Some(b) = &base {
+        setting(b.join("recipes"), Source::BasePath, RECIPES, None)
+    } else {
+        setting(PathBuf::from("./recipes"), Source::Default, RECIPES, None)
+    };
+
+    let positive = |name: &'static str, default: u64| -> Result<Setting<u64>, ConfigError> {
+        match lookup(name) {
+            None => Ok(setting(default, Source::Default, name, None)),
+            Some((v, s)) => match v.trim().parse::<u64>() {
+                Ok(n) if n > 0 => Ok(setting(n, s, name, None)),
+                _ => Err(ConfigError(format!(
+                    "{name}: expected a positive integer, got {v:?}"
+                ))),
+            },
+        }
+    };
+    let loop_secs = positive("TINYSCHEDULER_LOOP_INTERVAL_SEC", DEFAULT_LOOP_INTERVAL_SEC)?;
+    let loop_interval = Setting {
+        value: Duration::from_secs(loop_secs.value),
+        source: loop_secs.source,
+        env: loop_secs.env,
+        flag: None,
+    };
+    let heartbeat_sec = positive(
+        "TINYSCHEDULER_HEARTBEAT_SEC",
+        crate::resources::agent::DEFAULT_HEARTBEAT_SECONDS as u64,
+    )?;
+    let max_runtime_sec = positive(
+        "TINYSCHEDULER_MAX_RUNTIME_SEC",
+        crate::resources::agent::DEFAULT_MAX_RUNTIME_SECONDS as u64,
+    )?;
+
+    const GOOSE: &str = "TINYSCHEDULER_GOOSE_BIN";
+    let goose_bin = match lookup(GOOSE) {
+        Some((v, s)) => setting(v, s, GOOSE, None),
+        None => setting("goose".to_string(), Source::Default, GOOSE, None),
+    };
+
+    const ENDPOINT: &str = "TINYSCHEDULER_MCP_ENDPOINT";
+    let tinytask_endpoint = if let Some(v) = &flags.tinytask_endpoint {
+        check_endpoint("--tinytask-endpoint", v)?;
+        setting(
+            v.clone(),
+            Source::Flag,
+            ENDPOINT,
+            Some("--tinytask-endpoint"),
+        )
+    } else if let Some((v, s)) = lookup(ENDPOINT) {
+        check_endpoint(ENDPOINT, &v)?;
+        setting(v, s, ENDPOINT, Some("--tinytask-endpoint"))
+    } else {
+        setting(
+            DEFAULT_TINYTASK_ENDPOINT.to_string(),
+            Source::Default,
+            ENDPOINT,
+            Some("--tinytask-endpoint"),
+        )
+    };
+
+    const LOG: &str = "TINYSCHEDULER_LOG_LEVEL";
+    let log_level = match lookup(LOG) {
+        None => setting("info".to_string(), Source::Default, LOG, None),
+        Some((v, s)) => {
+            let level = match v.trim().to_ascii_lowercase().as_str() {
+                l @ ("trace" | "debug" | "info" | "warn" | "error" | "off") => l.to_string(),
+                "warning" => "warn".to_string(),
+                "critical" | "fatal" => "error".to_string(),
+                _ => {
+                    return Err(ConfigError(format!(
+                        "{LOG}: expected one of trace, debug, info, warn, error, off, got {v:?}"
+                    )))
+                }
+            };
+            setting(level, s, LOG, None)
+        }
+    };
+
+    let boolean = |name: &'static str, flag_name: Option<&'static str>, flag: Option<bool>| {
+        if let Some(b) = flag {
+            return Ok(setting(b, Source::Flag, name, flag_name));
+        }
+        match lookup(name) {
+            None => Ok(setting(false, Source::Default, name, flag_name)),
+            Some((v, s)) => match parse_bool(&v) {
+                Some(b) => Ok(setting(b, s, name, flag_name)),
+                None => Err(ConfigError(format!(
+                    "{name}: expected true or false, got {v:?}"
+                ))),
+            },
+        }
+    };
+    let dry_run = boolean(
+        "TINYSCHEDULER_DRY_RUN",
+        Some("run --dry-run"),
+        flags.dry_run,
+    )?;
+    let disable_blocking = boolean("TINYSCHEDULER_DISABLE_BLOCKING", None, None)?;
+
+    const LIMITS: &str = "TINYSCHEDULER_AGENT_LIMITS";
+    let agent_limits = match lookup(LIMITS) {
+        None => setting(BTreeMap::new(), Source::Default, LIMITS, None),
+        Some((v, s)) => setting(
+            parse_agent_limits(&v).map_err(|m| ConfigError(format!("{LIMITS}: {m}")))?,
+            s,
+            LIMITS,
+            None,
+        ),
+    };
+
+    const CONTROL: &str = "TINYSCHEDULER_AGENT_CONTROL_FILE";
+    let agent_control_file = match lookup(CONTROL) {
+        Some((v, s)) => setting(Some(under_base(PathBuf::from(v))), s, CONTROL, None),
+        None => setting(None, Source::Default, CONTROL, None),
+    };
+
+    let ignored = IGNORED_VARS
+        .iter()
+        .filter(|(name, _)| lookup(name).is_some())
+        .map(|(name, why)| (name.to_string(), *why))
+        .collect();
+
+    Ok(Settings {
+        state_dir,
+        base_path,
+        recipes_dir,
+        loop_interval,
+        heartbeat_sec,
+        max_runtime_sec,
+        goose_bin,
+        tinytask_endpoint,
+        log_level,
+        dry_run,
+        disable_blocking,
+        agent_limits,
+        agent_control_file,
+        env_file: dotenv.map(|d| d.path.clone()),
+        ignored,
+    })
+}
+
+fn check_endpoint(name: &str, v: &str) -> Result<(), ConfigError> {
+    crate::tinytask::Client::new(v)
+        .map(|_| ())
+        .map_err(|e| match e {
+            crate::tinytask::Error::InvalidEndpoint { message, .. } => ConfigError(format!(
+                "{name}: expected an http:// or https:// URL, got {v:?} ({message})"
+            )),
+            other => ConfigError(format!("{name}: {other}")),
+        })
+}
+
+/// `true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off`, any case.
+pub fn parse_bool(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Some(true),
+        "false" | "0" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+/// Parses agent limits: a JSON object `{"vaela": 2}` or `vaela:2,damien:1` (`=` also accepted).
+/// Counts are non-negative integers; 0 means "no slots" (imported as a paused agent).
+pub fn parse_agent_limits(s: &str) -> Result<BTreeMap<String, u32>, String> {
+    let s = s.trim();
+    let mut out = BTreeMap::new();
+    if s.starts_with('{') {
+        let v: Value = serde_json::from_str(s).map_err(|e| format!("invalid JSON: {e}"))?;
+        let Value::Object(m) = v else {
+            return Err("the JSON must be an object".into());
+        };
+        for (agent, n) in m {
+            let n = n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| format!("{agent}: expected a non-negative integer, got {n}"))?;
+            out.insert(agent, n);
+        }
+        return Ok(out);
+    }
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((agent, n)) = part.split_once(':').or_else(|| part.split_once('=')) else {
+            return Err(format!("expected agent:slots, got {part:?}"));
+        };
+        let agent = agent.trim();
+        if agent.is_empty() {
+            return Err(format!("expected agent:slots, got {part:?}"));
+        }
+        let n = n.trim().parse::<u32>().map_err(|_| {
+            format!(
+                "{agent}: expected a non-negative integer, got {:?}",
+                n.trim()
+            )
+        })?;
+        out.insert(agent.to_string(), n);
+    }
+    Ok(out)
+}
+
+impl Settings {
+    /// Rows of (name, value, source, env var, flag) for printing.
+    pub fn rows(
+        &self,
+    ) -> Vec<(
+        &'static str,
+        Value,
+        &Source,
+        &'static str,
+        Option<&'static str>,
+    )> {
+        fn row<'a, T>(
+            name: &'static str,
+            s: &'a Setting<T>,
+            v: Value,
+        ) -> (
+            &'static str,
+            Value,
+            &'a Source,
+            &'static str,
+            Option<&'static str>,
+        ) {
+            (name, v, &s.source, s.env, s.flag)
+        }
+        vec![
+            row("state_dir", &self.state_dir, json!(self.state_dir.value)),
+            row("base_path", &self.base_path, json!(self.base_path.value)),
+            row(
+                "recipes_dir",
+                &self.recipes_dir,
+                json!(self.recipes_dir.value),
+            ),
+            row(
+                "loop_interval",
+                &self.loop_interval,
+                json!(self.loop_interval.value.as_secs()),
+            ),
+            row(
+                "heartbeat_sec",
+                &self.heartbeat_sec,
+                json!(self.heartbeat_sec.value),
+            ),
+            row(
+                "max_runtime_sec",
+                &self.max_runtime_sec,
+                json!(self.max_runtime_sec.value),
+            ),
+            row("goose_bin", &self.goose_bin, json!(self.goose_bin.value)),
+            row(
+                "tinytask_endpoint",
+                &self.tinytask_endpoint,
+                json!(self.tinytask_endpoint.value),
+            ),
+            row("log_level", &self.log_level, json!(self.log_level.value)),
+            row("dry_run", &self.dry_run, json!(self.dry_run.value)),
+            row(
+                "disable_blocking",
+                &self.disable_blocking,
+                json!(self.disable_blocking.value),
+            ),
+            row(
+                "agent_limits",
+                &self.agent_limits,
+                json!(self.agent_limits.value),
+            ),
+            row(
+                "agent_control_file",
+                &self.agent_control_file,
+                json!(self.agent_control_file.value),
+            ),
+        ]
+    }
+
+    /// `{"settings": {name: {value, source, env, flag}}, "envFile": …, "ignored": […]}`.
+    pub fn to_json(&self) -> Value {
+        let mut m = serde_json::Map::new();
+        for (name, value, source, env, flag) in self.rows() {
+            m.insert(
+                name.to_string(),
+                json!({"value": value, "source": source.as_str(), "env": env, "flag": flag}),
+            );
+        }
+        json!({
+            "settings": m,
+            "envFile": self.env_file,
+            "ignored": self.ignored.iter().map(|(k, why)| json!({"env": k, "reason": why})).collect::<Vec<_>>(),
+        })
+    }
+}
+
+// ---- process integration ----
+
+static CURRENT: OnceLock<Settings> = OnceLock::new();
+
+/// The settings the binary resolved at start ([`parse_cli`]); `None` in library use or for
+/// commands that do not read settings (`version`, `shim`).
+pub fn current() -> Option<&'static Settings> {
+    CURRENT.get()
+}
+
+/// Parses the command line for the binary: reads the `.env` file (exporting its variables where
+/// the environment does not set them, before any thread starts), re-parses so flags with an
+/// `env` fallback see them, resolves [`Settings`] and applies the effective state directory
+/// (`TINYSCHEDULER_BASE_PATH`) to the parsed globals.
+pub fn parse_cli() -> Result<crate::cli::Cli, ConfigError> {
+    use crate::cli::Command;
+    use clap::{CommandFactory, FromArgMatches};
+
+    let parse = || -> clap::ArgMatches { crate::cli::Cli::command().get_matches() };
+    let from =
+        |m: &clap::ArgMatches| crate::cli::Cli::from_arg_matches(m).unwrap_or_else(|e| e.exit());
+    let matches = parse();
+    let cli = from(&matches);
+    if matches!(cli.command, Command::Version | Command::Shim(_)) {
+        return Ok(cli);
+    }
+    let dotenv = DotEnv::discover(cli.globals.env_file.as_deref())?;
+    let mut injected = BTreeSet::new();
+    if let Some(d) = &dotenv {
+        for (k, v) in &d.vars {
+            if std::env::var_os(k).is_none_or(|x| x.is_empty()) {
+                // Single-threaded here: nothing else reads the environment concurrently.
+                std::env::set_var(k, v);
+                injected.insert(k.clone());
+            }
+        }
+    }
+    let (matches, mut cli) = if injected.is_empty() {
+        (matches, cli)
+    } else {
+        let m = parse();
+        let c = from(&m);
+        (m, c)
+    };
+    let given = |m: &clap::ArgMatches, id: &str| {
+        matches!(
+            m.try_get_raw(id)
+                .ok()
+                .flatten()
+                .and_then(|_| m.value_source(id)),
+            Some(clap::parser::ValueSource::CommandLine)
+        )
+    };
+    let flags = Flags {
+        state_dir: given(&matches, "state_dir").then(|| cli.globals.state_dir.clone()),
+        tinytask_endpoint: cli.globals.tinytask_endpoint.clone(),
+        dry_run: matches
+            .subcommand_matches("run")
+            .filter(|m| given(m, "dry_run"))
+            .map(|_| true),
+    };
+    let env = |k: &str| {
+        if injected.contains(k) {
+            None
+        } else {
+            std::env::var(k).ok()
+        }
+    };
+    let settings = resolve(&flags, &env, dotenv.as_ref())?;
+    cli.globals.state_dir = settings.state_dir.value.clone();
+    let _ = CURRENT.set(settings);
+    Ok(cli)
+}
+
+/// The settings for a command: those resolved at start, or (library use) resolved now from the
+/// globals and the process environment.
+pub fn settings_for(g: &crate::cli::Globals) -> Result<Settings, ConfigError> {
+    if let Some(s) = current() {
+        return Ok(s.clone());
+    }
+    let dotenv = DotEnv::discover(g.env_file.as_deref())?;
+    let flags = Flags {
+        state_dir: Some(g.state_dir.clone()),
+        tinytask_endpoint: g.tinytask_endpoint.clone(),
+        dry_run: None,
+    };
+    resolve(&flags, &|k| std::env::var(k).ok(), dotenv.as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k: &str| m.get(k).cloned()
+    }
+
+    fn dotenv(text: &str) -> DotEnv {
+        DotEnv::parse(Path::new("test.env"), text).unwrap()
+    }
+
+    #[test]
+    fn a_flag_beats_the_environment_which_beats_dotenv_which_beats_the_default() {
+        let d =
+            dotenv("TINYSCHEDULER_MCP_ENDPOINT=http://dotenv:1\nTINYSCHEDULER_HEARTBEAT_SEC=7\n");
+        let env = env_of(&[("TINYSCHEDULER_MCP_ENDPOINT", "http://env:1")]);
+        let flags = Flags {
+            tinytask_endpoint: Some("http://flag:1".into()),
+            ..Flags::default()
+        };
+        let s = resolve(&flags, &env, Some(&d)).unwrap();
+        assert_eq!(s.tinytask_endpoint.value, "http://flag:1");
+        assert_eq!(s.tinytask_endpoint.source, Source::Flag);
+        let s = resolve(&Flags::default(), &env, Some(&d)).unwrap();
+        assert_eq!(s.tinytask_endpoint.source, Source::Env);
+        assert_eq!(s.heartbeat_sec.value, 7);
+        assert_eq!(s.heartbeat_sec.source, Source::DotEnv);
+        let s = resolve(&Flags::default(), &env_of(&[]), None).unwrap();
+        assert_eq!(s.tinytask_endpoint.value, "http://localhost:3000");
+        assert_eq!(s.tinytask_endpoint.source, Source::Default);
+        assert_eq!(s.loop_interval.value, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_base_path_moves_the_default_state_dir_but_not_an_explicit_one() {
+        let env = env_of(&[("TINYSCHEDULER_BASE_PATH", "/srv/calypso")]);
+        let s = resolve(&Flags::default(), &env, None).unwrap();
+        assert_eq!(s.state_dir.value, PathBuf::from("/srv/calypso/state"));
+        assert_eq!(s.state_dir.source, Source::BasePath);
+        assert_eq!(s.recipes_dir.value, PathBuf::from("/srv/calypso/recipes"));
+        let env = env_of(&[
+            ("TINYSCHEDULER_BASE_PATH", "/srv/calypso"),
+            ("TINYSCHEDULER_STATE_DIR", "/var/lib/ts"),
+        ]);
+        let s = resolve(&Flags::default(), &env, None).unwrap();
+        assert_eq!(s.state_dir.value, PathBuf::from("/var/lib/ts"));
+    }
+
+    #[test]
+    fn invalid_values_name_the_variable_and_the_value() {
+        let env = env_of(&[("TINYSCHEDULER_LOOP_INTERVAL_SEC", "abc")]);
+        let e = resolve(&Flags::default(), &env, None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "TINYSCHEDULER_LOOP_INTERVAL_SEC: expected a positive integer, got \"abc\""
+        );
+        let env = env_of(&[("TINYSCHEDULER_AGENT_LIMITS", "vaela:x")]);
+        let e = resolve(&Flags::default(), &env, None).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("TINYSCHEDULER_AGENT_LIMITS: vaela"),
+            "{e}"
+        );
+        let env = env_of(&[("TINYSCHEDULER_DRY_RUN", "maybe")]);
+        assert!(resolve(&Flags::default(), &env, None).is_err());
+        let env = env_of(&[("TINYSCHEDULER_MCP_ENDPOINT", "localhost:3000")]);
+        let e = resolve(&Flags::default(), &env, None).unwrap_err();
+        assert!(
+            e.to_string().starts_with("TINYSCHEDULER_MCP_ENDPOINT:"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn agent_limits_read_json_or_the_simple_form() {
+        let want: BTreeMap<String, u32> = [("a".to_string(), 1), ("b".to_string(), 2)].into();
+        assert_eq!(parse_agent_limits(r#"{"a": 1, "b": 2}"#).unwrap(), want);
+        assert_eq!(parse_agent_limits("a:1, b:2").unwrap(), want);
+        assert_eq!(parse_agent_limits("a=1,b=2").unwrap(), want);
+        assert!(parse_agent_limits(r#"{"a": -1}"#).is_err());
+        assert!(parse_agent_limits("a").is_err());
+    }
+
+    #[test]
+    fn dotenv_reads_quotes_comments_and_export_prefixes() {
+        let d = dotenv(
+            "# comment\n\nexport A=1\nB=\"two words # not a comment\"\nC='lit\\n' # c\nD=plain # trailing\nE=\n",
+        );
+        assert_eq!(d.vars["A"], "1");
+        assert_eq!(d.vars["B"], "two words # not a comment");
+        assert_eq!(d.vars["C"], "lit\\n");
+        assert_eq!(d.vars["D"], "plain");
+        assert_eq!(d.vars["E"], "");
+    }
+
+    #[test]
+    fn dotenv_errors_name_the_file_and_line() {
+        let e = DotEnv::parse(Path::new("/x/.env"), "A=1\nthis is not valid\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/x/.env:2: expected KEY=VALUE, got \"this is not valid\""
+        );
+        let e = DotEnv::parse(Path::new(".env"), "A=\"open\n").unwrap_err();
+        assert_eq!(e.to_string(), ".env:1: unterminated double quote");
+        let e = DotEnv::parse(Path::new(".env"), "\n\n1A=x\n").unwrap_err();
+        assert!(
+            e.to_string().starts_with(".env:3: invalid variable name"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,169 @@
+//! `tinyscheduler import`: manifests from a Python-era agent-control.json, driving the binary.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+use tinyscheduler::resources::registry::{admit, Kind};
+
+fn cmd(dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tinyscheduler"));
+    c.current_dir(dir);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TINYSCHEDULER_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+/// Decodes multi-document YAML and admits every document as `apply` would.
+fn admitted(yaml: &str) -> Vec<Value> {
+    let docs: Vec<Value> = serde_saphyr::from_multiple(yaml).expect("valid YAML");
+    docs.iter()
+        .map(|d| {
+            let kind = Kind::from_kind_field(d["kind"].as_str().unwrap()).unwrap();
+            admit(kind, d).unwrap_or_else(|e| panic!("{d}: {e:?}"))
+        })
+        .collect()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind}/{name} in {docs:?}"))
+}
+
+#[test]
+fn a_python_agent_control_list_with_limits_becomes_admissible_agents_and_tinytask_queues() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("agent-control.json"),
+        r#"[{"agentName": "vaela", "agentType": "dev"},
+            {"agentName": "damien", "agentType": "dev", "comment": "ignored"},
+            {"agentName": "oscar", "agentType": "QA_Team"}]"#,
+    )
+    .unwrap();
+    let out = cmd(dir.path())
+        .args(["import", "--agent-control", "agent-control.json"])
+        .args(["--limits", r#"{"vaela": 3, "dispatcher": 1}"#])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs = admitted(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(docs.len(), 6, "2 queues + 4 agents");
+    assert_eq!(find(&docs, "Queue", "dev")["spec"]["source"], "tinytask");
+    assert_eq!(
+        find(&docs, "Queue", "qa-team")["spec"]["remoteQueue"],
+        "QA_Team"
+    );
+    let vaela = find(&docs, "Agent", "vaela");
+    assert_eq!(vaela["spec"]["maxConcurrency"], 3);
+    assert_eq!(vaela["spec"]["queue"], "dev");
+    assert!(vaela["spec"].get("command").is_none(), "Goose default");
+    assert_eq!(find(&docs, "Agent", "oscar")["spec"]["queue"], "qa-team");
+    assert!(find(&docs, "Agent", "dispatcher")["spec"]
+        .get("queue")
+        .is_none());
+}
+
+#[test]
+fn an_agents_map_with_recipes_and_disabled_agents_is_written_one_file_per_object() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("ac.json"),
+        r#"{"agents": {
+             "vaela": {"enabled": true, "queue": "dev", "recipe": "recipes/dev-special.yaml", "future": [1]},
+             "sage": {"enabled": false, "queue": "product"}
+           }}"#,
+    )
+    .unwrap();
+    let out = cmd(dir.path())
+        .args(["import", "--agent-control", "ac.json", "-o", "manifests"])
+        .env("TINYSCHEDULER_GOOSE_BIN", "/opt/goose")
+        .env("TINYSCHEDULER_BASE_PATH", "/srv/calypso")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("agent.tinyscheduler.io/vaela written to manifests/agent-vaela.yaml"));
+    let mut docs = Vec::new();
+    for e in std::fs::read_dir(dir.path().join("manifests")).unwrap() {
+        docs.extend(admitted(
+            &std::fs::read_to_string(e.unwrap().path()).unwrap(),
+        ));
+    }
+    assert_eq!(docs.len(), 4);
+    let vaela = find(&docs, "Agent", "vaela");
+    assert_eq!(vaela["spec"]["command"][0], "/opt/goose");
+    assert_eq!(vaela["spec"]["command"][3], "recipes/dev-special.yaml");
+    assert_eq!(vaela["spec"]["workingDir"], "/srv/calypso");
+    assert_eq!(find(&docs, "Agent", "sage")["spec"]["paused"], true);
+}
+
+#[test]
+fn an_unusable_field_is_an_error_naming_the_file_and_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("ac.json"),
+        r#"{"agents": {"vaela": {"queue": ["dev"]}}}"#,
+    )
+    .unwrap();
+    let out = cmd(dir.path())
+        .args(["import", "--agent-control", "ac.json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "error: ac.json: agents.vaela.queue: expected a string, got a list"
+    );
+    std::fs::write(
+        dir.path().join("bad.json"),
+        r#"[{"agentName": "Not_Valid"}]"#,
+    )
+    .unwrap();
+    let out = cmd(dir.path())
+        .args(["import", "--agent-control", "bad.json"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("[0]: \"Not_Valid\" is not a valid agent name"));
+    assert!(out.stdout.is_empty(), "nothing written on error");
+}
+
+#[test]
+fn the_control_file_and_limits_default_to_the_python_era_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("docs/technical")).unwrap();
+    std::fs::write(
+        dir.path().join("docs/technical/agent-control.json"),
+        r#"["vaela"]"#,
+    )
+    .unwrap();
+    let out = cmd(dir.path())
+        .arg("import")
+        .env("TINYSCHEDULER_BASE_PATH", dir.path())
+        .env(
+            "TINYSCHEDULER_AGENT_CONTROL_FILE",
+            "docs/technical/agent-control.json",
+        )
+        .env("TINYSCHEDULER_AGENT_LIMITS", "vaela:2")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs = admitted(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(find(&docs, "Agent", "vaela")["spec"]["maxConcurrency"], 2);
+}

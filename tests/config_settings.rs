@@ -1,0 +1,191 @@
+//! Settings precedence and `.env` handling, driving the real binary.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// The binary in `dir`, with no inherited `TINYSCHEDULER_*` variables.
+fn cmd(dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tinyscheduler"));
+    c.current_dir(dir);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TINYSCHEDULER_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn config_json(out: Output) -> Value {
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Value>(&out.stdout).unwrap()["settings"].clone()
+}
+
+fn setting(s: &Value, name: &str) -> (Value, String) {
+    (
+        s[name]["value"].clone(),
+        s[name]["source"].as_str().unwrap().to_string(),
+    )
+}
+
+#[test]
+fn a_flag_beats_the_environment_which_beats_dotenv_which_beats_the_default() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        "TINYSCHEDULER_MCP_ENDPOINT=http://dotenv:1\n\
+         TINYSCHEDULER_LOOP_INTERVAL_SEC=7\n\
+         export TINYSCHEDULER_HEARTBEAT_SEC=\"9\"\n\
+         TINYSCHEDULER_STATE_DIR=from-dotenv # the state dir\n",
+    )
+    .unwrap();
+    let s = config_json(
+        cmd(dir.path())
+            .args(["config", "--json"])
+            .env("TINYSCHEDULER_MCP_ENDPOINT", "http://env:1")
+            .env("TINYSCHEDULER_LOOP_INTERVAL_SEC", "8")
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(
+        setting(&s, "tinytask_endpoint"),
+        ("http://env:1".into(), "env".into())
+    );
+    assert_eq!(setting(&s, "loop_interval"), (8.into(), "env".into()));
+    assert_eq!(setting(&s, "heartbeat_sec"), (9.into(), ".env".into()));
+    assert_eq!(
+        setting(&s, "state_dir"),
+        ("from-dotenv".into(), ".env".into())
+    );
+    assert_eq!(
+        setting(&s, "max_runtime_sec"),
+        (3600.into(), "default".into())
+    );
+
+    let s = config_json(
+        cmd(dir.path())
+            .args(["config", "--json", "--tinytask-endpoint", "http://flag:1"])
+            .args(["--state-dir", "from-flag"])
+            .env("TINYSCHEDULER_MCP_ENDPOINT", "http://env:1")
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(
+        setting(&s, "tinytask_endpoint"),
+        ("http://flag:1".into(), "flag".into())
+    );
+    assert_eq!(
+        setting(&s, "state_dir"),
+        ("from-flag".into(), "flag".into())
+    );
+}
+
+#[test]
+fn an_env_file_flag_replaces_the_working_directory_dotenv() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        "TINYSCHEDULER_GOOSE_BIN=/from/cwd\n",
+    )
+    .unwrap();
+    let other = dir.path().join("prod.env");
+    std::fs::write(&other, "TINYSCHEDULER_GOOSE_BIN=/from/prod\n").unwrap();
+    let s = config_json(
+        cmd(dir.path())
+            .args(["--env-file", other.to_str().unwrap(), "config", "--json"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(
+        setting(&s, "goose_bin"),
+        ("/from/prod".into(), ".env".into())
+    );
+    let missing = cmd(dir.path())
+        .args(["--env-file", "nope.env", "config"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("nope.env"));
+}
+
+#[test]
+fn a_bad_dotenv_line_is_an_error_naming_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        "# settings\nTINYSCHEDULER_DRY_RUN=true\nnot an assignment\n",
+    )
+    .unwrap();
+    let out = cmd(dir.path()).args(["config"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(".env:3: expected KEY=VALUE, got \"not an assignment\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_invalid_value_is_an_error_naming_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cmd(dir.path())
+        .args(["config"])
+        .env("TINYSCHEDULER_LOOP_INTERVAL_SEC", "abc")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "error: TINYSCHEDULER_LOOP_INTERVAL_SEC: expected a positive integer, got \"abc\""
+    );
+    let out = cmd(dir.path())
+        .args(["config"])
+        .env("TINYSCHEDULER_AGENT_LIMITS", "{\"vaela\": \"two\"}")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TINYSCHEDULER_AGENT_LIMITS: vaela"));
+}
+
+#[test]
+fn a_base_path_puts_the_default_state_dir_under_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = config_json(
+        cmd(dir.path())
+            .args(["config", "--json"])
+            .env("TINYSCHEDULER_BASE_PATH", "/srv/calypso")
+            .env("TINYSCHEDULER_AGENT_LIMITS", "vaela:2,damien:1")
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(
+        setting(&s, "state_dir"),
+        ("/srv/calypso/state".into(), "base-path".into())
+    );
+    assert_eq!(
+        s["agent_limits"]["value"],
+        serde_json::json!({"vaela": 2, "damien": 1})
+    );
+}
+
+#[test]
+fn the_config_table_lists_every_setting_with_its_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cmd(dir.path())
+        .args(["config"])
+        .env("TINYSCHEDULER_DRY_RUN", "yes")
+        .env("TINYSCHEDULER_RUNNING_DIR", "/old")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("NAME"), "{table}");
+    let dry = table.lines().find(|l| l.starts_with("dry_run")).unwrap();
+    assert!(dry.contains("true") && dry.contains(" env "), "{dry}");
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("TINYSCHEDULER_RUNNING_DIR is set but has no effect"));
+}

@@ -1,0 +1,232 @@
+//! `tinyscheduler validate-config [--fix]` on a good and a broken setup, driving the binary
+//! (tinytask reachability against the fake server on 127.0.0.1).
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use support::tinytask_server::TinytaskServer;
+use tinyscheduler::resources::{Agent, AgentSpec, Queue, QueueSource, QueueSpec};
+use tinyscheduler::store::Store;
+
+fn cmd(dir: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tinyscheduler"));
+    c.current_dir(dir);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TINYSCHEDULER_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+async fn run(mut c: Command) -> Output {
+    tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn executable(path: &Path) {
+    std::fs::write(path, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+fn agent(name: &str, command: &[&str], working_dir: &Path) -> Agent {
+    Agent::new(
+        "Agent",
+        name,
+        AgentSpec {
+            command: command.iter().map(|s| s.to_string()).collect(),
+            working_dir: Some(working_dir.display().to_string()),
+            ..AgentSpec::default()
+        },
+    )
+}
+
+fn tinytask_queue(name: &str, endpoint: &str) -> Queue {
+    Queue::new(
+        "Queue",
+        name,
+        QueueSpec {
+            source: QueueSource::Tinytask,
+            endpoint: Some(endpoint.to_string()),
+            ..QueueSpec::default()
+        },
+    )
+}
+
+/// A base directory with a state dir (+ logs), a recipes dir and a fake goose.
+fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_path_buf();
+    let state = base.join("state");
+    std::fs::create_dir_all(state.join("logs")).unwrap();
+    std::fs::create_dir_all(base.join("recipes")).unwrap();
+    let goose = base.join("goose");
+    executable(&goose);
+    (dir, state, goose)
+}
+
+fn lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_setup_passes_every_check() {
+    let server = TinytaskServer::start().await;
+    let (dir, state, goose) = setup();
+    let base = dir.path();
+    std::fs::write(base.join("recipes/vaela.yaml"), "title: vaela\n").unwrap();
+    std::fs::write(base.join("recipes/special.yaml"), "title: special\n").unwrap();
+    let store = Store::open(&state).unwrap();
+    store.create(&agent("vaela", &[], base)).unwrap();
+    store
+        .create(&agent(
+            "damien",
+            &[
+                goose.to_str().unwrap(),
+                "run",
+                "--recipe",
+                "recipes/special.yaml",
+            ],
+            base,
+        ))
+        .unwrap();
+    store
+        .create(&agent("scripted", &["sh", "-c", "true"], base))
+        .unwrap();
+    store.create(&tinytask_queue("dev", &server.url())).unwrap();
+
+    let mut c = cmd(base);
+    c.arg("validate-config")
+        .env("TINYSCHEDULER_BASE_PATH", base)
+        .env("TINYSCHEDULER_GOOSE_BIN", &goose);
+    let out = run(c).await;
+    let l = lines(&out);
+    assert!(
+        out.status.success(),
+        "{l:#?}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(l.iter().all(|x| x.starts_with("[+] ")), "{l:#?}");
+    assert!(
+        l.iter()
+            .any(|x| x.contains("agent vaela: recipe recipes/vaela.yaml ok")),
+        "{l:#?}"
+    );
+    assert!(
+        l.iter()
+            .any(|x| x.contains(&format!("tinytask {} reachable", server.url()))),
+        "{l:#?}"
+    );
+    assert!(server.requests().iter().any(|r| r.path == "/health"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_setup_reports_each_failure_and_exits_1() {
+    let mut server = TinytaskServer::start().await;
+    let down = server.url();
+    server.stop().await;
+    let (dir, state, goose) = setup();
+    let base = dir.path();
+    std::fs::remove_dir(state.join("logs")).unwrap();
+    std::fs::write(base.join("escape.yaml"), "outside\n").unwrap();
+    std::fs::write(base.join("not-executable"), "data\n").unwrap();
+    let store = Store::open(&state).unwrap();
+    store.create(&agent("vaela", &[], base)).unwrap(); // recipes/vaela.yaml missing
+    store
+        .create(&agent("ghost", &["no-such-program-xyz"], base))
+        .unwrap();
+    store
+        .create(&agent("plain", &["./not-executable"], base))
+        .unwrap();
+    store
+        .create(&agent(
+            "sneaky",
+            &[
+                goose.to_str().unwrap(),
+                "run",
+                "--recipe",
+                "recipes/../escape.yaml",
+            ],
+            base,
+        ))
+        .unwrap();
+    let outside = base.join("escape.yaml");
+    store
+        .create(&agent(
+            "absolute",
+            &[
+                goose.to_str().unwrap(),
+                "run",
+                "--recipe",
+                outside.to_str().unwrap(),
+            ],
+            base,
+        ))
+        .unwrap();
+    store.create(&tinytask_queue("dev", &down)).unwrap();
+
+    let mut c = cmd(base);
+    c.arg("validate-config")
+        .env("TINYSCHEDULER_BASE_PATH", base)
+        .env("TINYSCHEDULER_GOOSE_BIN", &goose);
+    let out = run(c).await;
+    assert_eq!(out.status.code(), Some(1));
+    let l = lines(&out);
+    let failed = |needle: &str| {
+        assert!(
+            l.iter()
+                .any(|x| x.starts_with("[-] ") && x.contains(needle)),
+            "no failure containing {needle:?} in {l:#?}"
+        )
+    };
+    failed("log directory");
+    failed("agent vaela: recipe recipes/vaela.yaml failed");
+    failed("agent ghost: program failed: \"no-such-program-xyz\" not found in PATH");
+    failed("not an executable file");
+    failed("agent sneaky: recipe recipes/../escape.yaml failed: contains `..`");
+    failed("is outside the recipes directory");
+    failed(&format!("tinytask {down} reachable failed"));
+    assert!(
+        l.iter().any(|x| x.starts_with("[+] state directory")),
+        "{l:#?}"
+    );
+
+    // --fix creates the missing log directory (0700) and nothing else.
+    let mut c = cmd(base);
+    c.args(["validate-config", "--fix"])
+        .env("TINYSCHEDULER_BASE_PATH", base)
+        .env("TINYSCHEDULER_GOOSE_BIN", &goose);
+    let out = run(c).await;
+    assert_eq!(out.status.code(), Some(1), "the other failures remain");
+    let logs = std::fs::metadata(state.join("logs")).unwrap();
+    assert_eq!(logs.permissions().mode() & 0o777, 0o700);
+    assert!(lines(&out)
+        .iter()
+        .any(|x| x.contains("created (mode 0700)")));
+    assert!(!base.join("recipes/vaela.yaml").exists());
+}
+
+#[test]
+fn validate_config_without_tinytask_queues_does_not_contact_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cmd(dir.path())
+        .args(["validate-config", "--fix"])
+        .env("TINYSCHEDULER_MCP_ENDPOINT", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    let l = lines(&out);
+    assert!(out.status.success(), "{l:#?}");
+    assert!(
+        l.iter().any(|x| x.contains("reachability not checked")),
+        "{l:#?}"
+    );
+    let state = std::fs::metadata(dir.path().join("state")).unwrap();
+    assert_eq!(state.permissions().mode() & 0o777, 0o700);
+}
