@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The README's first command: build TinyScheduler, apply the example manifests into a fresh state
+# directory, run the scheduler until every example task is done, and show the result.
+# Local tasks only: no tinytask server is needed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+state=${TINYSCHEDULER_STATE_DIR:-./state/quickstart}
+cargo build --quiet --bin tinyscheduler
+ts() { ./target/debug/tinyscheduler --state-dir "$state" "$@"; }
+
+rm -rf "$state"
+echo "== apply -f manifests/"
+ts apply -f manifests/
+echo
+echo "== run --once --wait   (assigns, starts agents, waits for them; progress below)"
+ts run --once --wait
+echo
+echo "== get tasks"
+ts get tasks
+echo
+echo "== get agents"
+ts get agents
+echo
+echo "== logs add-tests      (it waited for fix-login, its blocker)"
+ts logs add-tests
+echo
+echo "State is in $state: try  ./target/debug/tinyscheduler --state-dir $state describe task add-tests"
