@@ -28,6 +28,7 @@ use crate::config::{parse_agent_limits, settings_for, Settings, Source};
 use crate::resources::meta::API_VERSION;
 use crate::resources::registry::{admit, Kind};
 use crate::resources::validate::validate_name;
+use crate::store::Store;
 
 /// Annotation recording where an imported object came from.
 pub const IMPORTED_FROM_ANNOTATION: &str = "tinyscheduler.io/imported-from";
@@ -393,13 +394,17 @@ pub fn build_manifests(
 }
 
 /// `tinyscheduler import`.
-pub fn import(g: &Globals, a: ImportArgs) -> CliResult {
+/// The Queue and Agent documents for a Python-era agent-control file (`control`, else the
+/// configured `TINYSCHEDULER_AGENT_CONTROL_FILE`) and limits (`limits`, else
+/// `TINYSCHEDULER_AGENT_LIMITS`); `Ok(None)` when neither is given.
+pub fn python_era_documents(
+    g: &Globals,
+    control: Option<PathBuf>,
+    limits: Option<&str>,
+) -> Result<Option<Vec<Value>>, CliError> {
     let settings = settings_for(g).map_err(|e| CliError(format!("error: {e}")))?;
-    let control: Option<PathBuf> = a
-        .agent_control
-        .clone()
-        .or_else(|| settings.agent_control_file.value.clone());
-    let limits = match &a.limits {
+    let control = control.or_else(|| settings.agent_control_file.value.clone());
+    let limits = match limits {
         Some(spec) => {
             parse_agent_limits(spec).map_err(|m| CliError(format!("error: --limits: {m}")))?
         }
@@ -414,13 +419,7 @@ pub fn import(g: &Globals, a: ImportArgs) -> CliResult {
             parse_agent_control(&doc)
                 .map_err(|m| CliError(format!("error: {}: {m}", path.display())))?
         }
-        None if limits.is_empty() => {
-            return Err(CliError(
-                "error: nothing to import: give --agent-control FILE or --limits SPEC \
-                 (or set TINYSCHEDULER_AGENT_CONTROL_FILE / TINYSCHEDULER_AGENT_LIMITS)"
-                    .into(),
-            ))
-        }
+        None if limits.is_empty() => return Ok(None),
         None => Vec::new(),
     };
     let docs = build_manifests(&agents, &limits, &settings, control.as_deref()).map_err(|m| {
@@ -429,6 +428,58 @@ pub fn import(g: &Globals, a: ImportArgs) -> CliResult {
             None => format!("error: {m}"),
         })
     })?;
+    Ok(Some(docs))
+}
+
+/// `run` honours the Python-era environment: the Agents and Queues that the agent-control file and
+/// limits describe are created when missing, and kept in step when they were imported before (an
+/// object without the import annotation belongs to the user and is left alone). Returns one
+/// kubectl-style line per object written.
+pub fn apply_python_era(g: &Globals, store: &Store) -> Result<Vec<String>, CliError> {
+    let Some(docs) = python_era_documents(g, None, None)? else {
+        return Ok(Vec::new());
+    };
+    let mut lines = Vec::new();
+    for d in &docs {
+        let Some(kind) = d["kind"].as_str().and_then(Kind::from_kind_field) else {
+            continue;
+        };
+        let name = d["metadata"]["name"].as_str().unwrap_or_default();
+        let line = |verb: &str| {
+            format!(
+                "{}.{}/{name} {verb}",
+                kind.singular(),
+                crate::resources::meta::GROUP
+            )
+        };
+        match store.get_raw(kind.plural(), name) {
+            Err(e) if e.is_not_found() => {
+                store.create_raw(kind.plural(), d)?;
+                lines.push(line("created (from the agent-control settings)"));
+            }
+            Err(e) => return Err(e.into()),
+            Ok(current) => {
+                if current["metadata"]["annotations"][IMPORTED_FROM_ANNOTATION].is_null() {
+                    continue;
+                }
+                let (_, outcome) = store.update_raw(kind.plural(), d)?;
+                if outcome == crate::store::WriteOutcome::Updated {
+                    lines.push(line("configured (from the agent-control settings)"));
+                }
+            }
+        }
+    }
+    Ok(lines)
+}
+
+pub fn import(g: &Globals, a: ImportArgs) -> CliResult {
+    let Some(docs) = python_era_documents(g, a.agent_control.clone(), a.limits.as_deref())? else {
+        return Err(CliError(
+            "error: nothing to import: give --agent-control FILE or --limits SPEC \
+             (or set TINYSCHEDULER_AGENT_CONTROL_FILE / TINYSCHEDULER_AGENT_LIMITS)"
+                .into(),
+        ));
+    };
 
     if a.output == "-" {
         let yaml = serde_saphyr::to_string_multiple(&docs)
@@ -443,8 +494,10 @@ pub fn import(g: &Globals, a: ImportArgs) -> CliResult {
     std::fs::create_dir_all(&dir)
         .map_err(|e| CliError(format!("error: cannot create {}: {e}", dir.display())))?;
     for d in &docs {
-        let kind = Kind::from_kind_field(d["kind"].as_str().unwrap()).unwrap();
-        let name = d["metadata"]["name"].as_str().unwrap();
+        let Some(kind) = d["kind"].as_str().and_then(Kind::from_kind_field) else {
+            continue;
+        };
+        let name = d["metadata"]["name"].as_str().unwrap_or_default();
         let path = dir.join(format!("{}-{name}.yaml", kind.singular()));
         let yaml = serde_saphyr::to_string(d)
             .map_err(|e| CliError(format!("error: cannot write YAML: {e}")))?;
