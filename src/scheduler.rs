@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 
-use crate::controllers::{assignment, lease, reclaim, status, Ctx, Settings, Summary};
+use crate::controllers::{assignment, dispatch, lease, reclaim, status, Ctx, Settings, Summary};
 use crate::daemon::signals::Shutdown;
 use crate::daemon::watchdog::Heartbeat;
 use crate::resources::{Agent, Lease, Queue, Task, TaskPhase};
@@ -57,7 +57,13 @@ impl Scheduler {
             summary: Summary::default(),
             spawned: Default::default(),
             status_writes: Default::default(),
+            metrics: metrics.clone(),
+            runnable_since: Default::default(),
         });
+        let since = ctx.runnable_since.clone();
+        ctx.tasks.on_event(move |ev, _| since.on_task_event(ev));
+        dispatch::register(&metrics);
+        reclaim::register(&metrics);
         let shutdown = Shutdown::new();
         let mut tasks = JoinSet::new();
         let mut queues = Vec::new();
