@@ -89,7 +89,10 @@ impl Scheduler {
                         }
                         return Ok(Action::await_change());
                     }
-                    counted(&ctx, assignment::reconcile(key, ctx.clone()).await)
+                    counted(
+                        &ctx,
+                        blocking_io(assignment::reconcile(key, ctx.clone())).await,
+                    )
                 }
             },
             shutdown.wait(),
@@ -100,14 +103,12 @@ impl Scheduler {
             .watches(&ctx.leases, by_name)
             .workers(4);
         queues.push(c.queue());
-        tasks.spawn(
-            c.run(
-                |key, ctx: Arc<Ctx>| async move {
-                    counted(&ctx, lease::reconcile(key, ctx.clone()).await)
-                },
-                shutdown.wait(),
-            ),
-        );
+        tasks.spawn(c.run(
+            |key, ctx: Arc<Ctx>| async move {
+                counted(&ctx, blocking_io(lease::reconcile(key, ctx.clone())).await)
+            },
+            shutdown.wait(),
+        ));
 
         let c = Controller::new("reclaim", ctx.clone(), metrics.clone())
             .watches(&ctx.leases, by_name)
@@ -119,7 +120,10 @@ impl Scheduler {
         queues.push(c.queue());
         tasks.spawn(c.run(
             |key, ctx: Arc<Ctx>| async move {
-                counted(&ctx, reclaim::reconcile(key, ctx.clone()).await)
+                counted(
+                    &ctx,
+                    blocking_io(reclaim::reconcile(key, ctx.clone())).await,
+                )
             },
             shutdown.wait(),
         ));
@@ -139,14 +143,12 @@ impl Scheduler {
             .watches(&ctx.tasks, status::keys_for_task)
             .workers(1);
         queues.push(c.queue());
-        tasks.spawn(
-            c.run(
-                |key, ctx: Arc<Ctx>| async move {
-                    counted(&ctx, status::reconcile(key, ctx.clone()).await)
-                },
-                shutdown.wait(),
-            ),
-        );
+        tasks.spawn(c.run(
+            |key, ctx: Arc<Ctx>| async move {
+                counted(&ctx, blocking_io(status::reconcile(key, ctx.clone())).await)
+            },
+            shutdown.wait(),
+        ));
 
         for h in [
             ctx.tasks.start(),
@@ -255,6 +257,19 @@ impl Scheduler {
     /// caches at scrape time.
     pub fn render_metrics(&self) -> String {
         render_metrics(&self.ctx, &self.metrics)
+    }
+}
+
+/// Runs a reconcile, which does blocking store I/O (the store's flock, fsync), without starving
+/// the runtime: on a multi-threaded runtime the worker first hands its other tasks to a fresh
+/// thread. Without this, two reconciles waiting on a slow disk or a held store lock occupied
+/// both workers and froze everything else — the HTTP endpoints, signal handling, the watchdog.
+async fn blocking_io<F: Future>(fut: F) -> F::Output {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| h.block_on(fut))
+        }
+        _ => fut.await,
     }
 }
 
