@@ -392,16 +392,9 @@ pub fn resolve(
     let log_level = match lookup(LOG) {
         None => setting("info".to_string(), Source::Default, LOG, None),
         Some((v, s)) => {
-            let level = match v.trim().to_ascii_lowercase().as_str() {
-                l @ ("trace" | "debug" | "info" | "warn" | "error" | "off") => l.to_string(),
-                "warning" => "warn".to_string(),
-                "critical" | "fatal" => "error".to_string(),
-                _ => {
-                    return Err(ConfigError(format!(
-                        "{LOG}: expected one of trace, debug, info, warn, error, off, got {v:?}"
-                    )))
-                }
-            };
+            // The same grammar as `--log-level` (levels, Python-era names, RUST_LOG-style filters).
+            let level = crate::daemon::logging::normalize_level(&v)
+                .map_err(|e| ConfigError(format!("{LOG}: {e}")))?;
             setting(level, s, LOG, None)
         }
     };

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 
-use crate::controllers::{assignment, lease, reclaim, status, Ctx, Settings, Summary};
+use crate::controllers::{assignment, dispatch, lease, reclaim, status, Ctx, Settings, Summary};
 use crate::daemon::signals::Shutdown;
 use crate::daemon::watchdog::Heartbeat;
 use crate::resources::{Agent, Lease, Queue, Task, TaskPhase};
@@ -57,7 +57,13 @@ impl Scheduler {
             summary: Summary::default(),
             spawned: Default::default(),
             status_writes: Default::default(),
+            metrics: metrics.clone(),
+            runnable_since: Default::default(),
         });
+        let since = ctx.runnable_since.clone();
+        ctx.tasks.on_event(move |ev, _| since.on_task_event(ev));
+        dispatch::register(&metrics);
+        reclaim::register(&metrics);
         let shutdown = Shutdown::new();
         let mut tasks = JoinSet::new();
         let mut queues = Vec::new();
@@ -83,7 +89,10 @@ impl Scheduler {
                         }
                         return Ok(Action::await_change());
                     }
-                    counted(&ctx, assignment::reconcile(key, ctx.clone()).await)
+                    counted(
+                        &ctx,
+                        blocking_io(assignment::reconcile(key, ctx.clone())).await,
+                    )
                 }
             },
             shutdown.wait(),
@@ -94,14 +103,12 @@ impl Scheduler {
             .watches(&ctx.leases, by_name)
             .workers(4);
         queues.push(c.queue());
-        tasks.spawn(
-            c.run(
-                |key, ctx: Arc<Ctx>| async move {
-                    counted(&ctx, lease::reconcile(key, ctx.clone()).await)
-                },
-                shutdown.wait(),
-            ),
-        );
+        tasks.spawn(c.run(
+            |key, ctx: Arc<Ctx>| async move {
+                counted(&ctx, blocking_io(lease::reconcile(key, ctx.clone())).await)
+            },
+            shutdown.wait(),
+        ));
 
         let c = Controller::new("reclaim", ctx.clone(), metrics.clone())
             .watches(&ctx.leases, by_name)
@@ -113,7 +120,10 @@ impl Scheduler {
         queues.push(c.queue());
         tasks.spawn(c.run(
             |key, ctx: Arc<Ctx>| async move {
-                counted(&ctx, reclaim::reconcile(key, ctx.clone()).await)
+                counted(
+                    &ctx,
+                    blocking_io(reclaim::reconcile(key, ctx.clone())).await,
+                )
             },
             shutdown.wait(),
         ));
@@ -133,14 +143,12 @@ impl Scheduler {
             .watches(&ctx.tasks, status::keys_for_task)
             .workers(1);
         queues.push(c.queue());
-        tasks.spawn(
-            c.run(
-                |key, ctx: Arc<Ctx>| async move {
-                    counted(&ctx, status::reconcile(key, ctx.clone()).await)
-                },
-                shutdown.wait(),
-            ),
-        );
+        tasks.spawn(c.run(
+            |key, ctx: Arc<Ctx>| async move {
+                counted(&ctx, blocking_io(status::reconcile(key, ctx.clone())).await)
+            },
+            shutdown.wait(),
+        ));
 
         for h in [
             ctx.tasks.start(),
@@ -249,6 +257,19 @@ impl Scheduler {
     /// caches at scrape time.
     pub fn render_metrics(&self) -> String {
         render_metrics(&self.ctx, &self.metrics)
+    }
+}
+
+/// Runs a reconcile, which does blocking store I/O (the store's flock, fsync), without starving
+/// the runtime: on a multi-threaded runtime the worker first hands its other tasks to a fresh
+/// thread. Without this, two reconciles waiting on a slow disk or a held store lock occupied
+/// both workers and froze everything else — the HTTP endpoints, signal handling, the watchdog.
+async fn blocking_io<F: Future>(fut: F) -> F::Output {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| h.block_on(fut))
+        }
+        _ => fut.await,
     }
 }
 

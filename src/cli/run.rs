@@ -235,10 +235,12 @@ async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
 
     sched.wait_synced().await;
     // The heartbeat key goes through the assignment queue, so a wedged loop stops the beats.
+    // Poke twice per watchdog check: at the same period the poke and the check race, and a
+    // healthy loop would miss pings (two misses in a row are a systemd restart).
     let interval = WatchdogConfig::from_env()
-        .map(|w| w.interval)
+        .map(|w| w.interval / 2)
         .unwrap_or(Duration::from_secs(10))
-        .min(Duration::from_secs(10));
+        .clamp(Duration::from_millis(10), Duration::from_secs(10));
     sched.poke_heartbeat();
     if let Some(cfg) = WatchdogConfig::from_env() {
         background.spawn(run_watchdog(notifier.clone(), heartbeat.clone(), cfg));
@@ -248,6 +250,7 @@ async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
 
     let mut reloads = sig.reloads;
     let mut tick = tokio::time::interval(interval);
+    let mut last_status = String::new();
     loop {
         tokio::select! {
             _ = sig.shutdown.wait() => break,
@@ -258,12 +261,17 @@ async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
             }
             _ = tick.tick() => {
                 sched.poke_heartbeat();
-                let _ = notifier.status(&status_line(&ctx));
+                let status = status_line(&ctx);
+                if status != last_status {
+                    let _ = notifier.status(&status);
+                    last_status = status;
+                }
             }
         }
     }
     let _ = notifier.stopping();
-    tracing::info!(reason = ?sig.shutdown.reason(), "stopping; running agents are left running");
+    let reason = sig.shutdown.reason().unwrap_or_default();
+    tracing::info!(%reason, "stopping; running agents are left running");
     sched.stop().await;
     background.abort_all();
     Ok(ExitCode::SUCCESS)

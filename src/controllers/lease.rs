@@ -71,6 +71,9 @@ fn start(ctx: &Ctx, lease: &Lease) -> Result<Action, Error> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(name.clone(), (lease.metadata.uid.clone(), pid));
+    if let Some(waited) = ctx.runnable_since.take(&lease.spec.task) {
+        super::dispatch::observe(&ctx.metrics, waited);
+    }
     Summary::bump(&ctx.summary.started);
     Ok(Action::requeue_after(START_CHECK))
 }

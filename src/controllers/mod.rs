@@ -3,6 +3,7 @@
 //! TTL). Each is a reconcile function over the shared [`Ctx`]; the framework lives in `runtime`.
 
 pub mod assignment;
+pub mod dispatch;
 pub mod lease;
 pub mod outcome;
 pub mod plan;
@@ -13,13 +14,14 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::resources::event::{EventType, ObjectReference};
 use crate::resources::{Agent, Lease, Queue, Resource, Task};
 use crate::runtime::events::Recorder;
 use crate::runtime::informer::Informer;
+use crate::runtime::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
 /// Settings the controllers act on.
@@ -116,6 +118,10 @@ pub struct Ctx {
     pub spawned: Mutex<HashMap<String, (String, u32)>>,
     /// Last status write per status key, to batch bursts.
     pub status_writes: Mutex<HashMap<String, std::time::Instant>>,
+    /// The runtime registry served on `/metrics` (reclaims, dispatch latency).
+    pub metrics: Metrics,
+    /// When each task not yet dispatched became runnable (fed by the Task informer).
+    pub runnable_since: Arc<dispatch::RunnableSince>,
 }
 
 /// A reconcile failure; the runtime backs the key off and retries.

@@ -90,6 +90,43 @@ pub fn judge(lease: &Lease, now: SystemTime, local: bool, task_exists: bool) -> 
     Verdict::Healthy(next.max(Duration::from_millis(200)))
 }
 
+/// The metric counting reclaims, labelled by [`reason_label`].
+pub const RECLAIMS_METRIC: &str = "tinyscheduler_reclaims_total";
+const RECLAIMS_HELP: &str = "Runs reclaimed (process group killed, attempt failed), by reason.";
+/// Every reason label [`reason_label`] gives for a reason [`judge`] writes.
+pub const REASONS: &[&str] = &[
+    "heartbeat",
+    "max-runtime",
+    "lost",
+    "task-deleted",
+    "never-started",
+];
+
+/// The short `reason` label of a stale verdict (or of a Terminating Lease's message, which is the
+/// verdict that started the reclaim); `other` for a reason [`judge`] never gives.
+pub fn reason_label(reason: &str) -> &'static str {
+    if reason.starts_with("heartbeat expired") {
+        "heartbeat"
+    } else if reason.starts_with("exceeded its maximum runtime") {
+        "max-runtime"
+    } else if reason.starts_with("the shim and the agent exited") {
+        "lost"
+    } else if reason.starts_with("its task was deleted") {
+        "task-deleted"
+    } else if reason.starts_with("never started") {
+        "never-started"
+    } else {
+        "other"
+    }
+}
+
+/// Registers `tinyscheduler_reclaims_total` at 0 for every reason, so rates work from the start.
+pub fn register(metrics: &crate::runtime::metrics::Metrics) {
+    for r in REASONS {
+        metrics.counter(RECLAIMS_METRIC, RECLAIMS_HELP, &[("reason", r)]);
+    }
+}
+
 pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let Some(lease) = ctx.store.try_get::<Lease>(&name)? else {
         return Ok(Action::await_change());
@@ -171,6 +208,13 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
     };
     outcome::record(ctx, &lease, &ending)?;
     Summary::bump(&ctx.summary.reclaimed);
+    ctx.metrics
+        .counter(
+            RECLAIMS_METRIC,
+            RECLAIMS_HELP,
+            &[("reason", reason_label(reason))],
+        )
+        .inc();
     if let Some(t) = &task {
         ctx.event(
             t,
@@ -240,6 +284,55 @@ mod tests {
         match judge(&l, SystemTime::now(), false, true) {
             Verdict::Stale(r) => assert!(r.contains("maximum runtime of 3600s"), "{r}"),
             v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn every_stale_verdict_maps_to_a_known_reason_label() {
+        let label = |v: Verdict| match v {
+            Verdict::Stale(r) => reason_label(&r),
+            v => panic!("{v:?}"),
+        };
+        let now = SystemTime::now();
+        assert_eq!(
+            label(judge(
+                &lease(LeasePhase::Running, 140, 200),
+                now,
+                false,
+                true
+            )),
+            "heartbeat"
+        );
+        assert_eq!(
+            label(judge(
+                &lease(LeasePhase::Running, 1, 3700),
+                now,
+                false,
+                true
+            )),
+            "max-runtime"
+        );
+        let mut gone = lease(LeasePhase::Running, 1, 5);
+        gone.status.pid = Some(i32::MAX - 7);
+        gone.status.process_start_time = Some(1);
+        assert_eq!(label(judge(&gone, now, true, true)), "lost");
+        assert_eq!(
+            label(judge(&lease(LeasePhase::Running, 1, 5), now, false, false)),
+            "task-deleted"
+        );
+        assert_eq!(
+            label(judge(&lease(LeasePhase::Pending, 1, 100), now, true, true)),
+            "never-started"
+        );
+        assert_eq!(reason_label("being reclaimed"), "other");
+        for r in [
+            "heartbeat",
+            "max-runtime",
+            "lost",
+            "task-deleted",
+            "never-started",
+        ] {
+            assert!(REASONS.contains(&r));
         }
     }
 
