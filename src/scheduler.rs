@@ -9,10 +9,13 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 
-use crate::controllers::{assignment, lease, reclaim, status, Ctx, Settings, Summary};
+use crate::controllers::{
+    assignment, lease, reclaim, status, tinytask_sync, Ctx, Settings, Summary,
+};
 use crate::daemon::signals::Shutdown;
 use crate::daemon::watchdog::Heartbeat;
 use crate::resources::{Agent, Lease, Queue, Task, TaskPhase};
+use crate::runtime::backoff::Backoff;
 use crate::runtime::controller::{Action, Controller};
 use crate::runtime::events::Recorder;
 use crate::runtime::informer::{Informer, InformerEvent, InformerOptions};
@@ -57,6 +60,7 @@ impl Scheduler {
             summary: Summary::default(),
             spawned: Default::default(),
             status_writes: Default::default(),
+            tinytask: Default::default(),
         });
         let shutdown = Shutdown::new();
         let mut tasks = JoinSet::new();
@@ -141,6 +145,25 @@ impl Scheduler {
                 shutdown.wait(),
             ),
         );
+
+        // Only this controller talks to tinytask servers: polls, claims and write-backs.
+        let c = Controller::new("tinytask-sync", ctx.clone(), metrics.clone())
+            .watches(&ctx.queues, tinytask_sync::keys_for_queue)
+            .watches(&ctx.agents, tinytask_sync::keys_for_agent)
+            .watches(&ctx.leases, tinytask_sync::lease_mapper(ctx.agents.clone()))
+            .watches(&ctx.tasks, tinytask_sync::keys_for_task)
+            .backoff(Backoff::new(
+                Duration::from_millis(500),
+                tinytask_sync::MAX_BACKOFF,
+            ))
+            .workers(4);
+        queues.push(c.queue());
+        tasks.spawn(c.run(
+            |key, ctx: Arc<Ctx>| async move {
+                counted(&ctx, tinytask_sync::reconcile(key, ctx.clone()).await)
+            },
+            shutdown.wait(),
+        ));
 
         for h in [
             ctx.tasks.start(),
@@ -262,6 +285,7 @@ fn counted<E>(ctx: &Ctx, r: Result<Action, E>) -> Result<Action, E> {
 /// Scheduler gauges from the caches plus the runtime registry.
 pub fn render_metrics(ctx: &Ctx, metrics: &Metrics) -> String {
     let mut out = metrics.render();
+    out.push_str(&tinytask_sync::render_metrics(ctx));
     let mut by_phase: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
     for t in ctx.tasks.list() {
         let q = t.spec.queue.clone().unwrap_or_default();
