@@ -240,6 +240,10 @@ impl Scheduler {
         if !self.ctx.leases.list().is_empty() {
             return false;
         }
+        // A tinytask queue not yet polled, or whose last list was cut at the window.
+        if tinytask_sync::has_more_work(&self.ctx) {
+            return false;
+        }
         let tasks = self.ctx.tasks.list();
         let agents = self.ctx.agents.list();
         let phases: HashMap<&str, TaskPhase> = tasks

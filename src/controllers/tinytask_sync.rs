@@ -75,6 +75,8 @@ struct QueueState {
     failures: u32,
     /// `None` until the first poll; then `Ok` or the last error.
     health: Option<Result<(), String>>,
+    /// The last list of runnable tasks was cut at the window: the server may hold more.
+    more: bool,
 }
 
 impl SyncState {
@@ -212,6 +214,28 @@ pub fn unreachable_sources(ctx: &Ctx) -> Vec<(String, String)> {
             _ => None,
         })
         .collect()
+}
+
+/// Whether a reachable tinytask queue may still have runnable work for us: never polled yet, or
+/// its last list was cut at the window. `run --once --wait` keeps going while it does.
+pub fn has_more_work(ctx: &Ctx) -> bool {
+    let sources = ctx
+        .tinytask
+        .queues
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    ctx.queues
+        .list()
+        .iter()
+        .filter(|q| q.spec.source == QueueSource::Tinytask)
+        .any(|q| match sources.get(&q.metadata.name) {
+            None => true,
+            Some(s) => match &s.health {
+                None => true,
+                Some(Ok(())) => s.more,
+                Some(Err(_)) => false,
+            },
+        })
 }
 
 /// Readiness: fails while any tinytask queue's server is unreachable.
@@ -505,6 +529,7 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
         })
         .count();
 
+    let mut more = state.more;
     if needs_list {
         let pending_pool = mirrors
             .iter()
@@ -519,6 +544,7 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
             loop {
                 let got = client.runnable_tasks(&remote, ask, respect).await?;
                 let full = got.len() >= ask;
+                more = full;
                 for t in &got {
                     if !seen.insert(t.id) {
                         continue;
@@ -591,6 +617,7 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
         s.etag = etag;
         s.stats = stats;
         s.last_free = total_free;
+        s.more = more;
     });
     Ok(())
 }
