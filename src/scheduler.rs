@@ -9,10 +9,13 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 
-use crate::controllers::{assignment, dispatch, lease, reclaim, status, Ctx, Settings, Summary};
+use crate::controllers::{
+    assignment, dispatch, lease, reclaim, status, tinytask_sync, Ctx, Settings, Summary,
+};
 use crate::daemon::signals::Shutdown;
 use crate::daemon::watchdog::Heartbeat;
 use crate::resources::{Agent, Lease, Queue, Task, TaskPhase};
+use crate::runtime::backoff::Backoff;
 use crate::runtime::controller::{Action, Controller};
 use crate::runtime::events::Recorder;
 use crate::runtime::informer::{Informer, InformerEvent, InformerOptions};
@@ -59,6 +62,7 @@ impl Scheduler {
             status_writes: Default::default(),
             metrics: metrics.clone(),
             runnable_since: Default::default(),
+            tinytask: Default::default(),
         });
         let since = ctx.runnable_since.clone();
         ctx.tasks.on_event(move |ev, _| since.on_task_event(ev));
@@ -150,6 +154,25 @@ impl Scheduler {
             shutdown.wait(),
         ));
 
+        // Only this controller talks to tinytask servers: polls, claims and write-backs.
+        let c = Controller::new("tinytask-sync", ctx.clone(), metrics.clone())
+            .watches(&ctx.queues, tinytask_sync::keys_for_queue)
+            .watches(&ctx.agents, tinytask_sync::keys_for_agent)
+            .watches(&ctx.leases, tinytask_sync::lease_mapper(ctx.agents.clone()))
+            .watches(&ctx.tasks, tinytask_sync::keys_for_task)
+            .backoff(Backoff::new(
+                Duration::from_millis(500),
+                tinytask_sync::MAX_BACKOFF,
+            ))
+            .workers(4);
+        queues.push(c.queue());
+        tasks.spawn(c.run(
+            |key, ctx: Arc<Ctx>| async move {
+                counted(&ctx, tinytask_sync::reconcile(key, ctx.clone()).await)
+            },
+            shutdown.wait(),
+        ));
+
         for h in [
             ctx.tasks.start(),
             ctx.agents.start(),
@@ -225,6 +248,10 @@ impl Scheduler {
         if !self.ctx.leases.list().is_empty() {
             return false;
         }
+        // A tinytask queue not yet polled, or whose last list was cut at the window.
+        if tinytask_sync::has_more_work(&self.ctx) {
+            return false;
+        }
         let tasks = self.ctx.tasks.list();
         let agents = self.ctx.agents.list();
         let phases: HashMap<&str, TaskPhase> = tasks
@@ -283,6 +310,7 @@ fn counted<E>(ctx: &Ctx, r: Result<Action, E>) -> Result<Action, E> {
 /// Scheduler gauges from the caches plus the runtime registry.
 pub fn render_metrics(ctx: &Ctx, metrics: &Metrics) -> String {
     let mut out = metrics.render();
+    out.push_str(&tinytask_sync::render_metrics(ctx));
     let mut by_phase: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
     for t in ctx.tasks.list() {
         let q = t.spec.queue.clone().unwrap_or_default();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::args::{Globals, RunArgs};
 use super::{CliError, CliResult};
-use crate::controllers::Settings;
+use crate::controllers::{tinytask_sync, Settings};
 use crate::daemon::health::HealthRegistry;
 use crate::daemon::http::HttpServer;
 use crate::daemon::lock::InstanceLock;
@@ -84,6 +84,9 @@ fn settings_from_env(dry_run: bool) -> Result<Settings, CliError> {
     if let Some(d) = env_secs("TINYSCHEDULER_RETRY_MAX_SEC")? {
         s.retry_cap = d;
     }
+    if let Some(c) = crate::config::current() {
+        s.tinytask_endpoint = c.tinytask_endpoint.value.clone();
+    }
     Ok(s)
 }
 
@@ -148,6 +151,9 @@ async fn once(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
             tracing::warn!("event garbage collection failed: {e}");
         }
     }
+    for (queue, e) in tinytask_sync::unreachable_sources(&ctx) {
+        eprintln!("error: queue/{queue}: tinytask source unreachable: {e}");
+    }
     let errors = ctx.summary.errors.load(Ordering::Relaxed);
     println!("{}", ctx.summary);
     Ok(if errors > 0 {
@@ -205,6 +211,8 @@ async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
             Err("informers have not finished their initial list".into())
         }
     });
+    let c = Arc::clone(&ctx);
+    health.add_readiness("tinytask-sources", move || tinytask_sync::check_sources(&c));
     let has_lock = lock.is_some() || args.dry_run;
     health.add_readiness("lock", move || {
         if has_lock {

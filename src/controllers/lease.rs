@@ -58,6 +58,10 @@ fn start(ctx: &Ctx, lease: &Lease) -> Result<Action, Error> {
             }
         }
     }
+    // A tinytask task runs only once the sync controller has claimed it on the server.
+    if super::tinytask_sync::awaits_claim(ctx, lease)? {
+        return Ok(Action::await_change());
+    }
     if ctx.settings.dry_run {
         ctx.would(&format!(
             "start agent/{} for task/{} (lease/{name}, attempt {})",

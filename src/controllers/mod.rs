@@ -9,6 +9,7 @@ pub mod outcome;
 pub mod plan;
 pub mod reclaim;
 pub mod status;
+pub mod tinytask_sync;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -41,6 +42,8 @@ pub struct Settings {
     pub holder: String,
     /// This host's name, to tell our own runs from other hosts'.
     pub host: String,
+    /// The tinytask server of Queues that name no `spec.endpoint`.
+    pub tinytask_endpoint: String,
 }
 
 impl Default for Settings {
@@ -53,6 +56,7 @@ impl Default for Settings {
             kill_grace: Duration::from_secs(10),
             holder: format!("{}/{}", crate::agent::hostname(), std::process::id()),
             host: crate::agent::hostname(),
+            tinytask_endpoint: crate::tinytask::DEFAULT_ENDPOINT.to_string(),
         }
     }
 }
@@ -122,6 +126,8 @@ pub struct Ctx {
     pub metrics: Metrics,
     /// When each task not yet dispatched became runnable (fed by the Task informer).
     pub runnable_since: Arc<dispatch::RunnableSince>,
+    /// The tinytask sync controller's per-queue poll state and source health.
+    pub tinytask: tinytask_sync::SyncState,
 }
 
 /// A reconcile failure; the runtime backs the key off and retries.

@@ -4,7 +4,7 @@
 
 use std::time::SystemTime;
 
-use super::{Ctx, Error, Summary};
+use super::{tinytask_sync, Ctx, Error, Summary};
 use crate::resources::event::EventType;
 use crate::resources::meta::{format_time, now_rfc3339};
 use crate::resources::{Lease, TaskPhase};
@@ -74,6 +74,11 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
     let already = task.status.lease.is_none() && task.status.attempts >= attempt;
     if !already && !task.status.phase.is_finished() {
         let finished = lease.status.finish_time.clone().unwrap_or_else(now_rfc3339);
+        let log = lease.status.log_path.clone().unwrap_or_else(|| {
+            crate::agent::shim::log_path(&ctx.state_dir, task_name, attempt)
+                .display()
+                .to_string()
+        });
         let mut verdict = ("", String::new(), EventType::Normal);
         let updated = ctx.patch_task(task_name, |t| {
             t.status.lease = None;
@@ -125,6 +130,12 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
                     t.status.message.clone().unwrap_or_default(),
                     EventType::Warning,
                 );
+            }
+            // tinytask: the result goes back to the server, queued durably with the outcome.
+            if tinytask_sync::is_tinytask(t) {
+                let wbs =
+                    tinytask_sync::outcome_write_backs(t, attempt, &lease.spec.agent, &what, &log);
+                t.status.write_backs.extend(wbs);
             }
         })?;
         if let Some(t) = updated {

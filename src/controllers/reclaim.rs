@@ -162,7 +162,11 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
             l.status.message = Some(message.clone());
         }
     })?;
-    let Some(lease) = marked.filter(|l| l.metadata.uid == uid) else {
+    // Completed since we judged it (the shim recorded the real result as it exited): the lease
+    // controller records that outcome; reclaiming now would fail a run that succeeded.
+    let Some(lease) =
+        marked.filter(|l| l.metadata.uid == uid && l.status.phase != LeasePhase::Completed)
+    else {
         return Ok(());
     };
     let task = ctx.store.try_get::<Task>(&lease.spec.task)?;

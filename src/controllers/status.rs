@@ -165,7 +165,8 @@ fn task_ttl(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     let Some(task) = ctx.tasks.get(name) else {
         return Ok(Action::await_change());
     };
-    if !task.status.phase.is_finished() {
+    // Unfinished, or a result not yet written back to tinytask: keep it (its next change wakes us).
+    if !task.status.phase.is_finished() || !task.status.write_backs.is_empty() {
         return Ok(Action::await_change());
     }
     let ttl = match task.spec.ttl_seconds_after_finished {

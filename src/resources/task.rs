@@ -125,4 +125,45 @@ pub struct TaskStatus {
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// tinytask only: the agent this scheduler last assigned the remote task to, written before
+    /// the claim is sent, so a retry (possibly on another agent) recognises its own claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_assignee: Option<String>,
+    /// tinytask only: results still to be written back to the server, oldest first. Appended in
+    /// the same status write as the attempt's outcome; each is removed only once the server
+    /// acknowledged it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub write_backs: Vec<WriteBack>,
+}
+
+/// What a pending write-back does on the tinytask server.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WriteBackOp {
+    /// `status = complete`.
+    Complete,
+    /// Adds `message` as a comment (once: an identical comment already there counts as done).
+    Comment,
+    /// Adds `message` as a comment, then sets the task idle and unassigned (unless someone else
+    /// has taken it meanwhile).
+    Release,
+}
+
+/// One pending write-back to the tinytask server.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WriteBack {
+    pub op: WriteBackOp,
+    /// The attempt whose outcome this reports.
+    #[serde(default)]
+    pub attempt: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Release only: the assignee this scheduler set; the task is released only while it still
+    /// has it (or none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// When it was queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
 }

@@ -1,0 +1,1107 @@
+//! tinytask sync controller: the only part of the scheduler that talks to a tinytask server.
+//! Every other controller treats the mirrored `tt-<id>` Tasks exactly like local ones.
+//!
+//! Three kinds of keys:
+//! - `tinytask/<queue>` — poll a `source: tinytask` Queue: a conditional `GET /queues/Q/stats`
+//!   first (ETag), and only when it changed or free slots appeared, list just enough runnable
+//!   tasks to fill the pool's free slots (blocked and foreign-assigned tasks never use up the
+//!   window) and mirror them as Tasks `tt-<id>`; tasks already assigned on the server to an Agent
+//!   we manage are mirrored pinned to it. Outages set the Queue's `SourceReachable` condition and
+//!   back the poll off up to 30 s.
+//! - `tinytask-claim/<lease>` — a Lease for a mirrored Task is not spawned until it is claimed
+//!   here: re-read the task, assign it (PATCH) only if it is still ours to take, check that nobody
+//!   wrote in between, set it `working`, then annotate the Lease `tinyscheduler.io/claimed`. A
+//!   refused claim deletes the mirror and the Lease (nothing runs); an unreachable server puts the
+//!   Task back to Pending (the attempt does not count) with a delay.
+//! - `tinytask-wb/<task>` — write the outcomes queued in `status.writeBacks` (by
+//!   `outcome::record`, in the same write as the outcome) back to the server, in order, removing
+//!   each only once the server acknowledged it; failures back off and are retried, also across
+//!   restarts.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::{plan, Ctx, Error, Summary};
+use crate::resources::event::EventType;
+use crate::resources::meta::{format_time, now_rfc3339, parse_time, set_condition};
+use crate::resources::queue::DEFAULT_POLL_INTERVAL_SECONDS;
+use crate::resources::task::{WriteBack, WriteBackOp, TINYTASK_ID_ANNOTATION};
+use crate::resources::{
+    Agent, BlockingPolicy, Lease, LeasePhase, Queue, QueueSource, Task, TaskPhase, TaskSpec,
+};
+use crate::runtime::controller::Action;
+use crate::runtime::informer::Informer;
+use crate::tinytask::{
+    self, Client, ListQuery, QueueStats, RemoteTask, TaskId, TaskPatch, TaskStatus, SCAN_WINDOW_MAX,
+};
+
+/// Key prefix of a queue poll.
+pub const POLL_PREFIX: &str = "tinytask/";
+/// Key prefix of a claim.
+pub const CLAIM_PREFIX: &str = "tinytask-claim/";
+/// Key prefix of a task's pending write-backs.
+pub const WRITE_BACK_PREFIX: &str = "tinytask-wb/";
+/// Set to `"true"` on a Lease once its tinytask task is claimed; the lease controller spawns only
+/// then.
+pub const CLAIMED_ANNOTATION: &str = "tinyscheduler.io/claimed";
+/// Label on mirrored Tasks.
+pub const SOURCE_LABEL: &str = "tinyscheduler.io/source";
+/// Name prefix of mirrored Tasks.
+pub const TASK_PREFIX: &str = "tt-";
+/// The Queue condition that says whether its tinytask server answers.
+pub const CONDITION: &str = "SourceReachable";
+/// Longest delay between polls of an unreachable server.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Shortest time between two polls of one queue (events such as a freed slot poll early).
+const MIN_POLL_GAP: Duration = Duration::from_millis(100);
+/// `created_by` of our comments.
+const AUTHOR: &str = "tinyscheduler";
+
+/// Per-queue poll state and source health, shared with `/readyz` and `/metrics`.
+#[derive(Default)]
+pub struct SyncState {
+    queues: Mutex<HashMap<String, QueueState>>,
+    clients: Mutex<HashMap<String, Client>>,
+}
+
+#[derive(Default, Clone, Debug)]
+struct QueueState {
+    etag: Option<String>,
+    stats: Option<QueueStats>,
+    /// Free slots seen at the last poll: more now means "list again" even with no server change.
+    last_free: i64,
+    last_poll: Option<Instant>,
+    failures: u32,
+    /// `None` until the first poll; then `Ok` or the last error.
+    health: Option<Result<(), String>>,
+    /// The last list of runnable tasks was cut at the window: the server may hold more.
+    more: bool,
+}
+
+impl SyncState {
+    fn client(&self, endpoint: &str) -> Result<Client, tinytask::Error> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(endpoint) {
+            return Ok(c.clone());
+        }
+        let c = Client::new(endpoint)?;
+        clients.insert(endpoint.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn get(&self, queue: &str) -> QueueState {
+        self.queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(queue)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn with<R>(&self, queue: &str, f: impl FnOnce(&mut QueueState) -> R) -> R {
+        let mut m = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        f(m.entry(queue.to_string()).or_default())
+    }
+
+    fn forget(&self, queue: &str) {
+        self.queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(queue);
+    }
+
+    /// Every polled queue with its health: `None` before the first poll, else `Ok` or the error.
+    pub fn sources(&self) -> BTreeMap<String, Option<Result<(), String>>> {
+        self.queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.health.clone()))
+            .collect()
+    }
+}
+
+// ---- helpers other controllers use ----
+
+/// The remote id of a mirrored Task.
+pub fn remote_id(task: &Task) -> Option<TaskId> {
+    task.metadata
+        .annotations
+        .get(TINYTASK_ID_ANNOTATION)
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Whether the Task mirrors a tinytask task.
+pub fn is_tinytask(task: &Task) -> bool {
+    task.metadata
+        .annotations
+        .contains_key(TINYTASK_ID_ANNOTATION)
+}
+
+/// Whether the Lease's tinytask task has been claimed on the server.
+pub fn is_claimed(lease: &Lease) -> bool {
+    lease
+        .metadata
+        .annotations
+        .get(CLAIMED_ANNOTATION)
+        .is_some_and(|v| v == "true")
+}
+
+/// True when `lease` must not be spawned yet: its Task mirrors a tinytask task that this
+/// controller has not claimed. (The claim is triggered by the Lease itself.)
+pub fn awaits_claim(ctx: &Ctx, lease: &Lease) -> Result<bool, Error> {
+    if is_claimed(lease) {
+        return Ok(false);
+    }
+    let task = match ctx.tasks.get(&lease.spec.task) {
+        Some(t) => Some(t),
+        None => ctx.store.try_get::<Task>(&lease.spec.task)?.map(Arc::new),
+    };
+    Ok(task.is_some_and(|t| is_tinytask(&t)))
+}
+
+/// What `outcome::record` queues for a tinytask task whose attempt `attempt` just ended, given
+/// the Task as the outcome left it (`phase` Succeeded, Pending to retry, or Failed).
+pub fn outcome_write_backs(
+    task: &Task,
+    attempt: i64,
+    agent: &str,
+    what: &str,
+    log: &str,
+) -> Vec<WriteBack> {
+    let name = &task.metadata.name;
+    let reason = task.status.reason.as_deref().unwrap_or("Failed");
+    let wb = |op, message: Option<String>| WriteBack {
+        op,
+        attempt,
+        message,
+        agent: match op {
+            WriteBackOp::Release => task
+                .status
+                .remote_assignee
+                .clone()
+                .or_else(|| Some(agent.to_string())),
+            _ => None,
+        },
+        created: Some(now_rfc3339()),
+    };
+    match task.status.phase {
+        TaskPhase::Succeeded => vec![wb(WriteBackOp::Complete, None)],
+        TaskPhase::Failed => vec![wb(
+            WriteBackOp::Release,
+            Some(format!(
+                "[tinyscheduler] task/{name} failed after {attempt} attempts ({reason}); last attempt on agent {agent}: {what}; log {log}. Released: idle and unassigned."
+            )),
+        )],
+        _ => vec![wb(
+            WriteBackOp::Comment,
+            Some(format!(
+                "[tinyscheduler] task/{name} attempt {attempt} on agent {agent} failed ({reason}): {what}; log {log}. {}",
+                task.status.message.as_deref().unwrap_or("")
+            ).trim_end().to_string()),
+        )],
+    }
+}
+
+/// The tinytask queues whose server did not answer at the last poll, with the error.
+pub fn unreachable_sources(ctx: &Ctx) -> Vec<(String, String)> {
+    ctx.tinytask
+        .sources()
+        .into_iter()
+        .filter_map(|(q, h)| match h {
+            Some(Err(e)) => Some((q, e)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether a reachable tinytask queue may still have runnable work for us: never polled yet, or
+/// its last list was cut at the window. `run --once --wait` keeps going while it does.
+pub fn has_more_work(ctx: &Ctx) -> bool {
+    let sources = ctx
+        .tinytask
+        .queues
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    ctx.queues
+        .list()
+        .iter()
+        .filter(|q| q.spec.source == QueueSource::Tinytask)
+        .any(|q| match sources.get(&q.metadata.name) {
+            None => true,
+            Some(s) => match &s.health {
+                None => true,
+                Some(Ok(())) => s.more,
+                Some(Err(_)) => false,
+            },
+        })
+}
+
+/// Readiness: fails while any tinytask queue's server is unreachable.
+pub fn check_sources(ctx: &Ctx) -> Result<(), String> {
+    let down = unreachable_sources(ctx);
+    if down.is_empty() {
+        return Ok(());
+    }
+    Err(down
+        .iter()
+        .map(|(q, e)| format!("queue/{q}: {e}"))
+        .collect::<Vec<_>>()
+        .join("; "))
+}
+
+/// `tinyscheduler_tinytask_source_up{queue}`: 1 when the last poll succeeded, else 0.
+pub fn render_metrics(ctx: &Ctx) -> String {
+    let mut out = String::from(
+        "# HELP tinyscheduler_tinytask_source_up Whether the tinytask server of a queue answered its last poll.\n# TYPE tinyscheduler_tinytask_source_up gauge\n",
+    );
+    let sources = ctx.tinytask.sources();
+    for q in ctx.queues.list() {
+        if q.spec.source != QueueSource::Tinytask {
+            continue;
+        }
+        let up = matches!(sources.get(&q.metadata.name), Some(Some(Ok(()))));
+        out.push_str(&format!(
+            "tinyscheduler_tinytask_source_up{{queue=\"{}\"}} {}\n",
+            q.metadata.name.replace('\\', "\\\\").replace('"', "\\\""),
+            u8::from(up)
+        ));
+    }
+    out
+}
+
+// ---- key mappers ----
+
+pub fn keys_for_queue(q: &Queue) -> Vec<String> {
+    if q.spec.source == QueueSource::Tinytask {
+        vec![format!("{POLL_PREFIX}{}", q.metadata.name)]
+    } else {
+        Vec::new()
+    }
+}
+
+pub fn keys_for_agent(a: &Agent) -> Vec<String> {
+    a.spec
+        .queue
+        .iter()
+        .map(|q| format!("{POLL_PREFIX}{q}"))
+        .collect()
+}
+
+pub fn keys_for_task(t: &Task) -> Vec<String> {
+    if !t.status.write_backs.is_empty() {
+        vec![format!("{WRITE_BACK_PREFIX}{}", t.metadata.name)]
+    } else {
+        Vec::new()
+    }
+}
+
+/// A Lease change: claim it if it needs claiming, and (a slot taken or freed) look at its agent's
+/// queue again.
+pub fn lease_mapper(agents: Informer<Agent>) -> impl Fn(&Lease) -> Vec<String> + Send + Sync {
+    move |l: &Lease| {
+        let mut keys = Vec::new();
+        if l.spec.task.starts_with(TASK_PREFIX)
+            && l.status.phase == LeasePhase::Pending
+            && !is_claimed(l)
+        {
+            keys.push(format!("{CLAIM_PREFIX}{}", l.metadata.name));
+        }
+        if let Some(q) = agents.get(&l.spec.agent).and_then(|a| a.spec.queue.clone()) {
+            keys.push(format!("{POLL_PREFIX}{q}"));
+        }
+        keys
+    }
+}
+
+pub async fn reconcile(key: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    if let Some(q) = key.strip_prefix(POLL_PREFIX) {
+        poll(&ctx, q).await
+    } else if let Some(l) = key.strip_prefix(CLAIM_PREFIX) {
+        claim(&ctx, l).await
+    } else if let Some(t) = key.strip_prefix(WRITE_BACK_PREFIX) {
+        write_back(&ctx, t).await
+    } else {
+        Ok(Action::await_change())
+    }
+}
+
+fn endpoint_of(ctx: &Ctx, queue: Option<&Queue>) -> String {
+    queue
+        .and_then(|q| q.spec.endpoint.clone())
+        .filter(|e| !e.trim().is_empty())
+        .unwrap_or_else(|| ctx.settings.tinytask_endpoint.clone())
+}
+
+fn remote_queue(q: &Queue) -> String {
+    q.spec
+        .remote_queue
+        .clone()
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| q.metadata.name.clone())
+}
+
+fn respects_blocking(ctx: &Ctx, q: Option<&Queue>) -> bool {
+    !ctx.settings.disable_blocking && q.is_none_or(|q| q.spec.blocking == BlockingPolicy::Respect)
+}
+
+fn interval_of(q: &Queue) -> Duration {
+    Duration::from_secs(
+        q.spec
+            .poll_interval_seconds
+            .unwrap_or(DEFAULT_POLL_INTERVAL_SECONDS)
+            .max(1) as u64,
+    )
+}
+
+/// The delay before the next poll after `failures` failed polls in a row: the interval doubling
+/// per failure, at most [`MAX_BACKOFF`].
+pub fn backoff(interval: Duration, failures: u32) -> Duration {
+    if failures == 0 {
+        return interval;
+    }
+    interval
+        .saturating_mul(1u32 << (failures - 1).min(16))
+        .min(MAX_BACKOFF)
+        .max(interval.min(MAX_BACKOFF))
+}
+
+/// Records the health of a queue's source: the in-memory state (for `/readyz`, `/metrics` and
+/// `run --once`), the Queue's `SourceReachable` condition, an Event and the error count when it
+/// goes down.
+fn set_health(ctx: &Ctx, queue: &str, health: Result<(), String>) {
+    let before = ctx.tinytask.with(queue, |s| {
+        let before = s.health.clone();
+        match &health {
+            Ok(()) => s.failures = 0,
+            Err(_) => s.failures = s.failures.saturating_add(1),
+        }
+        s.health = Some(health.clone());
+        before
+    });
+    if before.as_ref() == Some(&health) {
+        return;
+    }
+    match &health {
+        Err(e) => {
+            if !matches!(before, Some(Err(_))) {
+                Summary::bump(&ctx.summary.errors);
+            }
+            tracing::warn!(
+                kind = "Queue",
+                name = queue,
+                "tinytask source unreachable: {e}"
+            );
+        }
+        Ok(()) => tracing::info!(kind = "Queue", name = queue, "tinytask source reachable"),
+    }
+    if ctx.settings.dry_run {
+        return;
+    }
+    let (ok, reason, message) = match &health {
+        Ok(()) => (true, "Polled", "the tinytask server answers".to_string()),
+        Err(e) => (false, "Unreachable", e.clone()),
+    };
+    match ctx.store.patch_status::<Queue>(queue, |q| {
+        set_condition(&mut q.status.conditions, CONDITION, ok, reason, &message);
+    }) {
+        Ok(Some(q)) => {
+            // An event only when it flips, not for each failed poll.
+            let flipped = matches!(
+                (&before, &health),
+                (Some(Ok(())), Err(_)) | (None, Err(_)) | (Some(Err(_)), Ok(()))
+            );
+            if flipped {
+                let (t, r) = if ok {
+                    (EventType::Normal, "SourceReachable")
+                } else {
+                    (EventType::Warning, "SourceUnreachable")
+                };
+                ctx.event(&q, t, r, &message);
+            }
+            ctx.queues.observe(q);
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(kind = "Queue", name = queue, "cannot write condition: {e}"),
+    }
+}
+
+// ---- poll ----
+
+async fn poll(ctx: &Ctx, name: &str) -> Result<Action, Error> {
+    let Some(queue) = ctx.queues.get(name) else {
+        ctx.tinytask.forget(name);
+        return Ok(Action::await_change());
+    };
+    if queue.spec.source != QueueSource::Tinytask {
+        ctx.tinytask.forget(name);
+        return Ok(Action::await_change());
+    }
+    let interval = interval_of(&queue);
+    let state = ctx.tinytask.get(name);
+    if let Some(last) = state.last_poll {
+        let gap = if state.failures > 0 {
+            backoff(interval, state.failures)
+        } else {
+            MIN_POLL_GAP
+        };
+        let since = last.elapsed();
+        if since < gap {
+            return Ok(Action::requeue_after(gap - since));
+        }
+    }
+    ctx.tinytask
+        .with(name, |s| s.last_poll = Some(Instant::now()));
+    match poll_once(ctx, &queue, &state).await {
+        Ok(()) => {
+            set_health(ctx, name, Ok(()));
+            Ok(Action::requeue_after(interval))
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            set_health(ctx, name, Err(msg));
+            let failures = ctx.tinytask.get(name).failures;
+            Ok(Action::requeue_after(backoff(interval, failures)))
+        }
+    }
+}
+
+/// Whether a local Task is waiting for a slot right now (so it already fills one of the window).
+fn ready_pending(t: &Task, leased: &HashSet<&str>, now: SystemTime) -> bool {
+    t.status.phase == TaskPhase::Pending
+        && !leased.contains(t.metadata.name.as_str())
+        && t.status
+            .next_attempt_after
+            .as_deref()
+            .and_then(parse_time)
+            .is_none_or(|at| at <= now)
+}
+
+async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), tinytask::Error> {
+    let name = queue.metadata.name.as_str();
+    let client = ctx.tinytask.client(&endpoint_of(ctx, Some(queue)))?;
+    let remote = remote_queue(queue);
+    let respect = respects_blocking(ctx, Some(queue));
+
+    let (changed, etag, stats) = match client
+        .queue_stats_if_changed(&remote, state.etag.as_deref())
+        .await?
+    {
+        tinytask::Conditional::NotModified => (false, state.etag.clone(), state.stats.clone()),
+        tinytask::Conditional::Modified { value, etag } => (true, etag, Some(value)),
+    };
+
+    let agents = ctx.agents.list();
+    let leases = ctx.leases.list();
+    let tasks = ctx.tasks.list();
+    let free = plan::free_slots(&agents, &leases);
+    let leased: HashSet<&str> = leases.iter().map(|l| l.spec.task.as_str()).collect();
+    let now = SystemTime::now();
+    let by_name: HashMap<&str, &Arc<Task>> = tasks
+        .iter()
+        .filter(|t| is_tinytask(t))
+        .map(|t| (t.metadata.name.as_str(), t))
+        .collect();
+    let mirrors: Vec<&Arc<Task>> = by_name
+        .values()
+        .copied()
+        .filter(|t| t.spec.queue.as_deref() == Some(name))
+        .collect();
+    let pool: Vec<&Arc<Agent>> = agents
+        .iter()
+        .filter(|a| a.spec.queue.as_deref() == Some(name) && !a.spec.paused)
+        .collect();
+    let pool_free: i64 = pool
+        .iter()
+        .map(|a| free.get(&a.metadata.name).copied().unwrap_or(0))
+        .sum();
+    let total_free: i64 = free.values().sum();
+    let needs_list = changed || total_free > state.last_free;
+    // Mirrors the server still lists as idle: they are in every answer, so ask for that many more.
+    let known_idle = mirrors
+        .iter()
+        .filter(|t| {
+            matches!(
+                t.status.phase,
+                TaskPhase::Pending | TaskPhase::Blocked | TaskPhase::Failed
+            ) || !t.status.write_backs.is_empty()
+        })
+        .count();
+
+    let mut more = state.more;
+    if needs_list {
+        let pending_pool = mirrors
+            .iter()
+            .filter(|t| t.spec.assigned_to.is_none() && ready_pending(t, &leased, now))
+            .count() as i64;
+        let want = pool_free - pending_pool;
+        if want > 0 {
+            let want = want as usize;
+            let mut ask = (want + known_idle).min(SCAN_WINDOW_MAX as usize);
+            let mut added = 0usize;
+            let mut seen = HashSet::new();
+            loop {
+                let got = client.runnable_tasks(&remote, ask, respect).await?;
+                let full = got.len() >= ask;
+                more = full;
+                for t in &got {
+                    if !seen.insert(t.id) {
+                        continue;
+                    }
+                    let tname = format!("{TASK_PREFIX}{}", t.id);
+                    match by_name.get(tname.as_str()) {
+                        Some(local) => refresh(ctx, queue, local, t, None, respect),
+                        None if added < want && mirror(ctx, queue, t, None, respect) => {
+                            added += 1;
+                        }
+                        None => {}
+                    }
+                }
+                if added >= want || !full || ask >= SCAN_WINDOW_MAX as usize {
+                    break;
+                }
+                ask = (ask * 4).min(SCAN_WINDOW_MAX as usize);
+            }
+        }
+
+        // Tasks assigned on the server to an Agent we manage run on that agent.
+        let assignees: Vec<String> = stats.as_ref().map(|s| s.agents.clone()).unwrap_or_default();
+        for a in assignees {
+            let Some(agent) = agents
+                .iter()
+                .find(|x| x.metadata.name == a && !x.spec.paused)
+            else {
+                continue;
+            };
+            let pend = mirrors
+                .iter()
+                .filter(|t| {
+                    t.spec.assigned_to.as_deref() == Some(&a) && ready_pending(t, &leased, now)
+                })
+                .count() as i64;
+            let want = free.get(&agent.metadata.name).copied().unwrap_or(0) - pend;
+            if want <= 0 {
+                continue;
+            }
+            let limit = ((want as usize + known_idle) * 2).clamp(16, SCAN_WINDOW_MAX as usize);
+            let q = ListQuery::new(limit as u32)
+                .queue(remote.clone())
+                .assigned_to(a.clone())
+                .status(TaskStatus::Idle);
+            let mut got = client.list_tasks(&q).await?;
+            got.sort_by(|x, y| {
+                y.priority
+                    .total_cmp(&x.priority)
+                    .then_with(|| x.created_at.cmp(&y.created_at))
+                    .then_with(|| x.id.cmp(&y.id))
+            });
+            let mut added = 0;
+            for t in got
+                .iter()
+                .filter(|t| t.status == TaskStatus::Idle && t.assigned_to.as_deref() == Some(&a))
+                .filter(|t| !respect || !t.is_currently_blocked)
+            {
+                let tname = format!("{TASK_PREFIX}{}", t.id);
+                match by_name.get(tname.as_str()) {
+                    Some(local) => refresh(ctx, queue, local, t, Some(&a), respect),
+                    None if added < want && mirror(ctx, queue, t, Some(&a), respect) => {
+                        added += 1;
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+    ctx.tinytask.with(name, |s| {
+        s.etag = etag;
+        s.stats = stats;
+        s.last_free = total_free;
+        s.more = more;
+    });
+    Ok(())
+}
+
+/// The Task spec a remote task maps to.
+fn spec_for(queue: &Queue, t: &RemoteTask, pinned: Option<&str>, respect: bool) -> TaskSpec {
+    let mut params = BTreeMap::new();
+    params.insert(
+        "title".to_string(),
+        serde_json::Value::from(t.title.clone()),
+    );
+    if let Some(d) = t.description.as_deref().filter(|d| !d.is_empty()) {
+        params.insert("description".to_string(), serde_json::Value::from(d));
+    }
+    params.insert("tinytask_id".to_string(), serde_json::Value::from(t.id));
+    TaskSpec {
+        queue: Some(queue.metadata.name.clone()),
+        assigned_to: pinned.map(str::to_string),
+        priority: t.priority_i64(),
+        blocked_by: match t.blocked_by_task_id {
+            Some(b) if respect && t.is_currently_blocked => vec![format!("{TASK_PREFIX}{b}")],
+            _ => Vec::new(),
+        },
+        params,
+        ..TaskSpec::default()
+    }
+}
+
+/// Creates the mirror `tt-<id>`; false if it could not (it exists already, or a dry run).
+fn mirror(ctx: &Ctx, queue: &Queue, t: &RemoteTask, pinned: Option<&str>, respect: bool) -> bool {
+    let name = format!("{TASK_PREFIX}{}", t.id);
+    if ctx.settings.dry_run {
+        ctx.would(&format!(
+            "mirror tinytask task {} as task/{name} in queue/{}",
+            t.id, queue.metadata.name
+        ));
+        return false;
+    }
+    let mut task = Task::new("Task", &name, spec_for(queue, t, pinned, respect));
+    task.metadata
+        .annotations
+        .insert(TINYTASK_ID_ANNOTATION.into(), t.id.to_string());
+    task.metadata
+        .labels
+        .insert(SOURCE_LABEL.into(), "tinytask".into());
+    match ctx.store.create(&task) {
+        Ok(created) => {
+            tracing::info!(kind = "Task", name = %name, queue = %queue.metadata.name, "mirrored tinytask task {}", t.id);
+            ctx.tasks.observe(created);
+            true
+        }
+        Err(e) if e.is_already_exists() => false,
+        Err(e) => {
+            tracing::warn!(kind = "Task", name = %name, "cannot mirror tinytask task {}: {e}", t.id);
+            false
+        }
+    }
+}
+
+/// Brings a waiting mirror's spec up to date (priority, title, pinning); running ones are left
+/// alone.
+fn refresh(
+    ctx: &Ctx,
+    queue: &Queue,
+    local: &Task,
+    t: &RemoteTask,
+    pinned: Option<&str>,
+    respect: bool,
+) {
+    if !matches!(local.status.phase, TaskPhase::Pending | TaskPhase::Blocked)
+        || local.status.lease.is_some()
+        || ctx.settings.dry_run
+    {
+        return;
+    }
+    let mut spec = spec_for(queue, t, pinned, respect);
+    spec.max_retries = local.spec.max_retries;
+    spec.timeout_seconds = local.spec.timeout_seconds;
+    spec.ttl_seconds_after_finished = local.spec.ttl_seconds_after_finished;
+    if spec == local.spec {
+        return;
+    }
+    let mut next = local.clone();
+    next.spec = spec;
+    match ctx.store.update(&next) {
+        Ok(u) => ctx.tasks.observe(u),
+        Err(e) if e.is_conflict() || e.is_not_found() => {}
+        Err(e) => tracing::warn!(kind = "Task", name = %local.metadata.name, "cannot refresh: {e}"),
+    }
+}
+
+// ---- claim ----
+
+/// Why the server's copy of a task may not be claimed for `agent`, if it may not.
+pub fn refusal(
+    remote: &RemoteTask,
+    agent: &str,
+    ours: Option<&str>,
+    respect: bool,
+) -> Option<String> {
+    let assignee = remote.assigned_to.as_deref().filter(|a| !a.is_empty());
+    let mine = |a: Option<&str>| a.is_none_or(|a| a == agent || Some(a) == ours);
+    match remote.status {
+        TaskStatus::Complete => return Some("it is already complete on the server".into()),
+        TaskStatus::Working if assignee.is_none() || assignee != ours => {
+            return Some(format!(
+                "it is being worked on by {} on the server",
+                assignee.unwrap_or("someone")
+            ))
+        }
+        _ => {}
+    }
+    if !mine(assignee) {
+        return Some(format!(
+            "it is assigned to {} on the server",
+            assignee.unwrap_or("?")
+        ));
+    }
+    if respect && remote.is_currently_blocked {
+        return Some(format!(
+            "it is blocked by task {} on the server",
+            remote
+                .blocked_by_task_id
+                .map(|b| b.to_string())
+                .unwrap_or_else(|| "?".into())
+        ));
+    }
+    None
+}
+
+enum ClaimError {
+    /// The task is not ours to run (any more).
+    Refused(String),
+    /// The server could not be asked; try later.
+    Unreachable(String),
+}
+
+impl From<tinytask::Error> for ClaimError {
+    fn from(e: tinytask::Error) -> Self {
+        if e.is_not_found() {
+            ClaimError::Refused("it no longer exists on the server".into())
+        } else {
+            ClaimError::Unreachable(e.to_string())
+        }
+    }
+}
+
+async fn claim(ctx: &Ctx, lease_name: &str) -> Result<Action, Error> {
+    let Some(lease) = ctx.store.try_get::<Lease>(lease_name)? else {
+        return Ok(Action::await_change());
+    };
+    if lease.status.phase != LeasePhase::Pending || is_claimed(&lease) {
+        return Ok(Action::await_change());
+    }
+    let Some(task) = ctx.store.try_get::<Task>(&lease.spec.task)? else {
+        return Ok(Action::await_change());
+    };
+    let Some(id) = remote_id(&task) else {
+        return Ok(Action::await_change());
+    };
+    let agent = lease.spec.agent.clone();
+    if ctx.settings.dry_run {
+        ctx.would(&format!(
+            "claim tinytask task {id} for agent/{agent} (lease/{lease_name})"
+        ));
+        return Ok(Action::await_change());
+    }
+    let queue = task.spec.queue.as_deref().and_then(|q| ctx.queues.get(q));
+    let endpoint = endpoint_of(ctx, queue.as_deref());
+    let respect = respects_blocking(ctx, queue.as_deref());
+    match claim_on_server(ctx, &task, id, &agent, &endpoint, respect).await {
+        Ok(()) => {
+            if let Some(q) = &queue {
+                set_health(ctx, &q.metadata.name, Ok(()));
+            }
+            mark_claimed(ctx, &lease)?;
+            ctx.event(
+                &task,
+                EventType::Normal,
+                "Claimed",
+                &format!("claimed tinytask task {id} for agent/{agent} (assigned_to={agent}, status=working)"),
+            );
+            Ok(Action::await_change())
+        }
+        Err(ClaimError::Refused(why)) => {
+            refuse(ctx, &lease, &task, id, &why)?;
+            Ok(Action::await_change())
+        }
+        Err(ClaimError::Unreachable(e)) => {
+            if let Some(q) = &queue {
+                set_health(ctx, &q.metadata.name, Err(e.clone()));
+            }
+            postpone(ctx, &lease, &task, queue.as_deref(), &e)?;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+/// Re-reads the task, assigns it to `agent` if it is still ours to take, checks that nobody wrote
+/// in between (PATCH is last-write-wins: the answer's `previous_assigned_to` and `status` tell),
+/// and sets it working.
+async fn claim_on_server(
+    ctx: &Ctx,
+    task: &Task,
+    id: TaskId,
+    agent: &str,
+    endpoint: &str,
+    respect: bool,
+) -> Result<(), ClaimError> {
+    let client = ctx
+        .tinytask
+        .client(endpoint)
+        .map_err(|e| ClaimError::Unreachable(e.to_string()))?;
+    let before = client.get_task(id).await?;
+    let ours = task.status.remote_assignee.as_deref();
+    if let Some(why) = refusal(&before, agent, ours, respect) {
+        return Err(ClaimError::Refused(why));
+    }
+    // Durable intent first: a claim whose answer is lost is recognised as ours next time.
+    ctx.patch_task(&task.metadata.name, |t| {
+        t.status.remote_assignee = Some(agent.to_string());
+    })
+    .map_err(|e| ClaimError::Unreachable(e.0))?;
+    let norm = |a: &Option<String>| a.clone().filter(|s| !s.is_empty());
+    let after = client
+        .patch_task(id, &TaskPatch::new().assign(agent))
+        .await?;
+    let unchanged_assignee = norm(&before.assigned_to).as_deref() == Some(agent)
+        && norm(&after.previous_assigned_to) == norm(&before.previous_assigned_to);
+    let was = if unchanged_assignee {
+        Some(agent.to_string())
+    } else {
+        norm(&after.previous_assigned_to)
+    };
+    if was != norm(&before.assigned_to) || after.status != before.status {
+        // Someone wrote between our read and our write: give it back as it was, and stand down.
+        if !unchanged_assignee {
+            let undo = match &was {
+                Some(a) => TaskPatch::new().assign(a.clone()),
+                None => TaskPatch::new().unassign(),
+            };
+            if let Err(e) = client.patch_task(id, &undo).await {
+                tracing::warn!("tinytask task {id}: cannot restore the assignee: {e}");
+            }
+        }
+        return Err(ClaimError::Refused(format!(
+            "it changed on the server while being claimed (assignee {}, status {})",
+            was.as_deref().unwrap_or("none"),
+            after.status
+        )));
+    }
+    if after.status != TaskStatus::Working {
+        client
+            .patch_task(id, &TaskPatch::new().status(TaskStatus::Working))
+            .await?;
+    }
+    Ok(())
+}
+
+fn mark_claimed(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
+    let name = &lease.metadata.name;
+    loop {
+        let Some(mut l) = ctx.store.try_get::<Lease>(name)? else {
+            return Ok(());
+        };
+        if l.metadata.uid != lease.metadata.uid {
+            return Ok(());
+        }
+        l.metadata
+            .annotations
+            .insert(CLAIMED_ANNOTATION.into(), "true".into());
+        match ctx.store.update(&l) {
+            Ok(u) => {
+                ctx.leases.observe(u);
+                return Ok(());
+            }
+            Err(e) if e.is_conflict() => continue,
+            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The task is no longer ours: nothing runs. The mirror is deleted first (a crash in between
+/// leaves a Lease whose Task is gone, which the reclaim controller removes), then the Lease.
+fn refuse(ctx: &Ctx, lease: &Lease, task: &Task, id: TaskId, why: &str) -> Result<(), Error> {
+    let message = format!(
+        "not running tinytask task {id} on agent/{}: {why}; dropped the mirror",
+        lease.spec.agent
+    );
+    ctx.event(task, EventType::Warning, "ClaimRefused", &message);
+    match ctx.store.delete::<Task>(&task.metadata.name, None) {
+        Ok(_) => ctx.tasks.observe_deleted(&task.metadata.name),
+        Err(e) if e.is_not_found() => ctx.tasks.observe_deleted(&task.metadata.name),
+        Err(e) => return Err(e.into()),
+    }
+    ctx.delete_lease(&lease.metadata.name, &lease.metadata.uid)
+}
+
+/// The server could not be asked: the Task goes back to Pending (this attempt never started, so
+/// it does not count) with a delay, then the Lease is deleted.
+fn postpone(
+    ctx: &Ctx,
+    lease: &Lease,
+    task: &Task,
+    queue: Option<&Queue>,
+    err: &str,
+) -> Result<(), Error> {
+    let failures = queue
+        .map(|q| ctx.tinytask.get(&q.metadata.name).failures)
+        .unwrap_or(1);
+    let interval = queue
+        .map(interval_of)
+        .unwrap_or(Duration::from_secs(DEFAULT_POLL_INTERVAL_SECONDS as u64));
+    let delay = backoff(interval, failures.max(1));
+    let at = format_time(SystemTime::now() + delay);
+    let lease_name = lease.metadata.name.clone();
+    let message = format!(
+        "cannot claim on tinytask ({err}); trying again in {}s",
+        delay.as_secs()
+    );
+    ctx.patch_task(&task.metadata.name, |t| {
+        if t.status.lease.as_deref() == Some(&lease_name) {
+            t.status.phase = TaskPhase::Pending;
+            t.status.lease = None;
+            t.status.agent = None;
+            t.status.attempts = (lease.spec.attempt - 1).max(0);
+            t.status.next_attempt_after = Some(at.clone());
+            t.status.reason = Some("SourceUnreachable".into());
+            t.status.message = Some(message.clone());
+        }
+    })?;
+    ctx.event(task, EventType::Warning, "ClaimPostponed", &message);
+    ctx.delete_lease(&lease.metadata.name, &lease.metadata.uid)
+}
+
+// ---- write-backs ----
+
+async fn write_back(ctx: &Ctx, name: &str) -> Result<Action, Error> {
+    let Some(task) = ctx.store.try_get::<Task>(name)? else {
+        return Ok(Action::await_change());
+    };
+    if task.status.write_backs.is_empty() {
+        return Ok(Action::await_change());
+    }
+    if ctx.settings.dry_run {
+        for wb in &task.status.write_backs {
+            ctx.would(&format!("write back {:?} for task/{name}", wb.op));
+        }
+        return Ok(Action::await_change());
+    }
+    let Some(id) = remote_id(&task) else {
+        ack(ctx, name, None)?;
+        return Ok(Action::await_change());
+    };
+    let queue = task.spec.queue.as_deref().and_then(|q| ctx.queues.get(q));
+    let endpoint = endpoint_of(ctx, queue.as_deref());
+    let client = ctx
+        .tinytask
+        .client(&endpoint)
+        .map_err(|e| Error(e.to_string()))?;
+    for wb in task.status.write_backs.clone() {
+        match perform(&client, id, &wb).await {
+            Ok(()) => {
+                tracing::info!(
+                    kind = "Task",
+                    name,
+                    "wrote back {:?} to tinytask task {id}",
+                    wb.op
+                );
+                ack(ctx, name, Some(&wb))?;
+            }
+            // Gone, or refused for good (4xx): retrying cannot help.
+            Err(e) if e.status().is_some_and(|s| (400..500).contains(&s)) => {
+                ctx.event(
+                    &task,
+                    EventType::Warning,
+                    "WriteBackDropped",
+                    &format!("{:?} for tinytask task {id} refused: {e}", wb.op),
+                );
+                ack(ctx, name, Some(&wb))?;
+            }
+            Err(e) => {
+                ctx.event(
+                    &task,
+                    EventType::Warning,
+                    "WriteBackPending",
+                    &format!(
+                        "{:?} for tinytask task {id} not written yet, will retry: {e}",
+                        wb.op
+                    ),
+                );
+                return Err(Error(format!(
+                    "task/{name}: write-back {:?} to tinytask task {id}: {e}",
+                    wb.op
+                )));
+            }
+        }
+    }
+    Ok(Action::await_change())
+}
+
+async fn perform(client: &Client, id: TaskId, wb: &WriteBack) -> Result<(), tinytask::Error> {
+    match wb.op {
+        WriteBackOp::Complete => {
+            client
+                .patch_task(id, &TaskPatch::new().status(TaskStatus::Complete))
+                .await?;
+        }
+        WriteBackOp::Comment | WriteBackOp::Release => {
+            let current = client.get_task(id).await?;
+            if let Some(text) = wb.message.as_deref() {
+                // A comment whose answer was lost must not be written twice.
+                if !current
+                    .comments
+                    .iter()
+                    .any(|c| c.content.trim() == text.trim())
+                {
+                    client.add_comment(id, text, AUTHOR).await?;
+                }
+            }
+            if wb.op == WriteBackOp::Release {
+                let assignee = current.assigned_to.as_deref().filter(|a| !a.is_empty());
+                let still_ours = assignee.is_none() || assignee == wb.agent.as_deref();
+                if current.status != TaskStatus::Complete && still_ours {
+                    client
+                        .patch_task(id, &TaskPatch::new().status(TaskStatus::Idle).unassign())
+                        .await?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes one acknowledged write-back (or, with `None`, all of them).
+fn ack(ctx: &Ctx, name: &str, wb: Option<&WriteBack>) -> Result<(), Error> {
+    ctx.patch_task(name, |t| match wb {
+        Some(wb) => {
+            if let Some(i) = t.status.write_backs.iter().position(|w| w == wb) {
+                t.status.write_backs.remove(i);
+            }
+        }
+        None => t.status.write_backs.clear(),
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn remote(status: TaskStatus, assigned: Option<&str>, blocked: bool) -> RemoteTask {
+        serde_json::from_value(serde_json::json!({
+            "id": 1, "title": "t", "status": status.as_str(), "assigned_to": assigned,
+            "is_currently_blocked": blocked, "blocked_by_task_id": if blocked { Some(9) } else { None },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_claim_is_refused_unless_the_task_is_still_ours_to_take() {
+        use TaskStatus::*;
+        assert_eq!(refusal(&remote(Idle, None, false), "a", None, true), None);
+        assert_eq!(
+            refusal(&remote(Idle, Some("a"), false), "a", None, true),
+            None
+        );
+        assert!(refusal(&remote(Idle, Some("b"), false), "a", None, true).is_some());
+        // Our own earlier claim, for another agent of ours, may be taken over by a retry.
+        assert_eq!(
+            refusal(&remote(Working, Some("b"), false), "a", Some("b"), true),
+            None
+        );
+        assert!(refusal(&remote(Working, Some("b"), false), "a", None, true).is_some());
+        assert!(refusal(&remote(Complete, None, false), "a", None, true).is_some());
+        assert!(refusal(&remote(Idle, None, true), "a", None, true).is_some());
+        assert_eq!(refusal(&remote(Idle, None, true), "a", None, false), None);
+    }
+
+    #[test]
+    fn the_poll_backs_off_from_the_interval_up_to_thirty_seconds() {
+        let i = Duration::from_secs(2);
+        let d: Vec<u64> = (0..7).map(|f| backoff(i, f).as_secs()).collect();
+        assert_eq!(d, [2, 2, 4, 8, 16, 30, 30]);
+    }
+}

@@ -1,0 +1,561 @@
+//! The tinytask sync controller end to end: the real binary (`run --once --wait` or
+//! `run --daemon`) against the fake tinytask server on 127.0.0.1, with `sh -c` agents that append
+//! what they ran to a shared file (so a task that ran twice shows up twice).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::tinytask_server::TinytaskServer;
+use support::{Env, Run, API};
+use tinyscheduler::resources::{Event, Lease, LeasePhase};
+use tinyscheduler::store::Store;
+
+/// A scratch state directory plus a fake server and the shared "what ran" file.
+struct World {
+    env: Env,
+    server: TinytaskServer,
+}
+
+impl World {
+    async fn new() -> World {
+        World {
+            env: Env::new(),
+            server: TinytaskServer::start().await,
+        }
+    }
+
+    fn ran_file(&self) -> PathBuf {
+        self.env.tmp.path().join("ran.txt")
+    }
+
+    /// Lines `TASK AGENT` the agents appended, in order.
+    fn ran(&self) -> Vec<(String, String)> {
+        std::fs::read_to_string(self.ran_file())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let (t, a) = l.split_once(' ')?;
+                Some((t.to_string(), a.to_string()))
+            })
+            .collect()
+    }
+
+    fn apply(&self, name: &str, doc: Value) {
+        let text = serde_json::to_string_pretty(&doc).unwrap();
+        self.env.apply_ok(&format!("{name}.json"), &text);
+    }
+
+    /// A tinytask Queue on the fake server.
+    fn tinytask_queue(&self, name: &str, extra: Value) {
+        let mut spec =
+            json!({"source": "tinytask", "endpoint": self.server.url(), "pollIntervalSeconds": 1});
+        if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                s.insert(k.clone(), v.clone());
+            }
+        }
+        self.apply(
+            &format!("queue-{name}"),
+            json!({"apiVersion": "tinyscheduler.io/v1alpha1", "kind": "Queue", "metadata": {"name": name}, "spec": spec}),
+        );
+    }
+
+    /// An Agent running `sh -c SCRIPT`; `$RAN` is the shared file.
+    fn agent(&self, name: &str, queue: Option<&str>, slots: i64, script: &str) {
+        let mut spec = json!({
+            "maxConcurrency": slots,
+            "command": ["sh", "-c", script],
+            "env": {"RAN": self.ran_file().display().to_string()},
+        });
+        if let Some(q) = queue {
+            spec["queue"] = json!(q);
+        }
+        self.apply(
+            &format!("agent-{name}"),
+            json!({"apiVersion": "tinyscheduler.io/v1alpha1", "kind": "Agent", "metadata": {"name": name}, "spec": spec}),
+        );
+    }
+
+    fn cmd(&self, args: &[&str]) -> tokio::process::Command {
+        let mut c = self.env.cmd(args);
+        c.env("TINYSCHEDULER_RETRY_BASE_SEC", "0.1")
+            .env("TINYSCHEDULER_RETRY_MAX_SEC", "0.5")
+            .env_remove("TINYSCHEDULER_MCP_ENDPOINT");
+        let mut c = tokio::process::Command::from(c);
+        c.kill_on_drop(true);
+        c
+    }
+
+    /// `run --once --wait` to completion (the fake server keeps serving meanwhile).
+    async fn run_once(&self, timeout: Duration) -> Run {
+        let out = tokio::time::timeout(timeout, self.cmd(&["run", "--once", "--wait"]).output())
+            .await
+            .expect("run --once --wait did not finish in time")
+            .expect("run the binary");
+        out.into()
+    }
+
+    fn status(&self, id: i64) -> (String, Option<String>) {
+        let t = self.server.task(id).expect("task exists");
+        (t.status, t.assigned_to)
+    }
+
+    fn store(&self) -> Store {
+        Store::open_read_only(self.env.state())
+    }
+
+    fn task_json(&self, name: &str) -> Option<Value> {
+        self.store().get_raw("tasks", name).ok()
+    }
+
+    /// Leases whose agent is running.
+    fn running(&self) -> usize {
+        self.store()
+            .list::<Lease>(None)
+            .map(|l| {
+                l.items
+                    .iter()
+                    .filter(|l| l.status.phase == LeasePhase::Running)
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Every Event's reason and message.
+    fn events(&self) -> String {
+        self.store()
+            .list::<Event>(None)
+            .map(|l| {
+                l.items
+                    .iter()
+                    .map(|e| format!("{} {}", e.spec.reason, e.spec.message))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_default()
+    }
+}
+
+const RECORD: &str = r#"echo "$TINYSCHEDULER_TASK $TINYSCHEDULER_AGENT" >> "$RAN""#;
+
+async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn queued(server: &TinytaskServer, title: &str, queue: &str) -> i64 {
+    server.insert(title, |t| t.queue_name = Some(queue.into()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_is_spread_over_the_pool_and_completed_on_the_server() {
+    let w = World::new().await;
+    let ids: Vec<i64> = (0..7)
+        .map(|i| queued(&w.server, &format!("job {i}"), "dev"))
+        .collect();
+    w.tinytask_queue("dev", json!({}));
+    let slow = format!("{RECORD}; sleep 0.3");
+    w.agent("alice", Some("dev"), 2, &slow);
+    w.agent("bob", Some("dev"), 2, &slow);
+
+    let r = w.run_once(Duration::from_secs(90)).await;
+    assert_eq!(r.code, 0, "{r:?}");
+    for id in &ids {
+        assert_eq!(w.status(*id).0, "complete", "task {id}: {r:?}");
+    }
+    let ran = w.ran();
+    assert_eq!(ran.len(), ids.len(), "each task ran exactly once: {ran:?}");
+    let agents: std::collections::BTreeSet<&str> = ran.iter().map(|(_, a)| a.as_str()).collect();
+    assert_eq!(agents.len(), 2, "both agents of the pool got work: {ran:?}");
+    // Claimed for the agent that ran it.
+    for (task, agent) in &ran {
+        let id: i64 = task.trim_start_matches("tt-").parse().unwrap();
+        assert_eq!(w.status(id).1.as_deref(), Some(agent.as_str()));
+    }
+    // Never more than the window: no request lists the whole queue without a limit.
+    assert!(w
+        .server
+        .requests()
+        .iter()
+        .filter(|q| q.path == "/api/v1/tasks")
+        .all(|q| q.query.as_deref().unwrap_or("").contains("limit=")));
+    // The stats check is conditional after the first poll.
+    assert!(w
+        .server
+        .requests()
+        .iter()
+        .any(|q| q.path.ends_with("/stats") && q.if_none_match.is_some()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_assigned_on_the_server_run_on_their_agent_and_foreign_ones_are_left_alone() {
+    let w = World::new().await;
+    let for_bob: Vec<i64> = (0..2)
+        .map(|i| {
+            w.server.insert(&format!("bob {i}"), |t| {
+                t.queue_name = Some("dev".into());
+                t.assigned_to = Some("bob".into());
+            })
+        })
+        .collect();
+    let foreign = w.server.insert("someone else's", |t| {
+        t.queue_name = Some("dev".into());
+        t.assigned_to = Some("stranger".into());
+    });
+    let pool = queued(&w.server, "anyone", "dev");
+    w.tinytask_queue("dev", json!({}));
+    w.agent("alice", Some("dev"), 2, RECORD);
+    // bob serves no queue: only what is pinned to him.
+    w.agent("bob", None, 2, RECORD);
+
+    let r = w.run_once(Duration::from_secs(60)).await;
+    assert_eq!(r.code, 0, "{r:?}");
+    let ran = w.ran();
+    for id in &for_bob {
+        assert!(
+            ran.contains(&(format!("tt-{id}"), "bob".into())),
+            "{id} on bob: {ran:?}"
+        );
+        assert_eq!(w.status(*id), ("complete".into(), Some("bob".into())));
+    }
+    assert!(
+        ran.contains(&(format!("tt-{pool}"), "alice".into())),
+        "{ran:?}"
+    );
+    assert_eq!(
+        ran.len(),
+        3,
+        "{ran:?}\n{}\n{:#?}",
+        w.events(),
+        w.server.requests()
+    );
+    assert_eq!(w.status(foreign), ("idle".into(), Some("stranger".into())));
+    assert!(w.task_json(&format!("tt-{foreign}")).is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_tasks_wait_and_do_not_starve_the_window() {
+    let w = World::new().await;
+    // The blocker is someone else's work in progress.
+    let blocker = w.server.insert("blocker", |t| {
+        t.queue_name = Some("dev".into());
+        t.assigned_to = Some("stranger".into());
+        t.status = "working".into();
+    });
+    let blocked: Vec<i64> = (0..10)
+        .map(|i| {
+            w.server.insert(&format!("blocked {i}"), |t| {
+                t.queue_name = Some("dev".into());
+                t.priority = 10.0;
+                t.blocked_by_task_id = Some(blocker);
+            })
+        })
+        .collect();
+    let runnable: Vec<i64> = (0..2)
+        .map(|i| queued(&w.server, &format!("free {i}"), "dev"))
+        .collect();
+    w.tinytask_queue("dev", json!({}));
+    w.agent("alice", Some("dev"), 2, RECORD);
+
+    let r = w.run_once(Duration::from_secs(60)).await;
+    assert_eq!(r.code, 0, "{r:?}");
+    for id in &runnable {
+        assert_eq!(w.status(*id).0, "complete", "{id}: {r:?}");
+    }
+    for id in &blocked {
+        assert_eq!(w.status(*id), ("idle".into(), None), "{id} waits");
+    }
+    assert_eq!(w.ran().len(), 2, "{:?}", w.ran());
+}
+
+/// Runs the daemon against one contested task; `take` is called once `ready` holds and changes
+/// the task on the server. Returns the request log and the Events' text.
+async fn contested(
+    w: &World,
+    id: i64,
+    ready: impl Fn(&World) -> bool,
+    take: impl FnOnce(&TinytaskServer),
+) -> String {
+    // Every request is slow, so the test can act while one is in flight.
+    w.server.delay_next(1000, Duration::from_millis(400));
+    let mut child = w.cmd(&["run", "--daemon"]).spawn().unwrap();
+    let name = format!("tt-{id}");
+    wait_until("the claim to begin", Duration::from_secs(30), || ready(w)).await;
+    take(&w.server);
+    wait_until("the mirror to be dropped", Duration::from_secs(30), || {
+        w.task_json(&name).is_none()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    assert!(w.ran().is_empty(), "nothing ran: {:?}", w.ran());
+    w.events()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_taken_on_the_server_before_the_claims_re_read_does_not_run() {
+    let w = World::new().await;
+    let id = queued(&w.server, "contested", "dev");
+    w.tinytask_queue("dev", json!({}));
+    w.agent("alice", Some("dev"), 1, RECORD);
+    let mirrored = |w: &World| w.task_json(&format!("tt-{id}")).is_some();
+    // The poll saw it free; the claim's re-read (in flight now) sees it taken.
+    let events = contested(&w, id, mirrored, |s| {
+        s.mutate_task(id, |t| t.assigned_to = Some("stranger".into()))
+    })
+    .await;
+    assert!(events.contains("ClaimRefused"), "{events}");
+    assert!(events.contains("assigned to stranger"), "{events}");
+    assert_eq!(w.status(id), ("idle".into(), Some("stranger".into())));
+    assert!(
+        !w.server.requests().iter().any(|r| r.method == "PATCH"),
+        "never written: {:?}",
+        w.server.requests()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_taken_on_the_server_between_read_and_claim_does_not_run() {
+    let w = World::new().await;
+    let id = queued(&w.server, "contested", "dev");
+    w.tinytask_queue("dev", json!({}));
+    w.agent("alice", Some("dev"), 1, RECORD);
+    let path = format!("/api/v1/tasks/{id}");
+    let read = move |w: &World| {
+        w.server
+            .requests()
+            .iter()
+            .any(|r| r.method == "GET" && r.path == path)
+    };
+    // The claim's read has been answered and its PATCH is in flight: someone else claims it now.
+    let events = contested(&w, id, read, |s| {
+        s.mutate_task(id, |t| {
+            t.assigned_to = Some("stranger".into());
+            t.status = "working".into();
+        })
+    })
+    .await;
+    assert!(events.contains("ClaimRefused"), "{events}");
+    assert!(events.contains("changed on the server"), "{events}");
+    assert_eq!(
+        w.status(id),
+        ("working".into(), Some("stranger".into())),
+        "the other claimant keeps it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_mid_run_delays_write_backs_but_loses_none_and_runs_nothing_twice() {
+    let mut w = World::new().await;
+    let ids: Vec<i64> = (0..6)
+        .map(|i| queued(&w.server, &format!("job {i}"), "dev"))
+        .collect();
+    w.tinytask_queue("dev", json!({}));
+    // Slow enough that the server goes away while they run.
+    w.agent("alice", Some("dev"), 3, &format!("sleep 1.5; {RECORD}"));
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let http = format!("127.0.0.1:{port}");
+    let mut child = w
+        .cmd(&["run", "--daemon", "--http", &http])
+        .spawn()
+        .unwrap();
+    wait_until("three runs to start", Duration::from_secs(30), || {
+        w.running() >= 3
+    })
+    .await;
+    w.server.stop().await;
+    // The runs finish while the server is down: their results wait in the Tasks' status.
+    wait_until("the first runs to finish", Duration::from_secs(30), || {
+        w.ran().len() >= 3
+    })
+    .await;
+    let wb_pending = |w: &World| {
+        ids.iter()
+            .filter_map(|id| w.task_json(&format!("tt-{id}")))
+            .filter(|t| {
+                t.pointer("/status/writeBacks")
+                    .and_then(Value::as_array)
+                    .is_some_and(|a| !a.is_empty())
+            })
+            .count()
+    };
+    wait_until("write-backs to be queued", Duration::from_secs(30), || {
+        wb_pending(&w) >= 3
+    })
+    .await;
+    // Unready while the source is down; the queue says why.
+    let ready = reqwest::get(format!("http://{http}/readyz")).await.unwrap();
+    assert_eq!(ready.status().as_u16(), 500);
+    let body = ready.text().await.unwrap();
+    assert!(body.contains("tinytask-sources"), "{body}");
+    let metrics = reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tinyscheduler_tinytask_source_up{queue=\"dev\"} 0"),
+        "{metrics}"
+    );
+    let d = w.env.run(&["describe", "queue", "dev"]);
+    assert!(d.stdout.contains("SourceReachable"), "{d:?}");
+    assert!(d.stdout.contains("False"), "{d:?}");
+    // What finished during the outage is not on the server yet.
+    let waiting: Vec<i64> = ids
+        .iter()
+        .copied()
+        .filter(|id| {
+            w.task_json(&format!("tt-{id}"))
+                .and_then(|t| t.pointer("/status/writeBacks").cloned())
+                .is_some_and(|a| a.as_array().is_some_and(|a| !a.is_empty()))
+        })
+        .collect();
+    assert!(waiting.len() >= 3, "{waiting:?}");
+    for id in &waiting {
+        assert_eq!(w.status(*id).0, "working", "{id}");
+    }
+
+    w.server.restart().await;
+    wait_until(
+        "every task to be complete on the server",
+        Duration::from_secs(90),
+        || ids.iter().all(|id| w.status(*id).0 == "complete"),
+    )
+    .await;
+    wait_until("no write-back left", Duration::from_secs(30), || {
+        wb_pending(&w) == 0
+    })
+    .await;
+    let ready = reqwest::get(format!("http://{http}/readyz")).await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for (t, _) in w.ran() {
+        *counts.entry(t).or_default() += 1;
+    }
+    assert_eq!(counts.len(), ids.len(), "{counts:?}");
+    assert!(counts.values().all(|n| *n == 1), "ran twice: {counts:?}");
+    let d = w.env.run(&["describe", "queue", "dev"]);
+    assert!(d.stdout.contains("SourceReachable"), "{d:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_and_malformed_answers_are_retried_without_a_crash() {
+    let w = World::new().await;
+    let ids: Vec<i64> = (0..3)
+        .map(|i| queued(&w.server, &format!("job {i}"), "dev"))
+        .collect();
+    w.tinytask_queue("dev", json!({}));
+    w.agent("alice", Some("dev"), 3, RECORD);
+    w.server.fail_next(3, 503);
+    w.server.malformed_next(2);
+    // Each run either finishes the work or reports why it could not (naming the cause); the next
+    // one picks up where it stopped.
+    for _ in 0..4 {
+        let r = w.run_once(Duration::from_secs(60)).await;
+        assert!(r.stdout.contains("leases scanned"), "no crash: {r:?}");
+        assert!(!r.stderr.contains("panick"), "{r:?}");
+        if r.code == 0 {
+            break;
+        }
+        assert!(
+            r.stderr.contains("malformed JSON") || r.stderr.contains("HTTP 503"),
+            "{r:?}"
+        );
+        assert!(!r.stdout.contains("errors: 0"), "{r:?}");
+    }
+    for id in &ids {
+        assert_eq!(w.status(*id).0, "complete", "{id}");
+    }
+    assert_eq!(w.ran().len(), 3);
+
+    // A burst longer than the client's retries is reported, then recovered from.
+    let id = queued(&w.server, "late", "dev");
+    w.server.fail_next(6, 500);
+    let r = w.run_once(Duration::from_secs(60)).await;
+    assert!(r.stdout.contains("leases scanned"), "no crash: {r:?}");
+    if w.status(id).0 != "complete" {
+        assert_eq!(r.code, 1, "an unfinished poll is an error: {r:?}");
+        assert!(r.stderr.contains("HTTP 500"), "{r:?}");
+        let r = w.run_once(Duration::from_secs(60)).await;
+        assert_eq!(r.code, 0, "{r:?}");
+    }
+    assert_eq!(w.status(id).0, "complete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_task_gets_comments_and_ends_idle_and_unassigned() {
+    let w = World::new().await;
+    let id = queued(&w.server, "doomed", "dev");
+    w.tinytask_queue("dev", json!({}));
+    w.agent("alice", Some("dev"), 1, &format!("{RECORD}; exit 3"));
+    let r = w.run_once(Duration::from_secs(60)).await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(w.ran().len(), 4, "1 + maxRetries 3 attempts: {:?}", w.ran());
+    assert_eq!(w.status(id), ("idle".into(), None));
+    let comments: Vec<String> = w
+        .server
+        .comments(id)
+        .into_iter()
+        .map(|c| c.content)
+        .collect();
+    assert_eq!(comments.len(), 4, "{comments:#?}");
+    for (i, c) in comments.iter().take(3).enumerate() {
+        assert!(c.contains(&format!("attempt {}", i + 1)), "{c}");
+        assert!(c.contains("exit code 3"), "{c}");
+        assert!(c.contains(&format!("logs/tt-{id}/{}.log", i + 1)), "{c}");
+    }
+    assert!(
+        comments[3].contains("failed after 4 attempts"),
+        "{}",
+        comments[3]
+    );
+    let t = w.task_json(&format!("tt-{id}")).unwrap();
+    assert_eq!(t["status"]["phase"], "Failed");
+    assert!(t["status"].get("writeBacks").is_none(), "{t}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_once_with_the_server_down_exits_1_naming_it_while_local_work_runs() {
+    let mut w = World::new().await;
+    queued(&w.server, "never seen", "dev");
+    w.tinytask_queue("dev", json!({}));
+    let url = w.server.url();
+    w.server.stop().await;
+    w.agent("alice", Some("dev"), 1, RECORD);
+    w.apply(
+        "local",
+        json!({"apiVersion": "tinyscheduler.io/v1alpha1", "kind": "Queue", "metadata": {"name": "local"}, "spec": {"source": "local"}}),
+    );
+    w.agent("carol", Some("local"), 1, RECORD);
+    w.env.apply_ok(
+        "task.yaml",
+        &format!("{API}\nkind: Task\nmetadata:\n  name: here\nspec:\n  queue: local\n"),
+    );
+    let r = w.run_once(Duration::from_secs(60)).await;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("queue/dev"), "{r:?}");
+    assert!(r.stderr.contains("cannot connect"), "{r:?}");
+    assert!(r.stderr.contains(&url), "{r:?}");
+    assert!(!r.stdout.contains("errors: 0"), "{r:?}");
+    assert_eq!(w.ran(), vec![("here".to_string(), "carol".to_string())]);
+    let d = w.env.run(&["describe", "queue", "dev"]);
+    assert!(d.stdout.contains("SourceReachable"), "{d:?}");
+    assert!(d.stdout.contains("Unreachable"), "{d:?}");
+}
