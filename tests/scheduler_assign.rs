@@ -1,9 +1,9 @@
 //! The scheduler with real agent processes: assignment order and agent choice, limits under a
 //! burst, blocking, and dry runs that change nothing.
 
-mod support;
 #[path = "support/sched.rs"]
 mod sched;
+mod support;
 
 use std::time::Duration;
 
@@ -61,7 +61,11 @@ fn a_burst_of_500_tasks_never_runs_more_agents_than_their_limits() {
     s.queue("default");
     let limits = [("a1", 2usize), ("a2", 3), ("a3", 5)];
     for (a, max) in limits {
-        s.agent(a, max as i64, "echo \"$TINYSCHEDULER_TASK\" >> \"$OUT/ran\"; sleep 0.02");
+        s.agent(
+            a,
+            max as i64,
+            "echo \"$TINYSCHEDULER_TASK\" >> \"$OUT/ran\"; sleep 0.02",
+        );
     }
     for i in 0..500 {
         s.task(&format!("burst-{i:03}"));

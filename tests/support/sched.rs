@@ -286,6 +286,17 @@ pub fn running(pid: i32) -> bool {
     }
 }
 
+/// The process group of `pid` if it is alive and not a zombie.
+pub fn live_pgid(pid: i32) -> Option<i32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut f = s.rsplit_once(')')?.1.split_whitespace();
+    let state = f.next()?;
+    if matches!(state, "Z" | "X") {
+        return None;
+    }
+    f.nth(1)?.parse().ok()
+}
+
 /// Polls `cond` every 20 ms until it holds; panics with `what` after `timeout`.
 pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -311,11 +322,18 @@ impl Observer {
         let stop = Arc::new(AtomicBool::new(false));
         let max: Arc<Mutex<BTreeMap<String, usize>>> = Default::default();
         let samples = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (s, m, n, tok) = (stop.clone(), max.clone(), samples.clone(), token.to_string());
+        let (s, m, n, tok) = (
+            stop.clone(),
+            max.clone(),
+            samples.clone(),
+            token.to_string(),
+        );
         let handle = std::thread::spawn(move || {
             let prefix = format!("{tok}-");
             while !s.load(Ordering::Relaxed) {
-                let mut now: BTreeMap<String, usize> = BTreeMap::new();
+                // Distinct process groups per agent: each run leads its own group, and a shell's
+                // forked child carries the shell's argv until it execs.
+                let mut groups: BTreeMap<String, std::collections::BTreeSet<i32>> = BTreeMap::new();
                 if let Ok(rd) = std::fs::read_dir("/proc") {
                     for e in rd.flatten() {
                         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok())
@@ -326,23 +344,21 @@ impl Observer {
                             continue;
                         };
                         // argv: sh -c SCRIPT <token>-<agent>
-                        let Some(last) = cmd
-                            .split(|b| *b == 0)
-                            .filter(|a| !a.is_empty())
-                            .next_back()
+                        let Some(last) =
+                            cmd.split(|b| *b == 0).filter(|a| !a.is_empty()).next_back()
                         else {
                             continue;
                         };
                         let last = String::from_utf8_lossy(last);
                         if let Some(agent) = last.strip_prefix(&prefix) {
-                            if running(pid) {
-                                *now.entry(agent.to_string()).or_default() += 1;
+                            if let Some(pgid) = live_pgid(pid) {
+                                groups.entry(agent.to_string()).or_default().insert(pgid);
                             }
                         }
                     }
                 }
                 let mut m = m.lock().unwrap();
-                for (a, c) in now {
+                for (a, c) in groups.into_iter().map(|(a, g)| (a, g.len())) {
                     let e = m.entry(a).or_default();
                     *e = (*e).max(c);
                 }
@@ -380,5 +396,7 @@ pub fn next_second() {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap();
-    std::thread::sleep(Duration::from_nanos(1_000_000_000 - now.subsec_nanos() as u64 + 20_000_000));
+    std::thread::sleep(Duration::from_nanos(
+        1_000_000_000 - now.subsec_nanos() as u64 + 20_000_000,
+    ));
 }
