@@ -161,3 +161,36 @@ fn run_daemon_dry_run_prints_its_decisions_and_changes_no_byte() {
     assert_eq!(s.env.snapshot(), before, "{}", s.daemon_logs());
     assert!(s.read_out("ran").is_empty(), "no agent ran");
 }
+
+#[test]
+fn a_burst_larger_than_the_write_rate_never_reclaims_runs_as_never_started() {
+    // One agent with 400 free slots and a 3 s lease (heartbeat 1 s): if one assignment pass
+    // created every Lease before any shim ran, the last ones would sit Pending past their lease
+    // duration and be reclaimed as "never started".
+    let mut s = Sched::new();
+    s.queue("default");
+    s.agent("wide", 400, "echo \"$TINYSCHEDULER_TASK\" >> \"$OUT/ran\"");
+    for i in 0..400 {
+        s.task(&format!("wave-{i:03}"));
+    }
+    s.daemon(&[]);
+    s.wait_all_finished(Duration::from_secs(600));
+    let retried: Vec<String> = s
+        .tasks()
+        .into_iter()
+        .filter(|t| t.status.attempts != 1 || t.status.phase != TaskPhase::Succeeded)
+        .map(|t| {
+            format!(
+                "{} {:?} {:?}",
+                t.metadata.name, t.status.phase, t.status.message
+            )
+        })
+        .collect();
+    assert!(
+        retried.is_empty(),
+        "{} tasks needed another attempt: {:?}",
+        retried.len(),
+        &retried[..retried.len().min(5)]
+    );
+    assert_eq!(s.lines("ran").len(), 400);
+}
