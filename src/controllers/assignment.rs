@@ -9,11 +9,18 @@ use super::plan::{self, PlanOptions};
 use super::{Ctx, Error, Summary};
 use crate::resources::event::EventType;
 use crate::resources::meta::now_rfc3339;
-use crate::resources::{Lease, LeaseSpec, Task, TaskPhase};
+use crate::resources::{Lease, LeasePhase, LeaseSpec, Task, TaskPhase};
 use crate::runtime::controller::Action;
 
 /// The single key of the assignment loop.
 pub const KEY: &str = "assign";
+
+/// At most this many Leases may wait for their shim (phase Pending) at once. A pass commits no
+/// more than the difference; every Lease change wakes the loop again. Without it one pass over a
+/// burst committed thousands of Leases (three durable writes each) before any shim ran: the
+/// controllers starved for minutes and Leases past their duration were reclaimed as "never
+/// started".
+pub const MAX_STARTING: usize = 32;
 
 /// One assignment pass over the whole cache.
 pub async fn reconcile(_key: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
@@ -46,7 +53,17 @@ pub async fn reconcile(_key: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
             first_error.get_or_insert(e);
         }
     }
-    for (task, agent) in &p.assignments {
+    let starting = leases
+        .iter()
+        .filter(|l| l.status.phase == LeasePhase::Pending)
+        .count();
+    // A dry run starts nothing, so it prints the whole plan.
+    let budget = if ctx.settings.dry_run {
+        usize::MAX
+    } else {
+        MAX_STARTING.saturating_sub(starting)
+    };
+    for (task, agent) in p.assignments.iter().take(budget) {
         if let Err(e) = commit(&ctx, task, agent) {
             Summary::bump(&ctx.summary.errors);
             first_error.get_or_insert(e);

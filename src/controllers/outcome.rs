@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use super::{tinytask_sync, Ctx, Error, Summary};
 use crate::resources::event::EventType;
-use crate::resources::meta::{format_time, now_rfc3339};
+use crate::resources::meta::now_rfc3339;
 use crate::resources::{Lease, TaskPhase};
 
 /// How a run ended, from the shim's record or the reclaim controller's verdict.
@@ -117,7 +117,10 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
                 let at = SystemTime::now() + delay;
                 t.status.phase = TaskPhase::Pending;
                 t.status.reason = Some("Retrying".into());
-                t.status.next_attempt_after = Some(format_time(at));
+                // Milliseconds: whole seconds would truncate a sub-second delay to nothing and let
+                // any retry start up to a second early.
+                t.status.next_attempt_after =
+                    Some(humantime::format_rfc3339_millis(at).to_string());
                 t.status.message = Some(format!(
                     "attempt {} failed ({what}); retry {} of {} in {}s",
                     t.status.attempts,

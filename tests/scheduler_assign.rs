@@ -1,0 +1,196 @@
+//! The scheduler with real agent processes: assignment order and agent choice, limits under a
+//! burst, blocking, and dry runs that change nothing.
+
+#[path = "support/sched.rs"]
+mod sched;
+mod support;
+
+use std::time::Duration;
+
+use sched::{next_second, wait_for, Observer, Sched, LONG};
+use tinyscheduler::resources::TaskPhase;
+
+#[test]
+fn tasks_run_blockers_first_then_by_priority_then_age_then_name() {
+    let s = Sched::new();
+    s.queue("default");
+    s.agent("solo", 1, "echo \"$TINYSCHEDULER_TASK\" >> \"$OUT/order\"");
+    s.task("zeta-old");
+    next_second();
+    s.task("beta");
+    s.task("alpha");
+    s.task_with("urgent", |t| t.priority = 5);
+    s.task_with("waiting", |t| {
+        t.priority = 9;
+        t.blocked_by = vec!["blocker".into()];
+    });
+    s.task_with("blocker", |t| t.priority = -1);
+
+    let r = s.run(&["run", "--once", "--wait"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        s.lines("order"),
+        ["blocker", "waiting", "urgent", "zeta-old", "alpha", "beta"],
+        "a single slot shows the order in which tasks were assigned"
+    );
+}
+
+#[test]
+fn the_agent_with_most_free_slots_gets_the_task_and_ties_go_to_the_first_name() {
+    let s = Sched::new();
+    s.queue("default");
+    s.agent("m", 3, "sleep 0.2");
+    s.agent("k", 2, "sleep 0.2");
+    s.agent("p", 2, "sleep 0.2");
+    for (i, name) in ["t1", "t2", "t3", "t4"].iter().enumerate() {
+        s.task_with(name, |t| t.priority = 10 - i as i64);
+    }
+    let r = s.run(&["run", "--once", "--wait"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let agents: Vec<String> = ["t1", "t2", "t3", "t4"]
+        .iter()
+        .map(|t| s.get_task(t).status.agent.unwrap_or_default())
+        .collect();
+    // free m3 k2 p2 -> m; m2 k2 p2 -> k (tie: first name); m2 k1 p2 -> m; m1 k1 p2 -> p.
+    assert_eq!(agents, ["m", "k", "m", "p"]);
+}
+
+#[test]
+fn a_burst_of_500_tasks_never_runs_more_agents_than_their_limits() {
+    let mut s = Sched::new();
+    s.queue("default");
+    let limits = [("a1", 2usize), ("a2", 3), ("a3", 5)];
+    for (a, max) in limits {
+        s.agent(
+            a,
+            max as i64,
+            "echo \"$TINYSCHEDULER_TASK\" >> \"$OUT/ran\"; sleep 0.02",
+        );
+    }
+    for i in 0..500 {
+        s.task(&format!("burst-{i:03}"));
+    }
+    let obs = Observer::start(&s.token);
+    s.daemon(&[]);
+    s.wait_all_finished(Duration::from_secs(600));
+    let seen = obs.finish();
+    let ran = s.lines("ran");
+    assert_eq!(ran.len(), 500, "every task ran once");
+    assert!(s
+        .tasks()
+        .iter()
+        .all(|t| t.status.phase == TaskPhase::Succeeded));
+    for (a, max) in limits {
+        let got = seen.get(a).copied().unwrap_or(0);
+        assert!(got >= 1, "agent {a} was observed running: {seen:?}");
+        assert!(got <= max, "agent {a} ran {got} at once, limit {max}");
+    }
+    wait_for("no lease left", LONG, || s.leases().is_empty());
+}
+
+#[test]
+fn a_blocked_task_waits_for_its_blocker_and_then_runs() {
+    let s = Sched::new();
+    s.queue("default");
+    s.agent(
+        "w",
+        2,
+        "echo \"start $TINYSCHEDULER_TASK\" >> \"$OUT/log\"; sleep 0.5; echo \"end $TINYSCHEDULER_TASK\" >> \"$OUT/log\"",
+    );
+    s.task_with("after", |t| {
+        t.priority = 10;
+        t.blocked_by = vec!["first".into()];
+    });
+    s.task("first");
+    let r = s.run(&["run", "--once", "--wait"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        s.lines("log"),
+        ["start first", "end first", "start after", "end after"]
+    );
+    assert_eq!(s.phase("after"), TaskPhase::Succeeded);
+    assert!(r.stdout.contains("task/after Blocked"), "{}", r.stdout);
+}
+
+#[test]
+fn a_task_whose_blocker_failed_stays_blocked_and_run_once_wait_still_ends() {
+    let s = Sched::new();
+    s.queue("default");
+    s.agent("w", 2, "exit 1");
+    s.task_with("doomed", |t| t.max_retries = 0);
+    s.task_with("dependent", |t| t.blocked_by = vec!["doomed".into()]);
+    let r = s.run(&["run", "--once", "--wait"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(s.phase("doomed"), TaskPhase::Failed);
+    assert_eq!(s.phase("dependent"), TaskPhase::Blocked);
+    assert_eq!(s.get_task("dependent").status.attempts, 0);
+}
+
+#[test]
+fn run_once_dry_run_prints_its_decisions_and_changes_no_byte() {
+    let s = Sched::new();
+    s.queue("default");
+    s.agent("y", 2, "echo ran >> \"$OUT/ran\"");
+    s.task("x");
+    let before = s.env.snapshot();
+    let r = s.run(&["run", "--once", "--dry-run"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout.contains("would assign task/x to agent/y"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(s.env.snapshot(), before);
+    assert!(s.read_out("ran").is_empty(), "no agent ran");
+}
+
+#[test]
+fn run_daemon_dry_run_prints_its_decisions_and_changes_no_byte() {
+    let mut s = Sched::new();
+    s.queue("default");
+    s.agent("y", 2, "echo ran >> \"$OUT/ran\"");
+    s.task("x");
+    let before = s.env.snapshot();
+    let pid = s.daemon(&["--dry-run"]);
+    wait_for("the dry-run decision", LONG, || {
+        s.read_out("daemon-0.out")
+            .contains("would assign task/x to agent/y")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(s.stop_daemon(pid, nix::sys::signal::Signal::SIGTERM), 0);
+    assert_eq!(s.env.snapshot(), before, "{}", s.daemon_logs());
+    assert!(s.read_out("ran").is_empty(), "no agent ran");
+}
+
+#[test]
+fn a_burst_larger_than_the_write_rate_never_reclaims_runs_as_never_started() {
+    // One agent with 400 free slots and a 3 s lease (heartbeat 1 s): if one assignment pass
+    // created every Lease before any shim ran, the last ones would sit Pending past their lease
+    // duration and be reclaimed as "never started".
+    let mut s = Sched::new();
+    s.queue("default");
+    s.agent("wide", 400, "echo \"$TINYSCHEDULER_TASK\" >> \"$OUT/ran\"");
+    for i in 0..400 {
+        s.task(&format!("wave-{i:03}"));
+    }
+    s.daemon(&[]);
+    s.wait_all_finished(Duration::from_secs(600));
+    let retried: Vec<String> = s
+        .tasks()
+        .into_iter()
+        .filter(|t| t.status.attempts != 1 || t.status.phase != TaskPhase::Succeeded)
+        .map(|t| {
+            format!(
+                "{} {:?} {:?}",
+                t.metadata.name, t.status.phase, t.status.message
+            )
+        })
+        .collect();
+    assert!(
+        retried.is_empty(),
+        "{} tasks needed another attempt: {:?}",
+        retried.len(),
+        &retried[..retried.len().min(5)]
+    );
+    assert_eq!(s.lines("ran").len(), 400);
+}

@@ -1,0 +1,311 @@
+//! The scheduler with real agent processes when things go wrong: failing agents, hung agents that
+//! ignore SIGTERM, schedulers that exit, crash or are stopped mid-run, Leases whose pid was
+//! recycled, and a second scheduler racing the first.
+
+#[path = "support/sched.rs"]
+mod sched;
+mod support;
+
+use std::collections::BTreeSet;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use sched::{pids_in, running, wait_for, Observer, Sched, LONG};
+use tinyscheduler::agent::liveness::start_time_of;
+use tinyscheduler::resources::meta::now_rfc3339;
+use tinyscheduler::resources::{Lease, LeasePhase, LeaseSpec, TaskPhase};
+
+fn secs(line: &str) -> f64 {
+    line.trim().parse().unwrap()
+}
+
+#[test]
+fn an_always_failing_task_is_retried_with_growing_delays_then_fails() {
+    let mut s = Sched::new();
+    s.extra_env
+        .push(("TINYSCHEDULER_RETRY_BASE_SEC".into(), "0.4".into()));
+    s.queue("default");
+    s.agent("w", 1, "date +%s.%N >> \"$OUT/attempts\"; exit 1");
+    s.task_with("flaky", |t| t.max_retries = 3);
+    let r = s.run(&["run", "--once", "--wait"]);
+    assert_eq!(r.code, 0, "{r:?}");
+
+    let t = s.get_task("flaky");
+    assert_eq!(t.status.phase, TaskPhase::Failed);
+    assert_eq!(t.status.attempts, 4);
+    assert_eq!(t.status.reason.as_deref(), Some("BackoffLimitExceeded"));
+    let at: Vec<f64> = s.lines("attempts").iter().map(|l| secs(l)).collect();
+    assert_eq!(at.len(), 4, "{at:?}");
+    let gaps: Vec<f64> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    // Delays are 0.4 s, 0.8 s, 1.6 s: each attempt waits at least its delay (a lower bound that
+    // holds however loaded the machine is), and the last wait is the longest.
+    for (i, g) in gaps.iter().enumerate() {
+        let delay = 0.4 * f64::from(1u32 << i);
+        assert!(
+            *g >= delay * 0.95,
+            "gap {i} is {g:.3}s < {delay}s: {gaps:?}"
+        );
+    }
+    assert!(gaps[2] > gaps[0], "gaps grow: {gaps:?}");
+
+    let d = s.run(&["describe", "task", "flaky"]);
+    assert_eq!(d.code, 0, "{d:?}");
+    assert!(d.stdout.contains("Retrying"), "{}", d.stdout);
+    assert!(d.stdout.contains("Failed"), "{}", d.stdout);
+    assert!(d.stdout.contains("BackoffLimitExceeded"), "{}", d.stdout);
+}
+
+#[test]
+fn an_over_time_agent_that_ignores_sigterm_is_killed_with_its_grandchildren_before_the_retry() {
+    let s = Sched::new();
+    s.queue("default");
+    let script = r#"
+if [ "$TINYSCHEDULER_ATTEMPT" = 1 ]; then
+  trap '' TERM
+  sh -c 'trap "" TERM; sleep 300; exit 0' &
+  echo $! >> "$OUT/family"
+  sleep 300 &
+  echo $! >> "$OUT/family"
+  echo $$ >> "$OUT/family"
+  wait
+  wait
+else
+  for p in $(cat "$OUT/family"); do
+    st=$(cut -d' ' -f3 /proc/$p/stat 2>/dev/null)
+    if [ -n "$st" ] && [ "$st" != Z ]; then echo "alive $p" >> "$OUT/overlap"; fi
+  done
+  echo checked >> "$OUT/second"
+fi"#;
+    s.agent_with("hung", 1, script, |a| a.max_runtime_seconds = 1);
+    s.task_with("slow", |t| t.max_retries = 1);
+    let r = s.run(&["run", "--once", "--wait"]);
+    assert_eq!(r.code, 0, "{r:?}");
+
+    let family = pids_in(&s.out("family"));
+    assert_eq!(family.len(), 3, "agent, child and grandchild: {family:?}");
+    for p in &family {
+        assert!(!running(*p), "pid {p} of the first attempt survived");
+    }
+    assert_eq!(s.lines("second"), ["checked"], "the second attempt ran");
+    assert_eq!(
+        s.read_out("overlap"),
+        "",
+        "the retry started while the first attempt's processes lived"
+    );
+    let t = s.get_task("slow");
+    assert_eq!(t.status.phase, TaskPhase::Succeeded);
+    assert_eq!(t.status.attempts, 2);
+    let d = s.run(&["describe", "task", "slow"]);
+    assert!(d.stdout.contains("SIGKILLed"), "{}", d.stdout);
+    assert!(d.stdout.contains("maximum runtime"), "{}", d.stdout);
+    assert!(d.stdout.contains("Retrying"), "{}", d.stdout);
+}
+
+#[test]
+fn run_once_exits_while_its_agents_run_and_a_later_run_records_their_results() {
+    let s = Sched::new();
+    s.queue("default");
+    s.agent(
+        "w",
+        2,
+        "sleep 2; echo \"$TINYSCHEDULER_TASK\" >> \"$OUT/done\"",
+    );
+    s.task("one");
+    s.task("two");
+    let r = s.run(&["run", "--once"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    wait_for("both agents to start", LONG, || {
+        pids_in(&s.out("pids")).len() == 2
+    });
+    assert!(
+        s.read_out("done").is_empty(),
+        "run --once did not wait for the agents"
+    );
+    for p in pids_in(&s.out("pids")) {
+        assert!(running(p), "agent {p} outlived run --once");
+    }
+    assert!(["one", "two"].iter().all(|t| !s.phase(t).is_finished()));
+    wait_for("both agents to finish", LONG, || s.lines("done").len() == 2);
+    // The shims record the exits; the next pass turns them into outcomes.
+    wait_for("the shims to record the exits", LONG, || {
+        s.leases()
+            .iter()
+            .all(|l| l.status.phase == LeasePhase::Completed)
+    });
+    let r = s.run(&["run", "--once"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    for t in ["one", "two"] {
+        assert_eq!(s.phase(t), TaskPhase::Succeeded);
+    }
+    assert!(s.leases().is_empty());
+}
+
+#[test]
+fn a_daemon_killed_mid_burst_and_restarted_runs_every_task_exactly_once() {
+    let mut s = Sched::new();
+    s.queue("default");
+    let limits = [("a1", 2usize), ("a2", 3), ("a3", 4)];
+    for (a, max) in limits {
+        s.agent(
+            a,
+            max as i64,
+            "echo \"$TINYSCHEDULER_TASK\" >> \"$OUT/ran\"; sleep 0.05",
+        );
+    }
+    for i in 0..200 {
+        s.task(&format!("job-{i:03}"));
+    }
+    let obs = Observer::start(&s.token);
+    let first = s.daemon(&[]);
+    wait_for("the burst to be under way", LONG, || {
+        s.lines("ran").len() >= 40
+    });
+    assert_eq!(s.stop_daemon(first, Signal::SIGKILL), -1);
+    let after_kill = s.lines("ran").len();
+    s.daemon(&[]);
+    s.wait_all_finished(Duration::from_secs(300));
+    wait_for("no lease left", LONG, || s.leases().is_empty());
+    let seen = obs.finish();
+
+    let ran = s.lines("ran");
+    let unique: BTreeSet<&String> = ran.iter().collect();
+    assert_eq!(unique.len(), 200, "every task ran");
+    assert_eq!(
+        ran.len(),
+        200,
+        "no task ran twice (killed after {after_kill})"
+    );
+    for t in s.tasks() {
+        assert_eq!(t.status.phase, TaskPhase::Succeeded, "{}", t.metadata.name);
+        assert_eq!(t.status.attempts, 1, "{}", t.metadata.name);
+    }
+    for (a, max) in limits {
+        let got = seen.get(a).copied().unwrap_or(0);
+        assert!(got <= max, "agent {a} ran {got} at once, limit {max}");
+    }
+}
+
+#[test]
+fn a_lease_whose_pid_now_belongs_to_an_unrelated_process_is_reclaimed_without_touching_it() {
+    let mut s = Sched::new();
+    s.queue("default");
+    s.agent("w", 1, "echo \"$TINYSCHEDULER_ATTEMPT\" >> \"$OUT/ran\"");
+    s.task_with("orphan", |t| t.max_retries = 2);
+
+    // An unrelated process in its own group, and a shim pid that is dead.
+    let stranger = Command::new("sleep")
+        .arg("60")
+        .process_group(0)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let spid = stranger.id() as i32;
+    let mut gone = Command::new("true").spawn().unwrap();
+    let dead = gone.id() as i32;
+    gone.wait().unwrap();
+    let mut s = s;
+    s.keep(stranger);
+    let real_start = start_time_of(spid).expect("the stranger runs");
+
+    let mut lease = Lease::new(
+        "Lease",
+        "orphan",
+        LeaseSpec {
+            task: "orphan".into(),
+            agent: "w".into(),
+            holder_identity: "elsewhere/1".into(),
+            lease_duration_seconds: 3,
+            max_runtime_seconds: 600,
+            attempt: 1,
+        },
+    );
+    lease
+        .metadata
+        .labels
+        .insert("tinyscheduler.io/agent".into(), "w".into());
+    let mut lease = s.store.create(&lease).unwrap();
+    let now = now_rfc3339();
+    lease.status.phase = LeasePhase::Running;
+    lease.status.pid = Some(spid);
+    lease.status.process_start_time = Some(real_start + 1000);
+    lease.status.pgid = Some(spid);
+    lease.status.shim_pid = Some(dead);
+    lease.status.shim_start_time = Some(real_start);
+    lease.status.host = Some(tinyscheduler::agent::hostname());
+    lease.status.acquire_time = Some(now.clone());
+    lease.status.renew_time = Some(now);
+    s.store.update_status(&lease).unwrap();
+    let mut t = s.get_task("orphan");
+    t.status.phase = TaskPhase::Running;
+    t.status.attempts = 1;
+    t.status.agent = Some("w".into());
+    t.status.lease = Some("orphan".into());
+    s.store.update_status(&t).unwrap();
+
+    let r = s.run(&["run", "--once", "--wait"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let t = s.get_task("orphan");
+    assert_eq!(t.status.phase, TaskPhase::Succeeded);
+    assert_eq!(t.status.attempts, 2, "the lost attempt counted as failed");
+    assert_eq!(s.lines("ran"), ["2"]);
+    assert!(running(spid), "the unrelated process was left alone");
+    let d = s.run(&["describe", "task", "orphan"]);
+    assert!(d.stdout.contains("Reclaimed"), "{}", d.stdout);
+    assert!(!d.stdout.contains("Killed"), "{}", d.stdout);
+}
+
+#[test]
+fn a_second_scheduler_exits_1_naming_the_daemon_that_holds_the_lock() {
+    let mut s = Sched::new();
+    s.queue("default");
+    let pid = s.daemon(&[]);
+    let holder = s.env.state().join("scheduler.holder");
+    wait_for("the daemon to take the lock", LONG, || {
+        std::fs::read_to_string(&holder).is_ok_and(|h| h.contains(&format!("pid {pid}")))
+    });
+    let r = s.run(&["run", "--once"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.contains("another scheduler holds the lock"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains(&format!("pid {pid}")), "{}", r.stderr);
+    assert_eq!(s.stop_daemon(pid, Signal::SIGTERM), 0);
+}
+
+#[test]
+fn sigterm_stops_the_daemon_but_not_its_agents_and_the_next_daemon_adopts_them() {
+    let mut s = Sched::new();
+    s.queue("default");
+    s.agent(
+        "solo",
+        1,
+        "echo \"start $TINYSCHEDULER_TASK\" >> \"$OUT/log\"; sleep 2; echo \"end $TINYSCHEDULER_TASK\" >> \"$OUT/log\"",
+    );
+    s.task_with("first", |t| t.priority = 5);
+    s.task("second");
+    let d1 = s.daemon(&[]);
+    wait_for("the first agent to start", LONG, || {
+        s.lines("log") == ["start first"]
+    });
+    assert_eq!(s.stop_daemon(d1, Signal::SIGTERM), 0, "{}", s.daemon_logs());
+    let agents = pids_in(&s.out("pids"));
+    assert_eq!(agents.len(), 1);
+    assert!(running(agents[0]), "the agent outlived the daemon");
+    s.daemon(&[]);
+    s.wait_all_finished(LONG);
+    assert_eq!(
+        s.lines("log"),
+        ["start first", "end first", "start second", "end second"],
+        "the adopted run held the only slot until it ended"
+    );
+    for t in ["first", "second"] {
+        let t = s.get_task(t);
+        assert_eq!(t.status.phase, TaskPhase::Succeeded);
+        assert_eq!(t.status.attempts, 1);
+    }
+    wait_for("no lease left", LONG, || s.leases().is_empty());
+}
