@@ -194,3 +194,33 @@ fn a_burst_larger_than_the_write_rate_never_reclaims_runs_as_never_started() {
     );
     assert_eq!(s.lines("ran").len(), 400);
 }
+
+/// Read syscalls of `pid` so far.
+fn read_calls(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("syscr: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn an_idle_daemon_does_not_keep_rereading_the_objects_it_was_shown() {
+    let mut s = Sched::new();
+    s.queue("default");
+    s.agent("w", 2, "true");
+    for i in 0..20 {
+        s.task(&format!("idle-{i:02}"));
+    }
+    let pid = s.daemon(&[]);
+    s.wait_all_finished(LONG);
+    // Something reads every object once more (as `get` would), then the daemon is left alone.
+    let _ = s.tasks();
+    std::thread::sleep(Duration::from_secs(3));
+    let before = read_calls(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let reads = read_calls(pid) - before;
+    // Idle means a timer tick now and then, not a file read per inotify event it caused itself.
+    assert!(reads < 300, "{reads} read calls in 3 s of idling");
+}

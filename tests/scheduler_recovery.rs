@@ -189,7 +189,7 @@ fn a_daemon_killed_mid_burst_and_restarted_runs_every_task_exactly_once() {
 
 #[test]
 fn a_lease_whose_pid_now_belongs_to_an_unrelated_process_is_reclaimed_without_touching_it() {
-    let mut s = Sched::new();
+    let s = Sched::new();
     s.queue("default");
     s.agent("w", 1, "echo \"$TINYSCHEDULER_ATTEMPT\" >> \"$OUT/ran\"");
     s.task_with("orphan", |t| t.max_retries = 2);

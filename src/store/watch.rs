@@ -171,6 +171,17 @@ impl Store {
 fn collect(ev: notify::Result<notify::Event>, names: &mut HashSet<String>, rescan: &mut bool) {
     match ev {
         Ok(ev) => {
+            // notify's inotify backend also reports opens and read-only closes. Reading a file is
+            // not a change, and treating it as one made the watcher re-read the file it had just
+            // read, forever (a busy loop per object ever opened).
+            if let notify::EventKind::Access(a) = ev.kind {
+                if !matches!(
+                    a,
+                    notify::event::AccessKind::Close(notify::event::AccessMode::Write)
+                ) {
+                    return;
+                }
+            }
             if ev.need_rescan() {
                 *rescan = true;
             }

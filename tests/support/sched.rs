@@ -344,9 +344,7 @@ impl Observer {
                             continue;
                         };
                         // argv: sh -c SCRIPT <token>-<agent>
-                        let Some(last) =
-                            cmd.split(|b| *b == 0).filter(|a| !a.is_empty()).next_back()
-                        else {
+                        let Some(last) = cmd.split(|b| *b == 0).rfind(|a| !a.is_empty()) else {
                             continue;
                         };
                         let last = String::from_utf8_lossy(last);
