@@ -80,7 +80,17 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
                 .to_string()
         });
         let mut verdict = ("", String::new(), EventType::Normal);
+        let mut applied = false;
         let updated = ctx.patch_task(task_name, |t| {
+            // Checked again on the fresh object: the shim's record and a reclaim can race to
+            // record one attempt, and only the first may (a later attempt's status is never
+            // overwritten either).
+            applied = !(t.status.phase.is_finished()
+                || t.status.attempts > attempt
+                || (t.status.lease.is_none() && t.status.attempts >= attempt));
+            if !applied {
+                return;
+            }
             t.status.lease = None;
             t.status.attempts = t.status.attempts.max(attempt);
             t.status.exit_code = ending.exit_code;
@@ -141,10 +151,10 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
                 t.status.write_backs.extend(wbs);
             }
         })?;
-        if let Some(t) = updated {
+        if let (Some(t), true) = (updated, applied) {
             ctx.event(&t, verdict.2, verdict.0, &verdict.1);
+            Summary::bump(&ctx.summary.completed);
         }
-        Summary::bump(&ctx.summary.completed);
     }
     ctx.delete_lease(name, &lease.metadata.uid)
 }
