@@ -79,15 +79,90 @@ struct QueueState {
     more: bool,
 }
 
+/// The runtime the tinytask requests run on: its own thread, so that HTTP answers are read at once
+/// even while the scheduler's worker threads are busy with store writes and process starts (on
+/// the shared runtime, a request's answer waited tens of milliseconds for a free thread).
+fn io_runtime() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("tinytask-io")
+            .enable_all()
+            .build()
+            .expect("cannot start the tinytask I/O runtime")
+    })
+}
+
+/// A [`Client`] whose calls run on [`io_runtime`].
+#[derive(Clone)]
+struct Remote(Client);
+
+impl Remote {
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl std::future::Future<Output = tinytask::Result<T>> + Send + 'static,
+    ) -> tinytask::Result<T> {
+        let endpoint = self.0.endpoint().to_string();
+        io_runtime().spawn(f).await.unwrap_or_else(|e| {
+            Err(tinytask::Error::Transport {
+                request: endpoint,
+                message: format!("request task failed: {e}"),
+            })
+        })
+    }
+    async fn get_task(&self, id: TaskId) -> tinytask::Result<RemoteTask> {
+        let c = self.0.clone();
+        self.run(async move { c.get_task(id).await }).await
+    }
+    async fn patch_task(&self, id: TaskId, p: &TaskPatch) -> tinytask::Result<RemoteTask> {
+        let (c, p) = (self.0.clone(), p.clone());
+        self.run(async move { c.patch_task(id, &p).await }).await
+    }
+    async fn add_comment(
+        &self,
+        id: TaskId,
+        text: &str,
+        by: &str,
+    ) -> tinytask::Result<tinytask::Comment> {
+        let (c, text, by) = (self.0.clone(), text.to_string(), by.to_string());
+        self.run(async move { c.add_comment(id, &text, &by).await })
+            .await
+    }
+    async fn queue_stats_if_changed(
+        &self,
+        q: &str,
+        etag: Option<&str>,
+    ) -> tinytask::Result<tinytask::Conditional<QueueStats>> {
+        let (c, q, etag) = (self.0.clone(), q.to_string(), etag.map(str::to_string));
+        self.run(async move { c.queue_stats_if_changed(&q, etag.as_deref()).await })
+            .await
+    }
+    async fn runnable_tasks(
+        &self,
+        q: &str,
+        want: usize,
+        respect: bool,
+    ) -> tinytask::Result<Vec<RemoteTask>> {
+        let (c, q) = (self.0.clone(), q.to_string());
+        self.run(async move { c.runnable_tasks(&q, want, respect).await })
+            .await
+    }
+    async fn list_tasks(&self, q: &ListQuery) -> tinytask::Result<Vec<RemoteTask>> {
+        let (c, q) = (self.0.clone(), q.clone());
+        self.run(async move { c.list_tasks(&q).await }).await
+    }
+}
+
 impl SyncState {
-    fn client(&self, endpoint: &str) -> Result<Client, tinytask::Error> {
+    fn client(&self, endpoint: &str) -> Result<Remote, tinytask::Error> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = clients.get(endpoint) {
-            return Ok(c.clone());
+            return Ok(Remote(c.clone()));
         }
         let c = Client::new(endpoint)?;
         clients.insert(endpoint.to_string(), c.clone());
-        Ok(c)
+        Ok(Remote(c))
     }
 
     fn get(&self, queue: &str) -> QueueState {
@@ -1020,7 +1095,7 @@ async fn write_back(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
-async fn perform(client: &Client, id: TaskId, wb: &WriteBack) -> Result<(), tinytask::Error> {
+async fn perform(client: &Remote, id: TaskId, wb: &WriteBack) -> Result<(), tinytask::Error> {
     match wb.op {
         WriteBackOp::Complete => {
             client
