@@ -14,14 +14,7 @@ use crate::store::Store;
 fn targets(a: &DeleteArgs) -> Result<Vec<(Kind, String)>, CliError> {
     let mut out = Vec::new();
     if !a.files.is_empty() {
-        let docs = input::read_all(&a.files, a.recursive).map_err(|errs| {
-            CliError(
-                errs.iter()
-                    .map(|e| format!("error: {e}"))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            )
-        })?;
+        let docs = input::read_all_reported(&a.files, a.recursive)?;
         for d in &docs {
             let kind = d.kind().and_then(Kind::from_kind_field).ok_or_else(|| {
                 CliError(format!(

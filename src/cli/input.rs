@@ -139,6 +139,17 @@ fn buf_too_big(b: &[u8]) -> bool {
     b.len() as u64 > MAX_FILE_BYTES
 }
 
+/// [`read_all`] with every error as one `error: …` line, ready to print.
+pub fn read_all_reported(
+    files: &[String],
+    recursive: bool,
+) -> Result<Vec<Document>, super::CliError> {
+    read_all(files, recursive).map_err(|errs| {
+        let lines: Vec<String> = errs.iter().map(|e| format!("error: {e}")).collect();
+        super::CliError(lines.join("\n"))
+    })
+}
+
 /// Reads every document of every source named by `-f`. An input with no objects at all is an error.
 pub fn read_all(files: &[String], recursive: bool) -> Result<Vec<Document>, Vec<InputError>> {
     let sources = expand(files, recursive).map_err(|e| vec![e])?;

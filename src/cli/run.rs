@@ -110,17 +110,17 @@ fn state_dir(g: &Globals) -> std::path::PathBuf {
     std::path::absolute(&g.state_dir).unwrap_or_else(|_| g.state_dir.clone())
 }
 
+fn start(g: &Globals, store: Store, settings: Settings, heartbeat: Option<Heartbeat>) -> Scheduler {
+    let opts = Options {
+        informers: InformerOptions::from_env(),
+        heartbeat,
+    };
+    Scheduler::start(store, state_dir(g), settings, opts)
+}
+
 async fn once(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
     let (store, _lock) = open(g, args.dry_run)?;
-    let sched = Scheduler::start(
-        store,
-        state_dir(g),
-        settings,
-        Options {
-            informers: InformerOptions::from_env(),
-            heartbeat: None,
-        },
-    );
+    let sched = start(g, store, settings, None);
     sched.wait_synced().await;
     if args.wait {
         print_progress(&sched.ctx.tasks);
@@ -168,15 +168,7 @@ async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
     let notifier = Notifier::from_env();
     let (store, lock) = open(g, args.dry_run)?;
     let heartbeat = Heartbeat::new();
-    let sched = Scheduler::start(
-        store,
-        state_dir(g),
-        settings,
-        Options {
-            informers: InformerOptions::from_env(),
-            heartbeat: Some(heartbeat.clone()),
-        },
-    );
+    let sched = start(g, store, settings, Some(heartbeat.clone()));
     let ctx = Arc::clone(&sched.ctx);
     let metrics = sched.metrics.clone();
 
