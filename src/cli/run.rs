@@ -245,6 +245,8 @@ async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
     if let Some(cfg) = WatchdogConfig::from_env() {
         background.spawn(run_watchdog(notifier.clone(), heartbeat.clone(), cfg));
     }
+    // Events are kept to 50 per object and 1 hour; the first pass runs at once.
+    let events_gc = (!args.dry_run).then(|| ctx.recorder.spawn_gc(Duration::from_secs(300)));
     let _ = notifier.ready();
     tracing::info!(state_dir = %g.state_dir.display(), "scheduler running");
 
@@ -274,6 +276,9 @@ async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
     tracing::info!(%reason, "stopping; running agents are left running");
     sched.stop().await;
     background.abort_all();
+    if let Some(h) = events_gc {
+        h.abort();
+    }
     Ok(ExitCode::SUCCESS)
 }
 
