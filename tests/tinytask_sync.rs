@@ -273,6 +273,15 @@ async fn blocked_tasks_wait_and_do_not_starve_the_window() {
     }
     for id in &blocked {
         assert_eq!(w.status(*id), ("idle".into(), None), "{id} waits");
+        let mirror = w
+            .task_json(&format!("tt-{id}"))
+            .expect("blocked tasks are mirrored");
+        assert_eq!(mirror["status"]["phase"], "Blocked", "{mirror}");
+        assert_eq!(
+            mirror["spec"]["blockedBy"][0],
+            format!("tt-{blocker}"),
+            "{mirror}"
+        );
     }
     assert_eq!(w.ran().len(), 2, "{:?}", w.ran());
 }
@@ -558,4 +567,32 @@ async fn run_once_with_the_server_down_exits_1_naming_it_while_local_work_runs()
     let d = w.env.run(&["describe", "queue", "dev"]);
     assert!(d.stdout.contains("SourceReachable"), "{d:?}");
     assert!(d.stdout.contains("Unreachable"), "{d:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_task_is_mirrored_as_blocked_and_runs_once_its_blocker_is_complete() {
+    let w = World::new().await;
+    let blocker = queued(&w.server, "first", "dev");
+    let blocked = w.server.insert("second", |t| {
+        t.queue_name = Some("dev".into());
+        t.priority = 10.0;
+        t.blocked_by_task_id = Some(blocker);
+    });
+    w.tinytask_queue("dev", json!({}));
+    w.agent("alice", Some("dev"), 2, RECORD);
+
+    // The first pass runs the blocker; the blocked task may already run in the same pass once the
+    // server says it is no longer blocked, else the next pass runs it.
+    for _ in 0..3 {
+        let r = w.run_once(Duration::from_secs(60)).await;
+        assert_eq!(r.code, 0, "{r:?}");
+        if w.status(blocked).0 == "complete" {
+            break;
+        }
+    }
+    assert_eq!(w.status(blocker).0, "complete");
+    assert_eq!(w.status(blocked).0, "complete");
+    let events = w.env.run(&["describe", "task", &format!("tt-{blocked}")]);
+    assert!(events.stdout.contains("Blocked"), "{}", events.stdout);
+    assert_eq!(w.ran().len(), 2, "{:?}", w.ran());
 }

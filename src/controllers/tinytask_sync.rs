@@ -54,6 +54,9 @@ pub const CONDITION: &str = "SourceReachable";
 /// Longest delay between polls of an unreachable server.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Shortest time between two polls of one queue (events such as a freed slot poll early).
+/// How many currently-blocked idle tasks of a queue are mirrored as `Blocked` Tasks, so that
+/// `get tasks` shows what waits and on what. They never count against free slots.
+pub const BLOCKED_MIRROR_MAX: u32 = 50;
 const MIN_POLL_GAP: Duration = Duration::from_millis(100);
 /// `created_by` of our comments.
 const AUTHOR: &str = "tinyscheduler";
@@ -637,6 +640,27 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
                     break;
                 }
                 ask = (ask * 4).min(SCAN_WINDOW_MAX as usize);
+            }
+        }
+
+        // Blocked, unassigned idle tasks are mirrored too (bounded), blockedBy mapped, so they show
+        // as Blocked; a later poll clears blockedBy once the blocker is done and they run.
+        if respect {
+            let q = ListQuery::new(BLOCKED_MIRROR_MAX)
+                .queue(remote.clone())
+                .status(TaskStatus::Idle);
+            for t in client.list_tasks(&q).await?.iter().filter(|t| {
+                t.status == TaskStatus::Idle
+                    && t.assigned_to.as_deref().is_none_or(str::is_empty)
+                    && t.is_currently_blocked
+            }) {
+                let tname = format!("{TASK_PREFIX}{}", t.id);
+                match by_name.get(tname.as_str()) {
+                    Some(local) => refresh(ctx, queue, local, t, None, respect),
+                    None => {
+                        mirror(ctx, queue, t, None, respect);
+                    }
+                }
             }
         }
 
