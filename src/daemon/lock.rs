@@ -3,9 +3,8 @@
 //! can never lock two different inodes); who holds it is written beside it, in `scheduler.holder`.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -58,15 +57,7 @@ impl InstanceLock {
             source,
         };
         fsio::ensure_private_dir(state_dir).map_err(io_err)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(io_err)?;
+        let file = fsio::open_private(&path).map_err(io_err)?;
         let holder = state_dir.join("scheduler.holder");
         let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(l) => l,

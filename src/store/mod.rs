@@ -10,9 +10,9 @@ pub mod selector;
 pub mod watch;
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -175,17 +175,7 @@ impl Store {
         for d in [&root, &objects, &tmp] {
             fsio::ensure_private_dir(d).map_err(|e| StoreError::io(d, e))?;
         }
-        let open = |p: &Path| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .custom_flags(nix::libc::O_NOFOLLOW)
-                .open(p)
-                .map_err(|e| StoreError::io(p, e))
-        };
+        let open = |p: &Path| fsio::open_private(p).map_err(|e| StoreError::io(p, e));
         let writer = Writer {
             lock: open(&root.join("store.lock"))?,
             revision: open(&root.join("revision"))?,
