@@ -77,7 +77,7 @@ impl InstanceLock {
         );
         let tmp = state_dir.join("tmp");
         fsio::ensure_private_dir(&tmp).map_err(io_err)?;
-        fsio::write_atomic(&tmp, &holder, who.as_bytes()).map_err(io_err)?;
+        fsio::write_atomic(&tmp, &holder, who.as_bytes(), true).map_err(io_err)?;
         Ok(InstanceLock {
             _lock: lock,
             holder,

@@ -4,7 +4,9 @@
 //! kind and name, the type, reason and message>`), so publishing the same thing again within
 //! [`AGGREGATION_WINDOW`] finds the existing object with one read and bumps its `count` and
 //! `lastTimestamp` with one write. Events are best effort: errors are returned for the caller to
-//! log, never to fail on.
+//! log, never to fail on, and they are written through [`Store::relaxed`] (atomic, not fsynced):
+//! nothing is decided from an Event, and a run's few Events would otherwise cost as many fsyncs as
+//! the writes that carry its decisions.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,10 +38,11 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// A recorder writing to `store`, stamping events with `source` (the reporting component).
+    /// A recorder writing to `store` (without fsync, see the module docs), stamping events with
+    /// `source` (the reporting component).
     pub fn new(store: Store, source: &str) -> Self {
         Recorder {
-            store,
+            store: store.relaxed(),
             source: source.to_string(),
             clock: Arc::new(SystemTime::now),
         }

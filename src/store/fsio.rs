@@ -44,9 +44,10 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
-/// Replaces `target` with `bytes` atomically and durably: a 0600 temp file in `tmp_dir` (same file
-/// system), fsync, rename over `target`, fsync of `target`'s directory.
-pub fn write_atomic(tmp_dir: &Path, target: &Path, bytes: &[u8]) -> io::Result<()> {
+/// Replaces `target` with `bytes` atomically: a 0600 temp file in `tmp_dir` (same file system),
+/// rename over `target`. With `durable`, the temp file is fsynced before the rename and `target`'s
+/// directory after it, so the write survives a machine crash once this returns.
+pub fn write_atomic(tmp_dir: &Path, target: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
     let tmp = tmp_dir.join(format!(
         "{}.{}.tmp",
         std::process::id(),
@@ -60,9 +61,11 @@ pub fn write_atomic(tmp_dir: &Path, target: &Path, bytes: &[u8]) -> io::Result<(
             .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         fs::rename(&tmp, target)?;
-        if let Some(parent) = target.parent() {
+        if let Some(parent) = target.parent().filter(|_| durable) {
             fsync_dir(parent)?;
         }
         Ok(())

@@ -6,13 +6,13 @@
 //! means.
 
 pub mod fsio;
+pub mod revision;
 pub mod selector;
 pub mod watch;
 
 use std::fmt;
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -151,6 +151,8 @@ pub enum WriteOutcome {
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
+    /// Whether writes through this handle are fsynced (see [`Store::relaxed`]).
+    durable: bool,
 }
 
 struct Inner {
@@ -187,6 +189,7 @@ impl Store {
                 tmp,
                 writer: Some(Mutex::new(writer)),
             }),
+            durable: true,
         };
         store.clean_tmp()?;
         Ok(store)
@@ -203,7 +206,25 @@ impl Store {
                 root,
                 writer: None,
             }),
+            durable: true,
         }
+    }
+
+    /// A handle on the same store whose writes are atomic but not durable: temp file and rename,
+    /// no fsync. Readers never see a half-written object, but a machine crash may lose the latest
+    /// writes or leave a torn file (reported and skipped like any other). Only for best-effort
+    /// records that nothing is decided from, such as Events; objects that carry decisions are
+    /// always written through a durable handle (DESIGN.md invariant 8).
+    pub fn relaxed(&self) -> Store {
+        Store {
+            inner: self.inner.clone(),
+            durable: false,
+        }
+    }
+
+    /// Whether writes through this handle are fsynced.
+    pub fn is_durable(&self) -> bool {
+        self.durable
     }
 
     /// The state directory.
@@ -253,35 +274,20 @@ impl Store {
         result
     }
 
-    /// The current global revision.
+    /// The current global revision: the last one any writer may have handed out.
     pub fn revision(&self) -> Result<u64, StoreError> {
         let path = self.inner.root.join("revision");
         match fs::read_to_string(&path) {
-            Ok(s) => Ok(s.trim().parse().unwrap_or(0)),
+            Ok(s) => Ok(revision::Counter::parse(&s).last_handed_out(revision::boot_id())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
             Err(e) => Err(StoreError::io(&path, e)),
         }
     }
 
-    /// Takes the next revision durably (written before the object, so a crash leaves a gap, never a
-    /// repeat).
+    /// Takes the next revision (see [`revision`]: a crash leaves a gap, never a repeat).
     fn next_revision(&self, w: &mut Writer) -> Result<u64, StoreError> {
-        let path = self.inner.root.join("revision");
-        let mut buf = [0u8; 20];
-        let n = w
-            .revision
-            .read_at(&mut buf, 0)
-            .map_err(|e| StoreError::io(&path, e))?;
-        let current: u64 = std::str::from_utf8(&buf[..n])
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
-        let next = current + 1;
-        w.revision
-            .write_all_at(format!("{next:020}").as_bytes(), 0)
-            .and_then(|_| w.revision.sync_data())
-            .map_err(|e| StoreError::io(&path, e))?;
-        Ok(next)
+        revision::take_next(&w.revision, revision::boot_id())
+            .map_err(|e| StoreError::io(&self.inner.root.join("revision"), e))
     }
 
     // ----- raw (JSON) operations: the CLI uses these for kinds chosen at run time -----
@@ -507,7 +513,9 @@ impl Store {
             }
             self.next_revision(w)?;
             fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
-            fsio::fsync_dir(&self.kind_dir(plural)).map_err(|e| StoreError::io(&path, e))?;
+            if self.durable {
+                fsio::fsync_dir(&self.kind_dir(plural)).map_err(|e| StoreError::io(&path, e))?;
+            }
             Ok(current)
         })
     }
@@ -567,7 +575,8 @@ impl Store {
                 ),
             });
         }
-        fsio::write_atomic(&self.inner.tmp, &path, &bytes).map_err(|e| StoreError::io(&path, e))?;
+        fsio::write_atomic(&self.inner.tmp, &path, &bytes, self.durable)
+            .map_err(|e| StoreError::io(&path, e))?;
         Ok(obj)
     }
 

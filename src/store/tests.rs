@@ -170,3 +170,18 @@ async fn watch_reports_adds_modifications_and_deletes_in_order() {
 }
 
 use std::time::Duration;
+
+#[test]
+fn a_relaxed_handle_writes_into_the_same_store_and_revision_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let relaxed = store.relaxed();
+    assert!(store.is_durable() && !relaxed.is_durable());
+    let a = store.create(&agent("a")).unwrap();
+    let b = relaxed.create(&agent("b")).unwrap();
+    assert!(b.revision() > a.revision());
+    assert_eq!(store.get::<Agent>("b").unwrap().revision(), b.revision());
+    relaxed.delete::<Agent>("b", None).unwrap();
+    assert!(store.try_get::<Agent>("b").unwrap().is_none());
+    assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+}
