@@ -79,6 +79,11 @@ pub fn kill_grace() -> Duration {
 
 /// Entry point of `tinyscheduler shim --lease NAME`.
 pub fn main(g: &Globals, args: ShimArgs) -> CliResult {
+    // Out of the scheduler's session and process group before anything else, so that a terminal's
+    // Ctrl-C or hangup and a kill of the scheduler's group leave the run alone (invariant 7). The
+    // scheduler does not do this between fork and exec so that it can spawn without forking. It
+    // fails only for a process-group leader, which a shim started by hand may be: then it stays.
+    let _ = nix::unistd::setsid();
     // A vanished parent or terminal must not take the run down with it.
     // SAFETY: setting signal dispositions to SIG_IGN before any other thread exists.
     unsafe {

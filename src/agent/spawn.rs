@@ -5,15 +5,14 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// Environment variable naming the binary to run as the shim (default: the current executable).
 pub const SHIM_EXE_ENV: &str = "TINYSCHEDULER_SHIM_EXE";
 
-/// Starts `<tinyscheduler> --state-dir <absolute state_dir> shim --lease <lease>` in its own
-/// session and returns its pid. A background thread reaps it; callers never wait on it.
+/// Starts `<tinyscheduler> --state-dir <absolute state_dir> shim --lease <lease>` (which moves
+/// itself into its own session) and returns its pid. A background thread reaps it; callers never wait on it.
 pub fn spawn_shim(state_dir: &Path, lease: &str) -> io::Result<u32> {
     let exe = shim_exe()?;
     spawn_shim_with(&exe, state_dir, lease)
@@ -33,13 +32,9 @@ pub fn spawn_shim_with(exe: &Path, state_dir: &Path, lease: &str) -> io::Result<
         .stderr(Stdio::null())
         .env_clear()
         .envs(shim_env(std::env::vars_os()));
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid().map_err(io::Error::from)?;
-            Ok(())
-        });
-    }
+    // No `pre_exec`: without one the standard library starts the child with posix_spawn (vfork
+    // semantics) instead of fork, which would copy the scheduler's page tables for every run. The
+    // shim puts itself in its own session first thing (`shim::main`).
     let mut child = cmd.spawn()?;
     let pid = child.id();
     std::thread::Builder::new()
