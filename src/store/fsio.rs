@@ -76,6 +76,83 @@ pub fn write_atomic(tmp_dir: &Path, target: &Path, bytes: &[u8], durable: bool) 
     result
 }
 
+/// A temp file created ahead of a write, so that the inode allocation (slow on a busy ext4 without
+/// a journal, which scans past every recently deleted inode) happens before the store lock is
+/// taken. Removed on drop unless [`TempFile::replace`] renamed it into place.
+#[derive(Debug)]
+pub struct TempFile {
+    path: std::path::PathBuf,
+    file: Option<File>,
+}
+
+impl TempFile {
+    /// Creates an empty 0600 file named `<pid>.<seq>.tmp` in `tmp_dir`.
+    pub fn create(tmp_dir: &Path) -> io::Result<TempFile> {
+        let path = tmp_dir.join(format!(
+            "{}.{}.tmp",
+            std::process::id(),
+            TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&path)?;
+        Ok(TempFile {
+            path,
+            file: Some(file),
+        })
+    }
+
+    /// Writes `bytes`, fsyncs them when `durable`, and renames the file over `target`. The caller
+    /// fsyncs `target`'s directory (when durable) to make the rename itself survive a crash.
+    pub fn replace(mut self, target: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
+        let mut file = self
+            .file
+            .take()
+            .ok_or_else(|| io::Error::other("temp file already used"))?;
+        let result = (|| {
+            file.write_all(bytes)?;
+            if durable {
+                file.sync_all()?;
+            }
+            drop(file);
+            fs::rename(&self.path, target)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&self.path);
+        }
+        result
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Whether a temp file name belongs to a process that is gone (or is not a writer's name at all),
+/// so that it can be removed without racing a live writer that created it ahead of its write.
+pub fn temp_is_orphaned(file_name: &str) -> bool {
+    let pid = file_name
+        .split('.')
+        .next()
+        .and_then(|p| p.parse::<i32>().ok())
+        .filter(|p| *p > 0);
+    match pid {
+        None => true,
+        Some(pid) if pid == std::process::id() as i32 => false,
+        Some(pid) => matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        ),
+    }
+}
+
 /// Why a file in the objects directory could not be read as an object.
 #[derive(Debug)]
 pub enum ReadError {
