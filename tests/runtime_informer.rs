@@ -136,16 +136,17 @@ async fn secondary_indexes_follow_the_objects() {
     assert!(inf.by_index("nope", "b").is_empty());
 }
 
-/// The watch follows the directory's inode: moving the directory away and putting a fresh one in
-/// its place makes every later write invisible to it (and its own rescan is an hour away). Only
-/// the informer's periodic resync, which relists the store, can find the object.
+/// The watch's inotify follows the directory's inode: moving the directory away and putting a
+/// fresh one in its place makes every later write invisible to inotify. The informer's resync is an
+/// hour away (and only replays the cache anyway), so only the watch's periodic rescan of the
+/// directory can find the object.
 #[tokio::test(start_paused = true)]
-async fn a_write_the_watch_never_saw_is_caught_by_the_periodic_resync() {
+async fn a_write_inotify_never_reported_is_caught_by_the_watchs_periodic_rescan() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let inf = Informer::<Queue>::new(
         store.clone(),
-        opts(Duration::from_secs(5), Duration::from_secs(3600)),
+        opts(Duration::from_secs(3600), Duration::from_secs(5)),
     );
     let mut rx = inf.subscribe();
     let _h = inf.start();
@@ -156,18 +157,54 @@ async fn a_write_the_watch_never_saw_is_caught_by_the_periodic_resync() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(
         inf.get("hidden").is_none(),
-        "the watch could not have seen it"
+        "inotify could not have reported it"
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         inf.get("hidden").is_some(),
-        "the resync relist must find it"
+        "the watch's rescan must find it"
     );
     let mut seen = vec![];
     while let Ok(ev) = rx.try_recv() {
         seen.push(applied_name(&ev));
     }
-    assert_eq!(seen, ["applied hidden", "resync"]);
+    assert_eq!(seen, ["applied hidden"]);
+}
+
+/// A resync replays the cache to the subscribers, with a snapshot of it, and reads nothing from
+/// the store: a write the watch has not reported yet stays unseen.
+#[tokio::test(start_paused = true)]
+async fn a_resync_replays_the_cache_without_reading_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.create(&queue("listed", "a")).unwrap();
+    let inf = Informer::<Queue>::new(
+        store.clone(),
+        opts(Duration::from_secs(5), Duration::from_secs(3600)),
+    );
+    let snapshots: Arc<std::sync::Mutex<Vec<Vec<String>>>> = Arc::default();
+    let s = snapshots.clone();
+    inf.on_event(move |ev, snapshot| {
+        if let InformerEvent::Resync = ev {
+            let names = snapshot.iter().map(|o| o.name().to_string()).collect();
+            s.lock().unwrap().push(names);
+        }
+    });
+    let _h = inf.start();
+    inf.wait_synced().await;
+    let kind_dir = store.kind_dir("queues");
+    std::fs::rename(&kind_dir, dir.path().join("queues-elsewhere")).unwrap();
+    store.create(&queue("hidden", "a")).unwrap();
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(
+        *snapshots.lock().unwrap(),
+        [vec!["listed".to_string()], vec!["listed".to_string()]],
+        "two resyncs, each a snapshot of the cache"
+    );
+    assert!(
+        inf.get("hidden").is_none(),
+        "a resync does not list the store"
+    );
 }
 
 /// A watch that reports an error makes the informer relist (with backoff) and carry on.
