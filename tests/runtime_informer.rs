@@ -314,3 +314,63 @@ async fn a_panicking_event_handler_does_not_stop_the_informer() {
     store.create(&queue("second", "a")).unwrap();
     assert_eq!(applied_name(&next_change(&mut rx).await), "applied second");
 }
+
+/// `watches_filtered`: the initial list and every change wake all objects' keys, a resync only
+/// those the filter keeps (here: queues not labelled `team=done`).
+#[tokio::test(start_paused = true)]
+async fn a_resync_wakes_only_the_objects_the_controllers_filter_keeps() {
+    use std::sync::Mutex;
+    use tinyscheduler::runtime::{Action, Controller, Metrics};
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.create(&queue("busy", "alpha")).unwrap();
+    store.create(&queue("finished", "done")).unwrap();
+    let inf = Informer::<Queue>::new(
+        store.clone(),
+        opts(Duration::from_secs(30), Duration::from_secs(3600)),
+    );
+    let _h = inf.start();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let c = Controller::new("filtered", seen.clone(), Metrics::default()).watches_filtered(
+        &inf,
+        |q: &Queue| vec![q.name().to_string()],
+        |q: &Queue| q.metadata.labels.get("team").map(String::as_str) != Some("done"),
+    );
+    let queue_handle = c.queue();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(c.run(
+        |key: String, seen: Arc<Mutex<Vec<String>>>| async move {
+            seen.lock().unwrap().push(key);
+            Ok::<_, String>(Action::await_change())
+        },
+        async {
+            let _ = rx.await;
+        },
+    ));
+    inf.wait_synced().await;
+    queue_handle.wait_idle().await;
+    let mut initial = std::mem::take(&mut *seen.lock().unwrap());
+    initial.sort();
+    assert_eq!(initial, ["busy", "finished"], "the initial list wakes all");
+
+    tokio::time::sleep(Duration::from_secs(95)).await;
+    queue_handle.wait_idle().await;
+    assert_eq!(
+        std::mem::take(&mut *seen.lock().unwrap()),
+        ["busy", "busy", "busy"],
+        "three resyncs, each waking only the kept object"
+    );
+
+    let mut finished = store.get::<Queue>("finished").unwrap();
+    finished.metadata.labels.insert("note".into(), "x".into());
+    inf.observe(store.update(&finished).unwrap());
+    queue_handle.wait_idle().await;
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["finished"],
+        "a change wakes a filtered object"
+    );
+    tx.send(()).unwrap();
+    run.await.unwrap();
+}
