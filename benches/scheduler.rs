@@ -17,7 +17,10 @@
 //! `BENCH_BURST_SLOTS` (100), `BENCH_BURST_TIMEOUT_SEC` (120: then the agents are paused,
 //! the running leases drain, and the idle cost is measured on the tasks as they are), `BENCH_IDLE_SEC` (30),
 //! `BENCH_ONLY` (`dispatch`, `burst`: burst + idle), `BENCH_DIR` (where the state directories go;
-//! default the system temp dir).
+//! default the system temp dir), `BENCH_BURST_PREFINISHED` (`1`: NOT a burst — the N tasks are
+//! created already `Succeeded`, as a finished burst leaves them but without its Events, and the
+//! daemon only has to list them; the bench waits for its work queues to drain before the idle
+//! window. For measuring the idle cost without waiting minutes for a burst.)
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -136,6 +139,21 @@ fn agent(store: &Store, name: &str, max: i64, command: Vec<String>) {
         ..Default::default()
     };
     store.create(&Agent::new("Agent", name, spec)).unwrap();
+}
+
+/// A task as a successful run leaves it (for `BENCH_BURST_PREFINISHED`).
+fn finished_task(name: &str) -> Task {
+    let mut t = task(name);
+    let now = tinyscheduler::resources::meta::now_rfc3339();
+    t.status.phase = TaskPhase::Succeeded;
+    t.status.attempts = 1;
+    t.status.agent = Some("agent-000".into());
+    t.status.start_time = Some(now.clone());
+    t.status.finish_time = Some(now);
+    t.status.exit_code = Some(0);
+    t.status.reason = Some("Succeeded".into());
+    t.status.message = Some("exited 0 on agent/agent-000".into());
+    t
 }
 
 fn task(name: &str) -> Task {
@@ -325,6 +343,15 @@ fn succeeded(metrics: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
+/// Keys waiting in every work queue, from `/metrics`.
+fn queued(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("tinyscheduler_workqueue_depth{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 fn proc_status(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -354,6 +381,7 @@ fn burst_and_idle() {
     let slots = env_num("BENCH_BURST_SLOTS", 100);
     let timeout = Duration::from_secs(env_num("BENCH_BURST_TIMEOUT_SEC", 120));
     let idle_secs = env_num("BENCH_IDLE_SEC", 30);
+    let prefinished = env_num("BENCH_BURST_PREFINISHED", 0) == 1;
     let tmp = bench_dir();
     let state = tmp.path().join("state");
     let store = Store::open(&state).unwrap();
@@ -368,10 +396,21 @@ fn burst_and_idle() {
     }
     let t = Instant::now();
     for i in 0..n {
-        store.create(&task(&format!("burst-{i:05}"))).unwrap();
+        let name = format!("burst-{i:05}");
+        let obj = if prefinished {
+            finished_task(&name)
+        } else {
+            task(&name)
+        };
+        store.create(&obj).unwrap();
     }
     println!(
-        "burst: created {n} tasks in {:.1} s ({} agents x {slots} slots)",
+        "burst: created {n} tasks{} in {:.1} s ({} agents x {slots} slots)",
+        if prefinished {
+            " ALREADY SUCCEEDED (BENCH_BURST_PREFINISHED=1: no burst is run)"
+        } else {
+            ""
+        },
         t.elapsed().as_secs_f64(),
         agents
     );
@@ -419,13 +458,19 @@ fn burst_and_idle() {
     }
     let writes = revision(&store) - rev0;
     let hwm = proc_status(pid, "VmHWM:");
-    println!(
-        "burst: {ok} of {n} Succeeded in {:.1} s ({:.0} tasks/s) {}; progress {}",
-        elapsed.as_secs_f64(),
-        ok as f64 / elapsed.as_secs_f64(),
-        if done { "" } else { "(timed out)" },
-        progress.join(" ")
-    );
+    if prefinished {
+        println!(
+            "burst: none run (BENCH_BURST_PREFINISHED=1); daemon up with {ok} of {n} Succeeded"
+        );
+    } else {
+        println!(
+            "burst: {ok} of {n} Succeeded in {:.1} s ({:.0} tasks/s) {}; progress {}",
+            elapsed.as_secs_f64(),
+            ok as f64 / elapsed.as_secs_f64(),
+            if done { "" } else { "(timed out)" },
+            progress.join(" ")
+        );
+    }
     println!(
         "burst: daemon peak RSS (VmHWM) {:.1} MB; durable writes {writes} ({:.1} per task)",
         hwm as f64 / 1024.0,
@@ -434,6 +479,13 @@ fn burst_and_idle() {
     let by_kind = count_kinds(&store, rev0);
     println!("burst: objects now: {by_kind}");
 
+    if prefinished {
+        // The initial list wakes every key once; wait for that to be worked off.
+        let drained = wait_until(Duration::from_secs(120), Duration::from_millis(250), || {
+            scrape(port).is_some_and(|m| queued(&m) == 0)
+        });
+        println!("burst: work queues drained after start: {drained}");
+    }
     // Idle: let the status batching and event writes settle, then measure.
     std::thread::sleep(Duration::from_secs(3));
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)

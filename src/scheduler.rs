@@ -10,7 +10,8 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 
 use crate::controllers::{
-    assignment, dispatch, lease, reclaim, status, tinytask_sync, Ctx, Settings, Summary,
+    assignment, dispatch, lease, reclaim, status, task_needs_resync, tinytask_sync, Ctx, Settings,
+    Summary,
 };
 use crate::daemon::signals::Shutdown;
 use crate::daemon::watchdog::Heartbeat;
@@ -76,7 +77,7 @@ impl Scheduler {
         }
 
         let c = Controller::new("assignment", ctx.clone(), metrics.clone())
-            .watches(&ctx.tasks, one::<Task>)
+            .watches_filtered(&ctx.tasks, one::<Task>, task_needs_resync)
             .watches(&ctx.agents, one::<Agent>)
             .watches(&ctx.queues, one::<Queue>)
             .watches(&ctx.leases, one::<Lease>)
@@ -116,7 +117,8 @@ impl Scheduler {
 
         let c = Controller::new("reclaim", ctx.clone(), metrics.clone())
             .watches(&ctx.leases, by_name)
-            // A deleted Task's run must be reclaimed: its last known state names the Lease.
+            // A deleted Task's run must be reclaimed: its last known state names the Lease. (A
+            // finished Task names none, so a resync costs nothing here.)
             .watches(&ctx.tasks, |t: &Task| {
                 t.status.lease.iter().cloned().collect()
             })
@@ -144,7 +146,7 @@ impl Scheduler {
             .watches(&ctx.leases, |l: &Lease| {
                 vec![format!("agent/{}", l.spec.agent)]
             })
-            .watches(&ctx.tasks, status::keys_for_task)
+            .watches_filtered(&ctx.tasks, status::keys_for_task, task_needs_resync)
             .workers(1);
         queues.push(c.queue());
         tasks.spawn(c.run(
@@ -159,6 +161,7 @@ impl Scheduler {
             .watches(&ctx.queues, tinytask_sync::keys_for_queue)
             .watches(&ctx.agents, tinytask_sync::keys_for_agent)
             .watches(&ctx.leases, tinytask_sync::lease_mapper(ctx.agents.clone()))
+            // Only tasks with write-backs pending map to keys, finished or not.
             .watches(&ctx.tasks, tinytask_sync::keys_for_task)
             .backoff(Backoff::new(
                 Duration::from_millis(500),

@@ -136,16 +136,17 @@ async fn secondary_indexes_follow_the_objects() {
     assert!(inf.by_index("nope", "b").is_empty());
 }
 
-/// The watch follows the directory's inode: moving the directory away and putting a fresh one in
-/// its place makes every later write invisible to it (and its own rescan is an hour away). Only
-/// the informer's periodic resync, which relists the store, can find the object.
+/// The watch's inotify follows the directory's inode: moving the directory away and putting a
+/// fresh one in its place makes every later write invisible to inotify. The informer's resync is an
+/// hour away (and only replays the cache anyway), so only the watch's periodic rescan of the
+/// directory can find the object.
 #[tokio::test(start_paused = true)]
-async fn a_write_the_watch_never_saw_is_caught_by_the_periodic_resync() {
+async fn a_write_inotify_never_reported_is_caught_by_the_watchs_periodic_rescan() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let inf = Informer::<Queue>::new(
         store.clone(),
-        opts(Duration::from_secs(5), Duration::from_secs(3600)),
+        opts(Duration::from_secs(3600), Duration::from_secs(5)),
     );
     let mut rx = inf.subscribe();
     let _h = inf.start();
@@ -156,18 +157,54 @@ async fn a_write_the_watch_never_saw_is_caught_by_the_periodic_resync() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(
         inf.get("hidden").is_none(),
-        "the watch could not have seen it"
+        "inotify could not have reported it"
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         inf.get("hidden").is_some(),
-        "the resync relist must find it"
+        "the watch's rescan must find it"
     );
     let mut seen = vec![];
     while let Ok(ev) = rx.try_recv() {
         seen.push(applied_name(&ev));
     }
-    assert_eq!(seen, ["applied hidden", "resync"]);
+    assert_eq!(seen, ["applied hidden"]);
+}
+
+/// A resync replays the cache to the subscribers, with a snapshot of it, and reads nothing from
+/// the store: a write the watch has not reported yet stays unseen.
+#[tokio::test(start_paused = true)]
+async fn a_resync_replays_the_cache_without_reading_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.create(&queue("listed", "a")).unwrap();
+    let inf = Informer::<Queue>::new(
+        store.clone(),
+        opts(Duration::from_secs(5), Duration::from_secs(3600)),
+    );
+    let snapshots: Arc<std::sync::Mutex<Vec<Vec<String>>>> = Arc::default();
+    let s = snapshots.clone();
+    inf.on_event(move |ev, snapshot| {
+        if let InformerEvent::Resync = ev {
+            let names = snapshot.iter().map(|o| o.name().to_string()).collect();
+            s.lock().unwrap().push(names);
+        }
+    });
+    let _h = inf.start();
+    inf.wait_synced().await;
+    let kind_dir = store.kind_dir("queues");
+    std::fs::rename(&kind_dir, dir.path().join("queues-elsewhere")).unwrap();
+    store.create(&queue("hidden", "a")).unwrap();
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(
+        *snapshots.lock().unwrap(),
+        [vec!["listed".to_string()], vec!["listed".to_string()]],
+        "two resyncs, each a snapshot of the cache"
+    );
+    assert!(
+        inf.get("hidden").is_none(),
+        "a resync does not list the store"
+    );
 }
 
 /// A watch that reports an error makes the informer relist (with backoff) and carry on.
@@ -276,4 +313,64 @@ async fn a_panicking_event_handler_does_not_stop_the_informer() {
     assert_eq!(applied_name(&next_change(&mut rx).await), "applied first");
     store.create(&queue("second", "a")).unwrap();
     assert_eq!(applied_name(&next_change(&mut rx).await), "applied second");
+}
+
+/// `watches_filtered`: the initial list and every change wake all objects' keys, a resync only
+/// those the filter keeps (here: queues not labelled `team=done`).
+#[tokio::test(start_paused = true)]
+async fn a_resync_wakes_only_the_objects_the_controllers_filter_keeps() {
+    use std::sync::Mutex;
+    use tinyscheduler::runtime::{Action, Controller, Metrics};
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.create(&queue("busy", "alpha")).unwrap();
+    store.create(&queue("finished", "done")).unwrap();
+    let inf = Informer::<Queue>::new(
+        store.clone(),
+        opts(Duration::from_secs(30), Duration::from_secs(3600)),
+    );
+    let _h = inf.start();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let c = Controller::new("filtered", seen.clone(), Metrics::default()).watches_filtered(
+        &inf,
+        |q: &Queue| vec![q.name().to_string()],
+        |q: &Queue| q.metadata.labels.get("team").map(String::as_str) != Some("done"),
+    );
+    let queue_handle = c.queue();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(c.run(
+        |key: String, seen: Arc<Mutex<Vec<String>>>| async move {
+            seen.lock().unwrap().push(key);
+            Ok::<_, String>(Action::await_change())
+        },
+        async {
+            let _ = rx.await;
+        },
+    ));
+    inf.wait_synced().await;
+    queue_handle.wait_idle().await;
+    let mut initial = std::mem::take(&mut *seen.lock().unwrap());
+    initial.sort();
+    assert_eq!(initial, ["busy", "finished"], "the initial list wakes all");
+
+    tokio::time::sleep(Duration::from_secs(95)).await;
+    queue_handle.wait_idle().await;
+    assert_eq!(
+        std::mem::take(&mut *seen.lock().unwrap()),
+        ["busy", "busy", "busy"],
+        "three resyncs, each waking only the kept object"
+    );
+
+    let mut finished = store.get::<Queue>("finished").unwrap();
+    finished.metadata.labels.insert("note".into(), "x".into());
+    inf.observe(store.update(&finished).unwrap());
+    queue_handle.wait_idle().await;
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["finished"],
+        "a change wakes a filtered object"
+    );
+    tx.send(()).unwrap();
+    run.await.unwrap();
 }

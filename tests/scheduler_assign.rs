@@ -224,3 +224,98 @@ fn an_idle_daemon_does_not_keep_rereading_the_objects_it_was_shown() {
     // Idle means a timer tick now and then, not a file read per inotify event it caused itself.
     assert!(reads < 300, "{reads} read calls in 3 s of idling");
 }
+
+/// How many times `controller` has reconciled, whatever the result.
+fn reconciles(metrics: &tinyscheduler::runtime::Metrics, controller: &str) -> u64 {
+    metrics
+        .histogram(
+            "tinyscheduler_reconcile_duration_seconds",
+            "",
+            &[("controller", controller)],
+            &[],
+        )
+        .count()
+}
+
+/// A resync re-checks unfinished tasks only: with 20 finished tasks and one waiting task (no
+/// queue, so nothing can run it), every resync costs the status controller one reconcile (the
+/// waiting task's key), not 21.
+#[tokio::test(start_paused = true)]
+async fn a_resync_does_not_reconcile_finished_tasks() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use tinyscheduler::controllers::Settings;
+    use tinyscheduler::resources::meta::now_rfc3339;
+    use tinyscheduler::resources::{Task, TaskSpec};
+    use tinyscheduler::runtime::{InformerEvent, InformerOptions};
+    use tinyscheduler::scheduler::{Options, Scheduler};
+    use tinyscheduler::store::Store;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    for i in 0..20 {
+        let mut t = Task::new("Task", &format!("done-{i:02}"), TaskSpec::default());
+        t.status.phase = if i % 2 == 0 {
+            TaskPhase::Succeeded
+        } else {
+            TaskPhase::Failed
+        };
+        t.status.finish_time = Some(now_rfc3339());
+        store.create(&t).unwrap();
+    }
+    store
+        .create(&Task::new("Task", "waiting", TaskSpec::default()))
+        .unwrap();
+    let opts = Options {
+        informers: InformerOptions {
+            resync: Duration::from_secs(5),
+            relist: Duration::from_secs(3600),
+        },
+        heartbeat: None,
+    };
+    let sched = Scheduler::start(store, dir.path().to_path_buf(), Settings::default(), opts);
+    let resyncs = Arc::new(AtomicU64::new(0));
+    let r = resyncs.clone();
+    sched.ctx.tasks.on_event(move |ev, _| {
+        if let InformerEvent::Resync = ev {
+            r.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    sched.wait_synced().await;
+    sched.wait_fixed_point().await;
+    let (status0, assign0) = (
+        reconciles(&sched.metrics, "status"),
+        reconciles(&sched.metrics, "assignment"),
+    );
+    assert!(status0 >= 21, "the initial list reconciles every task once");
+    let before = resyncs.load(Ordering::SeqCst);
+
+    tokio::time::sleep(Duration::from_secs(62)).await;
+    sched.wait_fixed_point().await;
+    let n = resyncs.load(Ordering::SeqCst) - before;
+    assert!(n >= 10, "{n} resyncs");
+    assert_eq!(reconciles(&sched.metrics, "status") - status0, n);
+    assert_eq!(reconciles(&sched.metrics, "assignment") - assign0, n);
+    assert!(sched.ctx.tasks.get("done-00").is_some());
+    sched.stop().await;
+}
+
+/// A finished task's TTL deletion is scheduled by the reconcile its finish caused; it does not
+/// wait for a resync (an hour away here).
+#[test]
+fn a_finished_task_is_deleted_after_its_ttl_without_waiting_for_a_resync() {
+    let mut s = Sched::new();
+    s.extra_env
+        .push(("TINYSCHEDULER_LOOP_INTERVAL_SEC".into(), "3600".into()));
+    s.queue("default");
+    s.agent("w", 1, "true");
+    s.task_with("short-lived", |t| t.ttl_seconds_after_finished = Some(1));
+    s.daemon(&[]);
+    s.wait_phase("short-lived", TaskPhase::Succeeded, LONG);
+    wait_for("task/short-lived to be deleted", LONG, || {
+        s.store
+            .try_get::<tinyscheduler::resources::Task>("short-lived")
+            .unwrap()
+            .is_none()
+    });
+}

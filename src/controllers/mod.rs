@@ -130,6 +130,16 @@ pub struct Ctx {
     pub tinytask: tinytask_sync::SyncState,
 }
 
+/// Whether a periodic resync should wake this Task's keys in the assignment and status
+/// controllers: only while it is unfinished. A finished Task is never assigned (as a blocker, its
+/// last change already woke the assignment loop), its queue's counters were recounted when it
+/// changed, and its TTL deletion is a `RequeueAfter` set by the reconcile its last change caused
+/// (or the initial list's, after a restart). Re-checking 10,000 finished tasks every resync was
+/// most of an idle daemon's CPU.
+pub fn task_needs_resync(t: &Task) -> bool {
+    !t.status.phase.is_finished()
+}
+
 /// A reconcile failure; the runtime backs the key off and retries.
 #[derive(Debug)]
 pub struct Error(pub String);

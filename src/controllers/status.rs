@@ -18,6 +18,10 @@ const MIN_WRITE_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Default TTL of a finished task mirrored from tinytask.
 pub const DEFAULT_TINYTASK_TTL: Duration = Duration::from_secs(3600);
+/// Longest wait before a finished task's TTL is looked at again. The TTL runs on the wall clock,
+/// the requeue on the monotonic one, which stops while the machine sleeps; and resyncs skip
+/// finished tasks, so nothing else would correct a wait that a suspend made too long.
+const MAX_TTL_WAIT: Duration = Duration::from_secs(3600);
 
 pub async fn reconcile(key: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let Some((kind, name)) = key.split_once('/') else {
@@ -160,7 +164,9 @@ fn queue_status(ctx: &Ctx, name: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Deletes a finished Task (and its logs) once its TTL has passed.
+/// Deletes a finished Task (and its logs) once its TTL has passed. Until then it asks to be looked
+/// at again when the TTL is due (at least hourly): periodic resyncs skip finished tasks, so this
+/// requeue is what fires the deletion.
 fn task_ttl(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     let Some(task) = ctx.tasks.get(name) else {
         return Ok(Action::await_change());
@@ -188,7 +194,9 @@ fn task_ttl(ctx: &Ctx, name: &str) -> Result<Action, Error> {
         .unwrap_or_else(SystemTime::now);
     let due = finished + ttl;
     if let Ok(left) = due.duration_since(SystemTime::now()) {
-        return Ok(Action::requeue_after(left.max(Duration::from_secs(1))));
+        return Ok(Action::requeue_after(
+            left.clamp(Duration::from_secs(1), MAX_TTL_WAIT),
+        ));
     }
     match ctx
         .store

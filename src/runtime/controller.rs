@@ -21,7 +21,8 @@ use crate::resources::meta::Resource;
 pub enum Action {
     /// Look at the key again after this long (even if nothing changes).
     RequeueAfter(Duration),
-    /// Look at the key again only when something it watches changes (or at resync).
+    /// Look at the key again only when something it watches changes (or at resync, unless its
+    /// objects are filtered out of resyncs, see [`Controller::watches_filtered`]).
     AwaitChange,
 }
 
@@ -67,9 +68,23 @@ impl<C: Send + Sync + 'static> Controller<C> {
     /// keys to enqueue, and `Resync` enqueues `mapper(obj)` for every cached object. If the informer
     /// is already synced, its current objects are enqueued now; otherwise its initial list will be.
     pub fn watches<K: Resource>(
+        self,
+        informer: &Informer<K>,
+        mapper: impl Fn(&K) -> Vec<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.watches_filtered(informer, mapper, |_: &K| true)
+    }
+
+    /// Like [`Controller::watches`], but a `Resync` maps only the cached objects `resync` keeps.
+    /// For an object with nothing left to do (its next look, if any, already scheduled with
+    /// `RequeueAfter`), a re-check every period is wasted work, and with thousands of such objects
+    /// it is most of an idle controller's. Changes still wake every object's keys, and the initial
+    /// list enqueues them all.
+    pub fn watches_filtered<K: Resource>(
         mut self,
         informer: &Informer<K>,
         mapper: impl Fn(&K) -> Vec<String> + Send + Sync + 'static,
+        resync: impl Fn(&K) -> bool + Send + Sync + 'static,
     ) -> Self {
         let queue = self.queue.clone();
         let mapper = Arc::new(mapper);
@@ -81,7 +96,7 @@ impl<C: Send + Sync + 'static> Controller<C> {
                 }
             }
             InformerEvent::Resync => {
-                for o in snapshot {
+                for o in snapshot.iter().filter(|o| resync(o)) {
                     for k in m(o) {
                         queue.add(k);
                     }
