@@ -2,12 +2,6 @@
 //! a global revision, optimistic concurrency, cross-process write serialization (flock), atomic and
 //! durable writes, and a watch API (inotify plus periodic relist).
 //!
-//! A write holds the lock for its check, revision, temp-file write + fsync and rename only: the temp
-//! file is created before the lock is taken and the directory is fsynced after it is released, so
-//! writers in different processes overlap their slowest steps. A write returns once it is durable;
-//! another process may read it a moment earlier (between the rename and the directory fsync), which
-//! only matters if the machine crashes in that moment, and then every process reading it dies too.
-//!
 //! The store knows object envelopes (`metadata`, `spec`, `status`) and nothing about what any kind
 //! means.
 
@@ -167,8 +161,6 @@ struct Inner {
     tmp: PathBuf,
     /// The flock file and the revision file, held open; `None` when read-only.
     writer: Option<Mutex<Writer>>,
-    /// A temp file created for a write that then wrote nothing, kept for the next one.
-    spare: Mutex<Option<fsio::TempFile>>,
 }
 
 struct Writer {
@@ -196,7 +188,6 @@ impl Store {
                 objects,
                 tmp,
                 writer: Some(Mutex::new(writer)),
-                spare: Mutex::new(None),
             }),
             durable: true,
         };
@@ -214,7 +205,6 @@ impl Store {
                 tmp: root.join("tmp"),
                 root,
                 writer: None,
-                spare: Mutex::new(None),
             }),
             durable: true,
         }
@@ -251,59 +241,16 @@ impl Store {
         self.kind_dir(plural).join(format!("{name}.json"))
     }
 
-    /// Removes temp files that writers which are gone left behind. A live writer's temp file
-    /// (created before it takes the lock) is named after its pid and kept.
+    /// Removes temp files a crashed writer left behind (under the lock, so no live writer's).
     fn clean_tmp(&self) -> Result<(), StoreError> {
         self.with_lock(|_| {
             let entries =
                 fs::read_dir(&self.inner.tmp).map_err(|e| StoreError::io(&self.inner.tmp, e))?;
             for e in entries.flatten() {
-                if fsio::temp_is_orphaned(&e.file_name().to_string_lossy()) {
-                    let _ = fs::remove_file(e.path());
-                }
+                let _ = fs::remove_file(e.path());
             }
             Ok(())
         })
-    }
-
-    /// A temp file for the next write, created outside the lock (or the one a write that changed
-    /// nothing left unused).
-    fn temp_file(&self) -> Result<fsio::TempFile, StoreError> {
-        if self.inner.writer.is_none() {
-            return Err(StoreError::ReadOnly);
-        }
-        let spare = self
-            .inner
-            .spare
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        match spare {
-            Some(t) => Ok(t),
-            None => fsio::TempFile::create(&self.inner.tmp)
-                .map_err(|e| StoreError::io(&self.inner.tmp, e)),
-        }
-    }
-
-    /// Keeps an unused temp file for the next write instead of deleting it (a delete and a create
-    /// cost more than a lock).
-    fn keep_spare(&self, tmp: Option<fsio::TempFile>) {
-        if let Some(t) = tmp {
-            let mut spare = self.inner.spare.lock().unwrap_or_else(|p| p.into_inner());
-            if spare.is_none() {
-                *spare = Some(t);
-            }
-        }
-    }
-
-    /// Makes a rename or unlink in `plural`'s directory durable: run after the lock is released,
-    /// so that one writer's directory fsync overlaps the next writer's work.
-    fn sync_kind_dir(&self, plural: &str) -> Result<(), StoreError> {
-        if !self.durable {
-            return Ok(());
-        }
-        let dir = self.kind_dir(plural);
-        fsio::fsync_dir(&dir).map_err(|e| StoreError::io(&dir, e))
     }
 
     /// Runs `f` holding the in-process mutex and the cross-process flock.
@@ -436,8 +383,7 @@ impl Store {
     pub fn create_raw(&self, plural: &str, obj: &Value) -> Result<Value, StoreError> {
         let name = name_of(obj).to_string();
         self.check_name(plural, &name)?;
-        let mut tmp = Some(self.temp_file()?);
-        let result = self.with_lock(|w| {
+        self.with_lock(|w| {
             let path = self.object_path(plural, &name);
             self.refuse_foreign(&path)?;
             if fsio::entry_kind(&path)
@@ -454,12 +400,8 @@ impl Store {
             meta.insert("uid".into(), Value::String(fsio::new_uid()));
             meta.insert("generation".into(), Value::from(1));
             meta.insert("creationTimestamp".into(), Value::String(now_rfc3339()));
-            self.write_locked(w, &mut tmp, plural, &name, obj)
-        });
-        self.keep_spare(tmp);
-        let written = result?;
-        self.sync_kind_dir(plural)?;
-        Ok(written)
+            self.write_locked(w, plural, &name, obj)
+        })
     }
 
     /// Replaces spec, labels and annotations (status is kept as stored). A non-empty
@@ -490,8 +432,8 @@ impl Store {
     ) -> Result<(Value, WriteOutcome), StoreError> {
         let name = name_of(obj).to_string();
         self.check_name(plural, &name)?;
-        let mut tmp = Some(self.temp_file()?);
-        let result = self.with_lock(|w| {
+        self.with_lock(|w| {
+            let path = self.object_path(plural, &name);
             let current: Value = self
                 .read_obj(plural, &name)?
                 .ok_or_else(|| not_found(plural, &name))?;
@@ -535,15 +477,10 @@ impl Store {
             if next == current {
                 return Ok((current, WriteOutcome::Unchanged));
             }
-            let written = self.write_locked(w, &mut tmp, plural, &name, next)?;
+            let _ = path;
+            let written = self.write_locked(w, plural, &name, next)?;
             Ok((written, WriteOutcome::Updated))
-        });
-        self.keep_spare(tmp);
-        let (written, outcome) = result?;
-        if outcome != WriteOutcome::Unchanged {
-            self.sync_kind_dir(plural)?;
-        }
-        Ok((written, outcome))
+        })
     }
 
     /// Deletes an object, optionally only if its resourceVersion is `precondition`. Returns the object
@@ -557,7 +494,7 @@ impl Store {
         if validate_name(name).is_err() {
             return Err(not_found(plural, name));
         }
-        let deleted = self.with_lock(|w| {
+        self.with_lock(|w| {
             let path = self.object_path(plural, name);
             let current: Value = self
                 .read_obj(plural, name)?
@@ -576,10 +513,11 @@ impl Store {
             }
             self.next_revision(w)?;
             fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
+            if self.durable {
+                fsio::fsync_dir(&self.kind_dir(plural)).map_err(|e| StoreError::io(&path, e))?;
+            }
             Ok(current)
-        })?;
-        self.sync_kind_dir(plural)?;
-        Ok(deleted)
+        })
     }
 
     fn check_name(&self, plural: &str, name: &str) -> Result<(), StoreError> {
@@ -605,12 +543,9 @@ impl Store {
         }
     }
 
-    /// Writes `obj` with the next revision through the temp file `tmp` (taken out of the option);
-    /// the caller holds the lock and fsyncs the directory after releasing it.
     fn write_locked(
         &self,
         w: &mut Writer,
-        tmp: &mut Option<fsio::TempFile>,
         plural: &str,
         name: &str,
         mut obj: Value,
@@ -640,12 +575,7 @@ impl Store {
                 ),
             });
         }
-        let tmp = match tmp.take() {
-            Some(t) => t,
-            None => fsio::TempFile::create(&self.inner.tmp)
-                .map_err(|e| StoreError::io(&self.inner.tmp, e))?,
-        };
-        tmp.replace(&path, &bytes, self.durable)
+        fsio::write_atomic(&self.inner.tmp, &path, &bytes, self.durable)
             .map_err(|e| StoreError::io(&path, e))?;
         Ok(obj)
     }

@@ -185,38 +185,3 @@ fn a_relaxed_handle_writes_into_the_same_store_and_revision_sequence() {
     assert!(store.try_get::<Agent>("b").unwrap().is_none());
     assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
 }
-
-#[test]
-fn opening_the_store_removes_only_temp_files_of_writers_that_are_gone() {
-    let dir = tempfile::tempdir().unwrap();
-    drop(Store::open(dir.path()).unwrap());
-    let mut child = std::process::Command::new("true").spawn().unwrap();
-    let dead = child.id();
-    child.wait().unwrap();
-    let tmp = dir.path().join("tmp");
-    for name in [format!("{dead}.0.tmp"), "1.0.tmp".into(), "junk".into()] {
-        fs::write(tmp.join(name), "x").unwrap();
-    }
-    let _store = Store::open(dir.path()).unwrap();
-    let mut left: Vec<String> = fs::read_dir(&tmp)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    left.sort();
-    // pid 1 is alive: its writer may be about to take the lock with that file.
-    assert_eq!(left, ["1.0.tmp"]);
-}
-
-#[test]
-fn a_write_that_changes_nothing_leaves_no_temp_file_behind_once_the_store_is_dropped() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let a = store.create(&agent("a")).unwrap();
-    store.update(&a).unwrap();
-    assert!(matches!(
-        store.create(&agent("a")),
-        Err(StoreError::AlreadyExists { .. })
-    ));
-    drop(store);
-    assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
-}
