@@ -124,7 +124,10 @@ mod tests {
         let got: Vec<u64> = (0..5).map(|_| take_next(&f, "boot-a").unwrap()).collect();
         assert_eq!(got, [1, 2, 3, 4, 5]);
         let c = read(&f).unwrap();
-        assert_eq!((c.current, c.reserved, c.boot.as_str()), (5, RESERVE, "boot-a"));
+        assert_eq!(
+            (c.current, c.reserved, c.boot.as_str()),
+            (5, RESERVE, "boot-a")
+        );
     }
 
     #[test]
@@ -136,7 +139,11 @@ mod tests {
         // The machine crashed: whatever `current` said may be lost, `reserved` was durable.
         assert_eq!(take_next(&f, "boot-b").unwrap(), RESERVE + 1);
         let c = read(&f).unwrap();
-        assert_eq!(c.reserved, 2 * RESERVE, "the new boot reserves durably first");
+        assert_eq!(
+            c.reserved,
+            2 * RESERVE,
+            "the new boot reserves durably first"
+        );
         assert_eq!(take_next(&f, "boot-b").unwrap(), RESERVE + 2);
     }
 
@@ -165,6 +172,10 @@ mod tests {
         assert_eq!(take_next(&f, "").unwrap(), 1);
         assert_eq!(take_next(&f, "").unwrap(), 2);
         let c = read(&f).unwrap();
-        assert_eq!((c.current, c.reserved), (2, 2), "each one was fsynced as it was taken");
+        assert_eq!(
+            (c.current, c.reserved),
+            (2, 2),
+            "each one was fsynced as it was taken"
+        );
     }
 }
