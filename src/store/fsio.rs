@@ -3,7 +3,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -44,15 +44,28 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// A fresh temp file name in `tmp_dir`: `<pid>.<seq>.tmp`, so that a cleaner can tell whose it is.
+pub fn temp_path(tmp_dir: &Path) -> std::path::PathBuf {
+    tmp_dir.join(format!(
+        "{}.{}.tmp",
+        std::process::id(),
+        TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// The pid a temp file name made by [`temp_path`] belongs to.
+pub fn temp_owner(name: &std::ffi::OsStr) -> Option<i32> {
+    let name = name.to_str()?;
+    let (pid, rest) = name.split_once('.')?;
+    rest.ends_with(".tmp").then_some(())?;
+    pid.parse().ok()
+}
+
 /// Replaces `target` with `bytes` atomically: a 0600 temp file in `tmp_dir` (same file system),
 /// rename over `target`. With `durable`, the temp file is fsynced before the rename and `target`'s
 /// directory after it, so the write survives a machine crash once this returns.
 pub fn write_atomic(tmp_dir: &Path, target: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
-    let tmp = tmp_dir.join(format!(
-        "{}.{}.tmp",
-        std::process::id(),
-        TMP_SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
+    let tmp = temp_path(tmp_dir);
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -89,7 +102,24 @@ pub enum ReadError {
 }
 
 /// Reads a regular file of at most `max` bytes without following symlinks or blocking on FIFOs.
+///
+/// The store recycles the inodes of replaced versions (see `spares`), so a file that was open
+/// while its version was replaced may later be rewritten. The read is therefore checked: the
+/// file's ctime and size must be the same after reading as before, or the path is read again.
 pub fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
+    const TRIES: usize = 64;
+    for _ in 0..TRIES {
+        if let Some(bytes) = read_regular_once(path, max)? {
+            return Ok(bytes);
+        }
+    }
+    Err(ReadError::Io(io::Error::other(format!(
+        "it changed while being read, {TRIES} times in a row"
+    ))))
+}
+
+/// One read; `None` when the file changed while it was read.
+fn read_regular_once(path: &Path, max: u64) -> Result<Option<Vec<u8>>, ReadError> {
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
@@ -120,13 +150,22 @@ pub fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
         return Err(ReadError::TooLarge(meta.len()));
     }
     let mut buf = Vec::with_capacity(meta.len() as usize);
-    file.take(max + 1)
+    let reader = &file;
+    reader
+        .take(max + 1)
         .read_to_end(&mut buf)
         .map_err(ReadError::Io)?;
-    if buf.len() as u64 > max {
-        return Err(ReadError::TooLarge(buf.len() as u64));
+    let after = file.metadata().map_err(ReadError::Io)?;
+    if !same_version(&meta, &after) || buf.len() as u64 != meta.len() {
+        return Ok(None);
     }
-    Ok(buf)
+    Ok(Some(buf))
+}
+
+/// Whether two `stat`s of one open file saw the same content: same size and ctime.
+fn same_version(before: &fs::Metadata, after: &fs::Metadata) -> bool {
+    (before.ctime(), before.ctime_nsec(), before.len())
+        == (after.ctime(), after.ctime_nsec(), after.len())
 }
 
 /// What sits at `path` without following links: `None` when nothing does.
@@ -161,4 +200,26 @@ pub fn new_uid() -> String {
         &h[16..20],
         &h[20..32]
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_same_size_rewrite_after_the_quarantine_is_seen_as_another_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.json");
+        fs::write(&path, b"{\"n\": 1}").unwrap();
+        let f = File::open(&path).unwrap();
+        let before = f.metadata().unwrap();
+        std::thread::sleep(crate::store::spares::QUARANTINE);
+        let mut w = OpenOptions::new().write(true).open(&path).unwrap();
+        w.set_len(0).unwrap();
+        w.write_all(b"{\"n\": 2}").unwrap();
+        let after = f.metadata().unwrap();
+        assert_eq!(before.len(), after.len());
+        assert!(!same_version(&before, &after));
+        assert!(same_version(&after, &f.metadata().unwrap()));
+    }
 }

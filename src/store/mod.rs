@@ -8,6 +8,7 @@
 pub mod fsio;
 pub mod revision;
 pub mod selector;
+pub mod spares;
 pub mod watch;
 
 use std::fmt;
@@ -166,6 +167,7 @@ struct Inner {
 struct Writer {
     lock: File,
     revision: File,
+    spares: spares::Pool,
 }
 
 impl Store {
@@ -178,9 +180,12 @@ impl Store {
             fsio::ensure_private_dir(d).map_err(|e| StoreError::io(d, e))?;
         }
         let open = |p: &Path| fsio::open_private(p).map_err(|e| StoreError::io(p, e));
+        let spares_path = root.join("spares");
         let writer = Writer {
             lock: open(&root.join("store.lock"))?,
             revision: open(&root.join("revision"))?,
+            spares: spares::Pool::open(&spares_path, &tmp, revision::boot_id())
+                .map_err(|e| StoreError::io(&spares_path, e))?,
         };
         let store = Store {
             inner: Arc::new(Inner {
@@ -241,13 +246,28 @@ impl Store {
         self.kind_dir(plural).join(format!("{name}.json"))
     }
 
-    /// Removes temp files a crashed writer left behind (under the lock, so no live writer's).
+    /// Removes temp files a crashed writer left behind: under the lock no write is in flight, so
+    /// every temp file there is an orphan, except the spare pool's files and those of live
+    /// processes that write outside the store lock (the instance lock's holder file).
     fn clean_tmp(&self) -> Result<(), StoreError> {
         self.with_lock(|_| {
             let entries =
                 fs::read_dir(&self.inner.tmp).map_err(|e| StoreError::io(&self.inner.tmp, e))?;
             for e in entries.flatten() {
-                let _ = fs::remove_file(e.path());
+                let name = e.file_name();
+                if spares::Pool::is_spare_name(&name) {
+                    continue;
+                }
+                let owner_alive = fsio::temp_owner(&name).is_some_and(|pid| {
+                    pid as u32 != std::process::id()
+                        && !matches!(
+                            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+                            Err(nix::errno::Errno::ESRCH)
+                        )
+                });
+                if !owner_alive {
+                    let _ = fs::remove_file(e.path());
+                }
             }
             Ok(())
         })
@@ -400,7 +420,7 @@ impl Store {
             meta.insert("uid".into(), Value::String(fsio::new_uid()));
             meta.insert("generation".into(), Value::from(1));
             meta.insert("creationTimestamp".into(), Value::String(now_rfc3339()));
-            self.write_locked(w, plural, &name, obj)
+            self.write_locked(w, plural, &name, obj, false)
         })
     }
 
@@ -478,7 +498,7 @@ impl Store {
                 return Ok((current, WriteOutcome::Unchanged));
             }
             let _ = path;
-            let written = self.write_locked(w, plural, &name, next)?;
+            let written = self.write_locked(w, plural, &name, next, true)?;
             Ok((written, WriteOutcome::Updated))
         })
     }
@@ -512,10 +532,9 @@ impl Store {
                 }
             }
             self.next_revision(w)?;
-            fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
-            if self.durable {
-                fsio::fsync_dir(&self.kind_dir(plural)).map_err(|e| StoreError::io(&path, e))?;
-            }
+            w.spares
+                .remove(&path, self.durable)
+                .map_err(|e| StoreError::io(&path, e))?;
             Ok(current)
         })
     }
@@ -549,6 +568,7 @@ impl Store {
         plural: &str,
         name: &str,
         mut obj: Value,
+        exists: bool,
     ) -> Result<Value, StoreError> {
         let dir = self.kind_dir(plural);
         fsio::ensure_private_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
@@ -575,7 +595,8 @@ impl Store {
                 ),
             });
         }
-        fsio::write_atomic(&self.inner.tmp, &path, &bytes, self.durable)
+        w.spares
+            .write(&path, &bytes, self.durable, exists)
             .map_err(|e| StoreError::io(&path, e))?;
         Ok(obj)
     }

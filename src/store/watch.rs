@@ -61,19 +61,38 @@ impl<K> Drop for Watch<K> {
     }
 }
 
-/// What the watcher remembers of one object: its revision and the inode of the file holding it
-/// (every write is a rename, so a new inode means a new version).
+/// What the watcher remembers of one object: its revision and the identity of the file holding it.
 #[derive(Clone, Copy)]
 struct Known {
     revision: u64,
+    file: FileId,
+}
+
+/// A version of a file as `stat` tells it: inode and ctime. Every store write puts a different
+/// inode in place (a rename or an exchange), and the store reuses an inode only after it rested
+/// longer than the timestamp granularity, so an inode back in place has a new ctime.
+#[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
+struct FileId {
     inode: u64,
+    ctime: i64,
+    ctime_nsec: i64,
+}
+
+impl FileId {
+    fn of(m: &std::fs::Metadata) -> FileId {
+        FileId {
+            inode: m.ino(),
+            ctime: m.ctime(),
+            ctime_nsec: m.ctime_nsec(),
+        }
+    }
 }
 
 struct Watcher_<K> {
     dir: PathBuf,
     known: HashMap<String, Known>,
-    /// Files already reported as unreadable, with the inode seen, so each is reported once.
-    reported: HashMap<String, u64>,
+    /// Files already reported as unreadable, with the version seen, so each is reported once.
+    reported: HashMap<String, FileId>,
     tx: mpsc::UnboundedSender<WatchEvent<K>>,
     _k: PhantomData<K>,
 }
@@ -107,7 +126,7 @@ impl Store {
                         o.name().to_string(),
                         Known {
                             revision: o.revision(),
-                            inode: 0,
+                            file: FileId::default(),
                         },
                     )
                 })
@@ -203,11 +222,13 @@ impl<K: Resource> Watcher_<K> {
     /// Re-reads one object's file and emits whatever changed.
     fn check(&mut self, name: &str) {
         let path = self.dir.join(format!("{name}.json"));
-        let inode = std::fs::symlink_metadata(&path).map(|m| m.ino()).ok();
-        self.check_with_inode(name, inode)
+        let file = std::fs::symlink_metadata(&path)
+            .map(|m| FileId::of(&m))
+            .ok();
+        self.check_with_inode(name, file)
     }
 
-    fn check_with_inode(&mut self, name: &str, inode: Option<u64>) {
+    fn check_with_inode(&mut self, name: &str, inode: Option<FileId>) {
         let path = self.dir.join(format!("{name}.json"));
         let Some(inode) = inode else {
             self.reported.remove(name);
@@ -224,14 +245,22 @@ impl<K: Resource> Watcher_<K> {
                 self.reported.remove(name);
                 let revision = obj.revision();
                 match self.known.get_mut(name) {
-                    Some(k) if k.revision == revision => k.inode = inode,
+                    Some(k) if k.revision == revision => k.file = inode,
                     Some(k) => {
-                        *k = Known { revision, inode };
+                        *k = Known {
+                            revision,
+                            file: inode,
+                        };
                         self.send(WatchEvent::Modified(obj));
                     }
                     None => {
-                        self.known
-                            .insert(name.to_string(), Known { revision, inode });
+                        self.known.insert(
+                            name.to_string(),
+                            Known {
+                                revision,
+                                file: inode,
+                            },
+                        );
                         self.send(WatchEvent::Added(obj));
                     }
                 }
@@ -245,7 +274,7 @@ impl<K: Resource> Watcher_<K> {
         }
     }
 
-    /// Rescans the directory: stats every file, re-reads those whose inode changed, and reports
+    /// Rescans the directory: stats every file, re-reads those whose inode or ctime changed, and reports
     /// deletions of names no longer present.
     fn relist(&mut self) {
         let entries = match std::fs::read_dir(&self.dir) {
@@ -268,10 +297,10 @@ impl<K: Resource> Watcher_<K> {
             let Some(name) = object_name_of(&path) else {
                 continue;
             };
-            let inode = entry.metadata().map(|m| m.ino()).ok();
+            let inode = entry.metadata().map(|m| FileId::of(&m)).ok();
             seen.insert(name.clone());
             match (self.known.get(&name), inode) {
-                (Some(k), Some(i)) if k.inode == i => {}
+                (Some(k), Some(i)) if k.file == i => {}
                 _ => self.check_with_inode(&name, inode),
             }
         }
