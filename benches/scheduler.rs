@@ -363,12 +363,30 @@ fn proc_status(pid: u32, field: &str) -> u64 {
 
 /// utime + stime of `pid`, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
+    stat_fields(pid, 11) + stat_fields(pid, 12)
+}
+
+/// cutime + cstime of `pid` (its reaped children: for the daemon, every shim and, through the
+/// shims, every agent), in clock ticks.
+fn children_cpu_ticks(pid: u32) -> u64 {
+    stat_fields(pid, 13) + stat_fields(pid, 14)
+}
+
+/// One number of `/proc/<pid>/stat`, counted from the field after the comm (0 = state).
+fn stat_fields(pid: u32, i: usize) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // After the comm: state is field 3, utime 14, stime 15 (1-based over the whole line).
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    rest.split_whitespace()
+        .nth(i)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64
 }
 
 fn revision(store: &Store) -> u64 {
@@ -458,6 +476,11 @@ fn burst_and_idle() {
     }
     let writes = revision(&store) - rev0;
     let hwm = proc_status(pid, "VmHWM:");
+    let hz = clock_ticks_per_sec();
+    let (own, children) = (
+        cpu_ticks(pid) as f64 / hz,
+        children_cpu_ticks(pid) as f64 / hz,
+    );
     if prefinished {
         println!(
             "burst: none run (BENCH_BURST_PREFINISHED=1); daemon up with {ok} of {n} Succeeded"
@@ -476,6 +499,13 @@ fn burst_and_idle() {
         hwm as f64 / 1024.0,
         writes as f64 / ok.max(1) as f64
     );
+    if !prefinished {
+        println!(
+            "burst: CPU daemon {own:.1} s ({:.2} ms/task), shims + agents {children:.1} s ({:.2} ms/task)",
+            own * 1000.0 / ok.max(1) as f64,
+            children * 1000.0 / ok.max(1) as f64
+        );
+    }
     let by_kind = count_kinds(&store, rev0);
     println!("burst: objects now: {by_kind}");
 
@@ -488,10 +518,6 @@ fn burst_and_idle() {
     }
     // Idle: let the status batching and event writes settle, then measure.
     std::thread::sleep(Duration::from_secs(3));
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
     let c0 = cpu_ticks(pid);
     let w0 = Instant::now();
     let r0 = revision(&store);

@@ -6,7 +6,10 @@
 use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
 /// Environment variable naming the binary to run as the shim (default: the current executable).
 pub const SHIM_EXE_ENV: &str = "TINYSCHEDULER_SHIM_EXE";
@@ -35,14 +38,58 @@ pub fn spawn_shim_with(exe: &Path, state_dir: &Path, lease: &str) -> io::Result<
     // No `pre_exec`: without one the standard library starts the child with posix_spawn (vfork
     // semantics) instead of fork, which would copy the scheduler's page tables for every run. The
     // shim puts itself in its own session first thing (`shim::main`).
-    let mut child = cmd.spawn()?;
+    let child = cmd.spawn()?;
     let pid = child.id();
-    std::thread::Builder::new()
-        .name(format!("reap-shim-{pid}"))
-        .spawn(move || {
-            let _ = child.wait();
-        })?;
+    reap(child);
     Ok(pid)
+}
+
+/// How often the reaper looks for exited shims while any is alive.
+const REAP_EVERY: Duration = Duration::from_millis(50);
+
+/// Hands `child` to the process's one reaper thread (started on first use), which collects the
+/// exit status of every shim so that none stays a zombie. One thread for all shims: a thread per
+/// shim cost a thread start and its stack for every run of a burst.
+fn reap(child: Child) {
+    static REAPER: OnceLock<Mutex<mpsc::Sender<Child>>> = OnceLock::new();
+    let tx = REAPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Child>();
+        let started = std::thread::Builder::new()
+            .name("reap-shims".into())
+            .spawn(move || reaper(rx));
+        if let Err(e) = started {
+            tracing::warn!("cannot start the shim reaper thread: {e}; exited shims stay zombies until the scheduler exits");
+        }
+        Mutex::new(tx)
+    });
+    let sent = tx
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send(child);
+    // Without a reaper the child is dropped unwaited: it runs on, and is reaped by init once the
+    // scheduler exits.
+    drop(sent);
+}
+
+fn reaper(rx: mpsc::Receiver<Child>) {
+    let mut live: Vec<Child> = Vec::new();
+    loop {
+        let next = if live.is_empty() {
+            rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+        } else {
+            rx.recv_timeout(REAP_EVERY)
+        };
+        match next {
+            Ok(c) => live.push(c),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        while let Ok(c) = rx.try_recv() {
+            live.push(c);
+        }
+        // Keep a child only while it runs and can still be asked.
+        live.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
+    }
 }
 
 /// The environment a shim gets: PATH, HOME, LANG and every `TINYSCHEDULER_*` setting, nothing
