@@ -311,6 +311,26 @@ fn a_second_shim_for_a_running_lease_runs_nothing() {
 }
 
 #[test]
+fn of_shims_started_together_for_one_pending_lease_exactly_one_runs_it() {
+    let s = State::new();
+    let counter = s.dir.path().join("runs");
+    let cmd = format!("echo x >> {}; sleep 1", counter.display());
+    s.run_of("race", &["sh", "-c", &cmd]);
+    // All of them see the Lease Pending; only the holder of its claim may start the agent.
+    let shims: Vec<_> = (0..6)
+        .map(|_| s.shim_cmd("race").spawn().unwrap())
+        .collect();
+    for mut c in shims {
+        assert!(c.wait().unwrap().success());
+    }
+    assert_eq!(std::fs::read_to_string(&counter).unwrap(), "x\n");
+    assert_eq!(
+        s.get_lease("race").unwrap().status.phase,
+        LeasePhase::Completed
+    );
+}
+
+#[test]
 fn the_shim_keeps_supervising_when_its_lease_is_deleted() {
     let s = State::new();
     let go = s.dir.path().join("go");

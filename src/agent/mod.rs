@@ -1,5 +1,6 @@
 //! Process supervision: the per-run shim, spawning, liveness (pid + start time) and killing.
 
+pub mod claim;
 pub mod kill;
 pub mod liveness;
 pub mod shim;

@@ -3,8 +3,9 @@
 //! `tinyscheduler shim --lease NAME` is started detached by the lease controller (see
 //! [`super::spawn::spawn_shim`]). It
 //!
-//! 1. claims the Lease: only a `Pending` Lease is run, and only if no other live shim claimed it
-//!    (`shimPid` + `shimStartTime` are written with optimistic concurrency before anything starts);
+//! 1. claims the Lease: only a `Pending` Lease is run, and only by the one shim that holds its
+//!    claim (a lock on the Lease's byte of `<state>/claims.lock`, see [`super::claim`]), taken
+//!    before anything starts and held until the shim exits;
 //! 2. renders the Agent's argv template, opens `<state>/logs/<task>/<attempt>.log` and starts the
 //!    agent in its own process group (pgid = agent pid) with a minimal environment;
 //! 3. records `phase: Running` with pid, start time, pgid, host, times and the log path, and renews
@@ -37,8 +38,9 @@ use std::time::Duration;
 use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal};
 use tokio::signal::unix::{signal as unix_signal, SignalKind};
 
+use super::claim::Claim;
 use super::kill::{terminate_group, KillOutcome};
-use super::liveness::{is_alive, start_time_of};
+use super::liveness::start_time_of;
 use super::template::render;
 use crate::cli::args::{Globals, ShimArgs};
 use crate::cli::{CliError, CliResult};
@@ -121,7 +123,7 @@ struct Outcome {
 
 async fn supervise(state_dir: PathBuf, lease_name: String) -> CliResult {
     let store = Store::open(&state_dir)?;
-    let Some(lease) = claim(&store, &lease_name)? else {
+    let Some((lease, _claim)) = claim(&store, &state_dir, &lease_name)? else {
         return Ok(ExitCode::SUCCESS);
     };
     let uid = lease.metadata.uid.clone();
@@ -289,31 +291,33 @@ fn signal_name(sig: i32) -> &'static str {
 }
 
 /// Claims the Lease for this shim. `None`: nothing to run (gone, not Pending, or another live shim
-/// has it).
-fn claim(store: &Store, name: &str) -> Result<Option<Lease>, CliError> {
-    let me = std::process::id() as i32;
-    let my_start = start_time_of(me);
-    loop {
-        let Some(mut lease) = store.try_get::<Lease>(name)? else {
-            return Ok(None);
-        };
-        if lease.status.phase != LeasePhase::Pending {
-            return Ok(None);
+/// holds its claim). The claim is held for as long as the returned [`Claim`] lives.
+fn claim(
+    store: &Store,
+    state_dir: &Path,
+    name: &str,
+) -> Result<Option<(Lease, Claim)>, CliError> {
+    let Some(lease) = store.try_get::<Lease>(name)? else {
+        return Ok(None);
+    };
+    if lease.status.phase != LeasePhase::Pending {
+        return Ok(None);
+    }
+    let claim = Claim::acquire(state_dir, &lease.metadata.uid).map_err(|e| {
+        CliError(format!(
+            "error: {}: {e}",
+            super::claim::claims_path(state_dir).display()
+        ))
+    })?;
+    let Some(claim) = claim else {
+        return Ok(None);
+    };
+    // Read again under the claim: a shim that held it a moment ago may have run the Lease.
+    match store.try_get::<Lease>(name)? {
+        Some(l) if l.metadata.uid == lease.metadata.uid && l.status.phase == LeasePhase::Pending => {
+            Ok(Some((l, claim)))
         }
-        if let (Some(pid), Some(st)) = (lease.status.shim_pid, lease.status.shim_start_time) {
-            if (pid, Some(st)) != (me, my_start) && is_alive(pid, st) {
-                return Ok(None);
-            }
-        }
-        lease.status.shim_pid = Some(me);
-        lease.status.shim_start_time = my_start;
-        lease.status.host = Some(super::hostname());
-        match store.update_status(&lease) {
-            Ok(l) => return Ok(Some(l)),
-            Err(e) if e.is_conflict() => continue,
-            Err(e) if e.is_not_found() => return Ok(None),
-            Err(e) => return Err(e.into()),
-        }
+        _ => Ok(None),
     }
 }
 

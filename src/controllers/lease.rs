@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::outcome::{self, Ending};
 use super::{Ctx, Error, Summary};
 use crate::agent::liveness::{is_alive, start_time_of};
+use crate::agent::claim::Claim;
 use crate::agent::spawn::spawn_shim;
 use crate::resources::event::EventType;
 use crate::resources::{Lease, LeasePhase, TaskPhase};
@@ -43,10 +44,9 @@ pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
 /// Starts the shim for a Lease no process holds yet, unless one is already starting.
 fn start(ctx: &Ctx, lease: &Lease) -> Result<Action, Error> {
     let name = &lease.metadata.name;
-    if let (Some(pid), Some(st)) = (lease.status.shim_pid, lease.status.shim_start_time) {
-        if is_alive(pid, st) {
-            return Ok(Action::requeue_after(START_CHECK));
-        }
+    // A shim holds the claim from before it starts anything until it exits.
+    if Claim::is_held(&ctx.state_dir, &lease.metadata.uid).unwrap_or(false) {
+        return Ok(Action::requeue_after(START_CHECK));
     }
     {
         let spawned = ctx.spawned.lock().unwrap_or_else(|p| p.into_inner());

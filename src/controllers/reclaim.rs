@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use super::outcome::{self, Ending};
 use super::{Ctx, Error, Summary};
+use crate::agent::claim::Claim;
 use crate::agent::kill::terminate_group;
 use crate::agent::liveness::is_alive;
 use crate::resources::event::EventType;
@@ -142,6 +143,15 @@ pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
         Verdict::Healthy(after) => return Ok(Action::requeue_after(after)),
         Verdict::Stale(reason) => reason,
     };
+    // A shim still starting holds the Lease's claim before it writes anything: not "never started".
+    if lease.status.phase == LeasePhase::Pending
+        && task_exists
+        && local
+        && Claim::is_held(&ctx.state_dir, &lease.metadata.uid).unwrap_or(false)
+    {
+        let duration = lease.spec.lease_duration_seconds.max(1) as u64;
+        return Ok(Action::requeue_after(Duration::from_secs(duration)));
+    }
     if ctx.settings.dry_run {
         ctx.would(&format!("reclaim lease/{name}: {reason}"));
         Summary::bump(&ctx.summary.reclaimed);
