@@ -315,7 +315,7 @@ pub fn render_metrics(ctx: &Ctx, metrics: &Metrics) -> String {
     let mut out = metrics.render();
     out.push_str(&tinytask_sync::render_metrics(ctx));
     let mut by_phase: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
-    for t in ctx.tasks.list() {
+    for t in ctx.tasks.snapshot() {
         let q = t.spec.queue.clone().unwrap_or_default();
         *by_phase.entry((q, t.status.phase.as_str())).or_default() += 1;
     }

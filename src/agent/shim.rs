@@ -292,11 +292,7 @@ fn signal_name(sig: i32) -> &'static str {
 
 /// Claims the Lease for this shim. `None`: nothing to run (gone, not Pending, or another live shim
 /// holds its claim). The claim is held for as long as the returned [`Claim`] lives.
-fn claim(
-    store: &Store,
-    state_dir: &Path,
-    name: &str,
-) -> Result<Option<(Lease, Claim)>, CliError> {
+fn claim(store: &Store, state_dir: &Path, name: &str) -> Result<Option<(Lease, Claim)>, CliError> {
     let Some(lease) = store.try_get::<Lease>(name)? else {
         return Ok(None);
     };
@@ -314,7 +310,9 @@ fn claim(
     };
     // Read again under the claim: a shim that held it a moment ago may have run the Lease.
     match store.try_get::<Lease>(name)? {
-        Some(l) if l.metadata.uid == lease.metadata.uid && l.status.phase == LeasePhase::Pending => {
+        Some(l)
+            if l.metadata.uid == lease.metadata.uid && l.status.phase == LeasePhase::Pending =>
+        {
             Ok(Some((l, claim)))
         }
         _ => Ok(None),

@@ -62,10 +62,7 @@ fn reap(child: Child) {
         }
         Mutex::new(tx)
     });
-    let sent = tx
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .send(child);
+    let sent = tx.lock().unwrap_or_else(|p| p.into_inner()).send(child);
     // Without a reaper the child is dropped unwaited: it runs on, and is reaped by init once the
     // scheduler exits.
     drop(sent);

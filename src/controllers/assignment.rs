@@ -25,12 +25,22 @@ pub const MAX_STARTING: usize = 32;
 /// One assignment pass over the whole cache.
 pub async fn reconcile(_key: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let (tasks, agents, queues, leases) = (
-        ctx.tasks.list(),
+        ctx.tasks.snapshot(),
         ctx.agents.list(),
         ctx.queues.list(),
         ctx.leases.list(),
     );
     let now = SystemTime::now();
+    let starting = leases
+        .iter()
+        .filter(|l| l.status.phase == LeasePhase::Pending)
+        .count();
+    // A dry run starts nothing, so it prints the whole plan.
+    let budget = if ctx.settings.dry_run {
+        None
+    } else {
+        Some(MAX_STARTING.saturating_sub(starting))
+    };
     let p = plan::plan(
         &tasks,
         &agents,
@@ -39,6 +49,7 @@ pub async fn reconcile(_key: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
         now,
         PlanOptions {
             disable_blocking: ctx.settings.disable_blocking,
+            max_assignments: budget,
         },
     );
 
@@ -53,17 +64,7 @@ pub async fn reconcile(_key: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
             first_error.get_or_insert(e);
         }
     }
-    let starting = leases
-        .iter()
-        .filter(|l| l.status.phase == LeasePhase::Pending)
-        .count();
-    // A dry run starts nothing, so it prints the whole plan.
-    let budget = if ctx.settings.dry_run {
-        usize::MAX
-    } else {
-        MAX_STARTING.saturating_sub(starting)
-    };
-    for (task, agent) in p.assignments.iter().take(budget) {
+    for (task, agent) in &p.assignments {
         if let Err(e) = commit(&ctx, task, agent) {
             Summary::bump(&ctx.summary.errors);
             first_error.get_or_insert(e);

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use super::outcome::{self, Ending};
 use super::{Ctx, Error, Summary};
-use crate::agent::liveness::{is_alive, start_time_of};
 use crate::agent::claim::Claim;
+use crate::agent::liveness::{is_alive, start_time_of};
 use crate::agent::spawn::spawn_shim;
 use crate::resources::event::EventType;
 use crate::resources::{Lease, LeasePhase, TaskPhase};

@@ -2,7 +2,7 @@
 //! are runnable, in what order, and which agent gets each. The assignment controller applies it.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -27,6 +27,10 @@ pub struct Plan {
 pub struct PlanOptions {
     /// `TINYSCHEDULER_DISABLE_BLOCKING`: ignore `blockedBy` everywhere.
     pub disable_blocking: bool,
+    /// Stop after this many assignments (`None`: as many as there are free slots). A pass commits
+    /// only a few Leases, so with thousands of runnable tasks the planner orders just the head of
+    /// the line instead of sorting all of it.
+    pub max_assignments: Option<usize>,
 }
 
 /// Free slots per agent: `maxConcurrency` minus every live Lease it holds; paused agents have none.
@@ -128,25 +132,8 @@ pub fn plan(
         runnable.push(t);
     }
 
-    runnable.sort_by_key(|t| {
-        (
-            Reverse(
-                dependents
-                    .get(t.metadata.name.as_str())
-                    .copied()
-                    .unwrap_or(0),
-            ),
-            Reverse(t.spec.priority),
-            t.metadata
-                .creation_timestamp
-                .as_deref()
-                .and_then(parse_time)
-                .unwrap_or(SystemTime::UNIX_EPOCH),
-            t.metadata.name.clone(),
-        )
-    });
-
     let mut free = free_slots(agents, leases);
+    let mut total_free: i64 = free.values().sum();
     let pool: HashMap<&str, Vec<&str>> = agents.iter().fold(HashMap::new(), |mut m, a| {
         if let Some(q) = &a.spec.queue {
             m.entry(q.as_str())
@@ -155,26 +142,71 @@ pub fn plan(
         }
         m
     });
-    for t in runnable {
-        let candidates: Vec<&str> = match (&t.spec.assigned_to, &t.spec.queue) {
-            (Some(agent), _) => vec![agent.as_str()],
-            (None, Some(q)) => pool.get(q.as_str()).cloned().unwrap_or_default(),
-            (None, None) => Vec::new(),
+    let limit = opts.max_assignments.unwrap_or(usize::MAX);
+    // Order: most dependents, then priority, then age, then name. Keys are computed once per task
+    // and the line is a heap, so a pass that commits k tasks costs O(n + k log n), not a sort of
+    // every runnable task with a timestamp parse per comparison.
+    type Key<'a> = (Reverse<usize>, Reverse<i64>, SystemTime, &'a str);
+    let mut line: BinaryHeap<Reverse<(Key<'_>, usize)>> = runnable
+        .iter()
+        .take(if limit > 0 && total_free > 0 {
+            usize::MAX
+        } else {
+            0
+        })
+        .enumerate()
+        .map(|(i, t)| {
+            let key: Key<'_> = (
+                Reverse(
+                    dependents
+                        .get(t.metadata.name.as_str())
+                        .copied()
+                        .unwrap_or(0),
+                ),
+                Reverse(t.spec.priority),
+                t.metadata
+                    .creation_timestamp
+                    .as_deref()
+                    .and_then(parse_time)
+                    .unwrap_or(SystemTime::UNIX_EPOCH),
+                t.metadata.name.as_str(),
+            );
+            Reverse((key, i))
+        })
+        .collect();
+
+    while out.assignments.len() < limit && total_free > 0 {
+        let Some(Reverse((_, i))) = line.pop() else {
+            break;
+        };
+        let t = runnable[i];
+        let pinned: [&str; 1];
+        let candidates: &[&str] = match (&t.spec.assigned_to, &t.spec.queue) {
+            (Some(agent), _) => {
+                pinned = [agent.as_str()];
+                &pinned
+            }
+            (None, Some(q)) => pool.get(q.as_str()).map(Vec::as_slice).unwrap_or_default(),
+            (None, None) => &[],
         };
         // Most free slots first; ties go to the alphabetically first name.
         let best = candidates
-            .into_iter()
-            .filter_map(|a| free.get(a).map(|f| (a, *f)))
+            .iter()
+            .filter_map(|a| free.get(*a).map(|f| (*a, *f)))
             .filter(|(_, f)| *f > 0)
             .min_by_key(|(a, f)| (Reverse(*f), *a));
         if let Some((agent, _)) = best {
             let agent = agent.to_string();
             if let Some(f) = free.get_mut(&agent) {
                 *f -= 1;
+                total_free -= 1;
             }
             out.assignments.push((t.metadata.name.clone(), agent));
         }
     }
+    // The input may come in any order; the output does not depend on it.
+    out.newly_blocked.sort();
+    out.unblocked.sort();
     out
 }
 
@@ -392,6 +424,7 @@ mod tests {
             now(),
             PlanOptions {
                 disable_blocking: true,
+                ..Default::default()
             },
         );
         assert_eq!(p.assignments.len(), 1);
@@ -406,6 +439,28 @@ mod tests {
             Default::default(),
         );
         assert_eq!(p.assignments.len(), 1);
+    }
+
+    #[test]
+    fn a_limited_pass_assigns_only_the_head_of_the_line() {
+        let agents = vec![agent("a", "q", 10)];
+        let tasks: Vec<Arc<Task>> = (0..50)
+            .map(|i| Arc::new(task(&format!("t{i:02}"), "q", i % 7, i as u64)))
+            .collect();
+        let opts = |max| PlanOptions {
+            max_assignments: max,
+            ..Default::default()
+        };
+        let now = SystemTime::now();
+        let all = plan(&tasks, &agents, &[queue("q")], &[], now, opts(None));
+        assert_eq!(all.assignments.len(), 10, "as many as there are free slots");
+        let head = plan(&tasks, &agents, &[queue("q")], &[], now, opts(Some(3)));
+        assert_eq!(head.assignments, all.assignments[..3].to_vec());
+        let none = plan(&tasks, &agents, &[queue("q")], &[], now, opts(Some(0)));
+        assert!(none.assignments.is_empty());
+        // Priority 6 first (t06, t13, ...), oldest first among equals.
+        assert_eq!(head.assignments[0].0, "t06");
+        assert_eq!(head.assignments[1].0, "t13");
     }
 
     #[test]

@@ -124,7 +124,7 @@ fn queue_status(ctx: &Ctx, name: &str) -> Result<(), Error> {
         return Ok(());
     }
     let (mut pending, mut blocked, mut running, mut succeeded, mut failed) = (0, 0, 0, 0, 0);
-    for t in ctx.tasks.list() {
+    for t in ctx.tasks.snapshot() {
         if t.spec.queue.as_deref() != Some(name) {
             continue;
         }

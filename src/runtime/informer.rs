@@ -251,6 +251,12 @@ impl<K: Resource> Informer<K> {
         v
     }
 
+    /// Every cached object in no particular order: for callers that look at all of them and do not
+    /// need [`Informer::list`]'s sort by name (a sort of 10,000 names per call).
+    pub fn snapshot(&self) -> Vec<Arc<K>> {
+        self.read().objects.values().cloned().collect()
+    }
+
     /// Cached objects that index `index` files under `value`, sorted by name.
     pub fn by_index(&self, index: &str, value: &str) -> Vec<Arc<K>> {
         let cache = self.read();
