@@ -69,6 +69,35 @@ fn the_shim_records_the_signal_that_ended_the_agent() {
 }
 
 #[test]
+fn the_agent_starts_in_its_own_group_with_default_signals_and_an_empty_mask() {
+    let s = State::new();
+    // The agent's own status as it starts (`exec`: the same process, no shell in between).
+    s.run_of("sigs", &["sh", "-c", "exec cat /proc/self/status"]);
+    assert!(s.shim("sigs").status.success());
+    let log = s.log("sigs", 1);
+    let text = |name: &str| {
+        log.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("{name} in {log}"))
+    };
+    let field = |name: &str| u64::from_str_radix(&text(name), 16).unwrap();
+    let ignored = field("SigIgn:");
+    // SIGHUP is 1, SIGPIPE 13: bit n-1. The shim ignores both; its agent must not.
+    assert_eq!(ignored & (1 << 0), 0, "SIGHUP ignored in the agent: {log}");
+    assert_eq!(
+        ignored & (1 << 12),
+        0,
+        "SIGPIPE ignored in the agent: {log}"
+    );
+    assert_eq!(field("SigBlk:"), 0, "signals blocked in the agent: {log}");
+    let (pgrp, pid) = (text("NSpgid:"), text("Pid:"));
+    assert_eq!(pgrp, pid, "the agent leads its own group: {log}");
+    let l = s.get_lease("sigs").unwrap();
+    assert_eq!(l.status.pgid.map(|g| g.to_string()), Some(pgrp));
+}
+
+#[test]
 fn the_agent_gets_exactly_the_documented_environment() {
     let s = State::new();
     let mut spec = tinyscheduler::resources::AgentSpec {

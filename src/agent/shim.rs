@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitCode, ExitStatus, Stdio};
 use std::time::Duration;
 
-use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal};
 use tokio::signal::unix::{signal as unix_signal, SignalKind};
 
 use super::claim::Claim;
@@ -86,10 +86,18 @@ pub fn main(g: &Globals, args: ShimArgs) -> CliResult {
     // scheduler does not do this between fork and exec so that it can spawn without forking. It
     // fails only for a process-group leader, which a shim started by hand may be: then it stays.
     let _ = nix::unistd::setsid();
-    // A vanished parent or terminal must not take the run down with it.
-    // SAFETY: setting signal dispositions to SIG_IGN before any other thread exists.
+    // A vanished parent or terminal must not take the run down with it. SIGHUP gets a handler
+    // that does nothing rather than SIG_IGN: a handled signal is back to its default in the agent
+    // after exec, an ignored one would stay ignored there. (SIGPIPE is ignored by the Rust runtime
+    // and reset to its default for every child by the standard library.)
+    let hup = SigAction::new(
+        SigHandler::Handler(ignore_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    // SAFETY: installing a handler that does nothing, before any other thread exists.
     unsafe {
-        let _ = nix::sys::signal::signal(Signal::SIGHUP, SigHandler::SigIgn);
+        let _ = nix::sys::signal::sigaction(Signal::SIGHUP, &hup);
         let _ = nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigIgn);
     }
     let state_dir = std::path::absolute(&g.state_dir)
@@ -100,6 +108,8 @@ pub fn main(g: &Globals, args: ShimArgs) -> CliResult {
         .map_err(|e| CliError(format!("error: cannot start the runtime: {e}")))?;
     rt.block_on(supervise(state_dir, args.lease))
 }
+
+extern "C" fn ignore_signal(_: nix::libc::c_int) {}
 
 /// Everything about the started agent that goes into the Lease status.
 #[derive(Clone)]
@@ -477,22 +487,10 @@ fn start_agent(
     if let Some(w) = workdir {
         cmd.current_dir(w);
     }
-    // SAFETY: only async-signal-safe calls (setpgid, sigaction, sigprocmask) between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))
-                .map_err(io::Error::from)?;
-            // The shim ignores these; the agent gets the defaults back.
-            let _ = nix::sys::signal::signal(Signal::SIGHUP, SigHandler::SigDfl);
-            let _ = nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigDfl);
-            let _ = nix::sys::signal::sigprocmask(
-                SigmaskHow::SIG_SETMASK,
-                Some(&SigSet::empty()),
-                None,
-            );
-            Ok(())
-        });
-    }
+    // Its own process group (pgid = its pid), set by posix_spawn: no fork of the shim, and no code
+    // of ours runs in the child. The signal mask is emptied and handled signals go back to their
+    // defaults on exec.
+    cmd.process_group(0);
     cmd.spawn()
 }
 

@@ -98,6 +98,7 @@ fn open(g: &Globals, dry_run: bool) -> Result<(Store, Option<InstanceLock>), Cli
     }
     let store = Store::open(&g.state_dir)?;
     let lock = InstanceLock::acquire(&g.state_dir).map_err(|e| CliError(format!("error: {e}")))?;
+    store.remove_orphaned_temp_files()?;
     // A Python-era installation swapped to this binary keeps its agents: the agent-control file
     // and limits from the environment become Agents and Queues.
     for line in super::import::apply_python_era(g, &store)? {

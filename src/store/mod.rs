@@ -196,7 +196,6 @@ impl Store {
             }),
             durable: true,
         };
-        store.clean_tmp()?;
         Ok(store)
     }
 
@@ -248,8 +247,10 @@ impl Store {
 
     /// Removes temp files a crashed writer left behind: under the lock no write is in flight, so
     /// every temp file there is an orphan, except the spare pool's files and those of live
-    /// processes that write outside the store lock (the instance lock's holder file).
-    fn clean_tmp(&self) -> Result<(), StoreError> {
+    /// processes that write outside the store lock (the instance lock's holder file). The
+    /// scheduler calls it when it starts; a shim does not (it would take the store lock once more
+    /// per run for nothing).
+    pub fn remove_orphaned_temp_files(&self) -> Result<(), StoreError> {
         self.with_lock(|_| {
             let entries =
                 fs::read_dir(&self.inner.tmp).map_err(|e| StoreError::io(&self.inner.tmp, e))?;

@@ -190,3 +190,35 @@ fn a_relaxed_handle_writes_into_the_same_store_and_revision_sequence() {
         .collect();
     assert!(leftovers.is_empty(), "no temp file is left: {leftovers:?}");
 }
+
+#[test]
+fn orphaned_temp_files_are_removed_but_spares_and_live_writers_files_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let a = store.create(&agent("a")).unwrap();
+    store.update(&a).unwrap();
+    store.delete::<Agent>("a", None).unwrap();
+    let tmp = dir.path().join("tmp");
+    // A crashed writer's file (pid 2^22 + 1 is above the kernel's pid limit, never alive) and one
+    // of a live process writing outside the store lock (our parent, the test runner).
+    fs::write(tmp.join("4194305.0.tmp"), b"x").unwrap();
+    let live = format!("{}.7.tmp", nix::unistd::getppid());
+    fs::write(tmp.join(&live), b"x").unwrap();
+    let spares_before: Vec<_> = fs::read_dir(&tmp)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| spares::Pool::is_spare_name(n))
+        .collect();
+    assert!(!spares_before.is_empty());
+    store.remove_orphaned_temp_files().unwrap();
+    let mut left: Vec<String> = fs::read_dir(&tmp)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert!(!left.contains(&"4194305.0.tmp".to_string()), "{left:?}");
+    assert!(left.contains(&live), "{left:?}");
+    for s in &spares_before {
+        assert!(left.contains(&s.to_string_lossy().into_owned()), "{left:?}");
+    }
+}
