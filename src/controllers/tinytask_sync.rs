@@ -297,6 +297,11 @@ pub fn unreachable_sources(ctx: &Ctx) -> Vec<(String, String)> {
 /// Whether a reachable tinytask queue may still have runnable work for us: never polled yet, or
 /// its last list was cut at the window. `run --once --wait` keeps going while it does.
 pub fn has_more_work(ctx: &Ctx) -> bool {
+    !sources_with_more_work(ctx).is_empty()
+}
+
+/// The tinytask queues [`has_more_work`] holds true for, each with why.
+pub fn sources_with_more_work(ctx: &Ctx) -> Vec<(String, String)> {
     let sources = ctx
         .tinytask
         .queues
@@ -306,14 +311,21 @@ pub fn has_more_work(ctx: &Ctx) -> bool {
         .list()
         .iter()
         .filter(|q| q.spec.source == QueueSource::Tinytask)
-        .any(|q| match sources.get(&q.metadata.name) {
-            None => true,
-            Some(s) => match &s.health {
-                None => true,
-                Some(Ok(())) => s.more,
-                Some(Err(_)) => false,
-            },
+        .filter_map(|q| {
+            let why = match sources.get(&q.metadata.name) {
+                None => "never polled".to_string(),
+                Some(s) => match &s.health {
+                    None => "no poll has finished".to_string(),
+                    Some(Ok(())) if s.more => format!(
+                        "the last list was cut at the window (free slots at the last poll: {})",
+                        s.last_free
+                    ),
+                    _ => return None,
+                },
+            };
+            Some((q.metadata.name.clone(), why))
         })
+        .collect()
 }
 
 /// Readiness: fails while any tinytask queue's server is unreachable.
