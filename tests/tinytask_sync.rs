@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use support::tinytask_server::TinytaskServer;
 use support::{Env, Run, API};
-use tinyscheduler::resources::{Event, Lease, LeasePhase};
+use tinyscheduler::resources::{Event, Lease, LeasePhase, Task};
 use tinyscheduler::store::Store;
 
 /// A scratch state directory plus a fake server and the shared "what ran" file.
@@ -90,13 +90,128 @@ impl World {
         c
     }
 
-    /// `run --once --wait` to completion (the fake server keeps serving meanwhile).
+    /// `run --once --wait` to completion (the fake server keeps serving meanwhile). If it does
+    /// not finish in time, the panic shows what it printed so far (it logs what it still waits
+    /// for every 10 s), the store's Tasks and Leases, and the requests the server saw.
     async fn run_once(&self, timeout: Duration) -> Run {
-        let out = tokio::time::timeout(timeout, self.cmd(&["run", "--once", "--wait"]).output())
-            .await
-            .expect("run --once --wait did not finish in time")
-            .expect("run the binary");
-        out.into()
+        use tokio::io::AsyncReadExt;
+        let mut cmd = self.cmd(&["run", "--once", "--wait"]);
+        cmd.env("TINYSCHEDULER_LOG_LEVEL", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("run the binary");
+        // Read both pipes as the child writes, so that what it printed survives a timeout.
+        let drain = |pipe: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>| {
+            let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let b = buf.clone();
+            let task = tokio::spawn(async move {
+                let Some(mut pipe) = pipe else { return };
+                let mut chunk = [0u8; 8192];
+                while let Ok(n) = pipe.read(&mut chunk).await {
+                    if n == 0 {
+                        break;
+                    }
+                    b.lock().unwrap().extend_from_slice(&chunk[..n]);
+                }
+            });
+            (buf, task)
+        };
+        let text = |b: &std::sync::Arc<std::sync::Mutex<Vec<u8>>>| {
+            String::from_utf8_lossy(&b.lock().unwrap()).into_owned()
+        };
+        let (stdout, out_task) = drain(child.stdout.take().map(|p| Box::new(p) as _));
+        let (stderr, err_task) = drain(child.stderr.take().map(|p| Box::new(p) as _));
+        match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(status) => {
+                let status = status.expect("wait for the binary");
+                let _ = out_task.await;
+                let _ = err_task.await;
+                Run {
+                    code: status.code().unwrap_or(-1),
+                    stdout: text(&stdout),
+                    stderr: text(&stderr),
+                }
+            }
+            Err(_) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), out_task).await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), err_task).await;
+                panic!(
+                    "run --once --wait did not finish in {timeout:?}\n--- stdout:\n{}\n--- stderr:\n{}\n--- store:\n{}\n--- server requests:\n{}",
+                    text(&stdout),
+                    text(&stderr),
+                    self.store_dump(),
+                    self.request_log(),
+                );
+            }
+        }
+    }
+
+    /// The requests the fake server saw, one line each: `METHOD PATH?QUERY [If-None-Match] -> STATUS BODY`.
+    fn request_log(&self) -> String {
+        self.server
+            .requests()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {}{}{} -> {} {}",
+                    r.method,
+                    r.path,
+                    r.query
+                        .as_deref()
+                        .map(|q| format!("?{q}"))
+                        .unwrap_or_default(),
+                    r.if_none_match
+                        .as_deref()
+                        .map(|e| format!(" [If-None-Match {e}]"))
+                        .unwrap_or_default(),
+                    r.status,
+                    r.body,
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The store's Tasks (phase, lease, blockedBy, write-backs) and Leases (task, agent, phase),
+    /// one line each, and the Events, for a failure message.
+    fn store_dump(&self) -> String {
+        let store = self.store();
+        let mut out = Vec::new();
+        match store.list::<Task>(None) {
+            Ok(l) => out.extend(l.items.iter().map(|t| {
+                format!(
+                    "task/{} rv {} phase {} lease {:?} agent {:?} attempts {} blockedBy {:?} writeBacks {} message {:?}",
+                    t.metadata.name,
+                    t.metadata.resource_version,
+                    t.status.phase.as_str(),
+                    t.status.lease,
+                    t.status.agent,
+                    t.status.attempts,
+                    t.spec.blocked_by,
+                    t.status.write_backs.len(),
+                    t.status.message,
+                )
+            })),
+            Err(e) => out.push(format!("cannot list tasks: {e}")),
+        }
+        match store.list::<Lease>(None) {
+            Ok(l) => out.extend(l.items.iter().map(|l| {
+                format!(
+                    "lease/{} rv {} task {} agent {} phase {:?} claimed {:?}",
+                    l.metadata.name,
+                    l.metadata.resource_version,
+                    l.spec.task,
+                    l.spec.agent,
+                    l.status.phase,
+                    l.metadata.annotations.get("tinyscheduler.io/claimed"),
+                )
+            })),
+            Err(e) => out.push(format!("cannot list leases: {e}")),
+        }
+        out.push(format!("events:\n{}", self.events()));
+        out.join("\n")
     }
 
     fn status(&self, id: i64) -> (String, Option<String>) {
