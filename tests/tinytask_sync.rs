@@ -711,3 +711,138 @@ async fn a_blocked_task_is_mirrored_as_blocked_and_runs_once_its_blocker_is_comp
     assert!(events.stdout.contains("Blocked"), "{}", events.stdout);
     assert_eq!(w.ran().len(), 2, "{:?}", w.ran());
 }
+
+/// The tinytask sync controller's context over a fresh store, with no controller running: the
+/// test drives the polls itself and plays the other controllers' part, so that the interleaving
+/// is fixed.
+fn sync_ctx(store: Store, state_dir: PathBuf) -> std::sync::Arc<tinyscheduler::controllers::Ctx> {
+    use tinyscheduler::controllers::{Ctx, Settings};
+    use tinyscheduler::runtime::{Informer, InformerOptions, Metrics, Recorder};
+    let opts = InformerOptions {
+        resync: Duration::from_secs(3600),
+        relist: Duration::from_secs(3600),
+    };
+    std::sync::Arc::new(Ctx {
+        recorder: Recorder::new(store.clone(), "tinyscheduler"),
+        tasks: Informer::new(store.clone(), opts.clone()),
+        agents: Informer::new(store.clone(), opts.clone()),
+        queues: Informer::new(store.clone(), opts.clone()),
+        leases: Informer::new(store.clone(), opts),
+        store,
+        state_dir,
+        settings: Settings::default(),
+        summary: Default::default(),
+        spawned: Default::default(),
+        status_writes: Default::default(),
+        metrics: Metrics::default(),
+        runnable_since: Default::default(),
+        tinytask: Default::default(),
+    })
+}
+
+/// A change on the server seen by a poll while freshly mirrored blocked tasks were still Pending
+/// (the assignment loop had not marked them Blocked yet) must still be listed once they are
+/// Blocked: they never take a slot. Before, that poll counted them as filling the free slots,
+/// skipped the list and kept the "list cut at the window" flag of the first poll; no later poll
+/// listed (no server change, no slot freed), and `run --once --wait` waited forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_mirrors_not_yet_marked_blocked_do_not_keep_run_once_waiting() {
+    use tinyscheduler::controllers::tinytask_sync;
+    use tinyscheduler::resources::{
+        Agent, AgentSpec, Queue, QueueSource, QueueSpec, Resource, TaskPhase,
+    };
+
+    let mut server = TinytaskServer::start().await;
+    let blocker = server.insert("blocker", |t| {
+        t.queue_name = Some("dev".into());
+        t.assigned_to = Some("stranger".into());
+        t.status = "working".into();
+    });
+    let blocked: Vec<i64> = (0..3)
+        .map(|i| {
+            server.insert(&format!("blocked {i}"), |t| {
+                t.queue_name = Some("dev".into());
+                t.blocked_by_task_id = Some(blocker);
+            })
+        })
+        .collect();
+    let runnable: Vec<i64> = (0..2)
+        .map(|i| queued(&server, &format!("free {i}"), "dev"))
+        .collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let ctx = sync_ctx(store.clone(), dir.path().to_path_buf());
+    let queue = Queue::new(
+        "Queue",
+        "dev",
+        QueueSpec {
+            source: QueueSource::Tinytask,
+            endpoint: Some(server.url()),
+            poll_interval_seconds: Some(1),
+            ..Default::default()
+        },
+    );
+    ctx.queues.observe(store.create(&queue).unwrap());
+    let agent = Agent::new(
+        "Agent",
+        "alice",
+        AgentSpec {
+            queue: Some("dev".into()),
+            max_concurrency: 2,
+            command: vec!["true".into()],
+            ..Default::default()
+        },
+    );
+    ctx.agents.observe(store.create(&agent).unwrap());
+    let poll = || async {
+        // Polls of one queue are at least 100 ms apart.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        tinytask_sync::reconcile("tinytask/dev".into(), ctx.clone())
+            .await
+            .unwrap();
+    };
+
+    // First poll: the two runnable tasks fill the window (the list is cut there), and the blocked
+    // ones are mirrored, still Pending.
+    poll().await;
+    let phase = |id: i64| ctx.tasks.get(&format!("tt-{id}")).map(|t| t.status.phase);
+    for id in runnable.iter().chain(&blocked) {
+        assert_eq!(phase(*id), Some(TaskPhase::Pending), "tt-{id}");
+    }
+    assert!(tinytask_sync::has_more_work(&ctx), "the first list was cut");
+
+    // The runnable ones run and complete (on the server too) before the assignment loop gets to
+    // the blocked mirrors; a poll sees the server's change while they are still Pending.
+    for id in &runnable {
+        ctx.patch_task(&format!("tt-{id}"), |t| {
+            t.status.phase = TaskPhase::Succeeded
+        })
+        .unwrap();
+        server.mutate_task(*id, |t| {
+            t.assigned_to = Some("alice".into());
+            t.status = "complete".into();
+        });
+    }
+    poll().await;
+
+    // Now they are Blocked: nothing changes on the server and no slot is freed any more.
+    for id in &blocked {
+        ctx.patch_task(&format!("tt-{id}"), |t| t.status.phase = TaskPhase::Blocked)
+            .unwrap();
+    }
+    poll().await;
+    poll().await;
+    assert!(
+        !tinytask_sync::has_more_work(&ctx),
+        "the server holds no runnable task: {:?}\n{:#?}",
+        tinytask_sync::sources_with_more_work(&ctx),
+        server.requests()
+    );
+    assert!(ctx
+        .tasks
+        .list()
+        .iter()
+        .all(|t| t.name() != format!("tt-{blocker}")));
+    server.stop().await;
+}

@@ -557,15 +557,34 @@ async fn poll(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     }
 }
 
-/// Whether a local Task is waiting for a slot right now (so it already fills one of the window).
-fn ready_pending(t: &Task, leased: &HashSet<&str>, now: SystemTime) -> bool {
-    t.status.phase == TaskPhase::Pending
-        && !leased.contains(t.metadata.name.as_str())
-        && t.status
-            .next_attempt_after
-            .as_deref()
-            .and_then(parse_time)
-            .is_none_or(|at| at <= now)
+/// What a poll sees of the local Tasks when it decides whether a free slot still needs a task
+/// from the server.
+struct Local<'a> {
+    /// Every cached Task by name (blockers need not be mirrors).
+    by_name: HashMap<&'a str, &'a Arc<Task>>,
+    /// Tasks that hold a Lease.
+    leased: HashSet<&'a str>,
+    now: SystemTime,
+    /// Whether the queue respects `blockedBy`.
+    respect: bool,
+}
+
+impl Local<'_> {
+    /// Whether a local Task is waiting for a slot right now, so that it already fills one of the
+    /// window: Pending, not leased, not waiting out a retry delay, and not waiting for a blocker.
+    /// A blocked mirror is created Pending and marked Blocked by the assignment loop a moment
+    /// later; counted in between, it hid a free slot from the poll that saw the server change,
+    /// and nothing made a later poll list again.
+    fn fills_a_slot(&self, t: &Task) -> bool {
+        t.status.phase == TaskPhase::Pending
+            && !self.leased.contains(t.metadata.name.as_str())
+            && t.status
+                .next_attempt_after
+                .as_deref()
+                .and_then(parse_time)
+                .is_none_or(|at| at <= self.now)
+            && (!self.respect || plan::unfinished_blockers(t, &self.by_name).is_empty())
+    }
 }
 
 async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), tinytask::Error> {
@@ -586,8 +605,15 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
     let leases = ctx.leases.list();
     let tasks = ctx.tasks.list();
     let free = plan::free_slots(&agents, &leases);
-    let leased: HashSet<&str> = leases.iter().map(|l| l.spec.task.as_str()).collect();
-    let now = SystemTime::now();
+    let local = Local {
+        by_name: tasks
+            .iter()
+            .map(|t| (t.metadata.name.as_str(), t))
+            .collect(),
+        leased: leases.iter().map(|l| l.spec.task.as_str()).collect(),
+        now: SystemTime::now(),
+        respect,
+    };
     let by_name: HashMap<&str, &Arc<Task>> = tasks
         .iter()
         .filter(|t| is_tinytask(t))
@@ -607,7 +633,6 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
         .map(|a| free.get(&a.metadata.name).copied().unwrap_or(0))
         .sum();
     let total_free: i64 = free.values().sum();
-    let needs_list = changed || total_free > state.last_free;
     // Mirrors the server still lists as idle: they are in every answer, so ask for that many more.
     let known_idle = mirrors
         .iter()
@@ -619,13 +644,15 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
         })
         .count();
 
+    let pending_pool = mirrors
+        .iter()
+        .filter(|t| t.spec.assigned_to.is_none() && local.fills_a_slot(t))
+        .count() as i64;
+    let want = pool_free - pending_pool;
+    let needs_list = changed || total_free > state.last_free;
+
     let mut more = state.more;
     if needs_list {
-        let pending_pool = mirrors
-            .iter()
-            .filter(|t| t.spec.assigned_to.is_none() && ready_pending(t, &leased, now))
-            .count() as i64;
-        let want = pool_free - pending_pool;
         if want > 0 {
             let want = want as usize;
             let mut ask = (want + known_idle).min(SCAN_WINDOW_MAX as usize);
@@ -687,9 +714,7 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
             };
             let pend = mirrors
                 .iter()
-                .filter(|t| {
-                    t.spec.assigned_to.as_deref() == Some(&a) && ready_pending(t, &leased, now)
-                })
+                .filter(|t| t.spec.assigned_to.as_deref() == Some(&a) && local.fills_a_slot(t))
                 .count() as i64;
             let want = free.get(&agent.metadata.name).copied().unwrap_or(0) - pend;
             if want <= 0 {
@@ -1207,6 +1232,60 @@ mod tests {
         assert!(refusal(&remote(Complete, None, false), "a", None, true).is_some());
         assert!(refusal(&remote(Idle, None, true), "a", None, true).is_some());
         assert_eq!(refusal(&remote(Idle, None, true), "a", None, false), None);
+    }
+
+    fn pending(name: &str, blocked_by: &[&str]) -> Arc<Task> {
+        Arc::new(Task::new(
+            "Task",
+            name,
+            TaskSpec {
+                queue: Some("dev".into()),
+                blocked_by: blocked_by.iter().map(|b| b.to_string()).collect(),
+                ..TaskSpec::default()
+            },
+        ))
+    }
+
+    #[test]
+    fn a_pending_mirror_waiting_for_a_blocker_does_not_fill_a_free_slot() {
+        let mut done = (*pending("done", &[])).clone();
+        done.status.phase = TaskPhase::Succeeded;
+        let tasks = [
+            pending("free", &[]),
+            pending("waits-for-remote", &["tt-1"]),
+            pending("waits-for-done", &["done"]),
+            Arc::new(done),
+        ];
+        let local = |respect| Local {
+            by_name: tasks
+                .iter()
+                .map(|t| (t.metadata.name.as_str(), t))
+                .collect(),
+            leased: HashSet::new(),
+            now: SystemTime::now(),
+            respect,
+        };
+        let filling = |l: &Local| {
+            tasks
+                .iter()
+                .filter(|t| l.fills_a_slot(t))
+                .map(|t| t.metadata.name.as_str())
+                .collect::<Vec<_>>()
+        };
+        // Not yet marked Blocked by the assignment loop, but it never takes a slot.
+        assert_eq!(filling(&local(true)), ["free", "waits-for-done"]);
+        assert_eq!(
+            filling(&local(false)),
+            ["free", "waits-for-remote", "waits-for-done"],
+            "with blocking ignored, every Pending task runs"
+        );
+        let mut leased = local(true);
+        leased.leased.insert("free");
+        assert_eq!(
+            filling(&leased),
+            ["waits-for-done"],
+            "a leased task has its slot"
+        );
     }
 
     #[test]
