@@ -78,7 +78,9 @@ struct QueueState {
     failures: u32,
     /// `None` until the first poll; then `Ok` or the last error.
     health: Option<Result<(), String>>,
-    /// The last list of runnable tasks was cut at the window: the server may hold more.
+    /// The server may hold runnable tasks for the pool that no list has shown yet: the last list
+    /// was cut at the window, or a change was seen while local tasks filled the free slots. The
+    /// first poll with room lists again (see [`needs_list`]).
     more: bool,
 }
 
@@ -295,7 +297,8 @@ pub fn unreachable_sources(ctx: &Ctx) -> Vec<(String, String)> {
 }
 
 /// Whether a reachable tinytask queue may still have runnable work for us: never polled yet, or
-/// its last list was cut at the window. `run --once --wait` keeps going while it does.
+/// the server may hold runnable tasks not listed yet (`more`) and an unpaused agent serves the
+/// queue (with none, no list would ever clear it). `run --once --wait` keeps going while it does.
 pub fn has_more_work(ctx: &Ctx) -> bool {
     !sources_with_more_work(ctx).is_empty()
 }
@@ -307,6 +310,12 @@ pub fn sources_with_more_work(ctx: &Ctx) -> Vec<(String, String)> {
         .queues
         .lock()
         .unwrap_or_else(|p| p.into_inner());
+    let agents = ctx.agents.list();
+    let served = |q: &str| {
+        agents
+            .iter()
+            .any(|a| a.spec.queue.as_deref() == Some(q) && !a.spec.paused)
+    };
     ctx.queues
         .list()
         .iter()
@@ -316,8 +325,8 @@ pub fn sources_with_more_work(ctx: &Ctx) -> Vec<(String, String)> {
                 None => "never polled".to_string(),
                 Some(s) => match &s.health {
                     None => "no poll has finished".to_string(),
-                    Some(Ok(())) if s.more => format!(
-                        "the last list was cut at the window (free slots at the last poll: {})",
+                    Some(Ok(())) if s.more && served(&q.metadata.name) => format!(
+                        "the server may hold runnable tasks not listed yet (free slots at the last poll: {})",
                         s.last_free
                     ),
                     _ => return None,
@@ -587,6 +596,16 @@ impl Local<'_> {
     }
 }
 
+/// Whether a poll lists the queue's runnable tasks: when the server changed, when a slot was freed
+/// since the last poll, or when there is room (`want` > 0) and the server may hold runnable tasks
+/// not listed yet (`more`: the last list was cut at the window, or a change was not listed since
+/// the local tasks filled the slots then). The last case needs no event: whatever made room
+/// without freeing a slot (a Pending mirror turning out blocked, or deleted) wakes nothing, and the
+/// change it would have listed is not seen twice.
+fn needs_list(changed: bool, total_free: i64, want: i64, state: &QueueState) -> bool {
+    changed || total_free > state.last_free || (state.more && want > 0)
+}
+
 async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), tinytask::Error> {
     let name = queue.metadata.name.as_str();
     let client = ctx.tinytask.client(&endpoint_of(ctx, Some(queue)))?;
@@ -649,11 +668,15 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
         .filter(|t| t.spec.assigned_to.is_none() && local.fills_a_slot(t))
         .count() as i64;
     let want = pool_free - pending_pool;
-    let needs_list = changed || total_free > state.last_free;
+    let needs_list = needs_list(changed, total_free, want, state);
 
     let mut more = state.more;
     if needs_list {
-        if want > 0 {
+        if want <= 0 {
+            // Local tasks fill the pool's free slots: the change stays owed, and the first poll
+            // with room lists it (see `needs_list`). A full pool lists when a slot is freed anyway.
+            more |= pool_free > 0;
+        } else {
             let want = want as usize;
             let mut ask = (want + known_idle).min(SCAN_WINDOW_MAX as usize);
             let mut added = 0usize;
@@ -1286,6 +1309,30 @@ mod tests {
             ["waits-for-done"],
             "a leased task has its slot"
         );
+    }
+
+    #[test]
+    fn a_list_cut_at_the_window_is_listed_again_once_there_is_room_without_a_server_change() {
+        let state = QueueState {
+            last_free: 2,
+            more: true,
+            ..QueueState::default()
+        };
+        assert!(
+            !needs_list(false, 2, 0, &state),
+            "no room: nothing to list for"
+        );
+        assert!(
+            needs_list(false, 2, 2, &state),
+            "room, and the server may hold more"
+        );
+        let all_listed = QueueState {
+            more: false,
+            ..state.clone()
+        };
+        assert!(!needs_list(false, 2, 2, &all_listed));
+        assert!(needs_list(true, 2, 0, &all_listed), "a server change");
+        assert!(needs_list(false, 3, 0, &all_listed), "a freed slot");
     }
 
     #[test]
