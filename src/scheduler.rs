@@ -27,11 +27,15 @@ use crate::store::Store;
 /// The work-queue key that proves the assignment loop is alive (for the systemd watchdog).
 pub const HEARTBEAT_KEY: &str = "heartbeat";
 
+/// At most this many tasks are named by [`Scheduler::waiting_on`]; the rest are counted.
+const WAITING_ON_TASKS_MAX: usize = 20;
+
 /// A running set of controllers over one store.
 pub struct Scheduler {
     pub ctx: Arc<Ctx>,
     pub metrics: Metrics,
-    queues: Vec<WorkQueue<String>>,
+    /// Each controller's name and work queue, the assignment loop's first.
+    queues: Vec<(&'static str, WorkQueue<String>)>,
     tasks: JoinSet<()>,
     shutdown: Shutdown,
 }
@@ -82,7 +86,7 @@ impl Scheduler {
             .watches(&ctx.queues, one::<Queue>)
             .watches(&ctx.leases, one::<Lease>)
             .workers(1);
-        queues.push(c.queue());
+        queues.push(("assignment", c.queue()));
         let heartbeat = opts.heartbeat.clone();
         tasks.spawn(c.run(
             move |key: String, ctx: Arc<Ctx>| {
@@ -107,7 +111,7 @@ impl Scheduler {
         let c = Controller::new("lease", ctx.clone(), metrics.clone())
             .watches(&ctx.leases, by_name)
             .workers(4);
-        queues.push(c.queue());
+        queues.push(("lease", c.queue()));
         tasks.spawn(c.run(
             |key, ctx: Arc<Ctx>| async move {
                 counted(&ctx, blocking_io(lease::reconcile(key, ctx.clone())).await)
@@ -123,7 +127,7 @@ impl Scheduler {
                 t.status.lease.iter().cloned().collect()
             })
             .workers(4);
-        queues.push(c.queue());
+        queues.push(("reclaim", c.queue()));
         tasks.spawn(c.run(
             |key, ctx: Arc<Ctx>| async move {
                 counted(
@@ -148,7 +152,7 @@ impl Scheduler {
             })
             .watches_filtered(&ctx.tasks, status::keys_for_task, task_needs_resync)
             .workers(1);
-        queues.push(c.queue());
+        queues.push(("status", c.queue()));
         tasks.spawn(c.run(
             |key, ctx: Arc<Ctx>| async move {
                 counted(&ctx, blocking_io(status::reconcile(key, ctx.clone())).await)
@@ -168,7 +172,7 @@ impl Scheduler {
                 tinytask_sync::MAX_BACKOFF,
             ))
             .workers(4);
-        queues.push(c.queue());
+        queues.push(("tinytask-sync", c.queue()));
         tasks.spawn(c.run(
             |key, ctx: Arc<Ctx>| async move {
                 counted(&ctx, tinytask_sync::reconcile(key, ctx.clone()).await)
@@ -213,14 +217,14 @@ impl Scheduler {
     /// fixed point of `run --once`.
     pub async fn wait_fixed_point(&self) {
         loop {
-            for q in &self.queues {
+            for (_, q) in &self.queues {
                 q.wait_idle().await;
             }
             // Another controller's reconcile may have woken one we already passed.
             tokio::task::yield_now().await;
-            if self.queues.iter().all(|q| q.is_idle()) {
+            if self.queues.iter().all(|(_, q)| q.is_idle()) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                if self.queues.iter().all(|q| q.is_idle()) {
+                if self.queues.iter().all(|(_, q)| q.is_idle()) {
                     return;
                 }
             }
@@ -229,7 +233,7 @@ impl Scheduler {
 
     /// Enqueues the watchdog heartbeat key into the assignment loop.
     pub fn poke_heartbeat(&self) {
-        if let Some(q) = self.queues.first() {
+        if let Some((_, q)) = self.queues.first() {
             q.add(HEARTBEAT_KEY.to_string());
         }
     }
@@ -261,32 +265,98 @@ impl Scheduler {
             .iter()
             .map(|t| (t.metadata.name.as_str(), t.status.phase))
             .collect();
-        let serves = |t: &Task| match (&t.spec.assigned_to, &t.spec.queue) {
-            (Some(a), _) => agents
-                .iter()
-                .any(|x| &x.metadata.name == a && !x.spec.paused),
-            (None, Some(q)) => agents
-                .iter()
-                .any(|x| x.spec.queue.as_deref() == Some(q) && !x.spec.paused),
-            _ => false,
-        };
-        tasks.iter().all(|t| match t.status.phase {
-            TaskPhase::Succeeded | TaskPhase::Failed => true,
-            TaskPhase::Assigned | TaskPhase::Running => false,
-            TaskPhase::Pending => !serves(t),
-            // Blocked for good only if some blocker can no longer succeed.
-            TaskPhase::Blocked => t
-                .spec
-                .blocked_by
-                .iter()
-                .all(|b| phases.get(b.as_str()).is_none_or(|p| p.is_finished())),
-        })
+        tasks.iter().all(|t| task_done(t, &agents, &phases))
+    }
+
+    /// Why [`Scheduler::all_done`] is false, one line per reason (empty when it is true): the
+    /// live Leases, the tinytask queues that may hold more work, and each unfinished task that is
+    /// not waiting on something impossible. For `run --once --wait` to say what it waits for.
+    pub fn waiting_on(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .ctx
+            .leases
+            .list()
+            .iter()
+            .map(|l| {
+                format!(
+                    "lease/{} (task/{}, agent/{}, phase {:?})",
+                    l.metadata.name, l.spec.task, l.spec.agent, l.status.phase
+                )
+            })
+            .collect();
+        out.extend(
+            tinytask_sync::sources_with_more_work(&self.ctx)
+                .into_iter()
+                .map(|(q, why)| format!("queue/{q}: {why}")),
+        );
+        let tasks = self.ctx.tasks.list();
+        let agents = self.ctx.agents.list();
+        let phases: HashMap<&str, TaskPhase> = tasks
+            .iter()
+            .map(|t| (t.metadata.name.as_str(), t.status.phase))
+            .collect();
+        let undone: Vec<&Arc<Task>> = tasks
+            .iter()
+            .filter(|t| !task_done(t, &agents, &phases))
+            .collect();
+        for t in undone.iter().take(WAITING_ON_TASKS_MAX) {
+            out.push(format!(
+                "task/{} {} (queue {}, assignedTo {}, lease {}, blockedBy [{}])",
+                t.metadata.name,
+                t.status.phase.as_str(),
+                t.spec.queue.as_deref().unwrap_or("-"),
+                t.spec.assigned_to.as_deref().unwrap_or("-"),
+                t.status.lease.as_deref().unwrap_or("-"),
+                t.spec.blocked_by.join(", ")
+            ));
+        }
+        if undone.len() > WAITING_ON_TASKS_MAX {
+            out.push(format!(
+                "{} more unfinished tasks",
+                undone.len() - WAITING_ON_TASKS_MAX
+            ));
+        }
+        out
+    }
+
+    /// Which controllers' queues have ready or in-flight work (what `wait_fixed_point` waits on).
+    pub fn busy_controllers(&self) -> Vec<String> {
+        self.queues
+            .iter()
+            .filter(|(_, q)| !q.is_idle())
+            .map(|(name, q)| format!("{name} ({} ready)", q.len()))
+            .collect()
     }
 
     /// Prometheus text: the runtime's controller metrics plus scheduler gauges computed from the
     /// caches at scrape time.
     pub fn render_metrics(&self) -> String {
         render_metrics(&self.ctx, &self.metrics)
+    }
+}
+
+/// Whether `t` is finished or waits on something that can never happen: no agent serves it, or
+/// (Blocked) each of its blockers is finished or unknown. `phases` holds every cached task's phase.
+fn task_done(t: &Task, agents: &[Arc<Agent>], phases: &HashMap<&str, TaskPhase>) -> bool {
+    let serves = |t: &Task| match (&t.spec.assigned_to, &t.spec.queue) {
+        (Some(a), _) => agents
+            .iter()
+            .any(|x| &x.metadata.name == a && !x.spec.paused),
+        (None, Some(q)) => agents
+            .iter()
+            .any(|x| x.spec.queue.as_deref() == Some(q) && !x.spec.paused),
+        _ => false,
+    };
+    match t.status.phase {
+        TaskPhase::Succeeded | TaskPhase::Failed => true,
+        TaskPhase::Assigned | TaskPhase::Running => false,
+        TaskPhase::Pending => !serves(t),
+        // Blocked for good only if some blocker can no longer succeed.
+        TaskPhase::Blocked => t
+            .spec
+            .blocked_by
+            .iter()
+            .all(|b| phases.get(b.as_str()).is_none_or(|p| p.is_finished())),
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use support::tinytask_server::TinytaskServer;
 use support::{Env, Run, API};
-use tinyscheduler::resources::{Event, Lease, LeasePhase};
+use tinyscheduler::resources::{Event, Lease, LeasePhase, Task};
 use tinyscheduler::store::Store;
 
 /// A scratch state directory plus a fake server and the shared "what ran" file.
@@ -90,13 +90,128 @@ impl World {
         c
     }
 
-    /// `run --once --wait` to completion (the fake server keeps serving meanwhile).
+    /// `run --once --wait` to completion (the fake server keeps serving meanwhile). If it does
+    /// not finish in time, the panic shows what it printed so far (it logs what it still waits
+    /// for every 10 s), the store's Tasks and Leases, and the requests the server saw.
     async fn run_once(&self, timeout: Duration) -> Run {
-        let out = tokio::time::timeout(timeout, self.cmd(&["run", "--once", "--wait"]).output())
-            .await
-            .expect("run --once --wait did not finish in time")
-            .expect("run the binary");
-        out.into()
+        use tokio::io::AsyncReadExt;
+        let mut cmd = self.cmd(&["run", "--once", "--wait"]);
+        cmd.env("TINYSCHEDULER_LOG_LEVEL", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("run the binary");
+        // Read both pipes as the child writes, so that what it printed survives a timeout.
+        let drain = |pipe: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>| {
+            let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let b = buf.clone();
+            let task = tokio::spawn(async move {
+                let Some(mut pipe) = pipe else { return };
+                let mut chunk = [0u8; 8192];
+                while let Ok(n) = pipe.read(&mut chunk).await {
+                    if n == 0 {
+                        break;
+                    }
+                    b.lock().unwrap().extend_from_slice(&chunk[..n]);
+                }
+            });
+            (buf, task)
+        };
+        let text = |b: &std::sync::Arc<std::sync::Mutex<Vec<u8>>>| {
+            String::from_utf8_lossy(&b.lock().unwrap()).into_owned()
+        };
+        let (stdout, out_task) = drain(child.stdout.take().map(|p| Box::new(p) as _));
+        let (stderr, err_task) = drain(child.stderr.take().map(|p| Box::new(p) as _));
+        match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(status) => {
+                let status = status.expect("wait for the binary");
+                let _ = out_task.await;
+                let _ = err_task.await;
+                Run {
+                    code: status.code().unwrap_or(-1),
+                    stdout: text(&stdout),
+                    stderr: text(&stderr),
+                }
+            }
+            Err(_) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), out_task).await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), err_task).await;
+                panic!(
+                    "run --once --wait did not finish in {timeout:?}\n--- stdout:\n{}\n--- stderr:\n{}\n--- store:\n{}\n--- server requests:\n{}",
+                    text(&stdout),
+                    text(&stderr),
+                    self.store_dump(),
+                    self.request_log(),
+                );
+            }
+        }
+    }
+
+    /// The requests the fake server saw, one line each: `METHOD PATH?QUERY [If-None-Match] -> STATUS BODY`.
+    fn request_log(&self) -> String {
+        self.server
+            .requests()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {}{}{} -> {} {}",
+                    r.method,
+                    r.path,
+                    r.query
+                        .as_deref()
+                        .map(|q| format!("?{q}"))
+                        .unwrap_or_default(),
+                    r.if_none_match
+                        .as_deref()
+                        .map(|e| format!(" [If-None-Match {e}]"))
+                        .unwrap_or_default(),
+                    r.status,
+                    r.body,
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The store's Tasks (phase, lease, blockedBy, write-backs) and Leases (task, agent, phase),
+    /// one line each, and the Events, for a failure message.
+    fn store_dump(&self) -> String {
+        let store = self.store();
+        let mut out = Vec::new();
+        match store.list::<Task>(None) {
+            Ok(l) => out.extend(l.items.iter().map(|t| {
+                format!(
+                    "task/{} rv {} phase {} lease {:?} agent {:?} attempts {} blockedBy {:?} writeBacks {} message {:?}",
+                    t.metadata.name,
+                    t.metadata.resource_version,
+                    t.status.phase.as_str(),
+                    t.status.lease,
+                    t.status.agent,
+                    t.status.attempts,
+                    t.spec.blocked_by,
+                    t.status.write_backs.len(),
+                    t.status.message,
+                )
+            })),
+            Err(e) => out.push(format!("cannot list tasks: {e}")),
+        }
+        match store.list::<Lease>(None) {
+            Ok(l) => out.extend(l.items.iter().map(|l| {
+                format!(
+                    "lease/{} rv {} task {} agent {} phase {:?} claimed {:?}",
+                    l.metadata.name,
+                    l.metadata.resource_version,
+                    l.spec.task,
+                    l.spec.agent,
+                    l.status.phase,
+                    l.metadata.annotations.get("tinyscheduler.io/claimed"),
+                )
+            })),
+            Err(e) => out.push(format!("cannot list leases: {e}")),
+        }
+        out.push(format!("events:\n{}", self.events()));
+        out.join("\n")
     }
 
     fn status(&self, id: i64) -> (String, Option<String>) {
@@ -595,4 +710,139 @@ async fn a_blocked_task_is_mirrored_as_blocked_and_runs_once_its_blocker_is_comp
     let events = w.env.run(&["describe", "task", &format!("tt-{blocked}")]);
     assert!(events.stdout.contains("Blocked"), "{}", events.stdout);
     assert_eq!(w.ran().len(), 2, "{:?}", w.ran());
+}
+
+/// The tinytask sync controller's context over a fresh store, with no controller running: the
+/// test drives the polls itself and plays the other controllers' part, so that the interleaving
+/// is fixed.
+fn sync_ctx(store: Store, state_dir: PathBuf) -> std::sync::Arc<tinyscheduler::controllers::Ctx> {
+    use tinyscheduler::controllers::{Ctx, Settings};
+    use tinyscheduler::runtime::{Informer, InformerOptions, Metrics, Recorder};
+    let opts = InformerOptions {
+        resync: Duration::from_secs(3600),
+        relist: Duration::from_secs(3600),
+    };
+    std::sync::Arc::new(Ctx {
+        recorder: Recorder::new(store.clone(), "tinyscheduler"),
+        tasks: Informer::new(store.clone(), opts.clone()),
+        agents: Informer::new(store.clone(), opts.clone()),
+        queues: Informer::new(store.clone(), opts.clone()),
+        leases: Informer::new(store.clone(), opts),
+        store,
+        state_dir,
+        settings: Settings::default(),
+        summary: Default::default(),
+        spawned: Default::default(),
+        status_writes: Default::default(),
+        metrics: Metrics::default(),
+        runnable_since: Default::default(),
+        tinytask: Default::default(),
+    })
+}
+
+/// A change on the server seen by a poll while freshly mirrored blocked tasks were still Pending
+/// (the assignment loop had not marked them Blocked yet) must still be listed once they are
+/// Blocked: they never take a slot. Before, that poll counted them as filling the free slots,
+/// skipped the list and kept the "list cut at the window" flag of the first poll; no later poll
+/// listed (no server change, no slot freed), and `run --once --wait` waited forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_mirrors_not_yet_marked_blocked_do_not_keep_run_once_waiting() {
+    use tinyscheduler::controllers::tinytask_sync;
+    use tinyscheduler::resources::{
+        Agent, AgentSpec, Queue, QueueSource, QueueSpec, Resource, TaskPhase,
+    };
+
+    let mut server = TinytaskServer::start().await;
+    let blocker = server.insert("blocker", |t| {
+        t.queue_name = Some("dev".into());
+        t.assigned_to = Some("stranger".into());
+        t.status = "working".into();
+    });
+    let blocked: Vec<i64> = (0..3)
+        .map(|i| {
+            server.insert(&format!("blocked {i}"), |t| {
+                t.queue_name = Some("dev".into());
+                t.blocked_by_task_id = Some(blocker);
+            })
+        })
+        .collect();
+    let runnable: Vec<i64> = (0..2)
+        .map(|i| queued(&server, &format!("free {i}"), "dev"))
+        .collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let ctx = sync_ctx(store.clone(), dir.path().to_path_buf());
+    let queue = Queue::new(
+        "Queue",
+        "dev",
+        QueueSpec {
+            source: QueueSource::Tinytask,
+            endpoint: Some(server.url()),
+            poll_interval_seconds: Some(1),
+            ..Default::default()
+        },
+    );
+    ctx.queues.observe(store.create(&queue).unwrap());
+    let agent = Agent::new(
+        "Agent",
+        "alice",
+        AgentSpec {
+            queue: Some("dev".into()),
+            max_concurrency: 2,
+            command: vec!["true".into()],
+            ..Default::default()
+        },
+    );
+    ctx.agents.observe(store.create(&agent).unwrap());
+    let poll = || async {
+        // Polls of one queue are at least 100 ms apart.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        tinytask_sync::reconcile("tinytask/dev".into(), ctx.clone())
+            .await
+            .unwrap();
+    };
+
+    // First poll: the two runnable tasks fill the window (the list is cut there), and the blocked
+    // ones are mirrored, still Pending.
+    poll().await;
+    let phase = |id: i64| ctx.tasks.get(&format!("tt-{id}")).map(|t| t.status.phase);
+    for id in runnable.iter().chain(&blocked) {
+        assert_eq!(phase(*id), Some(TaskPhase::Pending), "tt-{id}");
+    }
+    assert!(tinytask_sync::has_more_work(&ctx), "the first list was cut");
+
+    // The runnable ones run and complete (on the server too) before the assignment loop gets to
+    // the blocked mirrors; a poll sees the server's change while they are still Pending.
+    for id in &runnable {
+        ctx.patch_task(&format!("tt-{id}"), |t| {
+            t.status.phase = TaskPhase::Succeeded
+        })
+        .unwrap();
+        server.mutate_task(*id, |t| {
+            t.assigned_to = Some("alice".into());
+            t.status = "complete".into();
+        });
+    }
+    poll().await;
+
+    // Now they are Blocked: nothing changes on the server and no slot is freed any more.
+    for id in &blocked {
+        ctx.patch_task(&format!("tt-{id}"), |t| t.status.phase = TaskPhase::Blocked)
+            .unwrap();
+    }
+    poll().await;
+    poll().await;
+    assert!(
+        !tinytask_sync::has_more_work(&ctx),
+        "the server holds no runnable task: {:?}\n{:#?}",
+        tinytask_sync::sources_with_more_work(&ctx),
+        server.requests()
+    );
+    assert!(ctx
+        .tasks
+        .list()
+        .iter()
+        .all(|t| t.name() != format!("tt-{blocker}")));
+    server.stop().await;
 }

@@ -126,18 +126,33 @@ async fn once(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
     if args.wait {
         print_progress(&sched.ctx.tasks);
         let sig = signals::install().map_err(|e| CliError(format!("error: signals: {e}")))?;
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = sig.shutdown.wait() => break,
-            }
-            if sched.all_done() {
-                sched.wait_fixed_point().await;
+        let wait = async {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = sig.shutdown.wait() => break,
+                }
                 if sched.all_done() {
-                    break;
+                    sched.wait_fixed_point().await;
+                    if sched.all_done() {
+                        break;
+                    }
                 }
             }
+        };
+        // Says now and then what it still waits for, also while waiting for the fixed point.
+        let report = async {
+            let start = tokio::time::Instant::now() + WAIT_REPORT_EVERY;
+            let mut every = tokio::time::interval_at(start, WAIT_REPORT_EVERY);
+            loop {
+                every.tick().await;
+                report_waiting(&sched);
+            }
+        };
+        tokio::select! {
+            _ = wait => {}
+            _ = report => {}
         }
     } else {
         sched.wait_fixed_point().await;
@@ -162,6 +177,29 @@ async fn once(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// How often `run --once --wait` says what it is still waiting for.
+const WAIT_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Logs why `run --once --wait` has not finished yet: the Leases, tinytask queues and tasks that
+/// keep it going, and the controllers with work in hand.
+fn report_waiting(sched: &Scheduler) {
+    let waiting = sched.waiting_on();
+    let busy = sched.busy_controllers();
+    tracing::info!(
+        "run --once --wait is still waiting for: {}{}",
+        if waiting.is_empty() {
+            "the controllers to go idle".to_string()
+        } else {
+            waiting.join("; ")
+        },
+        if busy.is_empty() {
+            String::new()
+        } else {
+            format!(" (controllers at work: {})", busy.join(", "))
+        }
+    );
 }
 
 async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {

@@ -78,7 +78,9 @@ struct QueueState {
     failures: u32,
     /// `None` until the first poll; then `Ok` or the last error.
     health: Option<Result<(), String>>,
-    /// The last list of runnable tasks was cut at the window: the server may hold more.
+    /// The server may hold runnable tasks for the pool that no list has shown yet: the last list
+    /// was cut at the window, or a change was seen while local tasks filled the free slots. The
+    /// first poll with room lists again (see [`needs_list`]).
     more: bool,
 }
 
@@ -295,25 +297,44 @@ pub fn unreachable_sources(ctx: &Ctx) -> Vec<(String, String)> {
 }
 
 /// Whether a reachable tinytask queue may still have runnable work for us: never polled yet, or
-/// its last list was cut at the window. `run --once --wait` keeps going while it does.
+/// the server may hold runnable tasks not listed yet (`more`) and an unpaused agent serves the
+/// queue (with none, no list would ever clear it). `run --once --wait` keeps going while it does.
 pub fn has_more_work(ctx: &Ctx) -> bool {
+    !sources_with_more_work(ctx).is_empty()
+}
+
+/// The tinytask queues [`has_more_work`] holds true for, each with why.
+pub fn sources_with_more_work(ctx: &Ctx) -> Vec<(String, String)> {
     let sources = ctx
         .tinytask
         .queues
         .lock()
         .unwrap_or_else(|p| p.into_inner());
+    let agents = ctx.agents.list();
+    let served = |q: &str| {
+        agents
+            .iter()
+            .any(|a| a.spec.queue.as_deref() == Some(q) && !a.spec.paused)
+    };
     ctx.queues
         .list()
         .iter()
         .filter(|q| q.spec.source == QueueSource::Tinytask)
-        .any(|q| match sources.get(&q.metadata.name) {
-            None => true,
-            Some(s) => match &s.health {
-                None => true,
-                Some(Ok(())) => s.more,
-                Some(Err(_)) => false,
-            },
+        .filter_map(|q| {
+            let why = match sources.get(&q.metadata.name) {
+                None => "never polled".to_string(),
+                Some(s) => match &s.health {
+                    None => "no poll has finished".to_string(),
+                    Some(Ok(())) if s.more && served(&q.metadata.name) => format!(
+                        "the server may hold runnable tasks not listed yet (free slots at the last poll: {})",
+                        s.last_free
+                    ),
+                    _ => return None,
+                },
+            };
+            Some((q.metadata.name.clone(), why))
         })
+        .collect()
 }
 
 /// Readiness: fails while any tinytask queue's server is unreachable.
@@ -545,15 +566,44 @@ async fn poll(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     }
 }
 
-/// Whether a local Task is waiting for a slot right now (so it already fills one of the window).
-fn ready_pending(t: &Task, leased: &HashSet<&str>, now: SystemTime) -> bool {
-    t.status.phase == TaskPhase::Pending
-        && !leased.contains(t.metadata.name.as_str())
-        && t.status
-            .next_attempt_after
-            .as_deref()
-            .and_then(parse_time)
-            .is_none_or(|at| at <= now)
+/// What a poll sees of the local Tasks when it decides whether a free slot still needs a task
+/// from the server.
+struct Local<'a> {
+    /// Every cached Task by name (blockers need not be mirrors).
+    by_name: HashMap<&'a str, &'a Arc<Task>>,
+    /// Tasks that hold a Lease.
+    leased: HashSet<&'a str>,
+    now: SystemTime,
+    /// Whether the queue respects `blockedBy`.
+    respect: bool,
+}
+
+impl Local<'_> {
+    /// Whether a local Task is waiting for a slot right now, so that it already fills one of the
+    /// window: Pending, not leased, not waiting out a retry delay, and not waiting for a blocker.
+    /// A blocked mirror is created Pending and marked Blocked by the assignment loop a moment
+    /// later; counted in between, it hid a free slot from the poll that saw the server change,
+    /// and nothing made a later poll list again.
+    fn fills_a_slot(&self, t: &Task) -> bool {
+        t.status.phase == TaskPhase::Pending
+            && !self.leased.contains(t.metadata.name.as_str())
+            && t.status
+                .next_attempt_after
+                .as_deref()
+                .and_then(parse_time)
+                .is_none_or(|at| at <= self.now)
+            && (!self.respect || plan::unfinished_blockers(t, &self.by_name).is_empty())
+    }
+}
+
+/// Whether a poll lists the queue's runnable tasks: when the server changed, when a slot was freed
+/// since the last poll, or when there is room (`want` > 0) and the server may hold runnable tasks
+/// not listed yet (`more`: the last list was cut at the window, or a change was not listed since
+/// the local tasks filled the slots then). The last case needs no event: whatever made room
+/// without freeing a slot (a Pending mirror turning out blocked, or deleted) wakes nothing, and the
+/// change it would have listed is not seen twice.
+fn needs_list(changed: bool, total_free: i64, want: i64, state: &QueueState) -> bool {
+    changed || total_free > state.last_free || (state.more && want > 0)
 }
 
 async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), tinytask::Error> {
@@ -574,8 +624,15 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
     let leases = ctx.leases.list();
     let tasks = ctx.tasks.list();
     let free = plan::free_slots(&agents, &leases);
-    let leased: HashSet<&str> = leases.iter().map(|l| l.spec.task.as_str()).collect();
-    let now = SystemTime::now();
+    let local = Local {
+        by_name: tasks
+            .iter()
+            .map(|t| (t.metadata.name.as_str(), t))
+            .collect(),
+        leased: leases.iter().map(|l| l.spec.task.as_str()).collect(),
+        now: SystemTime::now(),
+        respect,
+    };
     let by_name: HashMap<&str, &Arc<Task>> = tasks
         .iter()
         .filter(|t| is_tinytask(t))
@@ -595,7 +652,6 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
         .map(|a| free.get(&a.metadata.name).copied().unwrap_or(0))
         .sum();
     let total_free: i64 = free.values().sum();
-    let needs_list = changed || total_free > state.last_free;
     // Mirrors the server still lists as idle: they are in every answer, so ask for that many more.
     let known_idle = mirrors
         .iter()
@@ -607,14 +663,20 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
         })
         .count();
 
+    let pending_pool = mirrors
+        .iter()
+        .filter(|t| t.spec.assigned_to.is_none() && local.fills_a_slot(t))
+        .count() as i64;
+    let want = pool_free - pending_pool;
+    let needs_list = needs_list(changed, total_free, want, state);
+
     let mut more = state.more;
     if needs_list {
-        let pending_pool = mirrors
-            .iter()
-            .filter(|t| t.spec.assigned_to.is_none() && ready_pending(t, &leased, now))
-            .count() as i64;
-        let want = pool_free - pending_pool;
-        if want > 0 {
+        if want <= 0 {
+            // Local tasks fill the pool's free slots: the change stays owed, and the first poll
+            // with room lists it (see `needs_list`). A full pool lists when a slot is freed anyway.
+            more |= pool_free > 0;
+        } else {
             let want = want as usize;
             let mut ask = (want + known_idle).min(SCAN_WINDOW_MAX as usize);
             let mut added = 0usize;
@@ -675,9 +737,7 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
             };
             let pend = mirrors
                 .iter()
-                .filter(|t| {
-                    t.spec.assigned_to.as_deref() == Some(&a) && ready_pending(t, &leased, now)
-                })
+                .filter(|t| t.spec.assigned_to.as_deref() == Some(&a) && local.fills_a_slot(t))
                 .count() as i64;
             let want = free.get(&agent.metadata.name).copied().unwrap_or(0) - pend;
             if want <= 0 {
@@ -1195,6 +1255,84 @@ mod tests {
         assert!(refusal(&remote(Complete, None, false), "a", None, true).is_some());
         assert!(refusal(&remote(Idle, None, true), "a", None, true).is_some());
         assert_eq!(refusal(&remote(Idle, None, true), "a", None, false), None);
+    }
+
+    fn pending(name: &str, blocked_by: &[&str]) -> Arc<Task> {
+        Arc::new(Task::new(
+            "Task",
+            name,
+            TaskSpec {
+                queue: Some("dev".into()),
+                blocked_by: blocked_by.iter().map(|b| b.to_string()).collect(),
+                ..TaskSpec::default()
+            },
+        ))
+    }
+
+    #[test]
+    fn a_pending_mirror_waiting_for_a_blocker_does_not_fill_a_free_slot() {
+        let mut done = (*pending("done", &[])).clone();
+        done.status.phase = TaskPhase::Succeeded;
+        let tasks = [
+            pending("free", &[]),
+            pending("waits-for-remote", &["tt-1"]),
+            pending("waits-for-done", &["done"]),
+            Arc::new(done),
+        ];
+        let local = |respect| Local {
+            by_name: tasks
+                .iter()
+                .map(|t| (t.metadata.name.as_str(), t))
+                .collect(),
+            leased: HashSet::new(),
+            now: SystemTime::now(),
+            respect,
+        };
+        let filling = |l: &Local| {
+            tasks
+                .iter()
+                .filter(|t| l.fills_a_slot(t))
+                .map(|t| t.metadata.name.as_str())
+                .collect::<Vec<_>>()
+        };
+        // Not yet marked Blocked by the assignment loop, but it never takes a slot.
+        assert_eq!(filling(&local(true)), ["free", "waits-for-done"]);
+        assert_eq!(
+            filling(&local(false)),
+            ["free", "waits-for-remote", "waits-for-done"],
+            "with blocking ignored, every Pending task runs"
+        );
+        let mut leased = local(true);
+        leased.leased.insert("free");
+        assert_eq!(
+            filling(&leased),
+            ["waits-for-done"],
+            "a leased task has its slot"
+        );
+    }
+
+    #[test]
+    fn a_list_cut_at_the_window_is_listed_again_once_there_is_room_without_a_server_change() {
+        let state = QueueState {
+            last_free: 2,
+            more: true,
+            ..QueueState::default()
+        };
+        assert!(
+            !needs_list(false, 2, 0, &state),
+            "no room: nothing to list for"
+        );
+        assert!(
+            needs_list(false, 2, 2, &state),
+            "room, and the server may hold more"
+        );
+        let all_listed = QueueState {
+            more: false,
+            ..state.clone()
+        };
+        assert!(!needs_list(false, 2, 2, &all_listed));
+        assert!(needs_list(true, 2, 0, &all_listed), "a server change");
+        assert!(needs_list(false, 3, 0, &all_listed), "a freed slot");
     }
 
     #[test]
