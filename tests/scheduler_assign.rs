@@ -311,11 +311,18 @@ fn a_finished_task_is_deleted_after_its_ttl_without_waiting_for_a_resync() {
     s.agent("w", 1, "true");
     s.task_with("short-lived", |t| t.ttl_seconds_after_finished = Some(1));
     s.daemon(&[]);
-    s.wait_phase("short-lived", TaskPhase::Succeeded, LONG);
+    // Succeeded lasts only the one-second TTL, which a slow poll can miss: wait for the deletion,
+    // then check from the daemon's log that the task had succeeded first.
     wait_for("task/short-lived to be deleted", LONG, || {
         s.store
             .try_get::<tinyscheduler::resources::Task>("short-lived")
             .unwrap()
             .is_none()
     });
+    let logs = s.daemon_logs();
+    assert!(
+        logs.lines().any(|l| l.contains("\"name\":\"short-lived\"")
+            && l.contains("\"reason\":\"Succeeded\"")),
+        "the task succeeded before it was deleted:\n{logs}"
+    );
 }

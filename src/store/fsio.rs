@@ -168,6 +168,19 @@ fn same_version(before: &fs::Metadata, after: &fs::Metadata) -> bool {
         == (after.ctime(), after.ctime_nsec(), after.len())
 }
 
+/// Which version of a file sits at a path: inode and ctime (every store write puts a different
+/// inode in place or changes the ctime of a recycled one).
+pub type Identity = (u64, i64, i64);
+
+/// The identity of what sits at `path` (not following links); `None` when nothing does.
+pub fn identity(path: &Path) -> io::Result<Option<Identity>> {
+    match fs::symlink_metadata(path) {
+        Ok(m) => Ok(Some((m.ino(), m.ctime(), m.ctime_nsec()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// What sits at `path` without following links: `None` when nothing does.
 pub fn entry_kind(path: &Path) -> io::Result<Option<fs::FileType>> {
     match fs::symlink_metadata(path) {

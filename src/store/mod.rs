@@ -404,25 +404,31 @@ impl Store {
     pub fn create_raw(&self, plural: &str, obj: &Value) -> Result<Value, StoreError> {
         let name = name_of(obj).to_string();
         self.check_name(plural, &name)?;
-        self.with_lock(|w| {
-            let path = self.object_path(plural, &name);
-            self.refuse_foreign(&path)?;
-            if fsio::entry_kind(&path)
-                .map_err(|e| StoreError::io(&path, e))?
-                .is_some()
-            {
-                return Err(StoreError::AlreadyExists {
-                    plural: plural.into(),
-                    name,
-                });
+        let path = self.object_path(plural, &name);
+        loop {
+            let (created, staged) = self.with_lock(|w| {
+                self.refuse_foreign(&path)?;
+                if fsio::entry_kind(&path)
+                    .map_err(|e| StoreError::io(&path, e))?
+                    .is_some()
+                {
+                    return Err(StoreError::AlreadyExists {
+                        plural: plural.into(),
+                        name: name.clone(),
+                    });
+                }
+                let mut obj = obj.clone();
+                let meta = meta_mut(&mut obj);
+                meta.insert("uid".into(), Value::String(fsio::new_uid()));
+                meta.insert("generation".into(), Value::from(1));
+                meta.insert("creationTimestamp".into(), Value::String(now_rfc3339()));
+                self.stage_locked(w, plural, &name, obj)
+            })?;
+            // Someone created it between the two holds: the next round says AlreadyExists.
+            if self.put_in_place(plural, &path, staged, None)? {
+                return Ok(created);
             }
-            let mut obj = obj.clone();
-            let meta = meta_mut(&mut obj);
-            meta.insert("uid".into(), Value::String(fsio::new_uid()));
-            meta.insert("generation".into(), Value::from(1));
-            meta.insert("creationTimestamp".into(), Value::String(now_rfc3339()));
-            self.write_locked(w, plural, &name, obj, false)
-        })
+        }
     }
 
     /// Replaces spec, labels and annotations (status is kept as stored). A non-empty
@@ -453,55 +459,68 @@ impl Store {
     ) -> Result<(Value, WriteOutcome), StoreError> {
         let name = name_of(obj).to_string();
         self.check_name(plural, &name)?;
-        self.with_lock(|w| {
-            let path = self.object_path(plural, &name);
-            let current: Value = self
-                .read_obj(plural, &name)?
-                .ok_or_else(|| not_found(plural, &name))?;
-            let wanted_rv = obj
-                .pointer("/metadata/resourceVersion")
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            let current_rv = current
-                .pointer("/metadata/resourceVersion")
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            if !wanted_rv.is_empty() && wanted_rv != current_rv {
-                return Err(StoreError::Conflict {
-                    plural: plural.into(),
-                    name,
-                });
-            }
-            let mut next = current.clone();
-            if status_only {
-                set_field(&mut next, "status", obj.get("status").cloned());
-            } else {
-                let spec_changed = obj.get("spec") != current.get("spec");
-                set_field(&mut next, "spec", obj.get("spec").cloned());
-                for field in ["labels", "annotations"] {
-                    let v = obj.pointer(&format!("/metadata/{field}")).cloned();
-                    let v = v.filter(|v| v.as_object().is_some_and(|m| !m.is_empty()));
-                    let meta = meta_mut(&mut next);
-                    match v {
-                        Some(v) => meta.insert(field.into(), v),
-                        None => meta.remove(field),
-                    };
+        let path = self.object_path(plural, &name);
+        loop {
+            let step = self.with_lock(|w| {
+                let base = fsio::identity(&path).map_err(|e| StoreError::io(&path, e))?;
+                let current: Value = self
+                    .read_obj(plural, &name)?
+                    .ok_or_else(|| not_found(plural, &name))?;
+                let wanted_rv = obj
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                let current_rv = current
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                if !wanted_rv.is_empty() && wanted_rv != current_rv {
+                    return Err(StoreError::Conflict {
+                        plural: plural.into(),
+                        name: name.clone(),
+                    });
                 }
-                if spec_changed {
-                    let generation = current
-                        .pointer("/metadata/generation")
-                        .and_then(Value::as_i64)
-                        .unwrap_or(0);
-                    meta_mut(&mut next).insert("generation".into(), Value::from(generation + 1));
+                let mut next = current.clone();
+                if status_only {
+                    set_field(&mut next, "status", obj.get("status").cloned());
+                } else {
+                    let spec_changed = obj.get("spec") != current.get("spec");
+                    set_field(&mut next, "spec", obj.get("spec").cloned());
+                    for field in ["labels", "annotations"] {
+                        let v = obj.pointer(&format!("/metadata/{field}")).cloned();
+                        let v = v.filter(|v| v.as_object().is_some_and(|m| !m.is_empty()));
+                        let meta = meta_mut(&mut next);
+                        match v {
+                            Some(v) => meta.insert(field.into(), v),
+                            None => meta.remove(field),
+                        };
+                    }
+                    if spec_changed {
+                        let generation = current
+                            .pointer("/metadata/generation")
+                            .and_then(Value::as_i64)
+                            .unwrap_or(0);
+                        meta_mut(&mut next)
+                            .insert("generation".into(), Value::from(generation + 1));
+                    }
+                }
+                if next == current {
+                    return Ok(Err(current));
+                }
+                let (written, staged) = self.stage_locked(w, plural, &name, next)?;
+                Ok(Ok((written, staged, base)))
+            })?;
+            match step {
+                Err(current) => return Ok((current, WriteOutcome::Unchanged)),
+                Ok((written, staged, base)) => {
+                    // Someone wrote it between the two holds: read it again (a stale
+                    // resourceVersion is then a Conflict).
+                    if base.is_some() && self.put_in_place(plural, &path, staged, base)? {
+                        return Ok((written, WriteOutcome::Updated));
+                    }
                 }
             }
-            if next == current {
-                return Ok((current, WriteOutcome::Unchanged));
-            }
-            let _ = path;
-            let written = self.write_locked(w, plural, &name, next, true)?;
-            Ok((written, WriteOutcome::Updated))
-        })
+        }
     }
 
     /// Deletes an object, optionally only if its resourceVersion is `precondition`. Returns the object
@@ -534,8 +553,15 @@ impl Store {
             }
             self.next_revision(w)?;
             w.spares
-                .remove(&path, self.durable)
+                .remove(&path)
                 .map_err(|e| StoreError::io(&path, e))?;
+            Ok(current)
+        })
+        .and_then(|current| {
+            if self.durable {
+                let dir = self.kind_dir(plural);
+                fsio::fsync_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
+            }
             Ok(current)
         })
     }
@@ -563,14 +589,15 @@ impl Store {
         }
     }
 
-    fn write_locked(
+    /// Under the lock: takes the next revision and writes the object into a staged file, not yet
+    /// in place and not yet synced.
+    fn stage_locked(
         &self,
         w: &mut Writer,
         plural: &str,
         name: &str,
         mut obj: Value,
-        exists: bool,
-    ) -> Result<Value, StoreError> {
+    ) -> Result<(Value, spares::Staged), StoreError> {
         let dir = self.kind_dir(plural);
         fsio::ensure_private_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
         let path = self.object_path(plural, name);
@@ -596,10 +623,49 @@ impl Store {
                 ),
             });
         }
-        w.spares
-            .write(&path, &bytes, self.durable, exists)
+        let staged = w
+            .spares
+            .stage(&bytes)
             .map_err(|e| StoreError::io(&path, e))?;
-        Ok(obj)
+        Ok((obj, staged))
+    }
+
+    /// Syncs a staged write (outside the lock, so that writers' fsyncs overlap instead of queueing
+    /// behind the lock), then, under the lock, puts it in place if `path` is still the file that
+    /// was read when it was staged (`base`; `None`: no file), and fsyncs the directory (outside
+    /// the lock again). `false`: the file changed in between and nothing was written.
+    fn put_in_place(
+        &self,
+        plural: &str,
+        path: &Path,
+        staged: spares::Staged,
+        base: Option<fsio::Identity>,
+    ) -> Result<bool, StoreError> {
+        let io_err = |e| StoreError::io(path, e);
+        if self.durable {
+            if let Err(e) = staged.sync() {
+                self.with_lock(|w| {
+                    w.spares.abandon(staged);
+                    Ok(())
+                })?;
+                return Err(io_err(e));
+            }
+        }
+        let placed = self.with_lock(|w| {
+            if fsio::identity(path).map_err(io_err)? != base {
+                w.spares.abandon(staged);
+                return Ok(false);
+            }
+            w.spares
+                .commit(staged, path, base.is_some())
+                .map_err(io_err)?;
+            Ok(true)
+        })?;
+        if placed && self.durable {
+            let dir = self.kind_dir(plural);
+            fsio::fsync_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
+        }
+        Ok(placed)
     }
 
     // ----- typed operations -----

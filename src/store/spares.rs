@@ -53,16 +53,47 @@ pub struct Pool {
     boot: &'static str,
 }
 
-/// The slot table: per slot 0 for "no spare", else the CLOCK_BOOTTIME millisecond it was released
-/// at, plus one.
+/// The slot table: per slot 0 for "no spare", [`IN_USE`] plus a pid while a writer has the spare
+/// staged, else the CLOCK_BOOTTIME millisecond it was released at, plus one.
 struct Table {
     slots: [u64; SLOTS],
 }
 
-/// Where an atomic write's new content was written before it replaced the target.
-struct Staged {
+/// Slot value of a spare that a writer has taken and not yet put in place: this flag plus the
+/// writer's pid, so that the slot of a writer that died in between can be taken back.
+const IN_USE: u64 = 1 << 63;
+
+/// New content written into a file of the pool (or a plain temp file), not yet in place. Made by
+/// [`Pool::stage`] and consumed by [`Pool::commit`] or [`Pool::abandon`]; between the two the
+/// store lock may be released, so that the data's fsync ([`Staged::sync`]) does not hold it.
+#[derive(Debug)]
+pub struct Staged {
     path: PathBuf,
     slot: Option<usize>,
+    file: File,
+}
+
+impl Staged {
+    /// Makes the staged data durable (fsync). Needs no lock: nobody else touches a staged file.
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_all()
+    }
+}
+
+fn slot_free(s: u64) -> bool {
+    s == 0 || (s & IN_USE != 0 && !pid_alive((s & !IN_USE) as i32))
+}
+
+fn slot_rested(s: u64, now: u64) -> bool {
+    s != 0 && s & IN_USE == 0 && now.saturating_sub(s - 1) >= QUARANTINE.as_millis() as u64
+}
+
+fn pid_alive(pid: i32) -> bool {
+    pid > 0
+        && !matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        )
 }
 
 impl Pool {
@@ -121,9 +152,9 @@ impl Pool {
         self.table.write_all_at(&buf, 0)
     }
 
-    /// Replaces (or, when `exists` is false, creates) `target` with `bytes` atomically: no reader
-    /// ever sees a partial file. With `durable`, the data is fsynced before it replaces the target
-    /// and the target's directory after, so the write survives a machine crash once this returns.
+    /// Replaces (or, when `exists` is false, creates) `target` with `bytes` atomically in one
+    /// go: [`Pool::stage`], [`Staged::sync`] (with `durable`), [`Pool::commit`], and an fsync of
+    /// the target's directory (with `durable`). The caller holds the store lock throughout.
     pub fn write(
         &self,
         target: &Path,
@@ -131,30 +162,71 @@ impl Pool {
         durable: bool,
         exists: bool,
     ) -> io::Result<()> {
+        let staged = self.stage(bytes)?;
+        if durable {
+            if let Err(e) = staged.sync() {
+                self.abandon(staged);
+                return Err(e);
+            }
+        }
+        self.commit(staged, target, exists)?;
+        if durable {
+            if let Some(parent) = target.parent() {
+                fsio::fsync_dir(parent)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` into an empty file of the pool (a rested spare, else a new file in a free
+    /// slot, else a plain temp file) and marks its slot in use. Under the store lock.
+    pub fn stage(&self, bytes: &[u8]) -> io::Result<Staged> {
         if self.boot.is_empty() {
-            return fsio::write_atomic(&self.dir, target, bytes, durable);
+            let path = fsio::temp_path(&self.dir);
+            return finish_staging(path.clone(), None, create_new(&path), bytes);
         }
         let mut table = self.load()?;
         let now = boottime_ms();
-        let (staged, mut file) = self.stage(&mut table, now)?;
-        let written = (|| {
-            file.write_all(bytes)?;
-            if durable {
-                file.sync_all()?;
-            }
-            Ok(())
-        })();
-        drop(file);
-        if let Err(e) = written {
-            let _ = fs::remove_file(&staged.path);
-            if let Some(k) = staged.slot {
-                table.slots[k] = 0;
-            }
-            let _ = self.save(&table);
-            return Err(e);
+        let mine = IN_USE | u64::from(std::process::id());
+        let (path, slot, file) =
+            if let Some(k) = table.slots.iter().position(|s| slot_rested(*s, now)) {
+                let path = self.spare_path(k);
+                let file = reopen_spare(&path).or_else(|_| {
+                    let _ = fs::remove_file(&path);
+                    create_new(&path)
+                });
+                (path, Some(k), file)
+            } else if let Some(k) = table.slots.iter().position(|s| slot_free(*s)) {
+                let path = self.spare_path(k);
+                // A free slot should have no file; one left by a crashed writer is replaced.
+                let _ = fs::remove_file(&path);
+                let file = create_new(&path);
+                (path, Some(k), file)
+            } else {
+                let path = fsio::temp_path(&self.dir);
+                let file = create_new(&path);
+                (path, None, file)
+            };
+        if let (Some(k), Ok(_)) = (slot, &file) {
+            table.slots[k] = mine;
+            self.save(&table)?;
         }
+        finish_staging(path, slot, file, bytes).inspect_err(|_| {
+            if let Some(k) = slot {
+                table.slots[k] = 0;
+                let _ = self.save(&table);
+            }
+        })
+    }
+
+    /// Puts staged content in place: exchanges it with `target` (whose old inode becomes the slot's
+    /// spare, resting from now on), or renames it there when `exists` is false. Under the store
+    /// lock; the caller fsyncs the directory for durability.
+    pub fn commit(&self, staged: Staged, target: &Path, exists: bool) -> io::Result<()> {
+        let Staged { path, slot, file } = staged;
+        drop(file);
         let exchanged = exists && !NO_EXCHANGE.load(Ordering::Relaxed) && {
-            match exchange(&staged.path, target) {
+            match exchange(&path, target) {
                 Ok(()) => true,
                 Err(e) if is_unsupported(&e) => {
                     NO_EXCHANGE.store(true, Ordering::Relaxed);
@@ -163,107 +235,75 @@ impl Pool {
                 // The target vanished (someone removed it by hand): a plain rename creates it.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => false,
                 Err(e) => {
-                    let _ = fs::remove_file(&staged.path);
+                    self.release(&path, slot, false);
                     return Err(e);
                 }
             }
         };
-        match (exchanged, staged.slot) {
-            // The old version now sits in the slot's file, resting until it may be rewritten.
-            (true, Some(k)) => table.slots[k] = now + 1,
-            (true, None) => {
-                let _ = fs::remove_file(&staged.path);
-            }
-            (false, slot) => {
-                if let Err(e) = fs::rename(&staged.path, target) {
-                    let _ = fs::remove_file(&staged.path);
-                    return Err(e);
-                }
-                if let Some(k) = slot {
-                    table.slots[k] = 0;
-                }
-            }
+        if exchanged {
+            self.release(&path, slot, true);
+            return Ok(());
         }
-        if durable {
-            if let Some(parent) = target.parent() {
-                fsio::fsync_dir(parent)?;
-            }
+        if let Err(e) = fs::rename(&path, target) {
+            self.release(&path, slot, false);
+            return Err(e);
         }
-        self.save(&table)
+        // The file is the object now; the slot is empty.
+        self.release(&path, slot, false);
+        Ok(())
     }
 
-    /// Removes `target`, keeping its inode as a spare when a slot is free.
-    pub fn remove(&self, target: &Path, durable: bool) -> io::Result<()> {
-        let mut table = if self.boot.is_empty() {
-            None
-        } else {
-            Some(self.load()?)
-        };
-        let slot = table
-            .as_ref()
-            .and_then(|t| t.slots.iter().position(|s| *s == 0));
-        match (table.as_mut(), slot) {
-            (Some(t), Some(k)) => {
+    /// Gives staged content up (the target changed meanwhile, or its sync failed). Under the
+    /// store lock.
+    pub fn abandon(&self, staged: Staged) {
+        let Staged { path, slot, file } = staged;
+        drop(file);
+        self.release(&path, slot, slot.is_some());
+    }
+
+    /// Ends a slot's use: `keep` leaves the file at `path` as a spare resting from now on, else
+    /// the slot is emptied (and a file still at `path` removed).
+    fn release(&self, path: &Path, slot: Option<usize>, keep: bool) {
+        if !keep {
+            let _ = fs::remove_file(path);
+        }
+        let Some(k) = slot else { return };
+        if let Ok(mut table) = self.load() {
+            table.slots[k] = if keep { boottime_ms() + 1 } else { 0 };
+            let _ = self.save(&table);
+        }
+    }
+
+    /// Removes `target`, keeping its inode as a spare when a slot is free. Under the store lock;
+    /// the caller fsyncs the directory for durability.
+    pub fn remove(&self, target: &Path) -> io::Result<()> {
+        if self.boot.is_empty() {
+            return fs::remove_file(target);
+        }
+        let mut table = self.load()?;
+        match table.slots.iter().position(|s| slot_free(*s)) {
+            Some(k) => {
                 fs::rename(target, self.spare_path(k))?;
-                t.slots[k] = boottime_ms() + 1;
+                table.slots[k] = boottime_ms() + 1;
+                self.save(&table)
             }
-            _ => fs::remove_file(target)?,
-        }
-        if durable {
-            if let Some(parent) = target.parent() {
-                fsio::fsync_dir(parent)?;
-            }
-        }
-        match table {
-            Some(t) => self.save(&t),
-            None => Ok(()),
+            None => fs::remove_file(target),
         }
     }
+}
 
-    /// Opens an empty file to write the new content into: a rested spare, else a new file in an
-    /// empty slot, else a plain temp file outside the pool.
-    fn stage(&self, table: &mut Table, now: u64) -> io::Result<(Staged, File)> {
-        let rested = table
-            .slots
-            .iter()
-            .position(|s| *s != 0 && now.saturating_sub(s - 1) >= QUARANTINE.as_millis() as u64);
-        if let Some(k) = rested {
-            table.slots[k] = 0;
-            let path = self.spare_path(k);
-            if let Ok(f) = reopen_spare(&path) {
-                return Ok((
-                    Staged {
-                        path,
-                        slot: Some(k),
-                    },
-                    f,
-                ));
-            }
-            let _ = fs::remove_file(&path);
-            return Ok((
-                Staged {
-                    path: path.clone(),
-                    slot: Some(k),
-                },
-                create_new(&path)?,
-            ));
-        }
-        if let Some(k) = table.slots.iter().position(|s| *s == 0) {
-            let path = self.spare_path(k);
-            // An empty slot should have no file; one left by a crashed writer is replaced.
-            let _ = fs::remove_file(&path);
-            return Ok((
-                Staged {
-                    path: path.clone(),
-                    slot: Some(k),
-                },
-                create_new(&path)?,
-            ));
-        }
-        let path = fsio::temp_path(&self.dir);
-        let f = create_new(&path)?;
-        Ok((Staged { path, slot: None }, f))
+fn finish_staging(
+    path: PathBuf,
+    slot: Option<usize>,
+    file: io::Result<File>,
+    bytes: &[u8],
+) -> io::Result<Staged> {
+    let mut file = file?;
+    if let Err(e) = file.write_all(bytes) {
+        let _ = fs::remove_file(&path);
+        return Err(e);
     }
+    Ok(Staged { path, slot, file })
 }
 
 /// Opens a spare for rewriting: a regular file with exactly one link (so it can be nothing but a
@@ -365,12 +405,50 @@ mod tests {
         let b = d.path().join("b.json");
         p.write(&a, b"a", true, false).unwrap();
         let ino = fs::metadata(&a).unwrap().ino();
-        p.remove(&a, true).unwrap();
+        p.remove(&a).unwrap();
         assert!(!a.exists());
         rest();
         p.write(&b, b"b", true, false).unwrap();
         assert_eq!(fs::metadata(&b).unwrap().ino(), ino);
         assert_eq!(fs::read(&b).unwrap(), b"b");
+    }
+
+    #[test]
+    fn a_staged_spare_is_never_handed_to_another_writer_until_it_is_committed() {
+        let d = tempfile::tempdir().unwrap();
+        let p = pool(d.path());
+        let a = d.path().join("a.json");
+        let b = d.path().join("b.json");
+        p.write(&a, b"a0", false, false).unwrap();
+        p.write(&a, b"a1", false, true).unwrap();
+        rest();
+        // One writer stages (and would sync outside the lock); another writes meanwhile.
+        let staged = p.stage(b"a2").unwrap();
+        p.write(&b, b"b0", false, false).unwrap();
+        p.write(&b, b"b1", false, true).unwrap();
+        staged.sync().unwrap();
+        p.commit(staged, &a, true).unwrap();
+        assert_eq!(fs::read(&a).unwrap(), b"a2");
+        assert_eq!(fs::read(&b).unwrap(), b"b1");
+    }
+
+    #[test]
+    fn the_slot_of_a_writer_that_died_while_staging_is_taken_back() {
+        let d = tempfile::tempdir().unwrap();
+        let p = pool(d.path());
+        let mut t = p.load().unwrap();
+        // Every slot held by a writer that no longer exists (pid above the kernel's limit).
+        t.slots = [IN_USE | 4_194_305; SLOTS];
+        p.save(&t).unwrap();
+        let target = d.path().join("x.json");
+        p.write(&target, b"one", false, false).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"one");
+        assert!(
+            !fs::read_dir(d.path().join("tmp"))
+                .unwrap()
+                .any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".tmp")),
+            "a dead writer's slot was reused, not bypassed with a temp file"
+        );
     }
 
     #[test]
