@@ -321,8 +321,9 @@ fn a_finished_task_is_deleted_after_its_ttl_without_waiting_for_a_resync() {
     });
     let logs = s.daemon_logs();
     assert!(
-        logs.lines().any(|l| l.contains("\"name\":\"short-lived\"")
-            && l.contains("\"reason\":\"Succeeded\"")),
+        logs.lines()
+            .any(|l| l.contains("\"name\":\"short-lived\"")
+                && l.contains("\"reason\":\"Succeeded\"")),
         "the task succeeded before it was deleted:\n{logs}"
     );
 }

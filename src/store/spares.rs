@@ -444,9 +444,11 @@ mod tests {
         p.write(&target, b"one", false, false).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"one");
         assert!(
-            !fs::read_dir(d.path().join("tmp"))
+            !fs::read_dir(d.path().join("tmp")).unwrap().any(|e| e
                 .unwrap()
-                .any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".tmp")),
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".tmp")),
             "a dead writer's slot was reused, not bypassed with a temp file"
         );
     }
