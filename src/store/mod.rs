@@ -462,7 +462,9 @@ impl Store {
         let path = self.object_path(plural, &name);
         loop {
             let step = self.with_lock(|w| {
-                let base = fsio::identity(&path).map_err(|e| StoreError::io(&path, e))?;
+                let base = fsio::identity(&path)
+                    .map_err(|e| StoreError::io(&path, e))?
+                    .ok_or_else(|| not_found(plural, &name))?;
                 let current: Value = self
                     .read_obj(plural, &name)?
                     .ok_or_else(|| not_found(plural, &name))?;
@@ -515,7 +517,7 @@ impl Store {
                 Ok((written, staged, base)) => {
                     // Someone wrote it between the two holds: read it again (a stale
                     // resourceVersion is then a Conflict).
-                    if base.is_some() && self.put_in_place(plural, &path, staged, base)? {
+                    if self.put_in_place(plural, &path, staged, Some(base))? {
                         return Ok((written, WriteOutcome::Updated));
                     }
                 }

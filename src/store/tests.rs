@@ -222,3 +222,43 @@ fn orphaned_temp_files_are_removed_but_spares_and_live_writers_files_are_kept() 
         assert!(left.contains(&s.to_string_lossy().into_owned()), "{left:?}");
     }
 }
+
+#[test]
+fn concurrent_read_modify_writes_of_one_object_lose_no_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let durable = Store::open(dir.path()).unwrap();
+    let mut a = agent("counter");
+    a.status.free_slots = 0;
+    durable.create(&a).unwrap();
+    // Durable and relaxed handles, in this process and sharing its lock; each increment is a
+    // read, then an update that must fail with Conflict if anyone wrote in between.
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            let store = if i % 2 == 0 {
+                durable.clone()
+            } else {
+                durable.relaxed()
+            };
+            std::thread::spawn(move || {
+                for _ in 0..25 {
+                    loop {
+                        let mut a = store.get::<Agent>("counter").unwrap();
+                        a.status.free_slots += 1;
+                        match store.update_status(&a) {
+                            Ok(_) => break,
+                            Err(e) if e.is_conflict() => continue,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(
+        durable.get::<Agent>("counter").unwrap().status.free_slots,
+        100
+    );
+}
