@@ -259,13 +259,22 @@ impl Scheduler {
         if tinytask_sync::has_more_work(&self.ctx) {
             return false;
         }
+        self.unfinished_tasks().is_empty()
+    }
+
+    /// Tasks neither finished nor waiting on something that can never happen, sorted by name.
+    fn unfinished_tasks(&self) -> Vec<Arc<Task>> {
         let tasks = self.ctx.tasks.list();
         let agents = self.ctx.agents.list();
         let phases: HashMap<&str, TaskPhase> = tasks
             .iter()
             .map(|t| (t.metadata.name.as_str(), t.status.phase))
             .collect();
-        tasks.iter().all(|t| task_done(t, &agents, &phases))
+        tasks
+            .iter()
+            .filter(|t| !task_done(t, &agents, &phases))
+            .cloned()
+            .collect()
     }
 
     /// Why [`Scheduler::all_done`] is false, one line per reason (empty when it is true): the
@@ -289,16 +298,7 @@ impl Scheduler {
                 .into_iter()
                 .map(|(q, why)| format!("queue/{q}: {why}")),
         );
-        let tasks = self.ctx.tasks.list();
-        let agents = self.ctx.agents.list();
-        let phases: HashMap<&str, TaskPhase> = tasks
-            .iter()
-            .map(|t| (t.metadata.name.as_str(), t.status.phase))
-            .collect();
-        let undone: Vec<&Arc<Task>> = tasks
-            .iter()
-            .filter(|t| !task_done(t, &agents, &phases))
-            .collect();
+        let undone = self.unfinished_tasks();
         for t in undone.iter().take(WAITING_ON_TASKS_MAX) {
             out.push(format!(
                 "task/{} {} (queue {}, assignedTo {}, lease {}, blockedBy [{}])",
