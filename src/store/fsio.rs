@@ -162,23 +162,49 @@ fn read_regular_once(path: &Path, max: u64) -> Result<Option<Vec<u8>>, ReadError
     Ok(Some(buf))
 }
 
-/// Whether two `stat`s of one open file saw the same content: same size and ctime.
+/// Whether two `stat`s of one open file saw the same content: same version and size.
 fn same_version(before: &fs::Metadata, after: &fs::Metadata) -> bool {
-    (before.ctime(), before.ctime_nsec(), before.len())
-        == (after.ctime(), after.ctime_nsec(), after.len())
+    FileId::of(before) == FileId::of(after) && before.len() == after.len()
 }
 
-/// Which version of a file sits at a path: inode and ctime (every store write puts a different
-/// inode in place or changes the ctime of a recycled one).
-pub type Identity = (u64, i64, i64);
+/// Which version of a file sits at a path, as `stat` tells it: inode and ctime. Every store write
+/// puts a different inode in place, or a recycled one whose ctime moved when it was rewritten and
+/// exchanged in (see `spares`), so an unchanged `FileId` means an unchanged file.
+#[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
+pub struct FileId {
+    inode: u64,
+    ctime: i64,
+    ctime_nsec: i64,
+}
 
-/// The identity of what sits at `path` (not following links); `None` when nothing does.
-pub fn identity(path: &Path) -> io::Result<Option<Identity>> {
-    match fs::symlink_metadata(path) {
-        Ok(m) => Ok(Some((m.ino(), m.ctime(), m.ctime_nsec()))),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
+impl FileId {
+    /// The version `m` describes.
+    pub fn of(m: &fs::Metadata) -> FileId {
+        FileId {
+            inode: m.ino(),
+            ctime: m.ctime(),
+            ctime_nsec: m.ctime_nsec(),
+        }
     }
+
+    /// The version of what sits at `path` (not following links); `None` when nothing does.
+    pub fn at(path: &Path) -> io::Result<Option<FileId>> {
+        match fs::symlink_metadata(path) {
+            Ok(m) => Ok(Some(FileId::of(&m))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Whether process `pid` exists (EPERM counts as existing). For telling whose temp and spare
+/// files may still be in use.
+pub fn pid_alive(pid: i32) -> bool {
+    pid > 0
+        && !matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        )
 }
 
 /// What sits at `path` without following links: `None` when nothing does.

@@ -259,13 +259,8 @@ impl Store {
                 if spares::Pool::is_spare_name(&name) {
                     continue;
                 }
-                let owner_alive = fsio::temp_owner(&name).is_some_and(|pid| {
-                    pid as u32 != std::process::id()
-                        && !matches!(
-                            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-                            Err(nix::errno::Errno::ESRCH)
-                        )
-                });
+                let owner_alive = fsio::temp_owner(&name)
+                    .is_some_and(|pid| pid as u32 != std::process::id() && fsio::pid_alive(pid));
                 if !owner_alive {
                     let _ = fs::remove_file(e.path());
                 }
@@ -462,7 +457,7 @@ impl Store {
         let path = self.object_path(plural, &name);
         loop {
             let step = self.with_lock(|w| {
-                let base = fsio::identity(&path)
+                let base = fsio::FileId::at(&path)
                     .map_err(|e| StoreError::io(&path, e))?
                     .ok_or_else(|| not_found(plural, &name))?;
                 let current: Value = self
@@ -641,7 +636,7 @@ impl Store {
         plural: &str,
         path: &Path,
         staged: spares::Staged,
-        base: Option<fsio::Identity>,
+        base: Option<fsio::FileId>,
     ) -> Result<bool, StoreError> {
         let io_err = |e| StoreError::io(path, e);
         if self.durable {
@@ -654,7 +649,7 @@ impl Store {
             }
         }
         let placed = self.with_lock(|w| {
-            if fsio::identity(path).map_err(io_err)? != base {
+            if fsio::FileId::at(path).map_err(io_err)? != base {
                 w.spares.abandon(staged);
                 return Ok(false);
             }

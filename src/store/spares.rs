@@ -81,19 +81,11 @@ impl Staged {
 }
 
 fn slot_free(s: u64) -> bool {
-    s == 0 || (s & IN_USE != 0 && !pid_alive((s & !IN_USE) as i32))
+    s == 0 || (s & IN_USE != 0 && !fsio::pid_alive((s & !IN_USE) as i32))
 }
 
 fn slot_rested(s: u64, now: u64) -> bool {
     s != 0 && s & IN_USE == 0 && now.saturating_sub(s - 1) >= QUARANTINE.as_millis() as u64
-}
-
-fn pid_alive(pid: i32) -> bool {
-    pid > 0
-        && !matches!(
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-            Err(nix::errno::Errno::ESRCH)
-        )
 }
 
 impl Pool {

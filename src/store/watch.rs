@@ -4,13 +4,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
+use super::fsio::FileId;
 use super::{fsio, object_name_of, read_object_file, ReadFailure, Store, StoreError};
 use crate::resources::meta::Resource;
 
@@ -66,26 +66,6 @@ impl<K> Drop for Watch<K> {
 struct Known {
     revision: u64,
     file: FileId,
-}
-
-/// A version of a file as `stat` tells it: inode and ctime. Every store write puts a different
-/// inode in place (a rename or an exchange), and the store reuses an inode only after it rested
-/// longer than the timestamp granularity, so an inode back in place has a new ctime.
-#[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
-struct FileId {
-    inode: u64,
-    ctime: i64,
-    ctime_nsec: i64,
-}
-
-impl FileId {
-    fn of(m: &std::fs::Metadata) -> FileId {
-        FileId {
-            inode: m.ino(),
-            ctime: m.ctime(),
-            ctime_nsec: m.ctime_nsec(),
-        }
-    }
 }
 
 struct Watcher_<K> {
@@ -222,15 +202,13 @@ impl<K: Resource> Watcher_<K> {
     /// Re-reads one object's file and emits whatever changed.
     fn check(&mut self, name: &str) {
         let path = self.dir.join(format!("{name}.json"));
-        let file = std::fs::symlink_metadata(&path)
-            .map(|m| FileId::of(&m))
-            .ok();
-        self.check_with_inode(name, file)
+        self.check_version(name, FileId::at(&path).ok().flatten())
     }
 
-    fn check_with_inode(&mut self, name: &str, inode: Option<FileId>) {
+    /// Like [`Self::check`] with the file's version already known (`None`: there is no file).
+    fn check_version(&mut self, name: &str, file: Option<FileId>) {
         let path = self.dir.join(format!("{name}.json"));
-        let Some(inode) = inode else {
+        let Some(file) = file else {
             self.reported.remove(name);
             if let Some(k) = self.known.remove(name) {
                 self.send(WatchEvent::Deleted {
@@ -245,29 +223,21 @@ impl<K: Resource> Watcher_<K> {
                 self.reported.remove(name);
                 let revision = obj.revision();
                 match self.known.get_mut(name) {
-                    Some(k) if k.revision == revision => k.file = inode,
+                    Some(k) if k.revision == revision => k.file = file,
                     Some(k) => {
-                        *k = Known {
-                            revision,
-                            file: inode,
-                        };
+                        *k = Known { revision, file };
                         self.send(WatchEvent::Modified(obj));
                     }
                     None => {
-                        self.known.insert(
-                            name.to_string(),
-                            Known {
-                                revision,
-                                file: inode,
-                            },
-                        );
+                        self.known
+                            .insert(name.to_string(), Known { revision, file });
                         self.send(WatchEvent::Added(obj));
                     }
                 }
             }
-            Err(ReadFailure::Missing) => self.check_with_inode(name, None),
+            Err(ReadFailure::Missing) => self.check_version(name, None),
             Err(ReadFailure::Bad(reason)) => {
-                if self.reported.insert(name.to_string(), inode) != Some(inode) {
+                if self.reported.insert(name.to_string(), file) != Some(file) {
                     tracing::warn!(path = %path.display(), %reason, "skipping unreadable object file");
                 }
             }
@@ -282,7 +252,7 @@ impl<K: Resource> Watcher_<K> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let gone: Vec<String> = self.known.keys().cloned().collect();
                 for n in gone {
-                    self.check_with_inode(&n, None);
+                    self.check_version(&n, None);
                 }
                 return;
             }
@@ -297,11 +267,11 @@ impl<K: Resource> Watcher_<K> {
             let Some(name) = object_name_of(&path) else {
                 continue;
             };
-            let inode = entry.metadata().map(|m| FileId::of(&m)).ok();
+            let file = entry.metadata().map(|m| FileId::of(&m)).ok();
             seen.insert(name.clone());
-            match (self.known.get(&name), inode) {
+            match (self.known.get(&name), file) {
                 (Some(k), Some(i)) if k.file == i => {}
-                _ => self.check_with_inode(&name, inode),
+                _ => self.check_version(&name, file),
             }
         }
         let gone: Vec<String> = self
@@ -311,7 +281,7 @@ impl<K: Resource> Watcher_<K> {
             .cloned()
             .collect();
         for n in gone {
-            self.check_with_inode(&n, None);
+            self.check_version(&n, None);
         }
     }
 }
