@@ -147,13 +147,14 @@ pub fn plan(
     // and the line is a heap, so a pass that commits k tasks costs O(n + k log n), not a sort of
     // every runnable task with a timestamp parse per comparison.
     type Key<'a> = (Reverse<usize>, Reverse<i64>, SystemTime, &'a str);
-    let mut line: BinaryHeap<Reverse<(Key<'_>, usize)>> = runnable
+    // A pass that may assign nothing need not order anything.
+    let orderable = if limit > 0 && total_free > 0 {
+        &runnable[..]
+    } else {
+        &[]
+    };
+    let mut line: BinaryHeap<Reverse<(Key<'_>, usize)>> = orderable
         .iter()
-        .take(if limit > 0 && total_free > 0 {
-            usize::MAX
-        } else {
-            0
-        })
         .enumerate()
         .map(|(i, t)| {
             let key: Key<'_> = (

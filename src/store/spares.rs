@@ -146,14 +146,10 @@ impl Pool {
 
     /// Replaces (or, when `exists` is false, creates) `target` with `bytes` atomically in one
     /// go: [`Pool::stage`], [`Staged::sync`] (with `durable`), [`Pool::commit`], and an fsync of
-    /// the target's directory (with `durable`). The caller holds the store lock throughout.
-    pub fn write(
-        &self,
-        target: &Path,
-        bytes: &[u8],
-        durable: bool,
-        exists: bool,
-    ) -> io::Result<()> {
+    /// the target's directory (with `durable`). The store splits these steps around its lock
+    /// (`Store::put_in_place`); the tests use this one-hold form.
+    #[cfg(test)]
+    fn write(&self, target: &Path, bytes: &[u8], durable: bool, exists: bool) -> io::Result<()> {
         let staged = self.stage(bytes)?;
         if durable {
             if let Err(e) = staged.sync() {
