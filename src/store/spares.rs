@@ -2,8 +2,9 @@
 //!
 //! A write replaces an object file by renaming a fully written file over it. Allocating a fresh
 //! inode for every write and freeing the old one was most of a write's cost on ext4 without a
-//! journal, whose allocator scans past every inode freed in the last 30 s (1.2 ms a write once
-//! thousands of writes had happened, against 0.3 ms when inodes are reused; docs/benchmarks.md).
+//! journal, whose allocator skips, one by one, every recently freed inode of the group (1.2 ms a
+//! write once thousands of writes had happened, against 0.3 ms when inodes are reused;
+//! docs/benchmarks.md).
 //! So the store keeps up to [`SLOTS`] spare files, `<state>/tmp/spare-<k>`, and replaces an
 //! existing object by *exchanging* it with a written spare (`renameat2(RENAME_EXCHANGE)`): the
 //! old version's inode becomes the spare, to be truncated and reused by a later write. Deletes move
