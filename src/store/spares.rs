@@ -7,7 +7,7 @@
 //! docs/benchmarks.md).
 //! So the store keeps up to [`SLOTS`] spare files, `<state>/tmp/spare-<k>`, and replaces an
 //! existing object by *exchanging* it with a written spare (`renameat2(RENAME_EXCHANGE)`): the
-//! old version's inode becomes the spare, to be truncated and reused by a later write. Deletes move
+//! old version's inode becomes the spare, to be overwritten and reused by a later write. Deletes move
 //! the file into an empty slot instead of unlinking it, and creates take a spare when one is free.
 //!
 //! Reuse is safe for readers because a spare is rewritten only [`QUARANTINE`] after it left the
@@ -22,7 +22,7 @@
 //! a spare linked where an object is.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -75,9 +75,11 @@ pub struct Staged {
 }
 
 impl Staged {
-    /// Makes the staged data durable (fsync). Needs no lock: nobody else touches a staged file.
+    /// Makes the staged data durable (`fdatasync`: the data and whatever metadata reading it back
+    /// needs, such as the size; not the timestamps). Needs no lock: nobody else touches a staged
+    /// file.
     pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_all()
+        self.file.sync_data()
     }
 }
 
@@ -172,7 +174,7 @@ impl Pool {
     pub fn stage(&self, bytes: &[u8]) -> io::Result<Staged> {
         if self.boot.is_empty() {
             let path = fsio::temp_path(&self.dir);
-            return finish_staging(path.clone(), None, create_new(&path), bytes);
+            return finish_staging(path.clone(), None, create_new(&path).map(|f| (f, 0)), bytes);
         }
         let mut table = self.load()?;
         let now = boottime_ms();
@@ -182,18 +184,18 @@ impl Pool {
                 let path = self.spare_path(k);
                 let file = reopen_spare(&path).or_else(|_| {
                     let _ = fs::remove_file(&path);
-                    create_new(&path)
+                    create_new(&path).map(|f| (f, 0))
                 });
                 (path, Some(k), file)
             } else if let Some(k) = table.slots.iter().position(|s| slot_free(*s)) {
                 let path = self.spare_path(k);
                 // A free slot should have no file; one left by a crashed writer is replaced.
                 let _ = fs::remove_file(&path);
-                let file = create_new(&path);
+                let file = create_new(&path).map(|f| (f, 0));
                 (path, Some(k), file)
             } else {
                 let path = fsio::temp_path(&self.dir);
-                let file = create_new(&path);
+                let file = create_new(&path).map(|f| (f, 0));
                 (path, None, file)
             };
         if let (Some(k), Ok(_)) = (slot, &file) {
@@ -281,14 +283,25 @@ impl Pool {
     }
 }
 
+/// Writes `bytes` over the start of `file` (`old_len` bytes long) and cuts what is left of the old
+/// content. Overwriting in place instead of emptying the file first keeps its data blocks: no
+/// blocks are freed and allocated again, and the later fsync has no allocation to write out.
 fn finish_staging(
     path: PathBuf,
     slot: Option<usize>,
-    file: io::Result<File>,
+    file: io::Result<(File, u64)>,
     bytes: &[u8],
 ) -> io::Result<Staged> {
-    let mut file = file?;
-    if let Err(e) = file.write_all(bytes) {
+    let (file, old_len) = file?;
+    let written = file.write_all_at(bytes, 0).and_then(|()| {
+        let len = bytes.len() as u64;
+        if old_len > len {
+            file.set_len(len)
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = written {
         let _ = fs::remove_file(&path);
         return Err(e);
     }
@@ -296,8 +309,8 @@ fn finish_staging(
 }
 
 /// Opens a spare for rewriting: a regular file with exactly one link (so it can be nothing but a
-/// spare), emptied.
-fn reopen_spare(path: &Path) -> io::Result<File> {
+/// spare). Returns it with its current length; [`finish_staging`] overwrites it.
+fn reopen_spare(path: &Path) -> io::Result<(File, u64)> {
     let f = OpenOptions::new()
         .write(true)
         .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
@@ -306,8 +319,7 @@ fn reopen_spare(path: &Path) -> io::Result<File> {
     if !m.file_type().is_file() || m.nlink() != 1 {
         return Err(io::Error::other("not a lone regular file"));
     }
-    f.set_len(0)?;
-    Ok(f)
+    Ok((f, m.len()))
 }
 
 fn create_new(path: &Path) -> io::Result<File> {
@@ -370,6 +382,20 @@ mod tests {
             first,
             "the first version's inode came back once it had rested"
         );
+    }
+
+    #[test]
+    fn a_shorter_version_written_over_a_longer_spare_keeps_none_of_its_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        let p = pool(d.path());
+        let target = d.path().join("x.json");
+        p.write(&target, b"a long first version", true, false).unwrap();
+        let first = fs::metadata(&target).unwrap().ino();
+        p.write(&target, b"second", true, true).unwrap();
+        rest();
+        p.write(&target, b"third", true, true).unwrap();
+        assert_eq!(fs::metadata(&target).unwrap().ino(), first, "the spare was reused");
+        assert_eq!(fs::read(&target).unwrap(), b"third");
     }
 
     #[test]
