@@ -633,7 +633,10 @@ pub fn parse_cli() -> Result<crate::cli::Cli, ConfigError> {
         |m: &clap::ArgMatches| crate::cli::Cli::from_arg_matches(m).unwrap_or_else(|e| e.exit());
     let matches = parse();
     let cli = from(&matches);
-    if matches!(cli.command, Command::Version | Command::Shim(_)) {
+    if matches!(
+        cli.command,
+        Command::Version | Command::Shim(_) | Command::ShimLauncher
+    ) {
         return Ok(cli);
     }
     let dotenv = DotEnv::discover(cli.globals.env_file.as_deref())?;

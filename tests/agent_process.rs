@@ -256,6 +256,22 @@ fn a_shim_survives_the_process_that_spawned_it_and_records_the_exit() {
         .expect("the helper prints the shim pid")
         .parse()
         .unwrap();
+    let field = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_default()
+            .to_string()
+    };
+    // It was forked by a launcher, which went away with the process that started it.
+    assert!(
+        field("LAUNCHER_CMDLINE=").contains("shim-launcher"),
+        "{stdout}"
+    );
+    let launcher: i32 = field("LAUNCHER_PID=").parse().unwrap();
+    wait_for("the launcher to exit with its scheduler", LONG, || {
+        pid_gone(launcher)
+    });
     wait_for("the run to be recorded", LONG, || {
         s.get_lease("survivor").unwrap().status.phase == LeasePhase::Running
     });
@@ -303,4 +319,12 @@ fn spawn_shim_and_exit_helper() {
     let lease = std::env::var("SPAWN_LEASE").unwrap();
     let pid = tinyscheduler::agent::spawn_shim(std::path::Path::new(&state), &lease).unwrap();
     println!("SHIM_PID={pid}");
+    // The shim was forked by this process's launcher: its parent, while the launcher lives.
+    let launcher = read_stat(pid as i32).unwrap().ppid;
+    let cmdline = std::fs::read(format!("/proc/{launcher}/cmdline")).unwrap_or_default();
+    println!("LAUNCHER_PID={launcher}");
+    println!(
+        "LAUNCHER_CMDLINE={}",
+        String::from_utf8_lossy(&cmdline).replace('\0', " ")
+    );
 }

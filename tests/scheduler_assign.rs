@@ -327,3 +327,47 @@ fn a_finished_task_is_deleted_after_its_ttl_without_waiting_for_a_resync() {
         "the task succeeded before it was deleted:\n{logs}"
     );
 }
+
+/// How the shims of a `run --once --wait` were started, as each agent saw its parent's command
+/// line (a forked shim keeps the launcher's).
+fn shim_command_lines(s: &Sched) -> Vec<String> {
+    s.queue("default");
+    s.agent(
+        "solo",
+        2,
+        "tr '\\0' ' ' < /proc/$PPID/cmdline >> \"$OUT/shims\"; echo >> \"$OUT/shims\"",
+    );
+    for t in ["one", "two", "three"] {
+        s.task(t);
+    }
+    let r = s.run(&["run", "--once", "--wait"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    for t in ["one", "two", "three"] {
+        assert_eq!(s.phase(t), TaskPhase::Succeeded, "{t}");
+    }
+    s.lines("shims")
+}
+
+#[test]
+fn shims_are_forked_by_the_launcher() {
+    let s = Sched::new();
+    let shims = shim_command_lines(&s);
+    assert_eq!(shims.len(), 3, "{shims:?}");
+    assert!(
+        shims.iter().all(|c| c.contains(" shim-launcher")),
+        "{shims:?}"
+    );
+}
+
+#[test]
+fn with_the_launcher_turned_off_shims_are_executed_and_tasks_still_run() {
+    let mut s = Sched::new();
+    s.extra_env
+        .push(("TINYSCHEDULER_SHIM_LAUNCHER".into(), "0".into()));
+    let shims = shim_command_lines(&s);
+    assert_eq!(shims.len(), 3, "{shims:?}");
+    assert!(
+        shims.iter().all(|c| c.contains(" shim --lease ")),
+        "{shims:?}"
+    );
+}

@@ -1,7 +1,8 @@
-//! Process supervision: the per-run shim, spawning, liveness (pid + start time) and killing.
+//! Process supervision: the per-run shim, its launcher, spawning, liveness (pid + start time) and killing.
 
 pub mod claim;
 pub mod kill;
+pub mod launcher;
 pub mod liveness;
 pub mod shim;
 pub mod spawn;

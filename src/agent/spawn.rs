@@ -16,8 +16,18 @@ pub const SHIM_EXE_ENV: &str = "TINYSCHEDULER_SHIM_EXE";
 
 /// Starts `<tinyscheduler> --state-dir <absolute state_dir> shim --lease <lease>` (which moves
 /// itself into its own session) and returns its pid. A background thread reaps it; callers never wait on it.
+///
+/// The shim is forked by this process's launcher ([`super::launcher`]) when it can be, which
+/// saves the exec of a whole binary per run; otherwise the binary is executed.
 pub fn spawn_shim(state_dir: &Path, lease: &str) -> io::Result<u32> {
     let exe = shim_exe()?;
+    if super::launcher::enabled() {
+        let state_dir = std::path::absolute(state_dir)?;
+        match super::launcher::launch(&exe, &state_dir, lease) {
+            Ok(pid) => return Ok(pid),
+            Err(e) => tracing::debug!(lease, "the shim launcher did not start the shim: {e}"),
+        }
+    }
     spawn_shim_with(&exe, state_dir, lease)
 }
 
@@ -50,7 +60,7 @@ const REAP_EVERY: Duration = Duration::from_millis(50);
 /// Hands `child` to the process's one reaper thread (started on first use), which collects the
 /// exit status of every shim so that none stays a zombie. One thread for all shims: a thread per
 /// shim cost a thread start and its stack for every run of a burst.
-fn reap(child: Child) {
+pub(crate) fn reap(child: Child) {
     static REAPER: OnceLock<Mutex<mpsc::Sender<Child>>> = OnceLock::new();
     let tx = REAPER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<Child>();

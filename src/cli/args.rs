@@ -60,6 +60,9 @@ pub enum Command {
     /// Supervise one agent run (started by the scheduler; not for direct use).
     #[command(hide = true)]
     Shim(ShimArgs),
+    /// Fork shims on request (started by the scheduler; not for direct use).
+    #[command(hide = true)]
+    ShimLauncher,
     /// Print the effective settings and where each one comes from.
     Config(ConfigArgs),
     /// Check settings, agents and recipes; exit 1 if any check fails.
@@ -217,6 +220,7 @@ pub fn command_name(c: &Command) -> &'static str {
         Command::Wait(_) => "wait",
         Command::Run(_) => "run",
         Command::Shim(_) => "shim",
+        Command::ShimLauncher => "shim-launcher",
         Command::Config(_) => "config",
         Command::ValidateConfig(_) => "validate-config",
         Command::Import(_) => "import",

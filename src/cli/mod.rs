@@ -84,6 +84,7 @@ fn dispatch(cli: Cli) -> CliResult {
         Command::Wait(a) => wait::wait(&g, a),
         Command::Run(a) => run::run(&g, a),
         Command::Shim(a) => crate::agent::shim::main(&g, a),
+        Command::ShimLauncher => crate::agent::launcher::serve(&g),
         Command::Config(a) => config_cmd::config(&g, a),
         Command::ValidateConfig(a) => config_cmd::validate(&g, a),
         Command::Import(a) => import::import(&g, a),

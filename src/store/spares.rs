@@ -389,12 +389,17 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = pool(d.path());
         let target = d.path().join("x.json");
-        p.write(&target, b"a long first version", true, false).unwrap();
+        p.write(&target, b"a long first version", true, false)
+            .unwrap();
         let first = fs::metadata(&target).unwrap().ino();
         p.write(&target, b"second", true, true).unwrap();
         rest();
         p.write(&target, b"third", true, true).unwrap();
-        assert_eq!(fs::metadata(&target).unwrap().ino(), first, "the spare was reused");
+        assert_eq!(
+            fs::metadata(&target).unwrap().ino(),
+            first,
+            "the spare was reused"
+        );
         assert_eq!(fs::read(&target).unwrap(), b"third");
     }
 
