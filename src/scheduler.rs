@@ -85,7 +85,8 @@ impl Scheduler {
             .watches(&ctx.agents, one::<Agent>)
             .watches(&ctx.queues, one::<Queue>)
             .watches(&ctx.leases, one::<Lease>)
-            .workers(1);
+            .workers(1)
+            .worker_threads();
         queues.push(("assignment", c.queue()));
         let heartbeat = opts.heartbeat.clone();
         tasks.spawn(c.run(
@@ -110,7 +111,8 @@ impl Scheduler {
         let by_name = |l: &Lease| vec![l.metadata.name.clone()];
         let c = Controller::new("lease", ctx.clone(), metrics.clone())
             .watches(&ctx.leases, by_name)
-            .workers(4);
+            .workers(4)
+            .worker_threads();
         queues.push(("lease", c.queue()));
         tasks.spawn(c.run(
             |key, ctx: Arc<Ctx>| async move {
@@ -126,7 +128,8 @@ impl Scheduler {
             .watches(&ctx.tasks, |t: &Task| {
                 t.status.lease.iter().cloned().collect()
             })
-            .workers(4);
+            .workers(4)
+            .worker_threads();
         queues.push(("reclaim", c.queue()));
         tasks.spawn(c.run(
             |key, ctx: Arc<Ctx>| async move {
@@ -151,7 +154,8 @@ impl Scheduler {
                 vec![format!("agent/{}", l.spec.agent)]
             })
             .watches_filtered(&ctx.tasks, status::keys_for_task, task_needs_resync)
-            .workers(1);
+            .workers(1)
+            .worker_threads();
         queues.push(("status", c.queue()));
         tasks.spawn(c.run(
             |key, ctx: Arc<Ctx>| async move {
@@ -362,7 +366,8 @@ fn task_done(t: &Task, agents: &[Arc<Agent>], phases: &HashMap<&str, TaskPhase>)
 
 /// Runs a reconcile, which does blocking store I/O (the store's flock, fsync), without starving
 /// the runtime: on a multi-threaded runtime the worker first hands its other tasks to a fresh
-/// thread. Without this, two reconciles waiting on a slow disk or a held store lock occupied
+/// thread. (The controllers that only touch the store run their workers on threads of their own,
+/// [`Controller::worker_threads`], where this is a plain `await`.) Without this, two reconciles waiting on a slow disk or a held store lock occupied
 /// both workers and froze everything else — the HTTP endpoints, signal handling, the watchdog.
 async fn blocking_io<F: Future>(fut: F) -> F::Output {
     match tokio::runtime::Handle::try_current() {

@@ -371,3 +371,51 @@ async fn a_reconcile_that_outlives_the_grace_period_is_cancelled_and_run_returns
     assert_eq!(t0.elapsed(), Duration::from_secs(2));
     assert_eq!(finished.load(Ordering::SeqCst), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn keys_added_while_workers_wait_reach_them_one_each_and_none_is_lost() {
+    let q = WorkQueue::new(Backoff::default());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for w in 0..4 {
+        let (q, tx) = (q.clone(), tx.clone());
+        tokio::spawn(async move {
+            if let Some(k) = q.get().await {
+                let _ = tx.send((w, k));
+            }
+        });
+    }
+    settle().await;
+    q.add("a".to_string());
+    settle().await;
+    let first = rx.try_recv().expect("one worker took the key");
+    assert!(rx.try_recv().is_err(), "one key is handed out once");
+    // Three keys at once for the three workers still waiting: each gets one.
+    for k in ["b", "c", "d"] {
+        q.add(k.to_string());
+    }
+    settle().await;
+    let mut got: Vec<String> = vec![first.1];
+    let mut workers: HashSet<usize> = HashSet::from([first.0]);
+    while let Ok((w, k)) = rx.try_recv() {
+        got.push(k);
+        workers.insert(w);
+    }
+    got.sort();
+    assert_eq!(got, ["a", "b", "c", "d"]);
+    assert_eq!(workers.len(), 4, "every worker got a key of its own");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_added_while_no_worker_waits_is_taken_by_the_next_get() {
+    let q = WorkQueue::new(Backoff::default());
+    q.add("a".to_string());
+    q.add("b".to_string());
+    assert_eq!(q.get().await.as_deref(), Some("a"));
+    assert_eq!(q.get().await.as_deref(), Some("b"));
+    let q2 = q.clone();
+    let waiter = tokio::spawn(async move { q2.get().await });
+    settle().await;
+    q.add("c".to_string());
+    let got = tokio::time::timeout(ms(1000), waiter).await;
+    assert_eq!(got.unwrap().unwrap().as_deref(), Some("c"));
+}

@@ -26,7 +26,11 @@ pub struct WorkQueue<K: Clone + Eq + Hash + Send + Sync + 'static> {
 
 struct Inner<K> {
     state: Mutex<State<K>>,
-    /// Woken on every change a waiter may care about (a key became ready, a key finished, shutdown).
+    /// Wakes one waiting worker per key that became ready (and every worker at shutdown). One,
+    /// not all: with workers on threads of their own, waking every worker for each key cost a
+    /// thread wake-up per worker per key.
+    ready: Notify,
+    /// Woken for [`WorkQueue::wait_idle`] when a key finished or the queue shut down.
     changed: Notify,
     metrics: Mutex<Option<QueueMetrics>>,
 }
@@ -69,6 +73,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
                     failures: HashMap::new(),
                     shutting_down: false,
                 }),
+                ready: Notify::new(),
                 changed: Notify::new(),
                 metrics: Mutex::new(None),
             }),
@@ -138,7 +143,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
             m.adds.inc();
             m.depth.set(depth as f64);
         }
-        self.inner.changed.notify_waiters();
+        self.inner.ready.notify_one();
     }
 
     /// Adds `key` once `delay` has passed. If it is already waiting, the earlier due time wins.
@@ -209,7 +214,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
     /// is ready; `None` once the queue is shut down.
     pub async fn get(&self) -> Option<K> {
         loop {
-            let notified = self.inner.changed.notified();
+            let notified = self.inner.ready.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             {
@@ -240,13 +245,18 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
         let depth = {
             let mut s = self.lock();
             s.processing.remove(key);
-            if s.dirty.contains_key(key) && !s.shutting_down {
+            let requeued = s.dirty.contains_key(key) && !s.shutting_down;
+            if requeued {
                 s.queue.push_back(key.clone());
             }
-            s.queue.len()
+            (s.queue.len(), requeued)
         };
+        let (depth, requeued) = depth;
         if let Some(m) = self.metrics() {
             m.depth.set(depth as f64);
+        }
+        if requeued {
+            self.inner.ready.notify_one();
         }
         self.inner.changed.notify_waiters();
     }
@@ -275,6 +285,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
             s.queue.clear();
             s.delayed.clear();
         }
+        self.inner.ready.notify_waiters();
         self.inner.changed.notify_waiters();
     }
 
