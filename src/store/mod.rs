@@ -6,6 +6,7 @@
 //! means.
 
 pub mod fsio;
+mod inotify;
 pub mod revision;
 pub mod selector;
 pub mod spares;

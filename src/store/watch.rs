@@ -7,10 +7,10 @@ use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 use super::fsio::FileId;
+use super::inotify::DirWatch;
 use super::{fsio, object_name_of, read_object_file, ReadFailure, Store, StoreError};
 use crate::resources::meta::Resource;
 
@@ -90,12 +90,8 @@ impl Store {
         if self.inner.writer.is_some() {
             fsio::ensure_private_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
         }
-        let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<notify::Result<notify::Event>>();
-        let mut inotify = notify::recommended_watcher(move |ev| {
-            let _ = raw_tx.send(ev);
-        })
-        .map_err(|e| StoreError::io(&dir, std::io::Error::other(e)))?;
-        let watching = inotify.watch(&dir, RecursiveMode::NonRecursive);
+        let mut inotify = DirWatch::new(&dir).map_err(|e| StoreError::io(&dir, e))?;
+        let watching = inotify.watch();
         let (tx, rx) = mpsc::unbounded_channel();
         let mut w = Watcher_::<K> {
             dir: dir.clone(),
@@ -116,7 +112,6 @@ impl Store {
             _k: PhantomData,
         };
         let task = tokio::spawn(async move {
-            let mut inotify = inotify;
             let mut watching = watching.is_ok();
             let mut retry = Duration::from_millis(800);
             // Catch up on anything written between the caller's list and the inotify watch.
@@ -129,10 +124,14 @@ impl Store {
             loop {
                 if !watching {
                     // The directory could not be watched (it does not exist yet, say, in a
-                    // read-only store): relist and retry with backoff until it can be.
+                    // read-only store, or it was removed): relist and retry with backoff until it
+                    // can be.
                     tokio::time::sleep(retry).await;
                     retry = (retry * 2).min(Duration::from_secs(30));
-                    watching = inotify.watch(&w.dir, RecursiveMode::NonRecursive).is_ok();
+                    watching = inotify.watch().is_ok();
+                    if watching {
+                        retry = Duration::from_millis(800);
+                    }
                     w.relist();
                     if w.tx.is_closed() {
                         return;
@@ -140,22 +139,22 @@ impl Store {
                     continue;
                 }
                 tokio::select! {
-                    ev = raw_rx.recv() => {
-                        let Some(ev) = ev else { return };
-                        let mut names = HashSet::new();
-                        let mut rescan = false;
-                        collect(ev, &mut names, &mut rescan);
-                        while let Ok(ev) = raw_rx.try_recv() {
-                            collect(ev, &mut names, &mut rescan);
-                        }
-                        if rescan {
+                    changes = inotify.changes() => match changes {
+                        Ok(c) if c.rescan => {
                             w.relist();
-                        } else {
-                            for n in names {
+                            watching = inotify.is_watching();
+                        }
+                        Ok(c) => {
+                            for n in c.names {
                                 w.check(&n);
                             }
                         }
-                    }
+                        Err(e) => {
+                            tracing::warn!(dir = %w.dir.display(), "cannot read inotify events: {e}; relisting");
+                            w.relist();
+                            watching = false;
+                        }
+                    },
                     _ = relist.tick() => w.relist(),
                 }
                 if w.tx.is_closed() {
@@ -164,33 +163,6 @@ impl Store {
             }
         });
         Ok(Watch { rx, task })
-    }
-}
-
-fn collect(ev: notify::Result<notify::Event>, names: &mut HashSet<String>, rescan: &mut bool) {
-    match ev {
-        Ok(ev) => {
-            // notify's inotify backend also reports opens and read-only closes. Reading a file is
-            // not a change, and treating it as one made the watcher re-read the file it had just
-            // read, forever (a busy loop per object ever opened).
-            if let notify::EventKind::Access(a) = ev.kind {
-                if !matches!(
-                    a,
-                    notify::event::AccessKind::Close(notify::event::AccessMode::Write)
-                ) {
-                    return;
-                }
-            }
-            if ev.need_rescan() {
-                *rescan = true;
-            }
-            for p in ev.paths {
-                if let Some(n) = object_name_of(&p) {
-                    names.insert(n);
-                }
-            }
-        }
-        Err(_) => *rescan = true,
     }
 }
 
