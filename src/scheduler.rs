@@ -64,6 +64,7 @@ impl Scheduler {
             settings,
             summary: Summary::default(),
             spawned: Default::default(),
+            running_seen: Default::default(),
             status_writes: Default::default(),
             metrics: metrics.clone(),
             runnable_since: Default::default(),

@@ -371,3 +371,63 @@ fn with_the_launcher_turned_off_shims_are_executed_and_tasks_still_run() {
         "{shims:?}"
     );
 }
+
+/// The events of `task`, oldest first, as `describe` orders them.
+fn story(s: &Sched, task: &str) -> Vec<String> {
+    let mut evs: Vec<tinyscheduler::resources::Event> = s
+        .store
+        .list::<tinyscheduler::resources::Event>(None)
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.spec.involved_object.name == task)
+        .collect();
+    evs.sort_by_key(|e| {
+        e.metadata
+            .resource_version
+            .clone()
+            .parse::<u64>()
+            .unwrap_or(0)
+    });
+    evs.into_iter().map(|e| e.spec.reason).collect()
+}
+
+#[test]
+fn a_run_that_ends_at_once_still_tells_its_whole_story() {
+    let mut s = Sched::new();
+    s.queue("default");
+    s.agent("w", 1, "true");
+    s.task("quick");
+    s.daemon(&[]);
+    wait_for("task/quick to succeed", LONG, || {
+        s.phase("quick") == TaskPhase::Succeeded
+    });
+    let t = s.get_task("quick");
+    assert!(t.status.start_time.is_some(), "{:?}", t.status);
+    assert_eq!(t.status.agent.as_deref(), Some("w"));
+    wait_for("the Succeeded event", LONG, || {
+        story(&s, "quick").last().map(String::as_str) == Some("Succeeded")
+    });
+    assert_eq!(story(&s, "quick"), ["Assigned", "Started", "Succeeded"]);
+}
+
+#[test]
+fn a_run_that_keeps_running_is_shown_running_by_the_daemon() {
+    let mut s = Sched::new();
+    s.queue("default");
+    s.agent("w", 1, "while [ ! -e \"$OUT/go\" ]; do sleep 0.05; done");
+    s.task("slow");
+    s.daemon(&[]);
+    wait_for("task/slow to be Running", LONG, || {
+        s.phase("slow") == TaskPhase::Running
+    });
+    assert_eq!(story(&s, "slow"), ["Assigned", "Started"]);
+    std::fs::write(s.out("go"), "").unwrap();
+    wait_for("task/slow to succeed", LONG, || {
+        s.phase("slow") == TaskPhase::Succeeded
+    });
+    wait_for("the Succeeded event", LONG, || {
+        story(&s, "slow").last().map(String::as_str) == Some("Succeeded")
+    });
+    assert_eq!(story(&s, "slow"), ["Assigned", "Started", "Succeeded"]);
+}

@@ -203,6 +203,10 @@ fn report_waiting(sched: &Scheduler) {
 }
 
 async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
+    let settings = Settings {
+        running_settle: crate::controllers::RUNNING_SETTLE,
+        ..settings
+    };
     let sig = signals::install().map_err(|e| CliError(format!("error: signals: {e}")))?;
     let notifier = Notifier::from_env();
     let (store, lock) = open(g, args.dry_run)?;

@@ -23,17 +23,23 @@ pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&name);
+        settled(&ctx, &name);
         return Ok(Action::await_change());
     };
     Summary::bump(&ctx.summary.leases_scanned);
     match lease.status.phase {
         LeasePhase::Pending => start(&ctx, &lease),
         LeasePhase::Running => {
+            if let Some(wait) = settling(&ctx, &lease) {
+                return Ok(Action::requeue_after(wait));
+            }
             mark_task_running(&ctx, &lease)?;
+            settled(&ctx, &name);
             Ok(Action::await_change())
         }
         LeasePhase::Completed => {
             outcome::record(&ctx, &lease, &Ending::from_lease(&lease))?;
+            settled(&ctx, &name);
             Ok(Action::await_change())
         }
         // The reclaim controller owns a Lease it is killing.
@@ -82,6 +88,54 @@ fn start(ctx: &Ctx, lease: &Lease) -> Result<Action, Error> {
     Ok(Action::requeue_after(START_CHECK))
 }
 
+/// How much longer a Running Lease waits before its Task is marked Running (see
+/// `Settings::running_settle`); `None` when it is time, or the Task shows it already.
+fn settling(ctx: &Ctx, lease: &Lease) -> Option<Duration> {
+    let settle = ctx.settings.running_settle;
+    if settle.is_zero() {
+        return None;
+    }
+    if ctx.tasks.get(&lease.spec.task).is_some_and(|t| {
+        t.status.phase == TaskPhase::Running
+            && t.status.lease.as_deref() == Some(&lease.metadata.name)
+    }) {
+        return None;
+    }
+    let now = std::time::Instant::now();
+    let mut seen = ctx.running_seen.lock().unwrap_or_else(|p| p.into_inner());
+    let first = seen
+        .entry(lease.metadata.name.clone())
+        .or_insert_with(|| (lease.metadata.uid.clone(), now));
+    if first.0 != lease.metadata.uid {
+        *first = (lease.metadata.uid.clone(), now);
+    }
+    settle.checked_sub(now.duration_since(first.1))
+}
+
+/// Forgets when a Lease was first seen Running.
+fn settled(ctx: &Ctx, lease: &str) {
+    ctx.running_seen
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(lease);
+}
+
+/// What the Started event and the Running Task say about a run.
+pub(crate) fn started_message(lease: &Lease) -> String {
+    format!(
+        "running on agent/{} (pid {}, attempt {})",
+        lease.spec.agent,
+        lease.status.pid.unwrap_or_default(),
+        lease.spec.attempt
+    )
+}
+
+/// The Started event's message: [`started_message`] plus the log's path.
+pub(crate) fn started_event(lease: &Lease) -> String {
+    let log = lease.status.log_path.as_deref().unwrap_or("-");
+    format!("{}; log {log}", started_message(lease))
+}
+
 /// Mirrors a running Lease onto its Task (phase Running, start time), once.
 fn mark_task_running(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
     let Some(task) = ctx.tasks.get(&lease.spec.task) else {
@@ -99,11 +153,7 @@ fn mark_task_running(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
         ctx.would(&format!("mark task/{} Running", lease.spec.task));
         return Ok(());
     }
-    let pid = lease.status.pid.unwrap_or_default();
-    let message = format!(
-        "running on agent/{} (pid {pid}, attempt {})",
-        lease.spec.agent, lease.spec.attempt
-    );
+    let message = started_message(lease);
     let mut changed = false;
     let t = ctx.patch_task(&lease.spec.task, |t| {
         changed = !t.status.phase.is_finished();
@@ -118,13 +168,7 @@ fn mark_task_running(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
         }
     })?;
     if let (Some(t), true) = (t, changed) {
-        let log = lease.status.log_path.as_deref().unwrap_or("-");
-        ctx.event(
-            &t,
-            EventType::Normal,
-            "Started",
-            &format!("{message}; log {log}"),
-        );
+        ctx.event(&t, EventType::Normal, "Started", &started_event(lease));
     }
     Ok(())
 }

@@ -44,7 +44,15 @@ pub struct Settings {
     pub host: String,
     /// The tinytask server of Queues that name no `spec.endpoint`.
     pub tinytask_endpoint: String,
+    /// How long a run is seen Running before its Task is marked Running (zero: at once). A run
+    /// that ends sooner goes from Assigned straight to its outcome, which saves a durable Task
+    /// write per short run; the Started event is then written with the outcome. The daemon uses
+    /// [`RUNNING_SETTLE`]; `run --once` marks at once, since it may exit before any delay passes.
+    pub running_settle: Duration,
 }
+
+/// The daemon's [`Settings::running_settle`].
+pub const RUNNING_SETTLE: Duration = Duration::from_millis(50);
 
 impl Default for Settings {
     fn default() -> Self {
@@ -57,6 +65,7 @@ impl Default for Settings {
             holder: format!("{}/{}", crate::agent::hostname(), std::process::id()),
             host: crate::agent::hostname(),
             tinytask_endpoint: crate::tinytask::DEFAULT_ENDPOINT.to_string(),
+            running_settle: Duration::ZERO,
         }
     }
 }
@@ -120,6 +129,9 @@ pub struct Ctx {
     pub summary: Summary,
     /// Shims this process started, by lease name: (lease uid, shim pid).
     pub spawned: Mutex<HashMap<String, (String, u32)>>,
+    /// Running Leases whose Task is not marked Running yet, by lease name: (lease uid, when this
+    /// process first saw it Running). See [`Settings::running_settle`].
+    pub running_seen: Mutex<HashMap<String, (String, std::time::Instant)>>,
     /// Last status write per status key, to batch bursts.
     pub status_writes: Mutex<HashMap<String, std::time::Instant>>,
     /// The runtime registry served on `/metrics` (reclaims, dispatch latency).

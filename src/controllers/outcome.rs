@@ -81,6 +81,9 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
         });
         let mut verdict = ("", String::new(), EventType::Normal);
         let mut applied = false;
+        // A run that ended before its Task was marked Running (see `Settings::running_settle`)
+        // gets its start recorded here, and its Started event before the outcome's.
+        let mut started_here = false;
         let updated = ctx.patch_task(task_name, |t| {
             // Checked again on the fresh object: the shim's record and a reclaim can race to
             // record one attempt, and only the first may (a later attempt's status is never
@@ -90,6 +93,13 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
                 || (t.status.lease.is_none() && t.status.attempts >= attempt));
             if !applied {
                 return;
+            }
+            started_here = lease.status.acquire_time.is_some()
+                && !(t.status.phase == TaskPhase::Running
+                    && t.status.lease.as_deref() == Some(name.as_str()));
+            if started_here {
+                t.status.agent = Some(lease.spec.agent.clone());
+                t.status.start_time = lease.status.acquire_time.clone();
             }
             t.status.lease = None;
             t.status.attempts = t.status.attempts.max(attempt);
@@ -152,6 +162,14 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
             }
         })?;
         if let (Some(t), true) = (updated, applied) {
+            if started_here {
+                ctx.event(
+                    &t,
+                    EventType::Normal,
+                    "Started",
+                    &super::lease::started_event(lease),
+                );
+            }
             ctx.event(&t, verdict.2, verdict.0, &verdict.1);
             Summary::bump(&ctx.summary.completed);
         }
