@@ -335,7 +335,7 @@ fn shim_command_lines(s: &Sched) -> Vec<String> {
     s.agent(
         "solo",
         2,
-        "tr '\\0' ' ' < /proc/$PPID/cmdline >> \"$OUT/shims\"; echo >> \"$OUT/shims\"",
+        "echo \"$(tr '\\0' ' ' < /proc/$PPID/cmdline) comm=$(cat /proc/$PPID/comm)\" >> \"$OUT/shims\"",
     );
     for t in ["one", "two", "three"] {
         s.task(t);
@@ -357,6 +357,13 @@ fn shims_are_forked_by_the_launcher() {
         shims.iter().all(|c| c.contains(" shim-launcher")),
         "{shims:?}"
     );
+    // Each forked shim is named after its Lease (to 15 bytes).
+    for t in ["one", "two", "three"] {
+        assert!(
+            shims.iter().any(|c| c.ends_with(&format!("comm=shim:{t}"))),
+            "{shims:?}"
+        );
+    }
 }
 
 #[test]

@@ -93,6 +93,11 @@ fn fork_shim(g: &Globals, lease: &str) -> io::Result<i32> {
                 let _ = signal(Signal::SIGCHLD, SigHandler::SigDfl);
                 let _ = signal(Signal::SIGPIPE, SigHandler::SigDfl);
             }
+            // A forked shim keeps the launcher's command line; its name (`ps -o comm`, `top`)
+            // says which Lease it runs, as far as 15 bytes go.
+            if let Ok(name) = std::ffi::CString::new(format!("shim:{lease}")) {
+                let _ = nix::sys::prctl::set_name(&name);
+            }
             // The launcher's pipes are not the shim's: its stdin and stdout go to /dev/null.
             if let Ok(null) = std::fs::OpenOptions::new()
                 .read(true)
