@@ -9,7 +9,9 @@
 //! - *burst*: N tasks (default 10,000) already in the store, A agents × S slots (default 100 × 100)
 //!   running `true`; a daemon is started and the bench polls its `/metrics` until every task has
 //!   Succeeded. Peak RSS is the daemon's VmHWM; durable writes are counted from the store's global
-//!   revision (every create, update and delete bumps it once).
+//!   revision (every create, update and delete bumps it once); CPU is the daemon's own and the
+//!   whole machine's busy time (`/proc/stat`), since shims are forked by the daemon's launcher and
+//!   reaped by the kernel, so they are not the daemon's reaped children.
 //! - *idle cost*: the same daemon afterwards, with the finished tasks still in the store: utime +
 //!   stime over a window.
 //!
@@ -310,7 +312,7 @@ fn dispatch() {
         summary("  written -> Assigned event logged", to_assigned);
         summary("  Assigned event -> agent started", assigned_to_agent);
         summary(
-            "  agent started -> Task Running (Started event)",
+            "  agent started -> Started event (see docs)",
             agent_to_started,
         );
     }
