@@ -311,6 +311,37 @@ fn a_shim_survives_the_process_that_spawned_it_and_records_the_exit() {
     wait_for("the shim to exit", LONG, || pid_gone(shim_pid));
 }
 
+#[test]
+fn shims_still_start_after_their_launcher_is_killed() {
+    let s = State::new();
+    let go = s.dir.path().join("go");
+    let cmd = format!("while [ ! -e {} ]; do sleep 0.05; done", go.display());
+    s.run_of("first", &["sh", "-c", &cmd]);
+    s.run_of("second", &["sh", "-c", &cmd]);
+    let first = tinyscheduler::agent::spawn_shim(&s.path(), "first").unwrap() as i32;
+    let launcher = read_stat(first).unwrap().ppid;
+    assert!(std::fs::read(format!("/proc/{launcher}/cmdline"))
+        .unwrap()
+        .windows(13)
+        .any(|w| w == b"shim-launcher"));
+    kill(Pid::from_raw(launcher), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_for("the launcher to die", LONG, || pid_gone(launcher));
+    // The next shim still starts (executed while the launcher is down), and runs.
+    let second = tinyscheduler::agent::spawn_shim(&s.path(), "second").unwrap() as i32;
+    wait_for("both runs to be recorded", LONG, || {
+        ["first", "second"]
+            .iter()
+            .all(|n| s.get_lease(n).unwrap().status.phase == LeasePhase::Running)
+    });
+    assert_eq!(s.get_lease("second").unwrap().status.shim_pid, Some(second));
+    std::fs::write(&go, "").unwrap();
+    wait_for("both runs to complete", LONG, || {
+        ["first", "second"]
+            .iter()
+            .all(|n| s.get_lease(n).unwrap().status.phase == LeasePhase::Completed)
+    });
+}
+
 /// Run by the test above as a separate process: spawns a shim and exits without waiting.
 #[test]
 #[ignore = "helper: run as a short-lived scheduler by a test above"]
