@@ -129,6 +129,18 @@ pub fn register(metrics: &crate::runtime::metrics::Metrics) {
 }
 
 pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    // A Completed Lease is the lease controller's to record (and `judge` finds it healthy): the
+    // cache is enough to leave it alone. Completed is final for a Lease's uid, and a new Lease of
+    // the same name wakes this key again once the cache has it.
+    if ctx
+        .leases
+        .get(&name)
+        .is_some_and(|l| l.status.phase == LeasePhase::Completed)
+    {
+        return Ok(Action::await_change());
+    }
+    // Everything a verdict rests on is read from the store, not the cache: a cache a moment
+    // behind (an old renewTime, say) must never get a live run killed.
     let Some(lease) = ctx.store.try_get::<Lease>(&name)? else {
         return Ok(Action::await_change());
     };
@@ -137,7 +149,10 @@ pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
         .host
         .as_deref()
         .is_none_or(|h| h == ctx.settings.host);
-    let task_exists = ctx.store.try_get::<Task>(&lease.spec.task)?.is_some();
+    // A Task in the cache exists (its deletion, if any, wakes this key again); one missing from
+    // the cache is looked up in the store before a run is reclaimed for it.
+    let task_exists = ctx.tasks.get(&lease.spec.task).is_some()
+        || ctx.store.try_get::<Task>(&lease.spec.task)?.is_some();
     let reason = match judge(&lease, SystemTime::now(), local, task_exists) {
         Verdict::Healthy(after) if after == Duration::MAX => return Ok(Action::await_change()),
         Verdict::Healthy(after) => return Ok(Action::requeue_after(after)),
