@@ -1,4 +1,4 @@
-//! Work queue and controller semantics, on virtual time.
+//! Work queue and controller semantics, on virtual time (and on real threads where that is the point).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -418,4 +418,49 @@ async fn a_key_added_while_no_worker_waits_is_taken_by_the_next_get() {
     q.add("c".to_string());
     let got = tokio::time::timeout(ms(1000), waiter).await;
     assert_eq!(got.unwrap().unwrap().as_deref(), Some("c"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_reconcile_on_threads_of_their_own_and_stop_at_shutdown() {
+    let seen: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let c = Controller::new("blocky", seen.clone(), Metrics::default())
+        .workers(2)
+        .worker_threads();
+    let q = c.queue();
+    for k in ["a", "b", "c", "d"] {
+        q.add(k.to_string());
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(c.run(
+        |key: String, seen: Arc<Mutex<Vec<(String, String)>>>| async move {
+            // A reconcile that blocks its thread, as a store write does.
+            std::thread::sleep(ms(20));
+            let thread = std::thread::current().name().unwrap_or("").to_string();
+            seen.lock().unwrap().push((key, thread));
+            Ok::<_, String>(Action::await_change())
+        },
+        async {
+            let _ = rx.await;
+        },
+    ));
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while seen.lock().unwrap().len() < 4 {
+            tokio::time::sleep(ms(5)).await;
+        }
+    })
+    .await
+    .expect("every key reconciled");
+    let seen = seen.lock().unwrap().clone();
+    let mut keys: Vec<&str> = seen.iter().map(|(k, _)| k.as_str()).collect();
+    keys.sort();
+    assert_eq!(keys, ["a", "b", "c", "d"]);
+    assert!(
+        seen.iter().all(|(_, t)| t == "blocky-0" || t == "blocky-1"),
+        "{seen:?}"
+    );
+    let _ = tx.send(());
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the controller stops at shutdown")
+        .unwrap();
 }
