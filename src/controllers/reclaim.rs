@@ -29,9 +29,28 @@ fn age(ts: Option<&str>, now: SystemTime) -> Option<Duration> {
         .map(|t| now.duration_since(t).unwrap_or_default())
 }
 
-/// Judges a Lease at `now`. `local` says whether its processes run on this host (so that pids can
-/// be checked); `task_exists` whether its Task is still there.
-pub fn judge(lease: &Lease, now: SystemTime, local: bool, task_exists: bool) -> Verdict {
+/// What [`judge`] knows about a Lease besides the Lease itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Facts {
+    /// The time to judge at.
+    pub now: SystemTime,
+    /// Whether the run's processes are on this host, so that pids can be checked.
+    pub local: bool,
+    /// Whether the Lease's Task is still there.
+    pub task_exists: bool,
+    /// Whether a process on this host holds the Lease's claim (a shim starting it; see
+    /// [`Claim`]). Only asked of a local Pending Lease.
+    pub claimed: bool,
+}
+
+/// Judges a Lease from what is known about it.
+pub fn judge(lease: &Lease, facts: &Facts) -> Verdict {
+    let Facts {
+        now,
+        local,
+        task_exists,
+        claimed,
+    } = *facts;
     let s = &lease.status;
     if !task_exists {
         return Verdict::Stale("its task was deleted".into());
@@ -52,11 +71,16 @@ pub fn judge(lease: &Lease, now: SystemTime, local: bool, task_exists: bool) -> 
                 age(lease.metadata.creation_timestamp.as_deref(), now).unwrap_or_default();
             let shim_alive = local
                 && matches!((s.shim_pid, s.shim_start_time), (Some(p), Some(t)) if is_alive(p, t));
-            if created > duration && !shim_alive {
+            // A shim still starting holds the claim before it writes anything.
+            let starting = local && claimed;
+            if created > duration && !shim_alive && !starting {
                 return Verdict::Stale(format!(
                     "never started: no process {}s after the lease was created",
                     created.as_secs()
                 ));
+            }
+            if created > duration {
+                return Verdict::Healthy(duration);
             }
             return Verdict::Healthy(duration.saturating_sub(created).max(Duration::from_secs(1)));
         }
@@ -153,20 +177,21 @@ pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
     // the cache is looked up in the store before a run is reclaimed for it.
     let task_exists = ctx.tasks.get(&lease.spec.task).is_some()
         || ctx.store.try_get::<Task>(&lease.spec.task)?.is_some();
-    let reason = match judge(&lease, SystemTime::now(), local, task_exists) {
+    let claimed = lease.status.phase == LeasePhase::Pending
+        && task_exists
+        && local
+        && Claim::is_held(&ctx.state_dir, &lease.metadata.uid).unwrap_or(false);
+    let facts = Facts {
+        now: SystemTime::now(),
+        local,
+        task_exists,
+        claimed,
+    };
+    let reason = match judge(&lease, &facts) {
         Verdict::Healthy(after) if after == Duration::MAX => return Ok(Action::await_change()),
         Verdict::Healthy(after) => return Ok(Action::requeue_after(after)),
         Verdict::Stale(reason) => reason,
     };
-    // A shim still starting holds the Lease's claim before it writes anything: not "never started".
-    if lease.status.phase == LeasePhase::Pending
-        && task_exists
-        && local
-        && Claim::is_held(&ctx.state_dir, &lease.metadata.uid).unwrap_or(false)
-    {
-        let duration = lease.spec.lease_duration_seconds.max(1) as u64;
-        return Ok(Action::requeue_after(Duration::from_secs(duration)));
-    }
     if ctx.settings.dry_run {
         ctx.would(&format!("reclaim lease/{name}: {reason}"));
         Summary::bump(&ctx.summary.reclaimed);
@@ -258,6 +283,15 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn facts(now: SystemTime, local: bool, task_exists: bool) -> Facts {
+        Facts {
+            now,
+            local,
+            task_exists,
+            claimed: false,
+        }
+    }
     use crate::resources::meta::format_time;
     use crate::resources::LeaseSpec;
 
@@ -286,11 +320,11 @@ mod tests {
     fn a_remote_lease_is_judged_by_its_renew_time_alone() {
         let fresh = lease(LeasePhase::Running, 10, 100);
         assert!(matches!(
-            judge(&fresh, SystemTime::now(), false, true),
+            judge(&fresh, &facts(SystemTime::now(), false, true)),
             Verdict::Healthy(_)
         ));
         let stale = lease(LeasePhase::Running, 140, 200);
-        match judge(&stale, SystemTime::now(), false, true) {
+        match judge(&stale, &facts(SystemTime::now(), false, true)) {
             Verdict::Stale(r) => assert!(r.starts_with("heartbeat expired 95s ago"), "{r}"),
             v => panic!("{v:?}"),
         }
@@ -301,7 +335,7 @@ mod tests {
         let mut l = lease(LeasePhase::Running, 1, 5);
         l.status.pid = Some(i32::MAX - 7);
         l.status.process_start_time = Some(1);
-        match judge(&l, SystemTime::now(), true, true) {
+        match judge(&l, &facts(SystemTime::now(), true, true)) {
             Verdict::Stale(r) => assert!(r.contains("without recording a result"), "{r}"),
             v => panic!("{v:?}"),
         }
@@ -310,7 +344,7 @@ mod tests {
     #[test]
     fn an_over_time_run_is_stale() {
         let l = lease(LeasePhase::Running, 1, 3700);
-        match judge(&l, SystemTime::now(), false, true) {
+        match judge(&l, &facts(SystemTime::now(), false, true)) {
             Verdict::Stale(r) => assert!(r.contains("maximum runtime of 3600s"), "{r}"),
             v => panic!("{v:?}"),
         }
@@ -326,31 +360,33 @@ mod tests {
         assert_eq!(
             label(judge(
                 &lease(LeasePhase::Running, 140, 200),
-                now,
-                false,
-                true
+                &facts(now, false, true)
             )),
             "heartbeat"
         );
         assert_eq!(
             label(judge(
                 &lease(LeasePhase::Running, 1, 3700),
-                now,
-                false,
-                true
+                &facts(now, false, true)
             )),
             "max-runtime"
         );
         let mut gone = lease(LeasePhase::Running, 1, 5);
         gone.status.pid = Some(i32::MAX - 7);
         gone.status.process_start_time = Some(1);
-        assert_eq!(label(judge(&gone, now, true, true)), "lost");
+        assert_eq!(label(judge(&gone, &facts(now, true, true))), "lost");
         assert_eq!(
-            label(judge(&lease(LeasePhase::Running, 1, 5), now, false, false)),
+            label(judge(
+                &lease(LeasePhase::Running, 1, 5),
+                &facts(now, false, false)
+            )),
             "task-deleted"
         );
         assert_eq!(
-            label(judge(&lease(LeasePhase::Pending, 1, 100), now, true, true)),
+            label(judge(
+                &lease(LeasePhase::Pending, 1, 100),
+                &facts(now, true, true)
+            )),
             "never-started"
         );
         assert_eq!(reason_label("being reclaimed"), "other");
@@ -366,10 +402,31 @@ mod tests {
     }
 
     #[test]
+    fn an_old_pending_lease_is_stale_unless_a_starting_shim_holds_its_claim() {
+        let l = lease(LeasePhase::Pending, 1, 100);
+        let now = SystemTime::now();
+        assert!(matches!(
+            judge(&l, &facts(now, true, true)),
+            Verdict::Stale(_)
+        ));
+        let claimed = Facts {
+            claimed: true,
+            ..facts(now, true, true)
+        };
+        assert!(matches!(judge(&l, &claimed), Verdict::Healthy(_)));
+        // A claim on this host says nothing about a run on another host.
+        let remote = Facts {
+            local: false,
+            ..claimed
+        };
+        assert!(matches!(judge(&l, &remote), Verdict::Stale(_)));
+    }
+
+    #[test]
     fn a_lease_whose_task_is_gone_is_stale() {
         let l = lease(LeasePhase::Running, 1, 5);
         assert!(matches!(
-            judge(&l, SystemTime::now(), false, false),
+            judge(&l, &facts(SystemTime::now(), false, false)),
             Verdict::Stale(_)
         ));
     }
