@@ -88,10 +88,12 @@ fn fork_shim(g: &Globals, lease: &str) -> io::Result<i32> {
     match unsafe { fork() }.map_err(io::Error::from)? {
         ForkResult::Parent { child } => Ok(child.as_raw()),
         ForkResult::Child => {
+            // SIGCHLD back to its default, which an executed shim would have had (an ignored
+            // SIGCHLD would also stay ignored in the agent). SIGPIPE stays ignored, as in any Rust
+            // program; `shim::main` sets its signals up itself.
             // SAFETY: still a single thread.
             unsafe {
                 let _ = signal(Signal::SIGCHLD, SigHandler::SigDfl);
-                let _ = signal(Signal::SIGPIPE, SigHandler::SigDfl);
             }
             // A forked shim keeps the launcher's command line; its name (`ps -o comm`, `top`)
             // says which Lease it runs, as far as 15 bytes go.
