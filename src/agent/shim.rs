@@ -473,7 +473,21 @@ fn start_agent(
     workdir: Option<&Path>,
     log: &File,
 ) -> io::Result<tokio::process::Child> {
-    let mut cmd = tokio::process::Command::new(&argv[0]);
+    // A bare name is looked up in the agent's PATH here rather than by the standard library:
+    // given a program to search for and a PATH of the child's own, it forks the shim and runs
+    // execvp in the child instead of using posix_spawn.
+    let path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str());
+    let mut cmd = match path.and_then(|p| find_in_path(&argv[0], p)) {
+        Some(program) => {
+            let mut c = tokio::process::Command::new(program);
+            c.arg0(&argv[0]);
+            c
+        }
+        None => tokio::process::Command::new(&argv[0]),
+    };
     cmd.args(&argv[1..])
         .env_clear()
         .envs(
@@ -487,11 +501,32 @@ fn start_agent(
     if let Some(w) = workdir {
         cmd.current_dir(w);
     }
-    // Its own process group (pgid = its pid), set by posix_spawn: no fork of the shim, and no code
-    // of ours runs in the child. The signal mask is emptied and handled signals go back to their
+    // Its own process group (pgid = its pid), set by posix_spawn (the program is a path, see above):
+    // no fork of the shim, and no code of ours runs in the child. The signal mask is emptied and handled signals go back to their
     // defaults on exec.
     cmd.process_group(0);
     cmd.spawn()
+}
+
+/// Where `execvp` would find `name` on `path`: the first regular file there that this process may
+/// execute. `None` when `name` has a slash (it is a path already), when nothing is found (the
+/// caller lets the exec report why), or when a relative or empty PATH entry comes first (that
+/// depends on the working directory the agent will have).
+fn find_in_path(name: &str, path: &str) -> Option<PathBuf> {
+    if name.is_empty() || name.contains('/') {
+        return None;
+    }
+    for dir in path.split(':') {
+        if !dir.starts_with('/') {
+            return None;
+        }
+        let candidate = Path::new(dir).join(name);
+        let is_file = std::fs::metadata(&candidate).is_ok_and(|m| m.is_file());
+        if is_file && nix::unistd::access(&candidate, nix::unistd::AccessFlags::X_OK).is_ok() {
+            return Some(candidate);
+        }
+    }
+    None
 }
 
 /// Fills in the Running status (idempotent: also used to renew). Never touches a different Lease
@@ -564,5 +599,41 @@ async fn record_completed(store: &Store, lease: &str, uid: &str, outcome: &Outco
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn file(dir: &Path, name: &str, mode: u32) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_bare_name_is_found_in_the_first_path_entry_that_has_it_executable() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        file(&a, "agent", 0o644);
+        let want = file(&b, "agent", 0o755);
+        let path = format!("{}:{}", a.display(), b.display());
+        assert_eq!(find_in_path("agent", &path), Some(want));
+        assert_eq!(find_in_path("missing", &path), None);
+    }
+
+    #[test]
+    fn a_path_or_a_relative_path_entry_is_left_to_the_exec() {
+        let d = tempfile::tempdir().unwrap();
+        file(d.path(), "agent", 0o755);
+        let abs = d.path().display().to_string();
+        assert_eq!(find_in_path("./agent", &abs), None);
+        assert_eq!(find_in_path("agent", &format!("bin:{abs}")), None);
+        assert_eq!(find_in_path("agent", &format!(":{abs}")), None);
     }
 }
