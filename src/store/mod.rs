@@ -454,30 +454,47 @@ impl Store {
         status_only: bool,
     ) -> Result<(Value, WriteOutcome), StoreError> {
         let name = name_of(obj).to_string();
-        self.check_name(plural, &name)?;
-        let path = self.object_path(plural, &name);
+        self.modify_with(plural, &name, status_only, |current| {
+            let wanted_rv = obj
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let current_rv = current
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            if !wanted_rv.is_empty() && wanted_rv != current_rv {
+                return Err(StoreError::Conflict {
+                    plural: plural.into(),
+                    name: name.clone(),
+                });
+            }
+            Ok(obj.clone())
+        })
+    }
+
+    /// The read-modify-write under the store lock: `wanted` gets the object as it is and returns
+    /// the object the caller wants (of which only the status is taken with `status_only`, else the
+    /// spec, labels and annotations). Run again if someone wrote the object between the lock's two
+    /// holds.
+    fn modify_with(
+        &self,
+        plural: &str,
+        name: &str,
+        status_only: bool,
+        mut wanted: impl FnMut(&Value) -> Result<Value, StoreError>,
+    ) -> Result<(Value, WriteOutcome), StoreError> {
+        self.check_name(plural, name)?;
+        let path = self.object_path(plural, name);
         loop {
             let step = self.with_lock(|w| {
                 let base = fsio::FileId::at(&path)
                     .map_err(|e| StoreError::io(&path, e))?
-                    .ok_or_else(|| not_found(plural, &name))?;
+                    .ok_or_else(|| not_found(plural, name))?;
                 let current: Value = self
-                    .read_obj(plural, &name)?
-                    .ok_or_else(|| not_found(plural, &name))?;
-                let wanted_rv = obj
-                    .pointer("/metadata/resourceVersion")
-                    .and_then(Value::as_str)
-                    .unwrap_or("");
-                let current_rv = current
-                    .pointer("/metadata/resourceVersion")
-                    .and_then(Value::as_str)
-                    .unwrap_or("");
-                if !wanted_rv.is_empty() && wanted_rv != current_rv {
-                    return Err(StoreError::Conflict {
-                        plural: plural.into(),
-                        name: name.clone(),
-                    });
-                }
+                    .read_obj(plural, name)?
+                    .ok_or_else(|| not_found(plural, name))?;
+                let obj = wanted(&current)?;
                 let mut next = current.clone();
                 if status_only {
                     set_field(&mut next, "status", obj.get("status").cloned());
@@ -505,7 +522,7 @@ impl Store {
                 if next == current {
                     return Ok(Err(current));
                 }
-                let (written, staged) = self.stage_locked(w, plural, &name, next)?;
+                let (written, staged) = self.stage_locked(w, plural, name, next)?;
                 Ok(Ok((written, staged, base)))
             })?;
             match step {
@@ -711,24 +728,26 @@ impl Store {
         from_value(self.delete_raw(K::PLURAL, name, precondition)?)
     }
 
-    /// Reads the object, applies `f` to its status and writes it back, retrying on Conflict.
-    /// Returns the written object, or `None` if the object does not exist.
+    /// Applies `f` to the object as it is under the store lock and writes its status back (a
+    /// read-modify-write that cannot lose a concurrent update). `f` may run more than once, if
+    /// another writer slips in between the lock's two holds. Returns the written object, or `None`
+    /// if the object does not exist.
     pub fn patch_status<K: Resource>(
         &self,
         name: &str,
         mut f: impl FnMut(&mut K),
     ) -> Result<Option<K>, StoreError> {
-        loop {
-            let Some(mut obj) = self.try_get::<K>(name)? else {
-                return Ok(None);
-            };
+        // One read, under the store lock: the object `f` sees is the one that gets replaced, so
+        // there is no resourceVersion to compare and no conflict to retry.
+        let res = self.modify_with(K::PLURAL, name, true, |current| {
+            let mut obj: K = from_value(current.clone())?;
             f(&mut obj);
-            match self.update_status(&obj) {
-                Ok(o) => return Ok(Some(o)),
-                Err(e) if e.is_conflict() => continue,
-                Err(e) if e.is_not_found() => return Ok(None),
-                Err(e) => return Err(e),
-            }
+            to_value(&obj)
+        });
+        match res {
+            Ok((v, _)) => from_value(v).map(Some),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
         }
     }
 }

@@ -262,3 +262,42 @@ fn concurrent_read_modify_writes_of_one_object_lose_no_update() {
         100
     );
 }
+
+#[test]
+fn concurrent_status_patches_of_one_object_lose_no_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut a = agent("counter");
+    a.status.free_slots = 0;
+    store.create(&a).unwrap();
+    // Each patch sees the object as it is under the lock, so no increment can be lost, and a
+    // patch by another process handle (a second Store::open) is seen as well.
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            let store = if i % 2 == 0 {
+                store.clone()
+            } else {
+                Store::open(dir.path()).unwrap()
+            };
+            std::thread::spawn(move || {
+                for _ in 0..25 {
+                    let patched = store
+                        .patch_status::<Agent>("counter", |a| a.status.free_slots += 1)
+                        .unwrap();
+                    assert!(patched.is_some());
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(
+        store.get::<Agent>("counter").unwrap().status.free_slots,
+        100
+    );
+    assert!(store
+        .patch_status::<Agent>("absent", |_| unreachable!("no object, no call"))
+        .unwrap()
+        .is_none());
+}
