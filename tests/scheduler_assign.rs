@@ -428,6 +428,8 @@ fn a_run_that_keeps_running_is_shown_running_by_the_daemon() {
     wait_for("task/slow to be Running", LONG, || {
         s.phase("slow") == TaskPhase::Running
     });
+    // The Started event is written just after the Task.
+    wait_for("the Started event", LONG, || story(&s, "slow").len() == 2);
     assert_eq!(story(&s, "slow"), ["Assigned", "Started"]);
     std::fs::write(s.out("go"), "").unwrap();
     wait_for("task/slow to succeed", LONG, || {
