@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, ExitCode, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -133,15 +133,10 @@ struct Client {
 
 impl Client {
     fn start(exe: &Path, state_dir: &Path) -> io::Result<Client> {
-        let mut child = Command::new(exe)
-            .arg("--state-dir")
-            .arg(state_dir)
+        let mut child = super::spawn::shim_command(exe, state_dir)
             .arg("shim-launcher")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .env_clear()
-            .envs(super::spawn::shim_env(std::env::vars_os()))
             .spawn()?;
         let (Some(requests), Some(replies)) = (child.stdin.take(), child.stdout.take()) else {
             let _ = child.kill();

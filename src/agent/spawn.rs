@@ -21,30 +21,37 @@ pub const SHIM_EXE_ENV: &str = "TINYSCHEDULER_SHIM_EXE";
 /// saves the exec of a whole binary per run; otherwise the binary is executed.
 pub fn spawn_shim(state_dir: &Path, lease: &str) -> io::Result<u32> {
     let exe = shim_exe()?;
+    let state_dir = std::path::absolute(state_dir)?;
     if super::launcher::enabled() {
-        let state_dir = std::path::absolute(state_dir)?;
         match super::launcher::launch(&exe, &state_dir, lease) {
             Ok(pid) => return Ok(pid),
             Err(e) => tracing::debug!(lease, "the shim launcher did not start the shim: {e}"),
         }
     }
-    spawn_shim_with(&exe, state_dir, lease)
+    spawn_shim_with(&exe, &state_dir, lease)
+}
+
+/// `<exe> --state-dir <state_dir>`, stderr to /dev/null, with only the environment a shim gets
+/// ([`shim_env`]): the start of both a shim's and the shim launcher's command line.
+pub(crate) fn shim_command(exe: &Path, state_dir: &Path) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.arg("--state-dir")
+        .arg(state_dir)
+        .stderr(Stdio::null())
+        .env_clear()
+        .envs(shim_env(std::env::vars_os()));
+    cmd
 }
 
 /// Like [`spawn_shim`] with an explicit binary.
 pub fn spawn_shim_with(exe: &Path, state_dir: &Path, lease: &str) -> io::Result<u32> {
     let state_dir = std::path::absolute(state_dir)?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("--state-dir")
-        .arg(&state_dir)
-        .arg("shim")
+    let mut cmd = shim_command(exe, &state_dir);
+    cmd.arg("shim")
         .arg("--lease")
         .arg(lease)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .env_clear()
-        .envs(shim_env(std::env::vars_os()));
+        .stdout(Stdio::null());
     // No `pre_exec`: without one the standard library starts the child with posix_spawn (vfork
     // semantics) instead of fork, which would copy the scheduler's page tables for every run. The
     // shim puts itself in its own session first thing (`shim::main`).
