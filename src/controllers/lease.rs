@@ -11,7 +11,7 @@ use crate::agent::claim::Claim;
 use crate::agent::liveness::{is_alive, start_time_of};
 use crate::agent::spawn::spawn_shim;
 use crate::resources::event::EventType;
-use crate::resources::{Lease, LeasePhase, TaskPhase};
+use crate::resources::{Lease, LeasePhase, Task, TaskPhase};
 use crate::runtime::controller::Action;
 
 /// How long a started shim has to claim its Lease before the controller looks again.
@@ -95,10 +95,11 @@ fn settling(ctx: &Ctx, lease: &Lease) -> Option<Duration> {
     if settle.is_zero() {
         return None;
     }
-    if ctx.tasks.get(&lease.spec.task).is_some_and(|t| {
-        t.status.phase == TaskPhase::Running
-            && t.status.lease.as_deref() == Some(&lease.metadata.name)
-    }) {
+    if ctx
+        .tasks
+        .get(&lease.spec.task)
+        .is_some_and(|t| shows_running(&t, &lease.metadata.name))
+    {
         return None;
     }
     let now = std::time::Instant::now();
@@ -118,6 +119,11 @@ fn settled(ctx: &Ctx, lease: &str) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(lease);
+}
+
+/// Whether `task` is marked Running with the run of Lease `lease`.
+pub(crate) fn shows_running(task: &Task, lease: &str) -> bool {
+    task.status.phase == TaskPhase::Running && task.status.lease.as_deref() == Some(lease)
 }
 
 /// What the Started event and the Running Task say about a run.
@@ -141,9 +147,7 @@ fn mark_task_running(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
     let Some(task) = ctx.tasks.get(&lease.spec.task) else {
         return Ok(());
     };
-    if task.status.phase == TaskPhase::Running
-        && task.status.lease.as_deref() == Some(&lease.metadata.name)
-    {
+    if shows_running(&task, &lease.metadata.name) {
         return Ok(());
     }
     if task.status.phase.is_finished() {

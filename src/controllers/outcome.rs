@@ -94,9 +94,8 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
             if !applied {
                 return;
             }
-            started_here = lease.status.acquire_time.is_some()
-                && !(t.status.phase == TaskPhase::Running
-                    && t.status.lease.as_deref() == Some(name.as_str()));
+            started_here =
+                lease.status.acquire_time.is_some() && !super::lease::shows_running(t, name);
             if started_here {
                 t.status.agent = Some(lease.spec.agent.clone());
                 t.status.start_time = lease.status.acquire_time.clone();
