@@ -196,8 +196,8 @@ fn describe_shows_sections_conditions_and_the_objects_events_in_order() {
         "t-a.0000000000000001",
         "Assigned",
         5,
-        &ago(720),
-        &ago(180),
+        &ago(1800),
+        &ago(900),
     );
     let other = EventSpec {
         involved_object: ObjectReference {
@@ -248,7 +248,8 @@ fn describe_shows_sections_conditions_and_the_objects_events_in_order() {
         assigned < started,
         "events are sorted by lastTimestamp:\n{out}"
     );
-    assert!(out.contains("3m (x5 over 12m)"), "{out}");
+    // Ages past ten minutes print in whole minutes, so a slow test machine changes nothing.
+    assert!(out.contains("15m (x5 over 30m)"), "{out}");
     assert!(
         !out.contains("Other"),
         "another object's events are not shown:\n{out}"
