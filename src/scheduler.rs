@@ -64,7 +64,7 @@ impl Scheduler {
             settings,
             summary: Summary::default(),
             spawned: Default::default(),
-            running_seen: Default::default(),
+            leases_seen: Default::default(),
             status_writes: Default::default(),
             metrics: metrics.clone(),
             runnable_since: Default::default(),
@@ -122,12 +122,13 @@ impl Scheduler {
             shutdown.wait(),
         ));
 
+        let leases = ctx.leases.clone();
         let c = Controller::new("reclaim", ctx.clone(), metrics.clone())
             .watches(&ctx.leases, by_name)
-            // A deleted Task's run must be reclaimed: its last known state names the Lease. (A
-            // finished Task names none, so a resync costs nothing here.)
-            .watches(&ctx.tasks, |t: &Task| {
-                t.status.lease.iter().cloned().collect()
+            // A deleted Task's run must be reclaimed. (A finished Task has no run, so a resync
+            // costs nothing here.)
+            .watches(&ctx.tasks, move |t: &Task| {
+                reclaim::leases_of_task(t, |name| leases.get(name).is_some())
             })
             .workers(4)
             .worker_threads();

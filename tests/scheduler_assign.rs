@@ -428,6 +428,11 @@ fn a_run_that_keeps_running_is_shown_running_by_the_daemon() {
     wait_for("task/slow to be Running", LONG, || {
         s.phase("slow") == TaskPhase::Running
     });
+    let t = s.get_task("slow");
+    assert_eq!(t.status.agent.as_deref(), Some("w"), "{:?}", t.status);
+    assert_eq!(t.status.lease.as_deref(), Some("slow"), "{:?}", t.status);
+    assert_eq!(t.status.attempts, 1, "{:?}", t.status);
+    assert!(t.status.start_time.is_some(), "{:?}", t.status);
     // The Started event is written just after the Task.
     wait_for("the Started event", LONG, || story(&s, "slow").len() == 2);
     assert_eq!(story(&s, "slow"), ["Assigned", "Started"]);
@@ -439,4 +444,38 @@ fn a_run_that_keeps_running_is_shown_running_by_the_daemon() {
         story(&s, "slow").last().map(String::as_str) == Some("Succeeded")
     });
     assert_eq!(story(&s, "slow"), ["Assigned", "Started", "Succeeded"]);
+}
+
+#[test]
+fn a_retry_shown_running_carries_nothing_of_the_attempt_that_failed() {
+    let mut s = Sched::new();
+    s.extra_env
+        .push(("TINYSCHEDULER_RETRY_BASE_SEC".into(), "0.2".into()));
+    s.queue("default");
+    // The first attempt fails at once; the second runs until told to stop.
+    s.agent(
+        "w",
+        1,
+        "if [ ! -e \"$OUT/failed\" ]; then : > \"$OUT/failed\"; exit 3; fi; \
+         while [ ! -e \"$OUT/go\" ]; do sleep 0.05; done",
+    );
+    s.task_with("again", |t| t.max_retries = 2);
+    s.daemon(&[]);
+    wait_for("the second attempt to be shown Running", LONG, || {
+        let t = s.get_task("again");
+        t.status.phase == TaskPhase::Running && t.status.attempts == 2
+    });
+    let t = s.get_task("again");
+    assert_eq!(t.status.exit_code, None, "{:?}", t.status);
+    assert_eq!(t.status.finish_time, None, "{:?}", t.status);
+    assert_eq!(t.status.next_attempt_after, None, "{:?}", t.status);
+    assert_eq!(t.status.reason, None, "{:?}", t.status);
+    assert_eq!(t.status.lease.as_deref(), Some("again"), "{:?}", t.status);
+    assert!(t.status.start_time.is_some(), "{:?}", t.status);
+    std::fs::write(s.out("go"), "").unwrap();
+    wait_for("task/again to succeed", LONG, || {
+        s.phase("again") == TaskPhase::Succeeded
+    });
+    let t = s.get_task("again");
+    assert_eq!((t.status.attempts, t.status.exit_code), (2, Some(0)));
 }

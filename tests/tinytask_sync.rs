@@ -733,7 +733,7 @@ fn sync_ctx(store: Store, state_dir: PathBuf) -> std::sync::Arc<tinyscheduler::c
         settings: Settings::default(),
         summary: Default::default(),
         spawned: Default::default(),
-        running_seen: Default::default(),
+        leases_seen: Default::default(),
         status_writes: Default::default(),
         metrics: Metrics::default(),
         runnable_since: Default::default(),

@@ -204,7 +204,7 @@ fn report_waiting(sched: &Scheduler) {
 
 async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
     let settings = Settings {
-        running_settle: crate::controllers::RUNNING_SETTLE,
+        mirror_delay: crate::controllers::MIRROR_DELAY,
         ..settings
     };
     let sig = signals::install().map_err(|e| CliError(format!("error: signals: {e}")))?;

@@ -1,14 +1,15 @@
 //! Assignment: one serialized decision loop (like kube-scheduler). It plans over the cache, then
-//! commits each decision by creating the task's Lease exclusively — the commit point of invariant 1
-//! — and only then marks the Task `Assigned`.
+//! commits each decision by creating the task's Lease exclusively — the commit point of invariant 1.
+//! The Task shows it (`Assigned`) right after, or, in the daemon, once the Lease has lasted a
+//! moment (`Settings::mirror_delay`; the lease controller or the outcome writes it).
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use super::lease::{mirror_assignment, shows_lease};
 use super::plan::{self, PlanOptions};
-use super::{Ctx, Error, Summary};
+use super::{tinytask_sync, Ctx, Error, Summary};
 use crate::resources::event::EventType;
-use crate::resources::meta::now_rfc3339;
 use crate::resources::{Lease, LeasePhase, LeaseSpec, Task, TaskPhase};
 use crate::runtime::controller::Action;
 
@@ -172,32 +173,27 @@ fn commit(ctx: &Ctx, task_name: &str, agent_name: &str) -> Result<(), Error> {
         Err(e) if e.is_already_exists() => return Ok(()),
         Err(e) => return Err(e.into()),
     };
-    let now = now_rfc3339();
-    let t = ctx.patch_task(task_name, |t| {
+    // A tinytask task is claimed on its server only once its Task shows the Lease.
+    let mirror_now = ctx.settings.mirror_delay.is_zero() || tinytask_sync::is_tinytask(&task);
+    let shown = if mirror_now {
         // The lease controller may already have seen the run start; never step back from Running.
-        if matches!(t.status.phase, TaskPhase::Pending | TaskPhase::Blocked) {
-            t.status.phase = TaskPhase::Assigned;
-        }
-        t.status.agent = Some(agent_name.to_string());
-        t.status.lease = Some(lease.metadata.name.clone());
-        t.status.attempts = attempt;
-        t.status.next_attempt_after = None;
-        t.status.exit_code = None;
-        t.status.start_time = None;
-        t.status.finish_time = None;
-        t.status.reason = None;
-        t.status.message = Some(format!("assigned to agent/{agent_name} at {now}"));
-    })?;
-    // Wake the lease controller only now, so that it finds the Task already Assigned.
+        ctx.patch_task(task_name, |t| {
+            if !shows_lease(t, &lease.metadata.name) {
+                mirror_assignment(t, &lease);
+            }
+        })?
+    } else {
+        None
+    };
+    // Wake the lease controller only now, so that it finds the Task already showing the Lease
+    // if it is to.
     ctx.leases.observe(lease);
     Summary::bump(&ctx.summary.assigned);
-    if let Some(t) = t {
-        ctx.event(
-            &t,
-            EventType::Normal,
-            "Assigned",
-            &format!("assigned to agent/{agent_name} (attempt {attempt})"),
-        );
-    }
+    ctx.event(
+        shown.as_ref().unwrap_or(&task),
+        EventType::Normal,
+        "Assigned",
+        &format!("assigned to agent/{agent_name} (attempt {attempt})"),
+    );
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! Lease controller: starts a shim for a Lease with no process (spawning is the last step after the
-//! Lease exists — invariant 1), mirrors a running Lease onto its Task, and records the outcome of a
-//! completed one.
+//! Lease exists — invariant 1), mirrors the Lease onto its Task (Assigned, then Running; see
+//! `Settings::mirror_delay`), and records the outcome of a completed one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,9 +28,20 @@ pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
     };
     Summary::bump(&ctx.summary.leases_scanned);
     match lease.status.phase {
-        LeasePhase::Pending => start(&ctx, &lease),
+        LeasePhase::Pending => {
+            let action = start(&ctx, &lease)?;
+            let shown = |t: &Task| shows_lease(t, &name);
+            match mirror_wait(&ctx, &lease, shown) {
+                Some(wait) => Ok(sooner(action, wait)),
+                None => {
+                    mark_task_assigned(&ctx, &lease)?;
+                    Ok(action)
+                }
+            }
+        }
         LeasePhase::Running => {
-            if let Some(wait) = settling(&ctx, &lease) {
+            let shown = |t: &Task| shows_running(t, &name);
+            if let Some(wait) = mirror_wait(&ctx, &lease, shown) {
                 return Ok(Action::requeue_after(wait));
             }
             mark_task_running(&ctx, &lease)?;
@@ -88,22 +99,28 @@ fn start(ctx: &Ctx, lease: &Lease) -> Result<Action, Error> {
     Ok(Action::requeue_after(START_CHECK))
 }
 
-/// How much longer a Running Lease waits before its Task is marked Running (see
-/// `Settings::running_settle`); `None` when it is time, or the Task shows it already.
-fn settling(ctx: &Ctx, lease: &Lease) -> Option<Duration> {
-    let settle = ctx.settings.running_settle;
-    if settle.is_zero() {
+/// The earlier of two actions.
+fn sooner(action: Action, wait: Duration) -> Action {
+    match action {
+        Action::RequeueAfter(d) if d <= wait => action,
+        _ => Action::requeue_after(wait),
+    }
+}
+
+/// How much longer the Task of `lease` waits before it is made to show the Lease's state (see
+/// `Settings::mirror_delay`, counted from when this process first saw the Lease); `None` when it
+/// is time, or the Task already shows it (`shown`).
+fn mirror_wait(ctx: &Ctx, lease: &Lease, shown: impl Fn(&Task) -> bool) -> Option<Duration> {
+    let settle = ctx.settings.mirror_delay;
+    // A dry run writes nothing, so it has nothing to put off.
+    if settle.is_zero() || ctx.settings.dry_run {
         return None;
     }
-    if ctx
-        .tasks
-        .get(&lease.spec.task)
-        .is_some_and(|t| shows_running(&t, &lease.metadata.name))
-    {
+    if ctx.tasks.get(&lease.spec.task).is_some_and(|t| shown(&t)) {
         return None;
     }
     let now = std::time::Instant::now();
-    let mut seen = ctx.running_seen.lock().unwrap_or_else(|p| p.into_inner());
+    let mut seen = ctx.leases_seen.lock().unwrap_or_else(|p| p.into_inner());
     let first = seen
         .entry(lease.metadata.name.clone())
         .or_insert_with(|| (lease.metadata.uid.clone(), now));
@@ -113,9 +130,9 @@ fn settling(ctx: &Ctx, lease: &Lease) -> Option<Duration> {
     settle.checked_sub(now.duration_since(first.1))
 }
 
-/// Forgets when a Lease was first seen Running.
+/// Forgets when a Lease was first seen.
 fn settled(ctx: &Ctx, lease: &str) {
-    ctx.running_seen
+    ctx.leases_seen
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(lease);
@@ -123,7 +140,61 @@ fn settled(ctx: &Ctx, lease: &str) {
 
 /// Whether `task` is marked Running with the run of Lease `lease`.
 pub(crate) fn shows_running(task: &Task, lease: &str) -> bool {
-    task.status.phase == TaskPhase::Running && task.status.lease.as_deref() == Some(lease)
+    task.status.phase == TaskPhase::Running && shows_lease(task, lease)
+}
+
+/// Whether `task` shows the run of Lease `lease` (as Assigned or Running).
+pub(crate) fn shows_lease(task: &Task, lease: &str) -> bool {
+    task.status.lease.as_deref() == Some(lease)
+}
+
+/// Whether `task` has moved past attempt `attempt`: it is finished, on a later attempt, or this
+/// attempt's outcome is recorded (no Lease shown, attempts counted). Nothing of that attempt may
+/// be written into it any more.
+pub(crate) fn past_attempt(task: &Task, attempt: i64) -> bool {
+    task.status.phase.is_finished()
+        || task.status.attempts > attempt
+        || (task.status.lease.is_none() && task.status.attempts >= attempt)
+}
+
+/// Makes `task` show that `lease` runs it: phase Assigned (unless it is Running already), the
+/// agent, the Lease and the attempt, and nothing left over from an earlier attempt.
+pub(crate) fn mirror_assignment(t: &mut Task, lease: &Lease) {
+    if matches!(t.status.phase, TaskPhase::Pending | TaskPhase::Blocked) {
+        t.status.phase = TaskPhase::Assigned;
+    }
+    let agent = &lease.spec.agent;
+    t.status.agent = Some(agent.clone());
+    t.status.lease = Some(lease.metadata.name.clone());
+    t.status.attempts = t.status.attempts.max(lease.spec.attempt);
+    t.status.next_attempt_after = None;
+    t.status.exit_code = None;
+    t.status.start_time = None;
+    t.status.finish_time = None;
+    t.status.reason = None;
+    let at = lease.metadata.creation_timestamp.as_deref().unwrap_or("-");
+    t.status.message = Some(format!("assigned to agent/{agent} at {at}"));
+}
+
+/// Mirrors a Lease whose shim has not started the agent yet onto its Task (phase Assigned), once.
+fn mark_task_assigned(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
+    let name = &lease.metadata.name;
+    let Some(task) = ctx.tasks.get(&lease.spec.task) else {
+        return Ok(());
+    };
+    if shows_lease(&task, name) || past_attempt(&task, lease.spec.attempt) {
+        return Ok(());
+    }
+    if ctx.settings.dry_run {
+        ctx.would(&format!("mark task/{} Assigned", lease.spec.task));
+        return Ok(());
+    }
+    ctx.patch_task(&lease.spec.task, |t| {
+        if !shows_lease(t, name) && !past_attempt(t, lease.spec.attempt) {
+            mirror_assignment(t, lease);
+        }
+    })?;
+    Ok(())
 }
 
 /// What the Started event and the Running Task say about a run.
@@ -147,10 +218,8 @@ fn mark_task_running(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
     let Some(task) = ctx.tasks.get(&lease.spec.task) else {
         return Ok(());
     };
-    if shows_running(&task, &lease.metadata.name) {
-        return Ok(());
-    }
-    if task.status.phase.is_finished() {
+    let name = &lease.metadata.name;
+    if shows_running(&task, name) || past_attempt(&task, lease.spec.attempt) {
         return Ok(());
     }
     if ctx.settings.dry_run {
@@ -160,14 +229,13 @@ fn mark_task_running(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
     let message = started_message(lease);
     let mut changed = false;
     let t = ctx.patch_task(&lease.spec.task, |t| {
-        changed = !t.status.phase.is_finished();
+        changed = !shows_running(t, name) && !past_attempt(t, lease.spec.attempt);
         if changed {
+            if !shows_lease(t, name) {
+                mirror_assignment(t, lease);
+            }
             t.status.phase = TaskPhase::Running;
-            t.status.agent = Some(lease.spec.agent.clone());
-            t.status.lease = Some(lease.metadata.name.clone());
-            t.status.attempts = t.status.attempts.max(lease.spec.attempt);
             t.status.start_time = lease.status.acquire_time.clone();
-            t.status.reason = None;
             t.status.message = Some(message.clone());
         }
     })?;
@@ -175,4 +243,83 @@ fn mark_task_running(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
         ctx.event(&t, EventType::Normal, "Started", &started_event(lease));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::{LeaseSpec, TaskSpec};
+
+    fn lease(attempt: i64) -> Lease {
+        let mut l = Lease::new(
+            "Lease",
+            "t",
+            LeaseSpec {
+                task: "t".into(),
+                agent: "a".into(),
+                attempt,
+                ..Default::default()
+            },
+        );
+        l.metadata.creation_timestamp = Some("2026-12-01T10:00:00Z".into());
+        l
+    }
+
+    fn task() -> Task {
+        Task::new("Task", "t", TaskSpec::default())
+    }
+
+    #[test]
+    fn mirroring_a_retry_clears_what_the_failed_attempt_left() {
+        let mut t = task();
+        t.status.attempts = 1;
+        t.status.exit_code = Some(3);
+        t.status.start_time = Some("2026-12-01T09:00:00Z".into());
+        t.status.finish_time = Some("2026-12-01T09:00:01Z".into());
+        t.status.next_attempt_after = Some("2026-12-01T09:00:11Z".into());
+        t.status.reason = Some("Retrying".into());
+        mirror_assignment(&mut t, &lease(2));
+        assert_eq!(t.status.phase, TaskPhase::Assigned);
+        assert_eq!(t.status.attempts, 2);
+        assert_eq!(t.status.agent.as_deref(), Some("a"));
+        assert!(shows_lease(&t, "t"));
+        assert_eq!(
+            (
+                t.status.exit_code,
+                t.status.start_time,
+                t.status.finish_time,
+                t.status.next_attempt_after,
+                t.status.reason
+            ),
+            (None, None, None, None, None)
+        );
+        assert_eq!(
+            t.status.message.as_deref(),
+            Some("assigned to agent/a at 2026-12-01T10:00:00Z")
+        );
+    }
+
+    #[test]
+    fn mirroring_never_steps_a_running_task_back_to_assigned() {
+        let mut t = task();
+        t.status.phase = TaskPhase::Running;
+        mirror_assignment(&mut t, &lease(1));
+        assert_eq!(t.status.phase, TaskPhase::Running);
+    }
+
+    #[test]
+    fn an_attempt_is_past_once_its_outcome_is_recorded_or_a_later_one_began() {
+        let mut t = task();
+        assert!(!past_attempt(&t, 1), "a task never run");
+        t.status.attempts = 1;
+        assert!(past_attempt(&t, 1), "attempt 1 recorded, no Lease shown");
+        assert!(!past_attempt(&t, 2), "attempt 2 not recorded yet");
+        t.status.lease = Some("t".into());
+        assert!(!past_attempt(&t, 1), "attempt 1 shown running");
+        t.status.attempts = 2;
+        assert!(past_attempt(&t, 1), "attempt 2 began");
+        t.status.lease = None;
+        t.status.phase = TaskPhase::Succeeded;
+        assert!(past_attempt(&t, 3), "a finished task takes no attempt");
+    }
 }

@@ -44,15 +44,19 @@ pub struct Settings {
     pub host: String,
     /// The tinytask server of Queues that name no `spec.endpoint`.
     pub tinytask_endpoint: String,
-    /// How long a run is seen Running before its Task is marked Running (zero: at once). A run
-    /// that ends sooner goes from Assigned straight to its outcome, which saves a durable Task
-    /// write per short run; the Started event is then written with the outcome. The daemon uses
-    /// [`RUNNING_SETTLE`]; `run --once` marks at once, since it may exit before any delay passes.
-    pub running_settle: Duration,
+    /// How long a Lease exists before its Task is made to show it (zero: at once). The Lease is
+    /// the commit point and holds the run's state; the Task's `Assigned` and `Running` phases
+    /// mirror it. A run that ends sooner goes from Pending straight to its outcome, written once,
+    /// which saves two durable Task writes per short run (and the assignment loop one of its two);
+    /// a longer run's Task shows it Running (or Assigned, if its shim has not started it yet)
+    /// once the delay has passed. The daemon uses [`MIRROR_DELAY`]; `run --once` mirrors at once,
+    /// since it may exit before any delay passes. Tasks from tinytask are always mirrored at once:
+    /// their claim on the server is keyed on the Task showing its Lease.
+    pub mirror_delay: Duration,
 }
 
-/// The daemon's [`Settings::running_settle`].
-pub const RUNNING_SETTLE: Duration = Duration::from_millis(50);
+/// The daemon's [`Settings::mirror_delay`].
+pub const MIRROR_DELAY: Duration = Duration::from_millis(50);
 
 impl Default for Settings {
     fn default() -> Self {
@@ -65,7 +69,7 @@ impl Default for Settings {
             holder: format!("{}/{}", crate::agent::hostname(), std::process::id()),
             host: crate::agent::hostname(),
             tinytask_endpoint: crate::tinytask::DEFAULT_ENDPOINT.to_string(),
-            running_settle: Duration::ZERO,
+            mirror_delay: Duration::ZERO,
         }
     }
 }
@@ -129,9 +133,9 @@ pub struct Ctx {
     pub summary: Summary,
     /// Shims this process started, by lease name: (lease uid, shim pid).
     pub spawned: Mutex<HashMap<String, (String, u32)>>,
-    /// Running Leases whose Task is not marked Running yet, by lease name: (lease uid, when this
-    /// process first saw it Running). See [`Settings::running_settle`].
-    pub running_seen: Mutex<HashMap<String, (String, std::time::Instant)>>,
+    /// Leases whose Task does not show them Running yet, by lease name: (lease uid, when this
+    /// process first saw the Lease). See [`Settings::mirror_delay`].
+    pub leases_seen: Mutex<HashMap<String, (String, std::time::Instant)>>,
     /// Last status write per status key, to batch bursts.
     pub status_writes: Mutex<HashMap<String, std::time::Instant>>,
     /// The runtime registry served on `/metrics` (reclaims, dispatch latency).

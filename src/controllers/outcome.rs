@@ -71,8 +71,7 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
     let Some(task) = ctx.store.try_get::<crate::resources::Task>(task_name)? else {
         return ctx.delete_lease(name, &lease.metadata.uid);
     };
-    let already = task.status.lease.is_none() && task.status.attempts >= attempt;
-    if !already && !task.status.phase.is_finished() {
+    if !super::lease::past_attempt(&task, attempt) {
         let finished = lease.status.finish_time.clone().unwrap_or_else(now_rfc3339);
         let log = lease.status.log_path.clone().unwrap_or_else(|| {
             crate::agent::shim::log_path(&ctx.state_dir, task_name, attempt)
@@ -81,18 +80,20 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
         });
         let mut verdict = ("", String::new(), EventType::Normal);
         let mut applied = false;
-        // A run that ended before its Task was marked Running (see `Settings::running_settle`)
-        // gets its start recorded here, and its Started event before the outcome's.
+        // A run that ended before its Task was made to show it (see `Settings::mirror_delay`)
+        // gets its assignment and start recorded here, and its Started event before the
+        // outcome's.
         let mut started_here = false;
         let updated = ctx.patch_task(task_name, |t| {
             // Checked again on the fresh object: the shim's record and a reclaim can race to
             // record one attempt, and only the first may (a later attempt's status is never
             // overwritten either).
-            applied = !(t.status.phase.is_finished()
-                || t.status.attempts > attempt
-                || (t.status.lease.is_none() && t.status.attempts >= attempt));
+            applied = !super::lease::past_attempt(t, attempt);
             if !applied {
                 return;
+            }
+            if !super::lease::shows_lease(t, name) {
+                super::lease::mirror_assignment(t, lease);
             }
             started_here =
                 lease.status.acquire_time.is_some() && !super::lease::shows_running(t, name);

@@ -43,6 +43,20 @@ pub struct Facts {
     pub claimed: bool,
 }
 
+/// The Leases that may run `task`, for the reclaim controller to look at when the Task changes or
+/// is deleted: the one it shows, or, for a run it does not show yet (`Settings::mirror_delay`), a
+/// Lease named after it that `cached` knows (Leases are named after their Task). A finished Task
+/// has none.
+pub fn leases_of_task(task: &Task, cached: impl Fn(&str) -> bool) -> Vec<String> {
+    match &task.status.lease {
+        Some(l) => vec![l.clone()],
+        None if !task.status.phase.is_finished() && cached(&task.metadata.name) => {
+            vec![task.metadata.name.clone()]
+        }
+        None => Vec::new(),
+    }
+}
+
 /// Judges a Lease from what is known about it.
 pub fn judge(lease: &Lease, facts: &Facts) -> Verdict {
     let Facts {
@@ -429,5 +443,31 @@ mod tests {
             judge(&l, &facts(SystemTime::now(), false, false)),
             Verdict::Stale(_)
         ));
+    }
+
+    fn task(phase: crate::resources::TaskPhase, lease: Option<&str>) -> Task {
+        let mut t = Task::new("Task", "t", Default::default());
+        t.status.phase = phase;
+        t.status.lease = lease.map(String::from);
+        t
+    }
+
+    #[test]
+    fn a_task_change_wakes_the_lease_it_shows() {
+        use crate::resources::TaskPhase::Running;
+        assert_eq!(leases_of_task(&task(Running, Some("t")), |_| false), ["t"]);
+    }
+
+    #[test]
+    fn a_task_change_wakes_a_cached_lease_of_a_run_it_does_not_show_yet() {
+        use crate::resources::TaskPhase::Pending;
+        assert_eq!(leases_of_task(&task(Pending, None), |n| n == "t"), ["t"]);
+        assert!(leases_of_task(&task(Pending, None), |_| false).is_empty());
+    }
+
+    #[test]
+    fn a_finished_task_wakes_no_lease() {
+        use crate::resources::TaskPhase::Succeeded;
+        assert!(leases_of_task(&task(Succeeded, None), |_| true).is_empty());
     }
 }
