@@ -345,6 +345,33 @@ fn succeeded(metrics: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
+/// Reconciles per controller (every result), from `/metrics`, in the order first listed.
+fn reconciles(metrics: &str) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = Vec::new();
+    for l in metrics
+        .lines()
+        .filter(|l| l.starts_with("tinyscheduler_reconcile_total{"))
+    {
+        let Some(name) = l
+            .split("controller=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+        else {
+            continue;
+        };
+        let n = l
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0) as u64;
+        match out.iter_mut().find(|(c, _)| c == name) {
+            Some((_, total)) => *total += n,
+            None => out.push((name.to_string(), n)),
+        }
+    }
+    out
+}
+
 /// Keys waiting in every work queue, from `/metrics`.
 fn queued(metrics: &str) -> u64 {
     metrics
@@ -474,7 +501,8 @@ fn burst_and_idle() {
     };
     let elapsed = t0.elapsed();
     let busy = machine_busy_ticks() - busy0;
-    let ok = scrape(port).map(|m| succeeded(&m)).unwrap_or(0);
+    let end = scrape(port).unwrap_or_default();
+    let ok = succeeded(&end);
     if !done {
         // Stop new work so that the idle measurement sees a quiet store: pause every agent and
         // let the running ones drain.
@@ -523,6 +551,11 @@ fn burst_and_idle() {
             rest * 1000.0 / ok.max(1) as f64
         );
     }
+    let per_task: Vec<String> = reconciles(&end)
+        .iter()
+        .map(|(c, n)| format!("{c} {:.2}", *n as f64 / ok.max(1) as f64))
+        .collect();
+    println!("burst: reconciles per task: {}", per_task.join(", "));
     let by_kind = count_kinds(&store, rev0);
     println!("burst: objects now: {by_kind}");
 

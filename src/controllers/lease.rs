@@ -18,7 +18,11 @@ use crate::runtime::controller::Action;
 const START_CHECK: Duration = Duration::from_secs(2);
 
 pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
-    let Some(lease) = ctx.store.try_get::<Lease>(&name)? else {
+    // The cache, not the store: each Lease change wakes this key once the cache has it, and
+    // nothing here needs a fresher Lease. A shim runs only a Lease it finds Pending in the store
+    // under its claim (invariant 1), every Task patch re-checks the Task under the store lock, and
+    // the Lease is deleted only at the version it was read at.
+    let Some(lease) = ctx.leases.get(&name) else {
         ctx.spawned
             .lock()
             .unwrap_or_else(|p| p.into_inner())

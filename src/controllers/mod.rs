@@ -228,18 +228,29 @@ impl Ctx {
     /// Deletes the Lease `name` if it is still the one with `uid` (a later attempt's Lease, which
     /// reuses the name, is left alone).
     pub fn delete_lease(&self, name: &str, uid: &str) -> Result<(), Error> {
+        // The cache usually holds the version to delete (the shim's last write), so it is tried
+        // first; the store's resourceVersion check turns a newer one into a conflict, and the
+        // version in the store is read then.
+        let mut known = self
+            .leases
+            .get(name)
+            .filter(|l| l.metadata.uid == uid)
+            .map(|l| l.metadata.resource_version.clone());
         loop {
-            let Some(current) = self.store.try_get::<Lease>(name)? else {
-                self.leases.observe_deleted(name);
-                return Ok(());
+            let version = match known.take() {
+                Some(v) => v,
+                None => {
+                    let Some(current) = self.store.try_get::<Lease>(name)? else {
+                        self.leases.observe_deleted(name);
+                        return Ok(());
+                    };
+                    if current.metadata.uid != uid {
+                        return Ok(());
+                    }
+                    current.metadata.resource_version
+                }
             };
-            if current.metadata.uid != uid {
-                return Ok(());
-            }
-            match self
-                .store
-                .delete::<Lease>(name, Some(&current.metadata.resource_version))
-            {
+            match self.store.delete::<Lease>(name, Some(&version)) {
                 Ok(_) => {
                     self.leases.observe_deleted(name);
                     self.spawned

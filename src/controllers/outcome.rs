@@ -68,111 +68,106 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
         return Ok(());
     }
 
-    let Some(task) = ctx.store.try_get::<crate::resources::Task>(task_name)? else {
-        return ctx.delete_lease(name, &lease.metadata.uid);
-    };
-    if !super::lease::past_attempt(&task, attempt) {
-        let finished = lease.status.finish_time.clone().unwrap_or_else(now_rfc3339);
-        let log = lease.status.log_path.clone().unwrap_or_else(|| {
-            crate::agent::shim::log_path(&ctx.state_dir, task_name, attempt)
-                .display()
-                .to_string()
-        });
-        let mut verdict = ("", String::new(), EventType::Normal);
-        let mut applied = false;
-        // A run that ended before its Task was made to show it (see `Settings::mirror_delay`)
-        // gets its assignment and start recorded here, and its Started event before the
-        // outcome's.
-        let mut started_here = false;
-        let updated = ctx.patch_task(task_name, |t| {
-            // Checked again on the fresh object: the shim's record and a reclaim can race to
-            // record one attempt, and only the first may (a later attempt's status is never
-            // overwritten either).
-            applied = !super::lease::past_attempt(t, attempt);
-            if !applied {
-                return;
-            }
-            if !super::lease::shows_lease(t, name) {
-                super::lease::mirror_assignment(t, lease);
-            }
-            started_here =
-                lease.status.acquire_time.is_some() && !super::lease::shows_running(t, name);
-            if started_here {
-                t.status.agent = Some(lease.spec.agent.clone());
-                t.status.start_time = lease.status.acquire_time.clone();
-            }
-            t.status.lease = None;
-            t.status.attempts = t.status.attempts.max(attempt);
-            t.status.exit_code = ending.exit_code;
-            t.status.finish_time = Some(finished.clone());
-            if ending.succeeded() {
-                t.status.phase = TaskPhase::Succeeded;
-                t.status.reason = Some("Succeeded".into());
-                t.status.message = Some(format!("exited 0 on agent/{}", lease.spec.agent));
-                t.status.next_attempt_after = None;
-                verdict = (
-                    "Succeeded",
-                    t.status.message.clone().unwrap_or_default(),
-                    EventType::Normal,
-                );
-            } else if t.status.attempts > t.spec.max_retries {
-                t.status.phase = TaskPhase::Failed;
-                t.status.reason = Some(if ending.reclaimed.is_some() {
-                    "Reclaimed".into()
-                } else {
-                    "BackoffLimitExceeded".into()
-                });
-                t.status.message = Some(format!(
-                    "failed after {} attempts; last: {what}",
-                    t.status.attempts
-                ));
-                t.status.next_attempt_after = None;
-                verdict = (
-                    "Failed",
-                    t.status.message.clone().unwrap_or_default(),
-                    EventType::Warning,
-                );
-            } else {
-                let delay = ctx.settings.retry_delay(t.status.attempts);
-                let at = SystemTime::now() + delay;
-                t.status.phase = TaskPhase::Pending;
-                t.status.reason = Some("Retrying".into());
-                // Milliseconds: whole seconds would truncate a sub-second delay to nothing and let
-                // any retry start up to a second early.
-                t.status.next_attempt_after =
-                    Some(humantime::format_rfc3339_millis(at).to_string());
-                t.status.message = Some(format!(
-                    "attempt {} failed ({what}); retry {} of {} in {}s",
-                    t.status.attempts,
-                    t.status.attempts,
-                    t.spec.max_retries,
-                    delay.as_secs_f64().ceil() as u64
-                ));
-                verdict = (
-                    "Retrying",
-                    t.status.message.clone().unwrap_or_default(),
-                    EventType::Warning,
-                );
-            }
-            // tinytask: the result goes back to the server, queued durably with the outcome.
-            if tinytask_sync::is_tinytask(t) {
-                let wbs =
-                    tinytask_sync::outcome_write_backs(t, attempt, &lease.spec.agent, &what, &log);
-                t.status.write_backs.extend(wbs);
-            }
-        })?;
-        if let (Some(t), true) = (updated, applied) {
-            if started_here {
-                ctx.event(
-                    &t,
-                    EventType::Normal,
-                    "Started",
-                    &super::lease::started_event(lease),
-                );
-            }
-            ctx.event(&t, verdict.2, verdict.0, &verdict.1);
-            Summary::bump(&ctx.summary.completed);
+    // The Task is read once, under the store lock, by the patch: a Task that is gone, or that is
+    // past this attempt, is left as it is, and the Lease deleted all the same.
+    let finished = lease.status.finish_time.clone().unwrap_or_else(now_rfc3339);
+    let log = lease.status.log_path.clone().unwrap_or_else(|| {
+        crate::agent::shim::log_path(&ctx.state_dir, task_name, attempt)
+            .display()
+            .to_string()
+    });
+    let mut verdict = ("", String::new(), EventType::Normal);
+    let mut applied = false;
+    // A run that ended before its Task was made to show it (see `Settings::mirror_delay`)
+    // gets its assignment and start recorded here, and its Started event before the
+    // outcome's.
+    let mut started_here = false;
+    let updated = ctx.patch_task(task_name, |t| {
+        // Checked again on the fresh object: the shim's record and a reclaim can race to
+        // record one attempt, and only the first may (a later attempt's status is never
+        // overwritten either).
+        applied = !super::lease::past_attempt(t, attempt);
+        if !applied {
+            return;
         }
+        if !super::lease::shows_lease(t, name) {
+            super::lease::mirror_assignment(t, lease);
+        }
+        started_here = lease.status.acquire_time.is_some() && !super::lease::shows_running(t, name);
+        if started_here {
+            t.status.agent = Some(lease.spec.agent.clone());
+            t.status.start_time = lease.status.acquire_time.clone();
+        }
+        t.status.lease = None;
+        t.status.attempts = t.status.attempts.max(attempt);
+        t.status.exit_code = ending.exit_code;
+        t.status.finish_time = Some(finished.clone());
+        if ending.succeeded() {
+            t.status.phase = TaskPhase::Succeeded;
+            t.status.reason = Some("Succeeded".into());
+            t.status.message = Some(format!("exited 0 on agent/{}", lease.spec.agent));
+            t.status.next_attempt_after = None;
+            verdict = (
+                "Succeeded",
+                t.status.message.clone().unwrap_or_default(),
+                EventType::Normal,
+            );
+        } else if t.status.attempts > t.spec.max_retries {
+            t.status.phase = TaskPhase::Failed;
+            t.status.reason = Some(if ending.reclaimed.is_some() {
+                "Reclaimed".into()
+            } else {
+                "BackoffLimitExceeded".into()
+            });
+            t.status.message = Some(format!(
+                "failed after {} attempts; last: {what}",
+                t.status.attempts
+            ));
+            t.status.next_attempt_after = None;
+            verdict = (
+                "Failed",
+                t.status.message.clone().unwrap_or_default(),
+                EventType::Warning,
+            );
+        } else {
+            let delay = ctx.settings.retry_delay(t.status.attempts);
+            let at = SystemTime::now() + delay;
+            t.status.phase = TaskPhase::Pending;
+            t.status.reason = Some("Retrying".into());
+            // Milliseconds: whole seconds would truncate a sub-second delay to nothing and let
+            // any retry start up to a second early.
+            t.status.next_attempt_after = Some(humantime::format_rfc3339_millis(at).to_string());
+            t.status.message = Some(format!(
+                "attempt {} failed ({what}); retry {} of {} in {}s",
+                t.status.attempts,
+                t.status.attempts,
+                t.spec.max_retries,
+                delay.as_secs_f64().ceil() as u64
+            ));
+            verdict = (
+                "Retrying",
+                t.status.message.clone().unwrap_or_default(),
+                EventType::Warning,
+            );
+        }
+        // tinytask: the result goes back to the server, queued durably with the outcome.
+        if tinytask_sync::is_tinytask(t) {
+            let wbs =
+                tinytask_sync::outcome_write_backs(t, attempt, &lease.spec.agent, &what, &log);
+            t.status.write_backs.extend(wbs);
+        }
+    })?;
+    if let (Some(t), true) = (updated, applied) {
+        if started_here {
+            ctx.event(
+                &t,
+                EventType::Normal,
+                "Started",
+                &super::lease::started_event(lease),
+            );
+        }
+        ctx.event(&t, verdict.2, verdict.0, &verdict.1);
+        Summary::bump(&ctx.summary.completed);
     }
     ctx.delete_lease(name, &lease.metadata.uid)
 }

@@ -167,45 +167,27 @@ pub fn register(metrics: &crate::runtime::metrics::Metrics) {
 }
 
 pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
-    // A Completed Lease is the lease controller's to record (and `judge` finds it healthy): the
-    // cache is enough to leave it alone. Completed is final for a Lease's uid, and a new Lease of
-    // the same name wakes this key again once the cache has it.
-    if ctx
-        .leases
-        .get(&name)
-        .is_some_and(|l| l.status.phase == LeasePhase::Completed)
-    {
+    // First from the cache: every Lease change reaches it before it wakes this key, so a healthy
+    // verdict on a version that a newer one is about to replace is judged again in a moment. The
+    // claim (which only ever makes a starting Lease healthy) is not asked here, so a Lease that
+    // needs it goes on to the store.
+    let Some(cached) = ctx.leases.get(&name) else {
         return Ok(Action::await_change());
+    };
+    if let Verdict::Healthy(after) = judge(&cached, &facts(&ctx, &cached, false)?) {
+        return Ok(look_again(after));
     }
-    // Everything a verdict rests on is read from the store, not the cache: a cache a moment
-    // behind (an old renewTime, say) must never get a live run killed.
+    // A run is reclaimed only on a verdict from the store: a cache a moment behind (an old
+    // renewTime, say) must never get a live run killed.
     let Some(lease) = ctx.store.try_get::<Lease>(&name)? else {
         return Ok(Action::await_change());
     };
-    let local = lease
-        .status
-        .host
-        .as_deref()
-        .is_none_or(|h| h == ctx.settings.host);
-    // A Task in the cache exists (its deletion, if any, wakes this key again); one missing from
-    // the cache is looked up in the store before a run is reclaimed for it.
-    let task_exists = ctx.tasks.get(&lease.spec.task).is_some()
-        || ctx.store.try_get::<Task>(&lease.spec.task)?.is_some();
-    let claimed = lease.status.phase == LeasePhase::Pending
-        && task_exists
-        && local
-        && Claim::is_held(&ctx.state_dir, &lease.metadata.uid).unwrap_or(false);
-    let facts = Facts {
-        now: SystemTime::now(),
-        local,
-        task_exists,
-        claimed,
-    };
+    let facts = facts(&ctx, &lease, true)?;
     let reason = match judge(&lease, &facts) {
-        Verdict::Healthy(after) if after == Duration::MAX => return Ok(Action::await_change()),
-        Verdict::Healthy(after) => return Ok(Action::requeue_after(after)),
+        Verdict::Healthy(after) => return Ok(look_again(after)),
         Verdict::Stale(reason) => reason,
     };
+    let local = facts.local;
     if ctx.settings.dry_run {
         ctx.would(&format!("reclaim lease/{name}: {reason}"));
         Summary::bump(&ctx.summary.reclaimed);
@@ -213,6 +195,39 @@ pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
     }
     reclaim(&ctx, lease, local, &reason).await?;
     Ok(Action::await_change())
+}
+
+/// When to look at a healthy Lease again.
+fn look_again(after: Duration) -> Action {
+    if after == Duration::MAX {
+        Action::await_change()
+    } else {
+        Action::requeue_after(after)
+    }
+}
+
+/// The facts [`judge`] needs about `lease`, now. A Task in the cache exists (its deletion, if
+/// any, wakes this key again); one missing from the cache is looked up in the store. The claim is
+/// asked only with `ask_claim`; without it a starting Lease counts as unclaimed.
+fn facts(ctx: &Ctx, lease: &Lease, ask_claim: bool) -> Result<Facts, Error> {
+    let local = lease
+        .status
+        .host
+        .as_deref()
+        .is_none_or(|h| h == ctx.settings.host);
+    let task_exists = ctx.tasks.get(&lease.spec.task).is_some()
+        || ctx.store.try_get::<Task>(&lease.spec.task)?.is_some();
+    let claimed = ask_claim
+        && lease.status.phase == LeasePhase::Pending
+        && task_exists
+        && local
+        && Claim::is_held(&ctx.state_dir, &lease.metadata.uid).unwrap_or(false);
+    Ok(Facts {
+        now: SystemTime::now(),
+        local,
+        task_exists,
+        claimed,
+    })
 }
 
 /// Marks the Lease Terminating, kills the run's process group, then fails the attempt.
