@@ -56,7 +56,8 @@ impl Recorder {
 
     /// Records that `type_`/`reason`/`message` happened to `obj`. An identical event within ten
     /// minutes bumps the existing one's `count` and `lastTimestamp`; otherwise a new one (count 1)
-    /// is written. Costs one read and one write.
+    /// is written. A new event costs one write (it is created outright); a repeated one a failed
+    /// create, a read and a write.
     pub fn publish(
         &self,
         obj: &ObjectReference,
@@ -74,7 +75,13 @@ impl Recorder {
             if attempt > 0 {
                 std::thread::yield_now();
             }
-            let result = match self.store.try_get::<Event>(&name)? {
+            // Most events are new: the first round creates, and only an AlreadyExists reads.
+            let existing = if attempt == 0 {
+                None
+            } else {
+                self.store.try_get::<Event>(&name)?
+            };
+            let result = match existing {
                 Some(mut ev) => {
                     let recent = parse_time(&ev.spec.last_timestamp)
                         .and_then(|t| now.duration_since(t).ok().or(Some(Duration::ZERO)))

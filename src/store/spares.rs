@@ -239,8 +239,8 @@ impl Pool {
             self.release(&path, slot, false);
             return Err(e);
         }
-        // The file is the object now; the slot is empty.
-        self.release(&path, slot, false);
+        // The file is the object now; the slot is empty (and there is nothing at `path` to remove).
+        self.mark(slot, false);
         Ok(())
     }
 
@@ -258,6 +258,11 @@ impl Pool {
         if !keep {
             let _ = fs::remove_file(path);
         }
+        self.mark(slot, keep);
+    }
+
+    /// Records in the table that `slot` holds a spare resting from now on (`keep`) or is empty.
+    fn mark(&self, slot: Option<usize>, keep: bool) {
         let Some(k) = slot else { return };
         if let Ok(mut table) = self.load() {
             table.slots[k] = if keep { boottime_ms() + 1 } else { 0 };
