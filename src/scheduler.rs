@@ -143,7 +143,15 @@ impl Scheduler {
             shutdown.wait(),
         ));
 
-        let c = Controller::new("status", ctx.clone(), metrics.clone())
+        let c = Controller::new("status", ctx.clone(), metrics.clone());
+        // Runs change an agent's and a queue's counts many times a second in a burst; a key whose
+        // write is not due yet waits for it on the queue instead of waking the worker each time.
+        let due = {
+            let (ctx, queue) = (ctx.clone(), c.queue());
+            move |keys: Vec<String>| status::due_now(&ctx.status_writes, &queue, keys)
+        };
+        let (d1, d2) = (due.clone(), due.clone());
+        let c = c
             .watches(&ctx.agents, |a: &Agent| {
                 let mut k = vec![format!("agent/{}", a.metadata.name)];
                 k.extend(a.spec.queue.iter().map(|q| format!("queue/{q}")));
@@ -152,10 +160,14 @@ impl Scheduler {
             .watches(&ctx.queues, |q: &Queue| {
                 vec![format!("queue/{}", q.metadata.name)]
             })
-            .watches(&ctx.leases, |l: &Lease| {
-                vec![format!("agent/{}", l.spec.agent)]
+            .watches(&ctx.leases, move |l: &Lease| {
+                d1(vec![format!("agent/{}", l.spec.agent)])
             })
-            .watches_filtered(&ctx.tasks, status::keys_for_task, task_needs_resync)
+            .watches_filtered(
+                &ctx.tasks,
+                move |t: &Task| d2(status::keys_for_task(t)),
+                task_needs_resync,
+            )
             .workers(1)
             .worker_threads();
         queues.push(("status", c.queue()));
@@ -170,7 +182,10 @@ impl Scheduler {
         let c = Controller::new("tinytask-sync", ctx.clone(), metrics.clone())
             .watches(&ctx.queues, tinytask_sync::keys_for_queue)
             .watches(&ctx.agents, tinytask_sync::keys_for_agent)
-            .watches(&ctx.leases, tinytask_sync::lease_mapper(ctx.agents.clone()))
+            .watches(
+                &ctx.leases,
+                tinytask_sync::lease_mapper(ctx.agents.clone(), ctx.queues.clone()),
+            )
             // Only tasks with write-backs pending map to keys, finished or not.
             .watches(&ctx.tasks, tinytask_sync::keys_for_task)
             .backoff(Backoff::new(

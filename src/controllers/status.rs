@@ -3,7 +3,8 @@
 //! `task/NAME`. Agent and queue writes are batched to at most one per second per object, so a burst
 //! of runs does not double the store's write load.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::{Ctx, Error};
@@ -11,6 +12,7 @@ use crate::resources::meta::{parse_time, set_condition};
 use crate::resources::task::TINYTASK_ID_ANNOTATION;
 use crate::resources::{Agent, Queue, Task, TaskPhase};
 use crate::runtime::controller::Action;
+use crate::runtime::workqueue::WorkQueue;
 
 /// Shortest time between two status writes of one object.
 const MIN_WRITE_INTERVAL: Duration = Duration::from_secs(1);
@@ -61,6 +63,35 @@ pub fn flush_all(ctx: &Ctx) -> Result<(), Error> {
         queue_status(ctx, &q.metadata.name)?;
     }
     Ok(())
+}
+
+/// The `keys` a run's change wakes now. An agent or queue key written less than a second ago is
+/// queued for when its next write is due instead (the queue keeps one time per key): in a burst
+/// the worker then wakes about once a second per key, not once per run. Changes to the Agent or
+/// Queue object itself still wake their key at once.
+/// `written` is [`Ctx::status_writes`].
+pub fn due_now(
+    written: &Mutex<HashMap<String, Instant>>,
+    queue: &WorkQueue<String>,
+    keys: Vec<String>,
+) -> Vec<String> {
+    let now = Instant::now();
+    let (due, later): (Vec<_>, Vec<_>) = {
+        let last = written.lock().unwrap_or_else(|p| p.into_inner());
+        keys.into_iter()
+            .map(|key| {
+                let wait = last
+                    .get(&key)
+                    .map(|t| MIN_WRITE_INTERVAL.saturating_sub(now.duration_since(*t)))
+                    .unwrap_or_default();
+                (key, wait)
+            })
+            .partition(|(_, wait)| wait.is_zero())
+    };
+    for (key, wait) in later {
+        queue.add_after(key, wait);
+    }
+    due.into_iter().map(|(key, _)| key).collect()
 }
 
 /// How long `key` must wait before its next write (zero: write now, and the clock restarts).
@@ -231,4 +262,28 @@ pub fn keys_for_task(t: &Task) -> Vec<String> {
         keys.push(format!("queue/{q}"));
     }
     keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_status_key_written_a_moment_ago_waits_on_the_queue_for_its_next_write() {
+        let written = Mutex::new(HashMap::new());
+        written.lock().unwrap().insert(
+            "agent/a".to_string(),
+            Instant::now() - Duration::from_millis(300),
+        );
+        let queue = WorkQueue::new(crate::runtime::backoff::Backoff::default());
+        let keys = ["agent/a", "agent/b", "task/t"].map(String::from).to_vec();
+        assert_eq!(due_now(&written, &queue, keys), ["agent/b", "task/t"]);
+        assert_eq!(queue.len(), 0, "agent/a is not ready yet");
+        // Due 700 ms after the check (a second after the write); checked with room to spare for a
+        // slow machine between the write's stamp and the check.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(queue.len(), 0, "agent/a is due 700 ms after the check");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(queue.len(), 1, "agent/a is ready once its write is due");
+    }
 }

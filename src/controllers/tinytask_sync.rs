@@ -372,12 +372,10 @@ pub fn render_metrics(ctx: &Ctx) -> String {
 
 // ---- key mappers ----
 
+/// Every Queue change wakes its poll key: a tinytask queue is polled, and one that is no longer
+/// (its source changed to local) has its poll state forgotten. Queues are few.
 pub fn keys_for_queue(q: &Queue) -> Vec<String> {
-    if q.spec.source == QueueSource::Tinytask {
-        vec![format!("{POLL_PREFIX}{}", q.metadata.name)]
-    } else {
-        Vec::new()
-    }
+    vec![format!("{POLL_PREFIX}{}", q.metadata.name)]
 }
 
 pub fn keys_for_agent(a: &Agent) -> Vec<String> {
@@ -397,8 +395,12 @@ pub fn keys_for_task(t: &Task) -> Vec<String> {
 }
 
 /// A Lease change: claim it if it needs claiming, and (a slot taken or freed) look at its agent's
-/// queue again.
-pub fn lease_mapper(agents: Informer<Agent>) -> impl Fn(&Lease) -> Vec<String> + Send + Sync {
+/// queue again if that queue is polled from tinytask. (A local queue's runs, thousands in a burst,
+/// wake nothing here.)
+pub fn lease_mapper(
+    agents: Informer<Agent>,
+    queues: Informer<Queue>,
+) -> impl Fn(&Lease) -> Vec<String> + Send + Sync {
     move |l: &Lease| {
         let mut keys = Vec::new();
         if l.spec.task.starts_with(TASK_PREFIX)
@@ -408,7 +410,12 @@ pub fn lease_mapper(agents: Informer<Agent>) -> impl Fn(&Lease) -> Vec<String> +
             keys.push(format!("{CLAIM_PREFIX}{}", l.metadata.name));
         }
         if let Some(q) = agents.get(&l.spec.agent).and_then(|a| a.spec.queue.clone()) {
-            keys.push(format!("{POLL_PREFIX}{q}"));
+            if queues
+                .get(&q)
+                .is_some_and(|q| q.spec.source == QueueSource::Tinytask)
+            {
+                keys.push(format!("{POLL_PREFIX}{q}"));
+            }
         }
         keys
     }
@@ -1340,5 +1347,86 @@ mod tests {
         let i = Duration::from_secs(2);
         let d: Vec<u64> = (0..7).map(|f| backoff(i, f).as_secs()).collect();
         assert_eq!(d, [2, 2, 4, 8, 16, 30, 30]);
+    }
+
+    /// Informers over an empty store, with `agents` and `queues` observed into their caches.
+    fn caches(
+        dir: &std::path::Path,
+        agents: &[(&str, &str)],
+        queues: &[(&str, QueueSource)],
+    ) -> (Informer<Agent>, Informer<Queue>) {
+        let store = crate::store::Store::open(dir).unwrap();
+        let (a, q) = (
+            Informer::new(store.clone(), Default::default()),
+            Informer::new(store, Default::default()),
+        );
+        for (name, queue) in agents {
+            let spec = crate::resources::AgentSpec {
+                queue: Some(queue.to_string()),
+                ..Default::default()
+            };
+            let mut agent = Agent::new("Agent", name, spec);
+            agent.metadata.resource_version = "1".into();
+            a.observe(agent);
+        }
+        for (name, source) in queues {
+            let spec = crate::resources::QueueSpec {
+                source: *source,
+                ..Default::default()
+            };
+            let mut queue = Queue::new("Queue", name, spec);
+            queue.metadata.resource_version = "1".into();
+            q.observe(queue);
+        }
+        (a, q)
+    }
+
+    fn lease_of(agent: &str) -> Lease {
+        Lease::new(
+            "Lease",
+            "t",
+            crate::resources::LeaseSpec {
+                task: "t".into(),
+                agent: agent.into(),
+                attempt: 1,
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn a_run_of_a_local_queue_wakes_no_poll_and_one_of_a_tinytask_queue_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agents, queues) = caches(
+            dir.path(),
+            &[("local-agent", "local"), ("remote-agent", "remote")],
+            &[
+                ("local", QueueSource::Local),
+                ("remote", QueueSource::Tinytask),
+            ],
+        );
+        let map = lease_mapper(agents, queues);
+        assert!(map(&lease_of("local-agent")).is_empty());
+        assert_eq!(
+            map(&lease_of("remote-agent")),
+            [format!("{POLL_PREFIX}remote")]
+        );
+    }
+
+    #[test]
+    fn every_queue_change_wakes_its_poll_so_a_source_turned_local_is_forgotten() {
+        let q = |source| {
+            Queue::new(
+                "Queue",
+                "q",
+                crate::resources::QueueSpec {
+                    source,
+                    ..Default::default()
+                },
+            )
+        };
+        let want = [format!("{POLL_PREFIX}q")];
+        assert_eq!(keys_for_queue(&q(QueueSource::Tinytask)), want);
+        assert_eq!(keys_for_queue(&q(QueueSource::Local)), want);
     }
 }
