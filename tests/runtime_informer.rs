@@ -15,8 +15,23 @@ fn queue(name: &str, team: &str) -> Queue {
     q
 }
 
-fn opts(resync: Duration, relist: Duration) -> InformerOptions {
-    InformerOptions { resync, relist }
+/// A store in a fresh directory, which lives as long as the returned guard.
+fn temp_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    (dir, store)
+}
+
+/// An informer of Queues over `store` that replays its cache every `resync_secs` and whose watch
+/// rescans its directory every `relist_secs`.
+fn informer(store: &Store, resync_secs: u64, relist_secs: u64) -> Informer<Queue> {
+    Informer::new(
+        store.clone(),
+        InformerOptions {
+            resync: Duration::from_secs(resync_secs),
+            relist: Duration::from_secs(relist_secs),
+        },
+    )
 }
 
 /// Waits (on whatever clock the test runs) for the next event that is not a Resync.
@@ -67,13 +82,9 @@ fn applied_name(ev: &InformerEvent<Queue>) -> String {
 
 #[tokio::test]
 async fn an_informer_lists_then_syncs_then_follows_creates_updates_and_deletes() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let (_dir, store) = temp_store();
     store.create(&queue("one", "a")).unwrap();
-    let inf = Informer::<Queue>::new(
-        store.clone(),
-        opts(Duration::from_secs(3600), Duration::from_secs(3600)),
-    );
+    let inf = informer(&store, 3600, 3600);
     let mut rx = inf.subscribe();
     assert!(!inf.is_synced());
     let _h = inf.start();
@@ -97,12 +108,8 @@ async fn an_informer_lists_then_syncs_then_follows_creates_updates_and_deletes()
 
 #[tokio::test]
 async fn observe_shows_a_write_at_once_and_the_later_watch_event_does_not_fire_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let inf = Informer::<Queue>::new(
-        store.clone(),
-        opts(Duration::from_secs(3600), Duration::from_secs(3600)),
-    );
+    let (_dir, store) = temp_store();
+    let inf = informer(&store, 3600, 3600);
     let _h = inf.start();
     inf.wait_synced().await;
     let mut rx = inf.subscribe();
@@ -133,15 +140,11 @@ async fn observe_shows_a_write_at_once_and_the_later_watch_event_does_not_fire_a
 
 #[tokio::test]
 async fn secondary_indexes_follow_the_objects() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let (_dir, store) = temp_store();
     store.create(&queue("a1", "a")).unwrap();
     store.create(&queue("a2", "a")).unwrap();
     store.create(&queue("b1", "b")).unwrap();
-    let inf = Informer::<Queue>::new(
-        store.clone(),
-        opts(Duration::from_secs(3600), Duration::from_secs(3600)),
-    );
+    let inf = informer(&store, 3600, 3600);
     inf.add_index("team", |q: &Queue| {
         q.metadata.labels.get("team").cloned().into_iter().collect()
     });
@@ -165,13 +168,9 @@ async fn secondary_indexes_follow_the_objects() {
 /// The informer's resync is an hour away (and only replays the cache anyway).
 #[tokio::test(start_paused = true)]
 async fn a_write_inotify_never_reported_is_caught_by_the_watchs_periodic_rescan() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let (_dir, store) = temp_store();
     store.create(&queue("hidden", "a")).unwrap();
-    let inf = Informer::<Queue>::new(
-        store.clone(),
-        opts(Duration::from_secs(3600), Duration::from_secs(5)),
-    );
+    let inf = informer(&store, 3600, 5);
     let mut rx = inf.subscribe();
     let _h = inf.start();
     inf.wait_synced().await;
@@ -201,12 +200,8 @@ async fn a_write_inotify_never_reported_is_caught_by_the_watchs_periodic_rescan(
 /// for a rescan (an hour away here).
 #[tokio::test(start_paused = true)]
 async fn a_replaced_kind_directory_is_watched_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let inf = Informer::<Queue>::new(
-        store.clone(),
-        opts(Duration::from_secs(3600), Duration::from_secs(3600)),
-    );
+    let (dir, store) = temp_store();
+    let inf = informer(&store, 3600, 3600);
     let _h = inf.start();
     inf.wait_synced().await;
     let kind_dir = store.kind_dir("queues");
@@ -228,13 +223,9 @@ async fn a_replaced_kind_directory_is_watched_again() {
 /// the store: a write the watch has not reported yet stays unseen.
 #[tokio::test(start_paused = true)]
 async fn a_resync_replays_the_cache_without_reading_the_store() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let (_dir, store) = temp_store();
     store.create(&queue("listed", "a")).unwrap();
-    let inf = Informer::<Queue>::new(
-        store.clone(),
-        opts(Duration::from_secs(5), Duration::from_secs(3600)),
-    );
+    let inf = informer(&store, 5, 3600);
     let snapshots: Arc<std::sync::Mutex<Vec<Vec<String>>>> = Arc::default();
     let s = snapshots.clone();
     inf.on_event(move |ev, snapshot| {
@@ -265,13 +256,9 @@ async fn a_resync_replays_the_cache_without_reading_the_store() {
 /// A watch that reports an error makes the informer relist (with backoff) and carry on.
 #[tokio::test(start_paused = true)]
 async fn an_informer_recovers_after_its_directory_becomes_unreadable_for_a_while() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let (_dir, store) = temp_store();
     store.create(&queue("before", "a")).unwrap();
-    let inf = Informer::<Queue>::new(
-        store.clone(),
-        opts(Duration::from_secs(3600), Duration::from_secs(1)),
-    );
+    let inf = informer(&store, 3600, 1);
     let _h = inf.start();
     inf.wait_synced().await;
     let kind_dir = store.kind_dir("queues");
@@ -302,13 +289,9 @@ async fn a_controller_reconciles_the_keys_its_watched_objects_map_to() {
     use std::sync::Mutex;
     use tinyscheduler::runtime::{Action, Controller, Metrics};
 
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let (_dir, store) = temp_store();
     store.create(&queue("q1", "alpha")).unwrap();
-    let inf = Informer::<Queue>::new(
-        store.clone(),
-        opts(Duration::from_secs(3600), Duration::from_secs(3600)),
-    );
+    let inf = informer(&store, 3600, 3600);
     let _h = inf.start();
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let c =
@@ -354,12 +337,8 @@ async fn a_controller_reconciles_the_keys_its_watched_objects_map_to() {
 
 #[tokio::test]
 async fn a_panicking_event_handler_does_not_stop_the_informer() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let inf = Informer::<Queue>::new(
-        store.clone(),
-        opts(Duration::from_secs(3600), Duration::from_secs(3600)),
-    );
+    let (_dir, store) = temp_store();
+    let inf = informer(&store, 3600, 3600);
     inf.on_event(|_, _| panic!("buggy mapper"));
     let mut rx = inf.subscribe();
     let _h = inf.start();
@@ -377,14 +356,10 @@ async fn a_resync_wakes_only_the_objects_the_controllers_filter_keeps() {
     use std::sync::Mutex;
     use tinyscheduler::runtime::{Action, Controller, Metrics};
 
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let (_dir, store) = temp_store();
     store.create(&queue("busy", "alpha")).unwrap();
     store.create(&queue("finished", "done")).unwrap();
-    let inf = Informer::<Queue>::new(
-        store.clone(),
-        opts(Duration::from_secs(30), Duration::from_secs(3600)),
-    );
+    let inf = informer(&store, 30, 3600);
     let _h = inf.start();
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let c = Controller::new("filtered", seen.clone(), Metrics::default()).watches_filtered(
