@@ -252,19 +252,11 @@ fn mark_task_running(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::resources::{LeaseSpec, TaskSpec};
+    use crate::resources::lease::test_lease;
+    use crate::resources::TaskSpec;
 
     fn lease(attempt: i64) -> Lease {
-        let mut l = Lease::new(
-            "Lease",
-            "t",
-            LeaseSpec {
-                task: "t".into(),
-                agent: "a".into(),
-                attempt,
-                ..Default::default()
-            },
-        );
+        let mut l = test_lease("t", "a", attempt);
         l.metadata.creation_timestamp = Some("2026-12-01T10:00:00Z".into());
         l
     }

@@ -321,23 +321,14 @@ mod tests {
             claimed: false,
         }
     }
+    use crate::resources::lease::test_lease;
     use crate::resources::meta::format_time;
-    use crate::resources::LeaseSpec;
 
     fn lease(phase: LeasePhase, renewed_ago: u64, running_for: u64) -> Lease {
         let now = SystemTime::now();
-        let mut l = Lease::new(
-            "Lease",
-            "t",
-            LeaseSpec {
-                task: "t".into(),
-                agent: "a".into(),
-                lease_duration_seconds: 45,
-                max_runtime_seconds: 3600,
-                attempt: 1,
-                ..Default::default()
-            },
-        );
+        let mut l = test_lease("t", "a", 1);
+        l.spec.lease_duration_seconds = 45;
+        l.spec.max_runtime_seconds = 3600;
         l.metadata.creation_timestamp = Some(format_time(now - Duration::from_secs(running_for)));
         l.status.phase = phase;
         l.status.renew_time = Some(format_time(now - Duration::from_secs(renewed_ago)));

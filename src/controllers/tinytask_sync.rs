@@ -1382,16 +1382,7 @@ mod tests {
     }
 
     fn lease_of(agent: &str) -> Lease {
-        Lease::new(
-            "Lease",
-            "t",
-            crate::resources::LeaseSpec {
-                task: "t".into(),
-                agent: agent.into(),
-                attempt: 1,
-                ..Default::default()
-            },
-        )
+        crate::resources::lease::test_lease("t", agent, 1)
     }
 
     #[test]

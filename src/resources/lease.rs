@@ -8,6 +8,22 @@ use super::meta::Object;
 pub type Lease = Object<LeaseSpec, LeaseStatus>;
 crate::impl_resource!(Lease, "Lease", "leases");
 
+/// For unit tests: a Lease for attempt `attempt` of task `task` on agent `agent`, named after the
+/// task, with every other field at its default.
+#[cfg(test)]
+pub(crate) fn test_lease(task: &str, agent: &str, attempt: i64) -> Lease {
+    Lease::new(
+        "Lease",
+        task,
+        LeaseSpec {
+            task: task.into(),
+            agent: agent.into(),
+            attempt,
+            ..Default::default()
+        },
+    )
+}
+
 /// Who holds the run and for how long it may go unrenewed.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
