@@ -174,7 +174,7 @@ impl Pool {
     pub fn stage(&self, bytes: &[u8]) -> io::Result<Staged> {
         if self.boot.is_empty() {
             let path = fsio::temp_path(&self.dir);
-            return finish_staging(path.clone(), None, create_new(&path).map(|f| (f, 0)), bytes);
+            return finish_staging(path.clone(), None, create_empty(&path), bytes);
         }
         let mut table = self.load()?;
         let now = boottime_ms();
@@ -182,20 +182,16 @@ impl Pool {
         let (path, slot, file) =
             if let Some(k) = table.slots.iter().position(|s| slot_rested(*s, now)) {
                 let path = self.spare_path(k);
-                let file = reopen_spare(&path).or_else(|_| {
-                    let _ = fs::remove_file(&path);
-                    create_new(&path).map(|f| (f, 0))
-                });
+                let file = reopen_spare(&path).or_else(|_| create_empty(&path));
                 (path, Some(k), file)
             } else if let Some(k) = table.slots.iter().position(|s| slot_free(*s)) {
                 let path = self.spare_path(k);
                 // A free slot should have no file; one left by a crashed writer is replaced.
-                let _ = fs::remove_file(&path);
-                let file = create_new(&path).map(|f| (f, 0));
+                let file = create_empty(&path);
                 (path, Some(k), file)
             } else {
                 let path = fsio::temp_path(&self.dir);
-                let file = create_new(&path).map(|f| (f, 0));
+                let file = create_empty(&path);
                 (path, None, file)
             };
         if let (Some(k), Ok(_)) = (slot, &file) {
@@ -327,13 +323,26 @@ fn reopen_spare(path: &Path) -> io::Result<(File, u64)> {
     Ok((f, m.len()))
 }
 
-fn create_new(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(path)
+/// Creates an empty file at `path` (length 0, for [`finish_staging`]), replacing whatever is
+/// there: a file a crashed writer left, or one that is not a lone regular file. Tries the create
+/// first, as there is nearly always nothing to remove.
+fn create_empty(path: &Path) -> io::Result<(File, u64)> {
+    let create = || {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(path)
+    };
+    let file = match create() {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            fs::remove_file(path)?;
+            create()?
+        }
+        other => other?,
+    };
+    Ok((file, 0))
 }
 
 /// Atomically swaps the directory entries `a` and `b` (both must exist).
@@ -520,5 +529,20 @@ mod tests {
         p.write(&target, b"three", false, true).unwrap();
         assert_eq!(fs::read(&other).unwrap(), b"one");
         assert_eq!(fs::read(&target).unwrap(), b"three");
+    }
+
+    #[test]
+    fn a_file_a_crashed_writer_left_in_a_free_slot_is_replaced_not_written_through() {
+        let d = tempfile::tempdir().unwrap();
+        let p = pool(d.path());
+        // The table says slot 0 is free, but a file is there, also linked elsewhere.
+        let leftover = d.path().join("tmp").join("spare-0");
+        fs::write(&leftover, b"left over").unwrap();
+        let other = d.path().join("other.json");
+        fs::hard_link(&leftover, &other).unwrap();
+        let target = d.path().join("x.json");
+        p.write(&target, b"new", false, false).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"new");
+        assert_eq!(fs::read(&other).unwrap(), b"left over");
     }
 }
