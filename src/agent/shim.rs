@@ -503,9 +503,9 @@ fn start_agent(
     if let Some(w) = workdir {
         cmd.current_dir(w);
     }
-    // Its own process group (pgid = its pid), set by posix_spawn (the program is a path, see above):
-    // no fork of the shim, and no code of ours runs in the child. The signal mask is emptied and handled signals go back to their
-    // defaults on exec.
+    // Its own process group (pgid = its pid), set by posix_spawn (the program is a path, see
+    // above): no fork of the shim, and no code of ours runs in the child. The signal mask is
+    // emptied and handled signals go back to their defaults on exec.
     cmd.process_group(0);
     cmd.spawn()
 }
