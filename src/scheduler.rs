@@ -150,7 +150,7 @@ impl Scheduler {
             let (ctx, queue) = (ctx.clone(), c.queue());
             move |keys: Vec<String>| status::due_now(&ctx.status_writes, &queue, keys)
         };
-        let (d1, d2) = (due.clone(), due.clone());
+        let due_too = due.clone();
         let c = c
             .watches(&ctx.agents, |a: &Agent| {
                 let mut k = vec![format!("agent/{}", a.metadata.name)];
@@ -161,11 +161,11 @@ impl Scheduler {
                 vec![format!("queue/{}", q.metadata.name)]
             })
             .watches(&ctx.leases, move |l: &Lease| {
-                d1(vec![format!("agent/{}", l.spec.agent)])
+                due(vec![format!("agent/{}", l.spec.agent)])
             })
             .watches_filtered(
                 &ctx.tasks,
-                move |t: &Task| d2(status::keys_for_task(t)),
+                move |t: &Task| due_too(status::keys_for_task(t)),
                 task_needs_resync,
             )
             .workers(1)
@@ -384,8 +384,9 @@ fn task_done(t: &Task, agents: &[Arc<Agent>], phases: &HashMap<&str, TaskPhase>)
 /// Runs a reconcile, which does blocking store I/O (the store's flock, fsync), without starving
 /// the runtime: on a multi-threaded runtime the worker first hands its other tasks to a fresh
 /// thread. (The controllers that only touch the store run their workers on threads of their own,
-/// [`Controller::worker_threads`], where this is a plain `await`.) Without this, two reconciles waiting on a slow disk or a held store lock occupied
-/// both workers and froze everything else — the HTTP endpoints, signal handling, the watchdog.
+/// [`Controller::worker_threads`], where this is a plain `await`.) Without this, two reconciles
+/// waiting on a slow disk or a held store lock occupied both workers and froze everything else —
+/// the HTTP endpoints, signal handling, the watchdog.
 async fn blocking_io<F: Future>(fut: F) -> F::Output {
     match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
