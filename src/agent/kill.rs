@@ -29,49 +29,103 @@ pub struct KillOutcome {
 /// Refuses (returns `terminated: false, killed: false` and signals nothing) for `pgid <= 1` and
 /// for the caller's own process group. An already empty group returns `terminated: true`.
 pub async fn terminate_group(pgid: i32, grace: Duration) -> KillOutcome {
-    if pgid <= 1 || Pid::from_raw(pgid) == getpgrp() {
-        tracing::warn!(pgid, "refusing to signal process group");
-        return KillOutcome::default();
-    }
-    if !group_alive(pgid) {
-        return KillOutcome {
-            terminated: true,
-            killed: false,
-        };
-    }
-    let group = Pid::from_raw(pgid);
-    let _ = killpg(group, Signal::SIGTERM);
-    let _ = killpg(group, Signal::SIGCONT);
-    if wait_empty(pgid, grace).await {
-        return KillOutcome {
-            terminated: true,
-            killed: false,
-        };
-    }
-    tracing::info!(
-        pgid,
-        ?grace,
-        "process group outlived SIGTERM; sending SIGKILL"
-    );
-    let _ = killpg(group, Signal::SIGKILL);
-    let terminated = wait_empty(pgid, AFTER_KILL).await;
-    KillOutcome {
-        terminated,
-        killed: true,
+    let mut t = Termination::start(pgid, grace);
+    loop {
+        match t.step(Instant::now()) {
+            Step::Done(outcome) => return outcome,
+            Step::CheckAt(at) => tokio::time::sleep_until(at.into()).await,
+        }
     }
 }
 
-/// Polls until the group is empty (true) or `limit` passes (false).
-async fn wait_empty(pgid: i32, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if !group_alive(pgid) {
-            return true;
+/// [`terminate_group`] as a state machine, for a caller with an event loop of its own (the shim
+/// keeps reaping its agent and renewing its Lease meanwhile): [`Termination::start`] sends the
+/// SIGTERM, and [`Termination::step`] is called whenever the time it asked for has come.
+#[derive(Debug)]
+pub struct Termination {
+    pgid: i32,
+    deadline: Instant,
+    killed: bool,
+    done: Option<KillOutcome>,
+}
+
+/// What a [`Termination`] needs next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Finished: the group is empty, it outlived SIGKILL's wait, or the call was refused.
+    Done(KillOutcome),
+    /// Call [`Termination::step`] again at this time (or earlier).
+    CheckAt(Instant),
+}
+
+impl Termination {
+    /// Sends SIGTERM and SIGCONT to the group, unless it is empty already or the call is refused
+    /// (see [`terminate_group`]); then the first step is `Done`.
+    pub fn start(pgid: i32, grace: Duration) -> Termination {
+        let mut t = Termination {
+            pgid,
+            deadline: Instant::now() + grace,
+            killed: false,
+            done: None,
+        };
+        if pgid <= 1 || Pid::from_raw(pgid) == getpgrp() {
+            tracing::warn!(pgid, "refusing to signal process group");
+            t.done = Some(KillOutcome::default());
+        } else if !group_alive(pgid) {
+            t.done = Some(KillOutcome {
+                terminated: true,
+                killed: false,
+            });
+        } else {
+            let group = Pid::from_raw(pgid);
+            let _ = killpg(group, Signal::SIGTERM);
+            let _ = killpg(group, Signal::SIGCONT);
         }
-        let now = Instant::now();
-        if now >= deadline {
-            return false;
+        t
+    }
+
+    /// Looks at the group: done once it is empty; SIGKILL once the grace is over; gives up
+    /// [`AFTER_KILL`] after that. Once done, it stays done.
+    pub fn step(&mut self, now: Instant) -> Step {
+        if let Some(outcome) = self.done {
+            return Step::Done(outcome);
         }
-        tokio::time::sleep(POLL.min(deadline - now)).await;
+        if !group_alive(self.pgid) {
+            return self.finish(true);
+        }
+        if now >= self.deadline {
+            if self.killed {
+                return self.finish(false);
+            }
+            tracing::info!(
+                pgid = self.pgid,
+                "process group outlived SIGTERM; sending SIGKILL"
+            );
+            let _ = killpg(Pid::from_raw(self.pgid), Signal::SIGKILL);
+            self.killed = true;
+            self.deadline = now + AFTER_KILL;
+        }
+        Step::CheckAt((now + POLL).min(self.deadline))
+    }
+
+    /// Steps to the end, sleeping in between.
+    pub fn wait(mut self) -> KillOutcome {
+        loop {
+            match self.step(Instant::now()) {
+                Step::Done(outcome) => return outcome,
+                Step::CheckAt(at) => {
+                    std::thread::sleep(at.saturating_duration_since(Instant::now()))
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, terminated: bool) -> Step {
+        let outcome = KillOutcome {
+            terminated,
+            killed: self.killed,
+        };
+        self.done = Some(outcome);
+        Step::Done(outcome)
     }
 }

@@ -119,7 +119,11 @@ fn fork_shim(g: &Globals, lease: &str) -> io::Result<i32> {
                     1
                 }
             };
-            std::process::exit(code)
+            // `_exit`, not `exit`: the exit handlers and library destructors are the launcher's,
+            // not this child's to run. Nothing is left to flush: stdout is /dev/null, stderr is
+            // unbuffered and the shim's files are closed by then.
+            // SAFETY: `_exit` ends the process at once; no Rust code runs after it.
+            unsafe { nix::libc::_exit(code) }
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod kill;
 pub mod launcher;
 pub mod liveness;
 pub mod shim;
+pub mod signal_pipe;
 pub mod spawn;
 pub mod template;
 

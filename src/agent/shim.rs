@@ -30,17 +30,17 @@ use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{ExitCode, ExitStatus, Stdio};
-use std::time::Duration;
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal};
-use tokio::signal::unix::{signal as unix_signal, SignalKind};
 
 use super::claim::Claim;
-use super::kill::{terminate_group, KillOutcome};
+use super::kill::{KillOutcome, Step, Termination};
 use super::liveness::start_time_of;
+use super::signal_pipe::Signals;
 use super::template::render;
 use crate::cli::args::{Globals, ShimArgs};
 use crate::cli::{CliError, CliResult};
@@ -100,13 +100,11 @@ pub fn main(g: &Globals, args: ShimArgs) -> CliResult {
         let _ = nix::sys::signal::sigaction(Signal::SIGHUP, &hup);
         let _ = nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigIgn);
     }
+    let signals = Signals::take()
+        .map_err(|e| CliError(format!("error: cannot set up signal handling: {e}")))?;
     let state_dir = std::path::absolute(&g.state_dir)
         .map_err(|e| CliError(format!("error: {}: {e}", g.state_dir.display())))?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| CliError(format!("error: cannot start the runtime: {e}")))?;
-    rt.block_on(supervise(state_dir, args.lease))
+    supervise(state_dir, args.lease, &signals)
 }
 
 extern "C" fn ignore_signal(_: nix::libc::c_int) {}
@@ -131,7 +129,7 @@ struct Outcome {
     message: String,
 }
 
-async fn supervise(state_dir: PathBuf, lease_name: String) -> CliResult {
+fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliResult {
     let store = Store::open(&state_dir)?;
     let Some((lease, _claim)) = claim(&store, &state_dir, &lease_name)? else {
         return Ok(ExitCode::SUCCESS);
@@ -153,7 +151,7 @@ async fn supervise(state_dir: PathBuf, lease_name: String) -> CliResult {
     let (path, mut log) = match log {
         Ok(x) => x,
         Err(msg) => {
-            record_not_started(&store, &lease_name, &uid, 127, &msg, None).await;
+            record_not_started(&store, &lease_name, &uid, 127, &msg, None);
             return Ok(ExitCode::SUCCESS);
         }
     };
@@ -162,7 +160,7 @@ async fn supervise(state_dir: PathBuf, lease_name: String) -> CliResult {
     let (argv, env, workdir, heartbeat) = match prepared {
         Ok(p) => p,
         Err(msg) => {
-            record_not_started(&store, &lease_name, &uid, 127, &msg, Some(&mut log)).await;
+            record_not_started(&store, &lease_name, &uid, 127, &msg, Some(&mut log));
             return Ok(ExitCode::SUCCESS);
         }
     };
@@ -176,11 +174,11 @@ async fn supervise(state_dir: PathBuf, lease_name: String) -> CliResult {
                 _ => 127,
             };
             let msg = format!("cannot start {:?}: {e}", argv[0]);
-            record_not_started(&store, &lease_name, &uid, code, &msg, Some(&mut log)).await;
+            record_not_started(&store, &lease_name, &uid, code, &msg, Some(&mut log));
             return Ok(ExitCode::SUCCESS);
         }
     };
-    let pid = child.id().map(|p| p as i32).unwrap_or(0);
+    let pid = child.id() as i32;
     let me = std::process::id() as i32;
     let info = RunInfo {
         uid,
@@ -197,37 +195,42 @@ async fn supervise(state_dir: PathBuf, lease_name: String) -> CliResult {
     }
 
     let period = Duration::from_secs(heartbeat.max(1) as u64);
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sigterm = unix_signal(SignalKind::terminate()).ok();
-    let mut sigint = unix_signal(SignalKind::interrupt()).ok();
     let grace = kill_grace();
-    let mut forwarded: Option<(&'static str, tokio::task::JoinHandle<KillOutcome>)> = None;
+    let mut next_renewal = Instant::now() + period;
+    // A SIGTERM or SIGINT to the shim terminates the agent's group: which signal, and how far
+    // that has got. Only the first one counts.
+    let mut forwarded: Option<(&'static str, Termination)> = None;
 
     let status: io::Result<ExitStatus> = loop {
-        tokio::select! {
-            st = child.wait() => break st,
-            _ = ticker.tick() => {
-                if let Err(e) = store.patch_status::<Lease>(&lease_name, |l| mark_running(l, &info)) {
-                    tracing::warn!(lease = %lease_name, "cannot renew: {e}");
-                }
+        match child.try_wait() {
+            Ok(Some(st)) => break Ok(st),
+            Ok(None) => {}
+            Err(e) => break Err(e),
+        }
+        let now = Instant::now();
+        if now >= next_renewal {
+            if let Err(e) = store.patch_status::<Lease>(&lease_name, |l| mark_running(l, &info)) {
+                tracing::warn!(lease = %lease_name, "cannot renew: {e}");
             }
-            Some(()) = recv(&mut sigterm), if forwarded.is_none() => {
-                forwarded = Some(("SIGTERM", tokio::spawn(terminate_group(pid, grace))));
+            next_renewal = Instant::now() + period;
+        }
+        let mut wake = next_renewal;
+        if let Some((_, t)) = &mut forwarded {
+            if let Step::CheckAt(at) = t.step(now) {
+                wake = wake.min(at);
             }
-            Some(()) = recv(&mut sigint), if forwarded.is_none() => {
-                forwarded = Some(("SIGINT", tokio::spawn(terminate_group(pid, grace))));
+        }
+        if let Some(sig) = signals.wait(wake) {
+            if forwarded.is_none() {
+                forwarded = Some((sig, Termination::start(pid, grace)));
             }
         }
     };
 
     // Whatever the agent left behind in its group goes with it.
-    let forwarded = match forwarded {
-        Some((sig, h)) => Some((sig, h.await.unwrap_or_default())),
-        None => None,
-    };
+    let forwarded = forwarded.map(|(sig, t)| (sig, t.wait()));
     let leftovers = if forwarded.is_none() && super::liveness::group_alive(pid) {
-        Some(terminate_group(pid, grace).await)
+        Some(Termination::start(pid, grace).wait())
     } else {
         None
     };
@@ -277,15 +280,8 @@ async fn supervise(state_dir: PathBuf, lease_name: String) -> CliResult {
             }
         );
     }
-    record_completed(&store, &lease_name, &info.uid, &outcome).await;
+    record_completed(&store, &lease_name, &info.uid, &outcome);
     Ok(ExitCode::SUCCESS)
-}
-
-async fn recv(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
-    match s {
-        Some(s) => s.recv().await,
-        None => std::future::pending().await,
-    }
 }
 
 fn describe_kill(k: &KillOutcome) -> &'static str {
@@ -474,7 +470,7 @@ fn start_agent(
     env: &[(String, String)],
     workdir: Option<&Path>,
     log: &File,
-) -> io::Result<tokio::process::Child> {
+) -> io::Result<Child> {
     // A bare name is looked up in the agent's PATH here rather than by the standard library:
     // given a program to search for and a PATH of the child's own, it forks the shim and runs
     // execvp in the child instead of using posix_spawn.
@@ -484,11 +480,11 @@ fn start_agent(
         .map(|(_, v)| v.as_str());
     let mut cmd = match path.and_then(|p| find_in_path(&argv[0], p)) {
         Some(program) => {
-            let mut c = tokio::process::Command::new(program);
+            let mut c = Command::new(program);
             c.arg0(&argv[0]);
             c
         }
-        None => tokio::process::Command::new(&argv[0]),
+        None => Command::new(&argv[0]),
     };
     cmd.args(&argv[1..])
         .env_clear()
@@ -498,14 +494,13 @@ fn start_agent(
         )
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
-        .stderr(log.try_clone()?)
-        .kill_on_drop(false);
+        .stderr(log.try_clone()?);
     if let Some(w) = workdir {
         cmd.current_dir(w);
     }
     // Its own process group (pgid = its pid), set by posix_spawn (the program is a path, see
-    // above): no fork of the shim, and no code of ours runs in the child. The signal mask is
-    // emptied and handled signals go back to their defaults on exec.
+    // above): no fork of the shim, and no code of ours runs in the child. The shim blocks no
+    // signal, so the agent's mask is empty, and handled signals go back to their defaults on exec.
     cmd.process_group(0);
     cmd.spawn()
 }
@@ -555,7 +550,7 @@ fn mark_running(l: &mut Lease, info: &RunInfo) {
 }
 
 /// Records that nothing could be started.
-async fn record_not_started(
+fn record_not_started(
     store: &Store,
     lease: &str,
     uid: &str,
@@ -572,12 +567,12 @@ async fn record_not_started(
         signal: None,
         message: message.to_string(),
     };
-    record_completed(store, lease, uid, &outcome).await;
+    record_completed(store, lease, uid, &outcome);
 }
 
 /// Writes `phase: Completed` durably, retrying store errors for a while: the exit status must not
 /// be lost (invariant 7). A Lease that is gone (or replaced) is left alone.
-async fn record_completed(store: &Store, lease: &str, uid: &str, outcome: &Outcome) {
+fn record_completed(store: &Store, lease: &str, uid: &str, outcome: &Outcome) {
     let finish = now_rfc3339();
     let mut delay = Duration::from_millis(100);
     for _ in 0..30 {
@@ -596,7 +591,7 @@ async fn record_completed(store: &Store, lease: &str, uid: &str, outcome: &Outco
             Ok(_) => return,
             Err(e) => {
                 tracing::warn!(lease, "cannot record completion (will retry): {e}");
-                tokio::time::sleep(delay).await;
+                std::thread::sleep(delay);
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
