@@ -7,7 +7,7 @@
 //! In that case the start time cannot be checked.
 
 use std::fs;
-use std::io;
+use std::io::{self, Read};
 
 use nix::errno::Errno;
 use nix::sys::signal::kill;
@@ -66,7 +66,18 @@ pub fn read_stat(pid: i32) -> io::Result<ProcStat> {
     if pid <= 0 {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
-    let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Read into room enough for the whole line (52 numbers and a 16-byte name): /proc reports a
+    // size of 0, so `fs::read_to_string` would stat the file and read it 32, 64, … bytes at a time.
+    let mut file = fs::File::open(format!("/proc/{pid}/stat"))?;
+    let mut buf = [0u8; 4096];
+    let mut len = 0;
+    while len < buf.len() {
+        match file.read(&mut buf[len..])? {
+            0 => break,
+            n => len += n,
+        }
+    }
+    let text = String::from_utf8_lossy(&buf[..len]);
     parse_stat(&text).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidData,
