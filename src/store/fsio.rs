@@ -3,6 +3,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -205,6 +206,36 @@ pub fn pid_alive(pid: i32) -> bool {
             nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
             Err(nix::errno::Errno::ESRCH)
         )
+}
+
+/// An exclusive `flock` on a file the caller keeps open, released when dropped. Locking the
+/// descriptor itself rather than a duplicate saves a `dup` and a `close` per hold, and a store
+/// takes its lock twice for every write.
+pub struct Exclusive<'a>(&'a File);
+
+impl<'a> Exclusive<'a> {
+    /// Blocks until the lock is held.
+    pub fn lock(file: &'a File) -> io::Result<Exclusive<'a>> {
+        loop {
+            // SAFETY: flock(2) on a descriptor that `file` keeps open for the guard's lifetime.
+            if unsafe { nix::libc::flock(file.as_raw_fd(), nix::libc::LOCK_EX) } == 0 {
+                return Ok(Exclusive(file));
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+impl Drop for Exclusive<'_> {
+    fn drop(&mut self) {
+        // SAFETY: as in `lock`; closing the file would release the lock anyway.
+        unsafe {
+            nix::libc::flock(self.0.as_raw_fd(), nix::libc::LOCK_UN);
+        }
+    }
 }
 
 /// What sits at `path` without following links: `None` when nothing does.

@@ -18,7 +18,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use nix::fcntl::{Flock, FlockArg};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -161,12 +160,18 @@ struct Inner {
     root: PathBuf,
     objects: PathBuf,
     tmp: PathBuf,
-    /// The flock file and the revision file, held open; `None` when read-only.
-    writer: Option<Mutex<Writer>>,
+    /// What writing needs, held open; `None` when read-only.
+    writer: Option<WriteSide>,
+}
+
+/// The flock file (serializes writers across processes) and, behind a mutex that serializes this
+/// process's threads, the revision file and the spare files.
+struct WriteSide {
+    lock: File,
+    state: Mutex<Writer>,
 }
 
 struct Writer {
-    lock: File,
     revision: File,
     spares: spares::Pool,
 }
@@ -182,18 +187,20 @@ impl Store {
         }
         let open = |p: &Path| fsio::open_private(p).map_err(|e| StoreError::io(p, e));
         let spares_path = root.join("spares");
-        let writer = Writer {
+        let writer = WriteSide {
             lock: open(&root.join("store.lock"))?,
-            revision: open(&root.join("revision"))?,
-            spares: spares::Pool::open(&spares_path, &tmp, revision::boot_id())
-                .map_err(|e| StoreError::io(&spares_path, e))?,
+            state: Mutex::new(Writer {
+                revision: open(&root.join("revision"))?,
+                spares: spares::Pool::open(&spares_path, &tmp, revision::boot_id())
+                    .map_err(|e| StoreError::io(&spares_path, e))?,
+            }),
         };
         let store = Store {
             inner: Arc::new(Inner {
                 root,
                 objects,
                 tmp,
-                writer: Some(Mutex::new(writer)),
+                writer: Some(writer),
             }),
             durable: true,
         };
@@ -278,17 +285,10 @@ impl Store {
         let Some(writer) = &self.inner.writer else {
             return Err(StoreError::ReadOnly);
         };
-        let mut guard = writer.lock().unwrap_or_else(|p| p.into_inner());
-        let lock_path = self.inner.root.join("store.lock");
-        let lock_file = guard
-            .lock
-            .try_clone()
-            .map_err(|e| StoreError::io(&lock_path, e))?;
-        let flock = Flock::lock(lock_file, FlockArg::LockExclusive)
-            .map_err(|(_, e)| StoreError::io(&lock_path, io::Error::from(e)))?;
-        let result = f(&mut guard);
-        drop(flock);
-        result
+        let mut state = writer.state.lock().unwrap_or_else(|p| p.into_inner());
+        let _held = fsio::Exclusive::lock(&writer.lock)
+            .map_err(|e| StoreError::io(&self.inner.root.join("store.lock"), e))?;
+        f(&mut state)
     }
 
     /// The current global revision: the last one any writer may have handed out.
@@ -403,11 +403,7 @@ impl Store {
         let path = self.object_path(plural, &name);
         loop {
             let (created, staged) = self.with_lock(|w| {
-                self.refuse_foreign(&path)?;
-                if fsio::entry_kind(&path)
-                    .map_err(|e| StoreError::io(&path, e))?
-                    .is_some()
-                {
+                if self.refuse_foreign(&path)? {
                     return Err(StoreError::AlreadyExists {
                         plural: plural.into(),
                         name: name.clone(),
@@ -589,8 +585,9 @@ impl Store {
         })
     }
 
-    /// Refuses to write through or over anything the store did not put there.
-    fn refuse_foreign(&self, path: &Path) -> Result<(), StoreError> {
+    /// Refuses to write through or over anything the store did not put there; otherwise says
+    /// whether an object file is there already (one `lstat` for both questions).
+    fn refuse_foreign(&self, path: &Path) -> Result<bool, StoreError> {
         match fsio::entry_kind(path).map_err(|e| StoreError::io(path, e))? {
             Some(ft) if !ft.is_file() => Err(StoreError::Refused {
                 path: path.to_path_buf(),
@@ -600,12 +597,13 @@ impl Store {
                     "it is not a regular file".into()
                 },
             }),
-            _ => Ok(()),
+            found => Ok(found.is_some()),
         }
     }
 
     /// Under the lock: takes the next revision and writes the object into a staged file, not yet
-    /// in place and not yet synced.
+    /// in place and not yet synced. The caller has checked, under the same hold, that `name`'s
+    /// path is free (create) or a regular file it just read (update).
     fn stage_locked(
         &self,
         w: &mut Writer,
@@ -616,7 +614,6 @@ impl Store {
         let dir = self.kind_dir(plural);
         fsio::ensure_private_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
         let path = self.object_path(plural, name);
-        self.refuse_foreign(&path)?;
         let revision = self.next_revision(w)?;
         meta_mut(&mut obj).insert(
             "resourceVersion".into(),

@@ -112,6 +112,10 @@ fn a_symlink_is_neither_followed_nor_replaced() {
     ));
     let e = store.create(&agent("b")).unwrap_err();
     assert!(e.to_string().contains("symlink"), "{e}");
+    let e = store
+        .patch_status::<Agent>("b", |a| a.status.free_slots = 7)
+        .unwrap_err();
+    assert!(e.to_string().contains("symlink"), "{e}");
     assert_eq!(fs::read_to_string(&target).unwrap(), "secret");
     assert_eq!(store.list::<Agent>(None).unwrap().skipped.len(), 1);
 }
