@@ -3,6 +3,7 @@
 #[path = "support/agent_fixtures.rs"]
 mod support;
 
+use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use support::*;
@@ -73,7 +74,17 @@ fn the_agent_starts_in_its_own_group_with_default_signals_and_an_empty_mask() {
     let s = State::new();
     // The agent's own status as it starts (`exec`: the same process, no shell in between).
     s.run_of("sigs", &["sh", "-c", "exec cat /proc/self/status"]);
-    assert!(s.shim("sigs").status.success());
+    // A shim that inherits blocked signals must not hand them on.
+    let mut shim = s.shim_cmd("sigs");
+    // SAFETY: only sigprocmask runs between fork and exec.
+    unsafe {
+        shim.pre_exec(|| {
+            let mut mask = nix::sys::signal::SigSet::empty();
+            mask.add(nix::sys::signal::Signal::SIGUSR1);
+            mask.thread_block().map_err(std::io::Error::from)
+        });
+    }
+    assert!(shim.output().unwrap().status.success());
     let log = s.log("sigs", 1);
     let text = |name: &str| {
         log.lines()

@@ -499,8 +499,9 @@ fn start_agent(
         cmd.current_dir(w);
     }
     // Its own process group (pgid = its pid), set by posix_spawn (the program is a path, see
-    // above): no fork of the shim, and no code of ours runs in the child. The shim blocks no
-    // signal, so the agent's mask is empty, and handled signals go back to their defaults on exec.
+    // above): no fork of the shim, and no code of ours runs in the child. The shim unblocked
+    // every signal (`Signals::take`), so the agent's mask is empty, and handled signals go back to
+    // their defaults on exec.
     cmd.process_group(0);
     cmd.spawn()
 }

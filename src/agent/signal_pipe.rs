@@ -40,7 +40,7 @@ extern "C" fn on_signal(sig: nix::libc::c_int) {
 }
 
 impl Signals {
-    /// Installs the handlers and opens the pipe; once per process.
+    /// Installs the handlers, opens the pipe and unblocks every signal; once per process.
     pub fn take() -> nix::Result<Signals> {
         let (wake, notify) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
         // The write end lives as long as the process: the handler may run at any time.
@@ -54,6 +54,9 @@ impl Signals {
             // SAFETY: the handler only writes to a pipe and restores errno.
             unsafe { sigaction(sig, &action) }?;
         }
+        // Whatever mask the shim inherited, none: the agent inherits this one through
+        // posix_spawn, and the handlers must be able to run.
+        SigSet::empty().thread_set_mask()?;
         Ok(Signals { wake })
     }
 
