@@ -124,7 +124,7 @@ impl Scheduler {
 
         let leases = ctx.leases.clone();
         let c = Controller::new("reclaim", ctx.clone(), metrics.clone())
-            .watches(&ctx.leases, by_name)
+            .watches(&ctx.leases, reclaim::keys_for_lease)
             // A deleted Task's run must be reclaimed. (A finished Task has no run, so a resync
             // costs nothing here.)
             .watches(&ctx.tasks, move |t: &Task| {

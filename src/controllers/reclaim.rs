@@ -57,6 +57,19 @@ pub fn leases_of_task(task: &Task, cached: impl Fn(&str) -> bool) -> Vec<String>
     }
 }
 
+/// The key a Lease change wakes: its own, unless the Lease is Completed. Reclaim never acts on a
+/// Completed Lease (see `reclaim`, which leaves it as it is): the lease controller records its
+/// outcome and deletes it, also when its Task is gone. Without this a short run woke reclaim four
+/// times, twice for nothing (its Completed record and then its deletion, which carries the
+/// Completed Lease).
+pub fn keys_for_lease(lease: &Lease) -> Vec<String> {
+    if lease.status.phase == LeasePhase::Completed {
+        Vec::new()
+    } else {
+        vec![lease.metadata.name.clone()]
+    }
+}
+
 /// Judges a Lease from what is known about it.
 pub fn judge(lease: &Lease, facts: &Facts) -> Verdict {
     let Facts {
@@ -334,6 +347,18 @@ mod tests {
         l.status.renew_time = Some(format_time(now - Duration::from_secs(renewed_ago)));
         l.status.acquire_time = Some(format_time(now - Duration::from_secs(running_for)));
         l
+    }
+
+    #[test]
+    fn every_lease_change_wakes_reclaim_except_a_completed_lease() {
+        for phase in [
+            LeasePhase::Pending,
+            LeasePhase::Running,
+            LeasePhase::Terminating,
+        ] {
+            assert_eq!(keys_for_lease(&lease(phase, 0, 0)), vec!["t".to_string()]);
+        }
+        assert!(keys_for_lease(&lease(LeasePhase::Completed, 0, 0)).is_empty());
     }
 
     #[test]
