@@ -80,10 +80,7 @@ pub fn due_now(
         let last = written.lock().unwrap_or_else(|p| p.into_inner());
         keys.into_iter()
             .map(|key| {
-                let wait = last
-                    .get(&key)
-                    .map(|t| MIN_WRITE_INTERVAL.saturating_sub(now.duration_since(*t)))
-                    .unwrap_or_default();
+                let wait = until_next_write(last.get(&key).copied(), now);
                 (key, wait)
             })
             .partition(|(_, wait)| wait.is_zero())
@@ -94,19 +91,22 @@ pub fn due_now(
     due.into_iter().map(|(key, _)| key).collect()
 }
 
+/// How long after `now` a key last written at `last_write` may be written again (zero: now).
+fn until_next_write(last_write: Option<Instant>, now: Instant) -> Duration {
+    last_write
+        .map(|t| MIN_WRITE_INTERVAL.saturating_sub(now.duration_since(t)))
+        .unwrap_or_default()
+}
+
 /// How long `key` must wait before its next write (zero: write now, and the clock restarts).
 fn throttle(ctx: &Ctx, key: &str) -> Duration {
     let mut last = ctx.status_writes.lock().unwrap_or_else(|p| p.into_inner());
     let now = Instant::now();
-    match last.get(key) {
-        Some(t) if now.duration_since(*t) < MIN_WRITE_INTERVAL => {
-            MIN_WRITE_INTERVAL - now.duration_since(*t)
-        }
-        _ => {
-            last.insert(key.to_string(), now);
-            Duration::ZERO
-        }
+    let wait = until_next_write(last.get(key).copied(), now);
+    if wait.is_zero() {
+        last.insert(key.to_string(), now);
     }
+    wait
 }
 
 fn agent_status(ctx: &Ctx, name: &str) -> Result<(), Error> {
