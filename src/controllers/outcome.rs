@@ -90,12 +90,12 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
         if !applied {
             return;
         }
+        // Mirroring sets the agent too; a Task that shows the Lease got it the same way.
         if !super::lease::shows_lease(t, name) {
             super::lease::mirror_assignment(t, lease);
         }
         started_here = lease.status.acquire_time.is_some() && !super::lease::shows_running(t, name);
         if started_here {
-            t.status.agent = Some(lease.spec.agent.clone());
             t.status.start_time = lease.status.acquire_time.clone();
         }
         t.status.lease = None;
