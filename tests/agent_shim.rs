@@ -7,7 +7,7 @@ use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use support::*;
-use tinyscheduler::resources::LeasePhase;
+use tinyscheduler::resources::{LeasePhase, Resource};
 
 #[test]
 fn the_shim_records_exit_code_zero_and_the_log_of_a_successful_run() {
@@ -66,6 +66,51 @@ fn the_shim_records_the_signal_that_ended_the_agent() {
             .ends_with("[tinyscheduler] exited with signal 10 (SIGUSR1)\n"),
         "{}",
         s.log("sig", 1)
+    );
+}
+
+#[test]
+fn a_run_that_ends_before_the_quick_exit_wait_is_recorded_with_one_write_of_its_lease() {
+    let s = State::new();
+    let pending = s.run_of("quick", &["true"]);
+    let out = s
+        .shim_cmd("quick")
+        .env(tinyscheduler::agent::shim::QUICK_EXIT_ENV, "60000")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let l = s.get_lease("quick").unwrap();
+    assert_eq!(l.status.phase, LeasePhase::Completed);
+    assert_eq!(l.status.exit_code, Some(0));
+    assert_eq!(
+        l.revision(),
+        pending.revision() + 1,
+        "Pending straight to Completed"
+    );
+    // The one write says everything the Running record would have said.
+    assert!(l.status.pid.is_some() && l.status.process_start_time.is_some());
+    assert_eq!(l.status.pgid, l.status.pid);
+    assert!(l.status.shim_pid.is_some() && l.status.shim_start_time.is_some());
+    assert!(l.status.acquire_time.is_some() && l.status.renew_time.is_some());
+    assert!(l.status.host.is_some() && l.status.log_path.is_some());
+}
+
+#[test]
+fn a_run_still_going_after_the_quick_exit_wait_is_recorded_running_then_completed() {
+    let s = State::new();
+    let pending = s.run_of("slow", &["sleep", "0.3"]);
+    let out = s
+        .shim_cmd("slow")
+        .env(tinyscheduler::agent::shim::QUICK_EXIT_ENV, "0")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let l = s.get_lease("slow").unwrap();
+    assert_eq!(l.status.phase, LeasePhase::Completed);
+    assert_eq!(
+        l.revision(),
+        pending.revision() + 2,
+        "Running, then Completed"
     );
 }
 

@@ -9,7 +9,8 @@
 //! 2. renders the Agent's argv template, opens `<state>/logs/<task>/<attempt>.log` and starts the
 //!    agent in its own process group (pgid = agent pid) with a minimal environment;
 //! 3. records `phase: Running` with pid, start time, pgid, host, times and the log path, and renews
-//!    `renewTime` every `heartbeatSeconds`;
+//!    `renewTime` every `heartbeatSeconds`; the Running record waits [`quick_exit`] (5 ms), so that
+//!    a run that has ended by then is recorded once, as Completed with all of that;
 //! 4. when the agent exits, terminates what is left of its process group, appends
 //!    `[tinyscheduler] exited with code N` to the log and records `phase: Completed` with the exit
 //!    code or signal and `finishTime`.
@@ -58,6 +59,23 @@ pub const GOOSE_BIN_ENV: &str = "TINYSCHEDULER_GOOSE_BIN";
 pub const KILL_GRACE_ENV: &str = "TINYSCHEDULER_KILL_GRACE_SEC";
 /// Default grace between SIGTERM and SIGKILL.
 pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(10);
+/// Environment variable with how long (milliseconds) the shim waits before recording a run as
+/// Running; `0` records it at once.
+pub const QUICK_EXIT_ENV: &str = "TINYSCHEDULER_QUICK_EXIT_MS";
+/// How long after starting the agent the shim waits before it records the run as Running. A run
+/// that has ended by then (a quick script, an agent that fails at once) is recorded with one
+/// durable write of its Lease instead of two (of the eight durable writes a short run cost).
+pub const DEFAULT_QUICK_EXIT: Duration = Duration::from_millis(5);
+
+/// The wait before the Running record, from `TINYSCHEDULER_QUICK_EXIT_MS` (default 5 ms).
+pub fn quick_exit() -> Duration {
+    std::env::var(QUICK_EXIT_ENV)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(DEFAULT_QUICK_EXIT)
+}
+
 /// PATH given to agents when the shim has none.
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
@@ -190,13 +208,12 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
         acquire_time: now_rfc3339(),
         log_path: path.display().to_string(),
     };
-    if let Err(e) = store.patch_status::<Lease>(&lease_name, |l| mark_running(l, &info)) {
-        tracing::warn!(lease = %lease_name, "cannot record the running agent: {e}");
-    }
-
     let period = Duration::from_secs(heartbeat.max(1) as u64);
     let grace = kill_grace();
-    let mut next_renewal = Instant::now() + period;
+    // The Running record waits for [`quick_exit`] (at most a heartbeat): a run that has ended by
+    // then is recorded once, as Completed with everything Running would have said.
+    let mut running_recorded = false;
+    let mut next_write = Instant::now() + quick_exit().min(period);
     // A SIGTERM or SIGINT to the shim terminates the agent's group: which signal, and how far
     // that has got. Only the first one counts.
     let mut forwarded: Option<(&'static str, Termination)> = None;
@@ -208,13 +225,14 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
             Err(e) => break Err(e),
         }
         let now = Instant::now();
-        if now >= next_renewal {
+        if now >= next_write {
             if let Err(e) = store.patch_status::<Lease>(&lease_name, |l| mark_running(l, &info)) {
-                tracing::warn!(lease = %lease_name, "cannot renew: {e}");
+                tracing::warn!(lease = %lease_name, "cannot record the running agent: {e}");
             }
-            next_renewal = Instant::now() + period;
+            running_recorded = true;
+            next_write = Instant::now() + period;
         }
-        let mut wake = next_renewal;
+        let mut wake = next_write;
         if let Some((_, t)) = &mut forwarded {
             if let Step::CheckAt(at) = t.step(now) {
                 wake = wake.min(at);
@@ -280,7 +298,8 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
             }
         );
     }
-    record_completed(&store, &lease_name, &info.uid, &outcome);
+    let started = (!running_recorded).then_some(&info);
+    record_completed(&store, &lease_name, &info.uid, started, &outcome);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -568,18 +587,28 @@ fn record_not_started(
         signal: None,
         message: message.to_string(),
     };
-    record_completed(store, lease, uid, &outcome);
+    record_completed(store, lease, uid, None, &outcome);
 }
 
 /// Writes `phase: Completed` durably, retrying store errors for a while: the exit status must not
-/// be lost (invariant 7). A Lease that is gone (or replaced) is left alone.
-fn record_completed(store: &Store, lease: &str, uid: &str, outcome: &Outcome) {
+/// be lost (invariant 7). A Lease that is gone (or replaced) is left alone. `started`: the run
+/// that was never recorded as Running, whose pid, times and log go into the same write.
+fn record_completed(
+    store: &Store,
+    lease: &str,
+    uid: &str,
+    started: Option<&RunInfo>,
+    outcome: &Outcome,
+) {
     let finish = now_rfc3339();
     let mut delay = Duration::from_millis(100);
     for _ in 0..30 {
         let res = store.patch_status::<Lease>(lease, |l| {
             if l.metadata.uid != uid {
                 return;
+            }
+            if let Some(info) = started {
+                mark_running(l, info);
             }
             let s = &mut l.status;
             s.phase = LeasePhase::Completed;
