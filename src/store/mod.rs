@@ -402,13 +402,10 @@ impl Store {
         self.check_name(plural, &name)?;
         let path = self.object_path(plural, &name);
         loop {
+            // No look at the path first: the exclusive rename that puts the object in place finds
+            // out whether the name is taken (almost every create is of a free name, and looking
+            // up a free name in a directory of many thousand files is not free).
             let (created, staged) = self.with_lock(|w| {
-                if self.refuse_foreign(&path)? {
-                    return Err(StoreError::AlreadyExists {
-                        plural: plural.into(),
-                        name: name.clone(),
-                    });
-                }
                 let mut obj = obj.clone();
                 let meta = meta_mut(&mut obj);
                 meta.insert("uid".into(), Value::String(fsio::new_uid()));
@@ -416,9 +413,16 @@ impl Store {
                 meta.insert("creationTimestamp".into(), Value::String(now_rfc3339()));
                 self.stage_locked(w, plural, &name, obj)
             })?;
-            // Someone created it between the two holds: the next round says AlreadyExists.
             if self.put_in_place(plural, &path, staged, None)? {
                 return Ok(created);
+            }
+            // Taken: by an object, or by something the store never writes over. (Gone again
+            // already: try once more.)
+            if self.refuse_foreign(&path)? {
+                return Err(StoreError::AlreadyExists {
+                    plural: plural.into(),
+                    name: name.clone(),
+                });
             }
         }
     }
@@ -602,8 +606,9 @@ impl Store {
     }
 
     /// Under the lock: takes the next revision and writes the object into a staged file, not yet
-    /// in place and not yet synced. The caller has checked, under the same hold, that `name`'s
-    /// path is free (create) or a regular file it just read (update).
+    /// in place and not yet synced. For an update the caller has checked, under the same hold,
+    /// that `name`'s path is a regular file it just read; a create finds out in
+    /// [`Store::put_in_place`] whether the name is free.
     fn stage_locked(
         &self,
         w: &mut Writer,
@@ -644,8 +649,9 @@ impl Store {
 
     /// Syncs a staged write (outside the lock, so that writers' fsyncs overlap instead of queueing
     /// behind the lock), then, under the lock, puts it in place if `path` is still the file that
-    /// was read when it was staged (`base`; `None`: no file), and fsyncs the directory (outside
-    /// the lock again). `false`: the file changed in between and nothing was written.
+    /// was read when it was staged (`base`), or, for a create (`None`), if nothing is at `path`;
+    /// and fsyncs the directory (outside the lock again). `false`: the file changed in between,
+    /// or the name is taken, and nothing was written.
     fn put_in_place(
         &self,
         plural: &str,
@@ -664,14 +670,18 @@ impl Store {
             }
         }
         let placed = self.with_lock(|w| {
-            if fsio::FileId::at(path).map_err(io_err)? != base {
+            // An update replaces only the version it read; a create's rename refuses a taken name.
+            if base.is_some() && fsio::FileId::at(path).map_err(io_err)? != base {
                 w.spares.abandon(staged);
                 return Ok(false);
             }
-            w.spares
-                .commit(staged, path, base.is_some())
-                .map_err(io_err)?;
-            Ok(true)
+            match w.spares.commit(staged, path, base.is_some()) {
+                Ok(()) => Ok(true),
+                Err(e) if base.is_none() && e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    Ok(false)
+                }
+                Err(e) => Err(io_err(e)),
+            }
         })?;
         if placed && self.durable {
             let dir = self.kind_dir(plural);
@@ -702,6 +712,12 @@ impl Store {
     pub fn create<K: Resource>(&self, obj: &K) -> Result<K, StoreError> {
         let v = self.create_raw(K::PLURAL, &to_value(obj)?)?;
         from_value(v)
+    }
+
+    /// Creates an object like [`Store::create`] without turning the stored object back into a
+    /// `K`, for a writer that does not look at it (the event recorder, three times per run).
+    pub fn create_only<K: Resource>(&self, obj: &K) -> Result<(), StoreError> {
+        self.create_raw(K::PLURAL, &to_value(obj)?).map(drop)
     }
 
     /// Updates spec, labels and annotations with optimistic concurrency.

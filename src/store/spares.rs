@@ -207,8 +207,9 @@ impl Pool {
     }
 
     /// Puts staged content in place: exchanges it with `target` (whose old inode becomes the slot's
-    /// spare, resting from now on), or renames it there when `exists` is false. Under the store
-    /// lock; the caller fsyncs the directory for durability.
+    /// spare, resting from now on), or, when `exists` is false, renames it there unless something
+    /// is there already (`AlreadyExists`, and the staged content is given up): a create needs no
+    /// look beforehand. Under the store lock; the caller fsyncs the directory for durability.
     pub fn commit(&self, staged: Staged, target: &Path, exists: bool) -> io::Result<()> {
         let Staged { path, slot, file } = staged;
         drop(file);
@@ -231,8 +232,14 @@ impl Pool {
             self.release(&path, slot, true);
             return Ok(());
         }
-        if let Err(e) = fs::rename(&path, target) {
-            self.release(&path, slot, false);
+        let renamed = if exists {
+            fs::rename(&path, target)
+        } else {
+            rename_noreplace(&path, target)
+        };
+        if let Err(e) = renamed {
+            // Kept as a spare when it has a slot: it will be rewritten anyway.
+            self.release(&path, slot, slot.is_some());
             return Err(e);
         }
         // The file is the object now; the slot is empty (and there is nothing at `path` to remove).
@@ -349,6 +356,37 @@ fn create_empty(path: &Path) -> io::Result<(File, u64)> {
 fn exchange(a: &Path, b: &Path) -> io::Result<()> {
     nix::fcntl::renameat2(None, a, None, b, nix::fcntl::RenameFlags::RENAME_EXCHANGE)
         .map_err(io::Error::from)
+}
+
+/// Set once `renameat2(RENAME_NOREPLACE)` was refused by the file system: creates then look first.
+static NO_NOREPLACE: AtomicBool = AtomicBool::new(false);
+
+/// Renames `from` to `to` unless `to` exists (a symlink counts): `AlreadyExists` then. Where the
+/// file system cannot do that in one step, it looks and then renames, which is as exclusive under
+/// the store lock that every writer holds.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    if !NO_NOREPLACE.load(Ordering::Relaxed) {
+        match nix::fcntl::renameat2(
+            None,
+            from,
+            None,
+            to,
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        ) {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                let e = io::Error::from(e);
+                if !is_unsupported(&e) {
+                    return Err(e);
+                }
+                NO_NOREPLACE.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+    if fsio::entry_kind(to)?.is_some() {
+        return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+    }
+    fs::rename(from, to)
 }
 
 fn is_unsupported(e: &io::Error) -> bool {

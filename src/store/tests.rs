@@ -15,8 +15,15 @@ fn create_sets_identity_and_refuses_a_second_create() {
     assert_eq!(a.metadata.uid.len(), 36);
     assert!(a.metadata.creation_timestamp.is_some());
     assert_eq!(a.revision(), 1);
-    let e = store.create(&agent("a")).unwrap_err();
+    let mut other = agent("a");
+    other.spec.max_concurrency = 9;
+    let e = store.create(&other).unwrap_err();
     assert!(e.is_already_exists(), "{e}");
+    // The refused create wrote nothing over the object.
+    let stored = store.get::<Agent>("a").unwrap();
+    assert_eq!(stored.metadata.uid, a.metadata.uid);
+    assert_eq!(stored.spec.max_concurrency, a.spec.max_concurrency);
+    assert_eq!(stored.revision(), 1);
 }
 
 #[test]
