@@ -109,7 +109,7 @@ impl Recorder {
                         &name,
                         self.spec(obj, type_, reason, message, &stamp),
                     );
-                    self.store.create(&ev).map(|_| ())
+                    self.store.create_only(&ev)
                 }
             };
             match result {
