@@ -5,6 +5,7 @@
 //! The store knows object envelopes (`metadata`, `spec`, `status`) and nothing about what any kind
 //! means.
 
+mod dirsync;
 pub mod fsio;
 mod inotify;
 pub mod revision;
@@ -162,6 +163,8 @@ struct Inner {
     tmp: PathBuf,
     /// What writing needs, held open; `None` when read-only.
     writer: Option<WriteSide>,
+    /// The directory fsyncs of this process's writers, shared when they overlap.
+    dir_syncs: dirsync::DirSyncs,
 }
 
 /// The flock file (serializes writers across processes) and, behind a mutex that serializes this
@@ -201,6 +204,7 @@ impl Store {
                 objects,
                 tmp,
                 writer: Some(writer),
+                dir_syncs: Default::default(),
             }),
             durable: true,
         };
@@ -217,6 +221,7 @@ impl Store {
                 tmp: root.join("tmp"),
                 root,
                 writer: None,
+                dir_syncs: Default::default(),
             }),
             durable: true,
         }
@@ -574,8 +579,7 @@ impl Store {
         })
         .and_then(|current| {
             if self.durable {
-                let dir = self.kind_dir(plural);
-                fsio::fsync_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
+                self.sync_kind_dir(plural)?;
             }
             Ok(current)
         })
@@ -684,10 +688,19 @@ impl Store {
             }
         })?;
         if placed && self.durable {
-            let dir = self.kind_dir(plural);
-            fsio::fsync_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
+            self.sync_kind_dir(plural)?;
         }
         Ok(placed)
+    }
+
+    /// Makes the renames into a kind's directory durable (shared with this process's other
+    /// writers of that directory, see [`dirsync`]).
+    fn sync_kind_dir(&self, plural: &str) -> Result<(), StoreError> {
+        let dir = self.kind_dir(plural);
+        self.inner
+            .dir_syncs
+            .sync(&dir)
+            .map_err(|e| StoreError::io(&dir, e))
     }
 
     // ----- typed operations -----
