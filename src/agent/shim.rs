@@ -227,7 +227,12 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
         let now = Instant::now();
         if now >= next_write {
             if let Err(e) = store.patch_status::<Lease>(&lease_name, |l| mark_running(l, &info)) {
-                tracing::warn!(lease = %lease_name, "cannot record the running agent: {e}");
+                let what = if running_recorded {
+                    "renew"
+                } else {
+                    "record the running agent"
+                };
+                tracing::warn!(lease = %lease_name, "cannot {what}: {e}");
             }
             running_recorded = true;
             next_write = Instant::now() + period;
