@@ -48,9 +48,11 @@ pub enum LeasePhase {
     /// Created; no process yet.
     #[default]
     Pending,
-    /// The shim started the agent.
+    /// The shim started the agent (recorded once the run has lasted 5 ms, see
+    /// `agent::shim::quick_exit`).
     Running,
-    /// The agent exited and the shim recorded how.
+    /// The agent exited and the shim recorded how (straight from Pending for a run that ended
+    /// within those 5 ms).
     Completed,
     /// Being killed by the reclaim controller.
     Terminating,
