@@ -257,6 +257,85 @@ fn a_lease_whose_pid_now_belongs_to_an_unrelated_process_is_reclaimed_without_to
 }
 
 #[test]
+fn an_agent_whose_shim_died_before_recording_it_is_killed_before_the_run_starts_again() {
+    let s = Sched::new();
+    s.queue("default");
+    s.agent("w", 1, "echo \"$TINYSCHEDULER_ATTEMPT\" >> \"$OUT/ran\"");
+    s.task_with("lost", |t| t.max_retries = 2);
+
+    // What a shim SIGKILLed right after it started its agent leaves behind: a Pending Lease that
+    // names no process, the run's log, and the agent, with the run's environment, writing to it.
+    let mut lease = Lease::new(
+        "Lease",
+        "lost",
+        LeaseSpec {
+            task: "lost".into(),
+            agent: "w".into(),
+            holder_identity: "elsewhere/1".into(),
+            lease_duration_seconds: 30,
+            max_runtime_seconds: 600,
+            attempt: 1,
+        },
+    );
+    lease
+        .metadata
+        .labels
+        .insert("tinyscheduler.io/agent".into(), "w".into());
+    s.store.create(&lease).unwrap();
+    let mut t = s.get_task("lost");
+    t.status.phase = TaskPhase::Assigned;
+    t.status.attempts = 1;
+    t.status.agent = Some("w".into());
+    t.status.lease = Some("lost".into());
+    s.store.update_status(&t).unwrap();
+    let log = s.env.state().join("logs/lost/1.log");
+    std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+    let orphan_of = |out: &std::path::Path| {
+        let f = std::fs::File::create(out).unwrap();
+        Command::new("sleep")
+            .arg("60")
+            .process_group(0)
+            .env_clear()
+            .env("TINYSCHEDULER_LEASE", "lost")
+            .env("TINYSCHEDULER_ATTEMPT", "1")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap()
+    };
+    let mut orphan = orphan_of(&log);
+    // Another scheduler's run of a task of the same name: the same environment, another log.
+    let other = orphan_of(&s.env.tmp.path().join("other.log"));
+    let other_pid = other.id() as i32;
+    let mut s = s;
+    s.keep(other);
+
+    let r = s.run(&["run", "--once", "--wait"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let mut ended = None;
+    wait_for("the unrecorded agent to end", LONG, || {
+        ended = orphan.try_wait().unwrap();
+        ended.is_some()
+    });
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(ended.unwrap().signal(), Some(15), "ended by SIGTERM");
+    assert!(
+        running(other_pid),
+        "another scheduler's agent was left alone"
+    );
+    let t = s.get_task("lost");
+    assert_eq!(t.status.phase, TaskPhase::Succeeded);
+    assert_eq!(s.lines("ran"), ["1"], "the attempt ran again, once");
+    let d = s.run(&["describe", "task", "lost"]);
+    assert!(
+        d.stdout.contains("Killed") && d.stdout.contains("never recorded"),
+        "{}",
+        d.stdout
+    );
+}
+
+#[test]
 fn a_second_scheduler_exits_1_naming_the_daemon_that_holds_the_lock() {
     let mut s = Sched::new();
     s.queue("default");

@@ -8,6 +8,7 @@
 
 use std::fs;
 use std::io::{self, Read};
+use std::path::Path;
 
 use nix::errno::Errno;
 use nix::sys::signal::kill;
@@ -164,6 +165,56 @@ pub fn group_members(pgid: i32) -> Vec<i32> {
         .collect();
     pids.sort_unstable();
     pids
+}
+
+/// The process groups of the agents of one run that no Lease names: a shim killed before its
+/// first write started the agent but never recorded its pid. Such a process is found by what the
+/// shim gave it: the run's Lease and attempt in its environment (`TINYSCHEDULER_LEASE`,
+/// `TINYSCHEDULER_ATTEMPT`, which its children inherit too) and the run's log file as its stdout or
+/// stderr — the log's path names the state directory, so another scheduler's run of a task with the
+/// same name is never taken for it. A process that closed both, or whose `/proc` entries this
+/// process may not read, is not found; zombies and the caller's own group are left out.
+pub fn groups_of_unrecorded_run(lease: &str, attempt: i64, log: &Path) -> Vec<i32> {
+    // The path the kernel shows for the open file: symlinks resolved. No log file, no agent.
+    let Ok(log) = fs::canonicalize(log) else {
+        return Vec::new();
+    };
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let wanted = [
+        format!("TINYSCHEDULER_LEASE={lease}"),
+        format!("TINYSCHEDULER_ATTEMPT={attempt}"),
+    ];
+    let own = nix::unistd::getpgrp().as_raw();
+    let mut groups: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| writes_to(pid, &log) && environ_has(pid, &wanted))
+        .filter_map(|pid| read_stat(pid).ok())
+        .filter(|s| !s.is_zombie_or_dead() && s.pgrp > 1 && s.pgrp != own)
+        .map(|s| s.pgrp)
+        .collect();
+    groups.sort_unstable();
+    groups.dedup();
+    groups
+}
+
+/// Whether `pid`'s stdout or stderr is the file at `path`.
+fn writes_to(pid: i32, path: &Path) -> bool {
+    [1, 2]
+        .iter()
+        .any(|fd| fs::read_link(format!("/proc/{pid}/fd/{fd}")).is_ok_and(|p| p == path))
+}
+
+/// Whether every one of `entries` (`NAME=value`) is in the environment `pid` started with.
+fn environ_has(pid: i32, entries: &[String]) -> bool {
+    let Ok(env) = fs::read(format!("/proc/{pid}/environ")) else {
+        return false;
+    };
+    entries
+        .iter()
+        .all(|e| env.split(|b| *b == 0).any(|v| v == e.as_bytes()))
 }
 
 fn proc_is_mounted() -> bool {

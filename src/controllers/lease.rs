@@ -33,7 +33,7 @@ pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
     Summary::bump(&ctx.summary.leases_scanned);
     match lease.status.phase {
         LeasePhase::Pending => {
-            let action = start(&ctx, &lease)?;
+            let action = start(&ctx, &lease).await?;
             let shown = |t: &Task| shows_lease(t, &name);
             match mirror_wait(&ctx, &lease, shown) {
                 Some(wait) => Ok(sooner(action, wait)),
@@ -63,7 +63,7 @@ pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
 }
 
 /// Starts the shim for a Lease no process holds yet, unless one is already starting.
-fn start(ctx: &Ctx, lease: &Lease) -> Result<Action, Error> {
+async fn start(ctx: &Ctx, lease: &Lease) -> Result<Action, Error> {
     let name = &lease.metadata.name;
     // A shim holds the claim from before it starts anything until it exits.
     if Claim::is_held(&ctx.state_dir, &lease.metadata.uid).unwrap_or(false) {
@@ -82,6 +82,20 @@ fn start(ctx: &Ctx, lease: &Lease) -> Result<Action, Error> {
     // A tinytask task runs only once the sync controller has claimed it on the server.
     if super::tinytask_sync::awaits_claim(ctx, lease)? {
         return Ok(Action::await_change());
+    }
+    // A shim of this run that died before it recorded its agent may have left that agent running
+    // (the Lease names no pid): it goes before another one starts (invariant 1).
+    let orphans = super::reclaim::unrecorded_groups(ctx, lease);
+    if !orphans.is_empty() {
+        if ctx.settings.dry_run {
+            ctx.would(&format!(
+                "kill process groups {orphans:?} of lease/{name}: agents its shim never recorded"
+            ));
+        } else {
+            let task = ctx.store.try_get::<Task>(&lease.spec.task)?;
+            let unrecorded = super::reclaim::UNRECORDED;
+            super::reclaim::kill_groups(ctx, name, &orphans, unrecorded, task.as_ref()).await?;
+        }
     }
     if ctx.settings.dry_run {
         ctx.would(&format!(

@@ -10,7 +10,8 @@ use super::outcome::{self, Ending};
 use super::{Ctx, Error, Summary};
 use crate::agent::claim::Claim;
 use crate::agent::kill::terminate_group;
-use crate::agent::liveness::is_alive;
+use crate::agent::liveness::{groups_of_unrecorded_run, is_alive};
+use crate::agent::shim::log_path;
 use crate::resources::event::EventType;
 use crate::resources::meta::parse_time;
 use crate::resources::{Lease, LeasePhase, Task};
@@ -270,30 +271,21 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
             &format!("lease/{name}: {reason}"),
         );
     }
-    // Kill first (invariant 4): only the group of a process that is still the one we started.
+    // Kill first (invariant 4): only the group of a process that is still the one we started,
+    // or, for a run the shim never recorded, the groups of its unrecorded agents.
     if local {
         let s = &lease.status;
         let agent_alive =
             matches!((s.pid, s.process_start_time), (Some(p), Some(t)) if is_alive(p, t));
-        let group = s.pgid.filter(|g| *g > 1);
-        if let (true, Some(pgid)) = (agent_alive, group) {
-            let k = terminate_group(pgid, ctx.settings.kill_grace).await;
-            if !k.terminated {
-                return Err(Error(format!(
-                    "lease/{name}: process group {pgid} survived SIGKILL; will try again"
-                )));
+        match (s.pid, s.pgid.filter(|g| *g > 1)) {
+            (None, _) => {
+                let groups = unrecorded_groups(ctx, &lease);
+                kill_groups(ctx, &name, &groups, UNRECORDED, task.as_ref()).await?;
             }
-            if let Some(t) = &task {
-                let how = if k.killed {
-                    format!(
-                        "process group {pgid} ignored SIGTERM for {}s and was SIGKILLed",
-                        ctx.settings.kill_grace.as_secs()
-                    )
-                } else {
-                    format!("process group {pgid} ended on SIGTERM")
-                };
-                ctx.event(t, EventType::Warning, "Killed", &how);
+            (Some(_), Some(pgid)) if agent_alive => {
+                kill_groups(ctx, &name, &[pgid], "", task.as_ref()).await?;
             }
+            _ => {}
         }
     }
     let ending = Ending {
@@ -318,6 +310,53 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
             "Reclaimed",
             &format!("lease/{name}: {reason}"),
         );
+    }
+    Ok(())
+}
+
+/// How a Killed event names the group of an agent found by [`unrecorded_groups`].
+pub const UNRECORDED: &str = "of an agent its shim never recorded ";
+
+/// The process groups of agents this Lease's run started that its Lease does not name: a shim
+/// killed before its first write leaves one running. Looked for only when the run's log file
+/// exists (the shim opens it before it starts the agent), so a Lease that never got that far
+/// costs one `lstat`.
+pub fn unrecorded_groups(ctx: &Ctx, lease: &Lease) -> Vec<i32> {
+    let state_dir = std::path::absolute(&ctx.state_dir).unwrap_or_else(|_| ctx.state_dir.clone());
+    let log = log_path(&state_dir, &lease.spec.task, lease.spec.attempt);
+    if std::fs::symlink_metadata(&log).is_err() {
+        return Vec::new();
+    }
+    groups_of_unrecorded_run(&lease.metadata.name, lease.spec.attempt, &log)
+}
+
+/// Ends each process group (SIGTERM, then SIGKILL after the grace) and says so on the Task.
+/// `whose` qualifies the group in the event ("" or [`UNRECORDED`]).
+pub async fn kill_groups(
+    ctx: &Ctx,
+    lease: &str,
+    groups: &[i32],
+    whose: &str,
+    task: Option<&Task>,
+) -> Result<(), Error> {
+    for &pgid in groups {
+        let k = terminate_group(pgid, ctx.settings.kill_grace).await;
+        if !k.terminated {
+            return Err(Error(format!(
+                "lease/{lease}: process group {pgid} survived SIGKILL; will try again"
+            )));
+        }
+        if let Some(t) = task {
+            let how = if k.killed {
+                format!(
+                    "process group {pgid} {whose}ignored SIGTERM for {}s and was SIGKILLed",
+                    ctx.settings.kill_grace.as_secs()
+                )
+            } else {
+                format!("process group {pgid} {whose}ended on SIGTERM")
+            };
+            ctx.event(t, EventType::Warning, "Killed", &how);
+        }
     }
     Ok(())
 }
