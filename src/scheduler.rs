@@ -60,7 +60,8 @@ impl Scheduler {
             queues: Informer::new(store.clone(), informer("queues")),
             leases: Informer::new(store.clone(), informer("leases")),
             store,
-            state_dir,
+            // Absolute once here: shims are started with it and run logs are named by it.
+            state_dir: std::path::absolute(&state_dir).unwrap_or(state_dir),
             settings,
             summary: Summary::default(),
             spawned: Default::default(),

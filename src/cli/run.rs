@@ -107,16 +107,12 @@ fn open(g: &Globals, dry_run: bool) -> Result<(Store, Option<InstanceLock>), Cli
     Ok((store, Some(lock)))
 }
 
-fn state_dir(g: &Globals) -> std::path::PathBuf {
-    std::path::absolute(&g.state_dir).unwrap_or_else(|_| g.state_dir.clone())
-}
-
 fn start(g: &Globals, store: Store, settings: Settings, heartbeat: Option<Heartbeat>) -> Scheduler {
     let opts = Options {
         informers: InformerOptions::from_env(),
         heartbeat,
     };
-    Scheduler::start(store, state_dir(g), settings, opts)
+    Scheduler::start(store, g.state_dir.clone(), settings, opts)
 }
 
 async fn once(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {

@@ -123,6 +123,7 @@ impl fmt::Display for Summary {
 /// Everything a reconciler needs: the store, the shared informers, the event recorder, settings.
 pub struct Ctx {
     pub store: Store,
+    /// The state directory, absolute (made so by `Scheduler::start`).
     pub state_dir: PathBuf,
     pub tasks: Informer<Task>,
     pub agents: Informer<Agent>,

@@ -322,8 +322,7 @@ pub const UNRECORDED: &str = "of an agent its shim never recorded ";
 /// exists (the shim opens it before it starts the agent), so a Lease that never got that far
 /// costs one `lstat`.
 pub fn unrecorded_groups(ctx: &Ctx, lease: &Lease) -> Vec<i32> {
-    let state_dir = std::path::absolute(&ctx.state_dir).unwrap_or_else(|_| ctx.state_dir.clone());
-    let log = log_path(&state_dir, &lease.spec.task, lease.spec.attempt);
+    let log = log_path(&ctx.state_dir, &lease.spec.task, lease.spec.attempt);
     if std::fs::symlink_metadata(&log).is_err() {
         return Vec::new();
     }
