@@ -69,17 +69,22 @@ fn the_shim_records_the_signal_that_ended_the_agent() {
     );
 }
 
+/// Runs the shim of `lease` to its end with `TINYSCHEDULER_QUICK_EXIT_MS=ms`; the Lease it left.
+fn shim_with_quick_exit(s: &State, lease: &str, ms: &str) -> tinyscheduler::resources::Lease {
+    let out = s
+        .shim_cmd(lease)
+        .env(tinyscheduler::agent::shim::QUICK_EXIT_ENV, ms)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    s.get_lease(lease).unwrap()
+}
+
 #[test]
 fn a_run_that_ends_before_the_quick_exit_wait_is_recorded_with_one_write_of_its_lease() {
     let s = State::new();
     let pending = s.run_of("quick", &["true"]);
-    let out = s
-        .shim_cmd("quick")
-        .env(tinyscheduler::agent::shim::QUICK_EXIT_ENV, "60000")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let l = s.get_lease("quick").unwrap();
+    let l = shim_with_quick_exit(&s, "quick", "60000");
     assert_eq!(l.status.phase, LeasePhase::Completed);
     assert_eq!(l.status.exit_code, Some(0));
     assert_eq!(
@@ -99,13 +104,7 @@ fn a_run_that_ends_before_the_quick_exit_wait_is_recorded_with_one_write_of_its_
 fn a_run_still_going_after_the_quick_exit_wait_is_recorded_running_then_completed() {
     let s = State::new();
     let pending = s.run_of("slow", &["sleep", "0.3"]);
-    let out = s
-        .shim_cmd("slow")
-        .env(tinyscheduler::agent::shim::QUICK_EXIT_ENV, "0")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let l = s.get_lease("slow").unwrap();
+    let l = shim_with_quick_exit(&s, "slow", "0");
     assert_eq!(l.status.phase, LeasePhase::Completed);
     assert_eq!(
         l.revision(),

@@ -187,6 +187,38 @@ fn a_daemon_killed_mid_burst_and_restarted_runs_every_task_exactly_once() {
     }
 }
 
+/// The Lease of attempt 1 of `task` on agent `w`, as another scheduler created it and left it
+/// (Pending, nothing recorded yet).
+fn left_behind_lease(s: &Sched, task: &str, duration_secs: i64) -> Lease {
+    let mut lease = Lease::new(
+        "Lease",
+        task,
+        LeaseSpec {
+            task: task.into(),
+            agent: "w".into(),
+            holder_identity: "elsewhere/1".into(),
+            lease_duration_seconds: duration_secs,
+            max_runtime_seconds: 600,
+            attempt: 1,
+        },
+    );
+    lease
+        .metadata
+        .labels
+        .insert("tinyscheduler.io/agent".into(), "w".into());
+    s.store.create(&lease).unwrap()
+}
+
+/// Makes `task` show its first attempt on agent `w` under its Lease, in `phase`.
+fn show_first_attempt(s: &Sched, task: &str, phase: TaskPhase) {
+    let mut t = s.get_task(task);
+    t.status.phase = phase;
+    t.status.attempts = 1;
+    t.status.agent = Some("w".into());
+    t.status.lease = Some(task.into());
+    s.store.update_status(&t).unwrap();
+}
+
 #[test]
 fn a_lease_whose_pid_now_belongs_to_an_unrelated_process_is_reclaimed_without_touching_it() {
     let s = Sched::new();
@@ -209,23 +241,7 @@ fn a_lease_whose_pid_now_belongs_to_an_unrelated_process_is_reclaimed_without_to
     s.keep(stranger);
     let real_start = start_time_of(spid).expect("the stranger runs");
 
-    let mut lease = Lease::new(
-        "Lease",
-        "orphan",
-        LeaseSpec {
-            task: "orphan".into(),
-            agent: "w".into(),
-            holder_identity: "elsewhere/1".into(),
-            lease_duration_seconds: 3,
-            max_runtime_seconds: 600,
-            attempt: 1,
-        },
-    );
-    lease
-        .metadata
-        .labels
-        .insert("tinyscheduler.io/agent".into(), "w".into());
-    let mut lease = s.store.create(&lease).unwrap();
+    let mut lease = left_behind_lease(&s, "orphan", 3);
     let now = now_rfc3339();
     lease.status.phase = LeasePhase::Running;
     lease.status.pid = Some(spid);
@@ -237,12 +253,7 @@ fn a_lease_whose_pid_now_belongs_to_an_unrelated_process_is_reclaimed_without_to
     lease.status.acquire_time = Some(now.clone());
     lease.status.renew_time = Some(now);
     s.store.update_status(&lease).unwrap();
-    let mut t = s.get_task("orphan");
-    t.status.phase = TaskPhase::Running;
-    t.status.attempts = 1;
-    t.status.agent = Some("w".into());
-    t.status.lease = Some("orphan".into());
-    s.store.update_status(&t).unwrap();
+    show_first_attempt(&s, "orphan", TaskPhase::Running);
 
     let r = s.run(&["run", "--once", "--wait"]);
     assert_eq!(r.code, 0, "{r:?}");
@@ -265,29 +276,8 @@ fn an_agent_whose_shim_died_before_recording_it_is_killed_before_the_run_starts_
 
     // What a shim SIGKILLed right after it started its agent leaves behind: a Pending Lease that
     // names no process, the run's log, and the agent, with the run's environment, writing to it.
-    let mut lease = Lease::new(
-        "Lease",
-        "lost",
-        LeaseSpec {
-            task: "lost".into(),
-            agent: "w".into(),
-            holder_identity: "elsewhere/1".into(),
-            lease_duration_seconds: 30,
-            max_runtime_seconds: 600,
-            attempt: 1,
-        },
-    );
-    lease
-        .metadata
-        .labels
-        .insert("tinyscheduler.io/agent".into(), "w".into());
-    s.store.create(&lease).unwrap();
-    let mut t = s.get_task("lost");
-    t.status.phase = TaskPhase::Assigned;
-    t.status.attempts = 1;
-    t.status.agent = Some("w".into());
-    t.status.lease = Some("lost".into());
-    s.store.update_status(&t).unwrap();
+    left_behind_lease(&s, "lost", 30);
+    show_first_attempt(&s, "lost", TaskPhase::Assigned);
     let log = s.env.state().join("logs/lost/1.log");
     std::fs::create_dir_all(log.parent().unwrap()).unwrap();
     let orphan_of = |out: &std::path::Path| {
