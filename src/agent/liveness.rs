@@ -151,12 +151,7 @@ pub fn group_alive(pgid: i32) -> bool {
 
 /// Pids of the members of process group `pgid` that are not zombies, as far as `/proc` shows.
 pub fn group_members(pgid: i32) -> Vec<i32> {
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut pids: Vec<i32> = dir
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    let mut pids: Vec<i32> = proc_pids()
         .filter(|&pid| {
             read_stat(pid)
                 .map(|s| s.pgrp == pgid && !s.is_zombie_or_dead())
@@ -179,17 +174,12 @@ pub fn groups_of_unrecorded_run(lease: &str, attempt: i64, log: &Path) -> Vec<i3
     let Ok(log) = fs::canonicalize(log) else {
         return Vec::new();
     };
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
     let wanted = [
         format!("TINYSCHEDULER_LEASE={lease}"),
         format!("TINYSCHEDULER_ATTEMPT={attempt}"),
     ];
     let own = nix::unistd::getpgrp().as_raw();
-    let mut groups: Vec<i32> = dir
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    let mut groups: Vec<i32> = proc_pids()
         .filter(|&pid| writes_to(pid, &log) && environ_has(pid, &wanted))
         .filter_map(|pid| read_stat(pid).ok())
         .filter(|s| !s.is_zombie_or_dead() && s.pgrp > 1 && s.pgrp != own)
@@ -198,6 +188,15 @@ pub fn groups_of_unrecorded_run(lease: &str, attempt: i64, log: &Path) -> Vec<i3
     groups.sort_unstable();
     groups.dedup();
     groups
+}
+
+/// The pids `/proc` lists (none when it cannot be read).
+fn proc_pids() -> impl Iterator<Item = i32> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
 }
 
 /// Whether `pid`'s stdout or stderr is the file at `path`.
