@@ -104,6 +104,128 @@ fi"#;
 }
 
 #[test]
+fn an_over_time_run_is_failed_as_reclaimed_after_its_kill_not_as_the_signal_that_ended_it() {
+    let s = Sched::new();
+    s.queue("default");
+    s.agent_with("slow", 1, "sleep 300", |a| a.max_runtime_seconds = 1);
+    s.task_with("late", |t| t.max_retries = 0);
+    let r = s.run(&["run", "--once", "--wait"]);
+    assert_eq!(r.code, 0, "{r:?}");
+
+    let t = s.get_task("late");
+    assert_eq!(t.status.phase, TaskPhase::Failed);
+    assert_eq!(
+        t.status.reason.as_deref(),
+        Some("Reclaimed"),
+        "{:?}",
+        t.status
+    );
+    let message = t.status.message.unwrap_or_default();
+    assert!(
+        message.contains("reclaimed: exceeded its maximum runtime of 1s"),
+        "{message}"
+    );
+    // The shim's record of the SIGTERM did not settle the attempt before the reclaim did.
+    let story = story(&s, "late");
+    let at = |reason: &str| story.iter().position(|r| r == reason);
+    assert!(
+        at("Killed").is_some() && at("Failed") > at("Killed"),
+        "{story:?}"
+    );
+}
+
+#[test]
+fn what_an_exited_agent_left_in_its_group_is_killed_when_its_lost_run_is_reclaimed() {
+    let mut s = Sched::new();
+    s.queue("default");
+    let script = r#"
+if [ "$TINYSCHEDULER_ATTEMPT" = 1 ]; then
+  sleep 307 &
+  echo $! > "$OUT/left"
+  echo $PPID > "$OUT/shim"
+  sleep 1
+else
+  p=$(cat "$OUT/left")
+  st=$(cut -d' ' -f3 /proc/$p/stat 2>/dev/null)
+  if [ -n "$st" ] && [ "$st" != Z ]; then echo "alive $p" >> "$OUT/overlap"; fi
+  echo checked >> "$OUT/second"
+fi"#;
+    s.agent("w", 1, script);
+    s.task_with("lost", |t| t.max_retries = 1);
+    s.daemon(&[]);
+    // The shim dies while its agent runs; the agent then exits, and its child lives on in the
+    // agent's process group.
+    wait_for("the agent to name its shim", LONG, || {
+        !pids_in(&s.out("shim")).is_empty()
+    });
+    let shim = pids_in(&s.out("shim"))[0];
+    let left = pids_in(&s.out("left"))[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), Signal::SIGKILL).unwrap();
+
+    s.wait_phase("lost", TaskPhase::Succeeded, LONG);
+    let still = running(left);
+    if still {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(left), Signal::SIGKILL);
+    }
+    assert!(!still, "the first attempt's child survived the reclaim");
+    assert_eq!(s.lines("second"), ["checked"], "the second attempt ran");
+    assert_eq!(
+        s.read_out("overlap"),
+        "",
+        "the retry ran beside the first attempt's child"
+    );
+    let d = s.run(&["describe", "task", "lost"]);
+    assert!(
+        d.stdout.contains("left behind by the exited agent"),
+        "{}",
+        d.stdout
+    );
+}
+
+#[test]
+fn a_finished_agent_whose_child_takes_its_grace_to_die_is_renewed_meanwhile_and_succeeds() {
+    let mut s = Sched::new();
+    // Longer than the Lease's duration (3 heartbeats of 1 s): without renewals meanwhile the run
+    // would be reclaimed as silent.
+    s.extra_env
+        .push(("TINYSCHEDULER_KILL_GRACE_SEC".into(), "4.5".into()));
+    s.queue("default");
+    s.agent(
+        "w",
+        1,
+        "(trap '' TERM; exec sleep 300) &\necho $! > \"$OUT/left\"\nsleep 0.5\nexit 0",
+    );
+    s.task_with("done", |t| t.max_retries = 0);
+    let r = s.run(&["run", "--once", "--wait"]);
+    assert_eq!(r.code, 0, "{r:?}");
+
+    let t = s.get_task("done");
+    assert_eq!(t.status.phase, TaskPhase::Succeeded, "{:?}", t.status);
+    assert_eq!(t.status.attempts, 1);
+    let left = pids_in(&s.out("left"))[0];
+    assert!(
+        !running(left),
+        "the child that ignored SIGTERM was SIGKILLed"
+    );
+    let story = story(&s, "done");
+    assert!(!story.iter().any(|r| r == "Reclaiming"), "{story:?}");
+}
+
+/// The reasons of `task`'s events, oldest first.
+fn story(s: &Sched, task: &str) -> Vec<String> {
+    let mut evs: Vec<tinyscheduler::resources::Event> = s
+        .store
+        .list::<tinyscheduler::resources::Event>(None)
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.spec.involved_object.name == task)
+        .collect();
+    evs.sort_by_key(|e| e.metadata.resource_version.parse::<u64>().unwrap_or(0));
+    evs.into_iter().map(|e| e.spec.reason).collect()
+}
+
+#[test]
 fn run_once_exits_while_its_agents_run_and_a_later_run_records_their_results() {
     let s = Sched::new();
     s.queue("default");

@@ -108,18 +108,6 @@ impl Termination {
         Step::CheckAt((now + POLL).min(self.deadline))
     }
 
-    /// Steps to the end, sleeping in between.
-    pub fn wait(mut self) -> KillOutcome {
-        loop {
-            match self.step(Instant::now()) {
-                Step::Done(outcome) => return outcome,
-                Step::CheckAt(at) => {
-                    std::thread::sleep(at.saturating_duration_since(Instant::now()))
-                }
-            }
-        }
-    }
-
     fn finish(&mut self, terminated: bool) -> Step {
         let outcome = KillOutcome {
             terminated,

@@ -162,6 +162,21 @@ pub fn group_members(pgid: i32) -> Vec<i32> {
     pids
 }
 
+/// Whether process group `pgid` still has a member of one run: a process with the run's Lease and
+/// attempt in its environment (what the shim gave the agent; its children inherit it). Asked of a
+/// run whose agent has exited, so that what it left in its group is found, and a group number
+/// that something else has taken since is not.
+pub fn group_has_run(pgid: i32, lease: &str, attempt: i64) -> bool {
+    let wanted = [
+        format!("TINYSCHEDULER_LEASE={lease}"),
+        format!("TINYSCHEDULER_ATTEMPT={attempt}"),
+    ];
+    pgid > 1
+        && group_members(pgid)
+            .into_iter()
+            .any(|pid| environ_has(pid, &wanted))
+}
+
 /// The process groups of the agents of one run that no Lease names: a shim killed before its
 /// first write started the agent but never recorded its pid. Such a process is found by what the
 /// shim gave it: the run's Lease and attempt in its environment (`TINYSCHEDULER_LEASE`,

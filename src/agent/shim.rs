@@ -250,10 +250,19 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
         }
     };
 
-    // Whatever the agent left behind in its group goes with it.
-    let forwarded = forwarded.map(|(sig, t)| (sig, t.wait()));
+    // Whatever the agent left behind in its group goes with it. The Lease is renewed meanwhile:
+    // a group that takes its grace to end must not get a finished run reclaimed as silent.
+    let mut renew = || {
+        if let Err(e) = store.patch_status::<Lease>(&lease_name, |l| mark_running(l, &info)) {
+            tracing::warn!(lease = %lease_name, "cannot renew: {e}");
+        }
+        running_recorded = true;
+    };
+    let forwarded =
+        forwarded.map(|(sig, t)| (sig, finish_termination(t, next_write, period, &mut renew)));
     let leftovers = if forwarded.is_none() && super::liveness::group_alive(pid) {
-        Some(Termination::start(pid, grace).wait())
+        let t = Termination::start(pid, grace);
+        Some(finish_termination(t, next_write, period, &mut renew))
     } else {
         None
     };
@@ -306,6 +315,28 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
     let started = (!running_recorded).then_some(&info);
     record_completed(&store, &lease_name, &info.uid, started, &outcome);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Steps a termination to its end, calling `renew` every `period` from `next_renew` on.
+fn finish_termination(
+    mut t: Termination,
+    mut next_renew: Instant,
+    period: Duration,
+    renew: &mut impl FnMut(),
+) -> KillOutcome {
+    loop {
+        let now = Instant::now();
+        if now >= next_renew {
+            renew();
+            next_renew = now + period;
+        }
+        match t.step(now) {
+            Step::Done(outcome) => return outcome,
+            Step::CheckAt(at) => {
+                std::thread::sleep(at.min(next_renew).saturating_duration_since(Instant::now()))
+            }
+        }
+    }
 }
 
 fn describe_kill(k: &KillOutcome) -> &'static str {
@@ -616,11 +647,16 @@ fn record_completed(
                 mark_running(l, info);
             }
             let s = &mut l.status;
-            s.phase = LeasePhase::Completed;
+            // A Lease being reclaimed stays the reclaim controller's: the exit status goes in,
+            // but the phase and the reclaim's reason stay, so that the attempt is recorded as
+            // reclaimed, once the reclaim has emptied the group (invariant 4).
+            if s.phase != LeasePhase::Terminating {
+                s.phase = LeasePhase::Completed;
+                s.message = Some(outcome.message.clone());
+            }
             s.exit_code = outcome.exit_code;
             s.signal = outcome.signal;
             s.finish_time = Some(finish.clone());
-            s.message = Some(outcome.message.clone());
         });
         match res {
             Ok(_) => return,

@@ -26,7 +26,7 @@ impl Ending {
             exit_code: l.status.exit_code,
             signal: l.status.signal,
             reclaimed: None,
-            message: l.status.message.clone(),
+            message: l.status.message.as_deref().and_then(beyond_status),
         }
     }
 
@@ -37,7 +37,10 @@ impl Ending {
     fn describe(&self) -> String {
         let mut s = match (&self.reclaimed, self.exit_code, self.signal) {
             (Some(r), _, _) => format!("reclaimed: {r}"),
-            (None, _, Some(sig)) => format!("killed by signal {sig}"),
+            (None, _, Some(sig)) => match nix::sys::signal::Signal::try_from(sig) {
+                Ok(name) => format!("killed by signal {sig} ({name})"),
+                Err(_) => format!("killed by signal {sig}"),
+            },
             (None, Some(c), None) => format!("exit code {c}"),
             (None, None, None) => "no exit status recorded".to_string(),
         };
@@ -46,6 +49,15 @@ impl Ending {
         }
         s
     }
+}
+
+/// What a shim's message says beyond the exit status: its first clause ("exited with code 3",
+/// "exited with signal 9 (SIGKILL)") only repeats the status, which is described anyway.
+fn beyond_status(message: &str) -> Option<String> {
+    if !message.starts_with("exited with ") {
+        return Some(message.to_string());
+    }
+    message.split_once("; ").map(|(_, rest)| rest.to_string())
 }
 
 /// Records `ending` for `lease`'s attempt on its Task, then deletes the Lease. Idempotent: an

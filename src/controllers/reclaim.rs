@@ -10,7 +10,7 @@ use super::outcome::{self, Ending};
 use super::{Ctx, Error, Summary};
 use crate::agent::claim::Claim;
 use crate::agent::kill::terminate_group;
-use crate::agent::liveness::{groups_of_unrecorded_run, is_alive};
+use crate::agent::liveness::{group_has_run, groups_of_unrecorded_run, is_alive};
 use crate::agent::shim::log_path;
 use crate::resources::event::EventType;
 use crate::resources::meta::parse_time;
@@ -271,8 +271,9 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
             &format!("lease/{name}: {reason}"),
         );
     }
-    // Kill first (invariant 4): only the group of a process that is still the one we started,
-    // or, for a run the shim never recorded, the groups of its unrecorded agents.
+    // Kill first (invariant 4): the group of a process that is still the one we started, or of
+    // what an exited agent left behind in it, or, for a run the shim never recorded, the groups
+    // of its unrecorded agents.
     if local {
         let s = &lease.status;
         let agent_alive =
@@ -284,6 +285,9 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
             }
             (Some(_), Some(pgid)) if agent_alive => {
                 kill_groups(ctx, &name, &[pgid], "", task.as_ref()).await?;
+            }
+            (Some(_), Some(pgid)) if group_has_run(pgid, &name, lease.spec.attempt) => {
+                kill_groups(ctx, &name, &[pgid], LEFT_BEHIND, task.as_ref()).await?;
             }
             _ => {}
         }
@@ -316,6 +320,8 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
 
 /// How a Killed event names the group of an agent found by [`unrecorded_groups`].
 pub const UNRECORDED: &str = "of an agent its shim never recorded ";
+/// How a Killed event names a group whose agent had exited, leaving other processes in it.
+pub const LEFT_BEHIND: &str = "left behind by the exited agent ";
 
 /// The process groups of agents this Lease's run started that its Lease does not name: a shim
 /// killed before its first write leaves one running. Looked for only when the run's log file
