@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use sched::{next_second, wait_for, Observer, Sched, LONG};
-use tinyscheduler::resources::TaskPhase;
+use tinyscheduler::resources::{Agent, Task, TaskPhase};
 
 #[test]
 fn tasks_run_blockers_first_then_by_priority_then_age_then_name() {
@@ -326,6 +326,35 @@ fn a_finished_task_is_deleted_after_its_ttl_without_waiting_for_a_resync() {
                 && l.contains("\"reason\":\"Succeeded\"")),
         "the task succeeded before it was deleted:\n{logs}"
     );
+}
+
+/// A blocker deleted by its TTL would count as unfinished and hold its dependent back for good;
+/// so it stays until the tasks it blocks have finished, and goes then.
+#[test]
+fn a_blocker_outlives_its_ttl_until_the_task_it_blocks_has_finished() {
+    let mut s = Sched::new();
+    s.queue("default");
+    s.agent("w", 1, "true");
+    // The dependent is pinned to a paused agent: it cannot run before the blocker's TTL is up.
+    s.agent_with("later", 1, "true", |a| a.paused = true);
+    s.task_with("blocker", |t| t.ttl_seconds_after_finished = Some(0));
+    s.task_with("dependent", |t| {
+        t.blocked_by = vec!["blocker".into()];
+        t.assigned_to = Some("later".into());
+    });
+    s.daemon(&[]);
+    s.wait_phase("blocker", TaskPhase::Succeeded, LONG);
+    wait_for("task/dependent to be unblocked", LONG, || {
+        s.phase("dependent") == TaskPhase::Pending
+    });
+
+    let mut later = s.store.get::<Agent>("later").unwrap();
+    later.spec.paused = false;
+    s.store.update(&later).unwrap();
+    s.wait_phase("dependent", TaskPhase::Succeeded, LONG);
+    wait_for("task/blocker to be deleted after its TTL", LONG, || {
+        s.store.try_get::<Task>("blocker").unwrap().is_none()
+    });
 }
 
 /// How the shims of a `run --once --wait` were started, as each agent saw its parent's command

@@ -229,6 +229,17 @@ fn task_ttl(ctx: &Ctx, name: &str) -> Result<Action, Error> {
             left.clamp(Duration::from_secs(1), MAX_TTL_WAIT),
         ));
     }
+    // A blocker stays while a task it blocks is unfinished: once deleted it would count as
+    // unfinished and hold that task back for good. The dependent's changes wake this key (see
+    // `keys_for_task`).
+    if ctx
+        .tasks
+        .snapshot()
+        .iter()
+        .any(|t| !t.status.phase.is_finished() && t.spec.blocked_by.iter().any(|b| b == name))
+    {
+        return Ok(Action::await_change());
+    }
     match ctx
         .store
         .delete::<Task>(name, Some(&task.metadata.resource_version))
@@ -255,12 +266,14 @@ fn task_ttl(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     }
 }
 
-/// The status keys a Task change affects.
+/// The status keys a Task change affects: its own, its queue's, and its blockers' (whose TTL
+/// waits for the tasks they block).
 pub fn keys_for_task(t: &Task) -> Vec<String> {
     let mut keys = vec![format!("task/{}", t.metadata.name)];
     if let Some(q) = &t.spec.queue {
         keys.push(format!("queue/{q}"));
     }
+    keys.extend(t.spec.blocked_by.iter().map(|b| format!("task/{b}")));
     keys
 }
 
