@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-state=${TINYSCHEDULER_STATE_DIR:-./state/quickstart}
+# Always this directory, which the script empties first: never TINYSCHEDULER_STATE_DIR, which
+# may name a real state directory.
+state=./state/quickstart
 cargo build --quiet --bin tinyscheduler
 ts() { ./target/debug/tinyscheduler --state-dir "$state" "$@"; }
 
