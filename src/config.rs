@@ -620,6 +620,15 @@ pub fn current() -> Option<&'static Settings> {
     CURRENT.get()
 }
 
+/// The variables the command line parser reads itself (the rest are read by [`resolve`]).
+const CLAP_ENV: &[&str] = &[
+    "TINYSCHEDULER_STATE_DIR",
+    "TINYSCHEDULER_LOG_FORMAT",
+    "TINYSCHEDULER_LOG_LEVEL",
+    "TINYSCHEDULER_DRY_RUN",
+    "TINYSCHEDULER_HTTP_ADDR",
+];
+
 /// Parses the command line for the binary: reads the `.env` file (exporting its variables where
 /// the environment does not set them, before any thread starts), re-parses so flags with an
 /// `env` fallback see them, resolves [`Settings`] and applies the effective state directory
@@ -628,6 +637,13 @@ pub fn parse_cli() -> Result<crate::cli::Cli, ConfigError> {
     use crate::cli::Command;
     use clap::{CommandFactory, FromArgMatches};
 
+    // An empty value means unset, as for every other setting; clap would call it a missing value.
+    // Single-threaded here: nothing else reads the environment concurrently.
+    for k in CLAP_ENV {
+        if std::env::var_os(k).is_some_and(|v| v.is_empty()) {
+            std::env::remove_var(k);
+        }
+    }
     let parse = || -> clap::ArgMatches { crate::cli::Cli::command().get_matches() };
     let from =
         |m: &clap::ArgMatches| crate::cli::Cli::from_arg_matches(m).unwrap_or_else(|e| e.exit());
@@ -643,7 +659,7 @@ pub fn parse_cli() -> Result<crate::cli::Cli, ConfigError> {
     let mut injected = BTreeSet::new();
     if let Some(d) = &dotenv {
         for (k, v) in &d.vars {
-            if std::env::var_os(k).is_none_or(|x| x.is_empty()) {
+            if !v.is_empty() && std::env::var_os(k).is_none_or(|x| x.is_empty()) {
                 // Single-threaded here: nothing else reads the environment concurrently.
                 std::env::set_var(k, v);
                 injected.insert(k.clone());

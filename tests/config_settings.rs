@@ -189,3 +189,55 @@ fn the_config_table_lists_every_setting_with_its_source() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("TINYSCHEDULER_RUNNING_DIR is set but has no effect"));
 }
+
+#[test]
+fn an_empty_variable_counts_as_unset_also_for_the_flags_it_backs() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(".env"), "TINYSCHEDULER_LOG_LEVEL=\n").unwrap();
+    let out = cmd(dir.path())
+        .args(["run", "--once"])
+        .env("TINYSCHEDULER_STATE_DIR", "")
+        .env("TINYSCHEDULER_LOG_FORMAT", "")
+        .env("TINYSCHEDULER_DRY_RUN", "")
+        .env("TINYSCHEDULER_HTTP_ADDR", "")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Not a dry run, in the default state directory.
+    assert!(dir.path().join("state/objects").is_dir());
+}
+
+#[test]
+fn dry_run_from_the_environment_takes_every_spelling_of_a_boolean() {
+    for (value, dry) in [
+        ("1", true),
+        ("yes", true),
+        ("on", true),
+        ("TRUE", true),
+        ("0", false),
+        ("no", false),
+        ("off", false),
+        ("false", false),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = cmd(dir.path())
+            .args(["run", "--once"])
+            .env("TINYSCHEDULER_DRY_RUN", value)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{value}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            !dir.path().join("state").exists(),
+            dry,
+            "TINYSCHEDULER_DRY_RUN={value}: a dry run creates nothing"
+        );
+    }
+}

@@ -191,7 +191,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub daemon: bool,
     /// Print each decision and change nothing.
-    #[arg(long, env = "TINYSCHEDULER_DRY_RUN")]
+    #[arg(
+        long,
+        env = "TINYSCHEDULER_DRY_RUN",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub dry_run: bool,
     /// With --once: keep going until no task is pending or running (the quick start uses this).
     #[arg(long, requires = "once")]
