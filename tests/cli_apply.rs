@@ -502,3 +502,21 @@ fn concurrent_creates_of_distinct_objects_all_land_with_unique_versions() {
     rvs.dedup();
     assert_eq!(rvs.len(), 16, "resourceVersions must be unique");
 }
+
+#[test]
+fn a_duration_beyond_ten_years_is_refused_naming_its_field() {
+    let content = format!(
+        "{}---\n{API}\nkind: Task\nmetadata:\n  name: t\nspec:\n  queue: q\n  ttlSecondsAfterFinished: 9223372036854775807\n",
+        agent("a", 1)
+    );
+    refused(
+        "t.yaml",
+        &content,
+        &[
+            "t.yaml",
+            "document 2 (Task \"t\")",
+            "spec.ttlSecondsAfterFinished",
+            "at most 315360000",
+        ],
+    );
+}

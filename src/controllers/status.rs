@@ -223,7 +223,11 @@ fn task_ttl(ctx: &Ctx, name: &str) -> Result<Action, Error> {
         .as_deref()
         .and_then(parse_time)
         .unwrap_or_else(SystemTime::now);
-    let due = finished + ttl;
+    // Too far off to represent (a Task stored before `ttlSecondsAfterFinished` had a maximum):
+    // never due.
+    let Some(due) = finished.checked_add(ttl) else {
+        return Ok(Action::await_change());
+    };
     if let Ok(left) = due.duration_since(SystemTime::now()) {
         return Ok(Action::requeue_after(
             left.clamp(Duration::from_secs(1), MAX_TTL_WAIT),

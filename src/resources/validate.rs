@@ -67,6 +67,27 @@ fn positive(errors: &mut Vec<FieldError>, path: &str, v: i64) {
     }
 }
 
+/// The longest duration a field may give: ten years. Anything longer means "never" and would
+/// overflow the clocks it is added to.
+pub const MAX_SECONDS: i64 = 10 * 365 * 24 * 3600;
+
+/// A duration field: at least `min` seconds and at most [`MAX_SECONDS`].
+fn seconds(errors: &mut Vec<FieldError>, path: &str, v: i64, min: i64) {
+    if v < min {
+        let what = if min == 0 {
+            "0 or greater"
+        } else {
+            "greater than 0"
+        };
+        errors.push(err(path, format!("must be {what} (got {v})")));
+    } else if v > MAX_SECONDS {
+        errors.push(err(
+            path,
+            format!("must be at most {MAX_SECONDS} (ten years; got {v})"),
+        ));
+    }
+}
+
 fn optional_name(errors: &mut Vec<FieldError>, path: &str, v: &Option<String>) {
     if let Some(n) = v {
         if let Err(e) = validate_name(n) {
@@ -80,8 +101,13 @@ pub fn validate_agent(spec: &AgentSpec) -> Vec<FieldError> {
     let mut e = Vec::new();
     optional_name(&mut e, "spec.queue", &spec.queue);
     positive(&mut e, "spec.maxConcurrency", spec.max_concurrency);
-    positive(&mut e, "spec.heartbeatSeconds", spec.heartbeat_seconds);
-    positive(&mut e, "spec.maxRuntimeSeconds", spec.max_runtime_seconds);
+    seconds(&mut e, "spec.heartbeatSeconds", spec.heartbeat_seconds, 1);
+    seconds(
+        &mut e,
+        "spec.maxRuntimeSeconds",
+        spec.max_runtime_seconds,
+        1,
+    );
     if spec.command.first().is_some_and(|c| c.is_empty()) {
         e.push(err("spec.command[0]", "the program must not be empty"));
     }
@@ -105,7 +131,7 @@ pub fn validate_agent(spec: &AgentSpec) -> Vec<FieldError> {
 pub fn validate_queue(spec: &QueueSpec) -> Vec<FieldError> {
     let mut e = Vec::new();
     if let Some(p) = spec.poll_interval_seconds {
-        positive(&mut e, "spec.pollIntervalSeconds", p);
+        seconds(&mut e, "spec.pollIntervalSeconds", p, 1);
     }
     if spec.source == QueueSource::Local {
         if spec.endpoint.is_some() {
@@ -161,15 +187,10 @@ pub fn validate_task(name: &str, spec: &TaskSpec) -> Vec<FieldError> {
         ));
     }
     if let Some(t) = spec.timeout_seconds {
-        positive(&mut e, "spec.timeoutSeconds", t);
+        seconds(&mut e, "spec.timeoutSeconds", t, 1);
     }
     if let Some(t) = spec.ttl_seconds_after_finished {
-        if t < 0 {
-            e.push(err(
-                "spec.ttlSecondsAfterFinished",
-                format!("must be 0 or greater (got {t})"),
-            ));
-        }
+        seconds(&mut e, "spec.ttlSecondsAfterFinished", t, 0);
     }
     e
 }
@@ -188,7 +209,12 @@ pub fn validate_lease(spec: &LeaseSpec) -> Vec<FieldError> {
         "spec.leaseDurationSeconds",
         spec.lease_duration_seconds,
     );
-    positive(&mut e, "spec.maxRuntimeSeconds", spec.max_runtime_seconds);
+    seconds(
+        &mut e,
+        "spec.maxRuntimeSeconds",
+        spec.max_runtime_seconds,
+        1,
+    );
     e
 }
 
