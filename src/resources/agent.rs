@@ -101,8 +101,6 @@ pub struct AgentStatus {
     /// `maxConcurrency` minus live Leases (0 when paused).
     #[serde(default)]
     pub free_slots: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_assignment_time: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
