@@ -520,3 +520,72 @@ fn a_duration_beyond_ten_years_is_refused_naming_its_field() {
         ],
     );
 }
+
+#[test]
+fn a_list_larger_than_one_object_may_be_is_applied_item_by_item_and_back() {
+    let env = seeded();
+    // 300 tasks with long prompts: over the 1 MiB limit of one object, all together.
+    let items: Vec<Value> = (0..300)
+        .map(|i| {
+            serde_json::json!({
+                "apiVersion": "tinyscheduler.io/v1alpha1",
+                "kind": "Task",
+                "metadata": {"name": format!("task-{i:04}"), "labels": {"batch": "a-label-that-takes-some-room"}},
+                "spec": {"queue": "default", "params": {"prompt": "x".repeat(4000)}}
+            })
+        })
+        .collect();
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+    let text = serde_json::to_string(&list).unwrap();
+    assert!(text.len() > 1024 * 1024, "{}", text.len());
+    let f = env.file("big.json", &text);
+    let r = env.run(&["apply", "-f", f.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout.lines().count(), 300);
+
+    // And back, as YAML: the round trip users do with kubectl.
+    let yaml = env.run(&["get", "tasks", "-o", "yaml"]);
+    assert_eq!(yaml.code, 0, "{}", yaml.stderr);
+    let again = env.run_stdin(&["apply", "-f", "-"], &yaml.stdout);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert!(
+        again.stdout.lines().all(|l| l.ends_with(" unchanged")),
+        "{}",
+        again.stdout
+    );
+}
+
+#[test]
+fn a_document_after_an_end_marker_is_applied_too() {
+    let env = seeded();
+    let content = format!(
+        "{}...\n{}",
+        task("first", "default"),
+        task("second", "default")
+    );
+    let r = env.apply_ok("two.yaml", &content);
+    assert!(
+        r.stdout.contains("task.tinyscheduler.io/first created"),
+        "{r:?}"
+    );
+    assert!(
+        r.stdout.contains("task.tinyscheduler.io/second created"),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn yaml_scalars_follow_yaml_1_2_core() {
+    let env = seeded();
+    let content = format!(
+        "{API}\nkind: Task\nmetadata:\n  name: t\n  labels:\n    answer: no\nspec:\n  queue: default\n  params:\n    country: NO\n    pr: 0042\n    big: 1_000\n    flag: true\n"
+    );
+    env.apply_ok("t.yaml", &content);
+    let t: Value =
+        serde_json::from_str(&env.run(&["get", "task", "t", "-o", "json"]).stdout).unwrap();
+    assert_eq!(t["metadata"]["labels"]["answer"], "no");
+    assert_eq!(t["spec"]["params"]["country"], "NO");
+    assert_eq!(t["spec"]["params"]["pr"], "0042");
+    assert_eq!(t["spec"]["params"]["big"], "1_000");
+    assert_eq!(t["spec"]["params"]["flag"], true);
+}

@@ -203,10 +203,13 @@ pub fn parse(source: &str, text: &str) -> Result<Vec<Document>, Vec<InputError>>
                                 d.index,
                                 i + 1
                             ))),
+                            // Not `..d.clone()`: that copied the whole List for every item.
                             None => docs.push(Document {
+                                source: d.source.clone(),
+                                index: d.index,
                                 item: Some(i + 1),
+                                line: d.line,
                                 value: item.clone(),
-                                ..d.clone()
                             }),
                         }
                     }
@@ -225,6 +228,20 @@ pub fn parse(source: &str, text: &str) -> Result<Vec<Document>, Vec<InputError>>
         Ok(docs)
     } else {
         Err(errors)
+    }
+}
+
+fn is_list(v: &Value) -> bool {
+    v.get("kind").and_then(Value::as_str) == Some("List")
+}
+
+/// YAML 1.2 Core scalars, as the docs promise: only `true`/`false` are booleans (not `yes`, `on`,
+/// `y`), and `0042` or `1_000` are strings, not numbers (`0042` would be read as 42.0).
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        strict_booleans: true,
+        leading_zero_numbers_as_strings: true,
+        underscored_numbers_as_strings: true,
     }
 }
 
@@ -252,7 +269,8 @@ fn parse_json(source: &str, text: &str) -> Result<Vec<Document>, Vec<InputError>
         match next {
             Ok(v) => {
                 let end = stream.byte_offset();
-                if let Some(m) = too_large(&text.as_bytes()[start..end]) {
+                // A List's limit is per item (see `parse`).
+                if let Some(m) = too_large(&text.as_bytes()[start..end]).filter(|_| !is_list(&v)) {
                     return Err(vec![InputError(format!("{source}: document {index}: {m}"))]);
                 }
                 if let Some(e) = not_an_object(&v) {
@@ -341,8 +359,17 @@ fn split_yaml(text: &str) -> Vec<Chunk> {
             cur.text.push_str("   ");
             cur.text.push_str(&line[3..]);
         } else if is_end {
+            // The document ends here; a bare one may follow (YAML 1.2), after any directives.
+            chunks.push(std::mem::replace(
+                &mut cur,
+                Chunk {
+                    text: String::new(),
+                    line: lineno + 1,
+                },
+            ));
             ended = true;
-        } else if !ended {
+        } else if !ended || !line.trim_start().starts_with('%') {
+            ended = false;
             if cur.text.is_empty() {
                 cur.line = lineno;
             }
@@ -368,10 +395,7 @@ fn parse_yaml(source: &str, text: &str) -> Result<Vec<Document>, Vec<InputError>
             continue;
         }
         index += 1;
-        if let Some(m) = too_large(chunk.text.as_bytes()) {
-            return Err(vec![InputError(format!("{source}: document {index}: {m}"))]);
-        }
-        let v: Value = match serde_saphyr::from_str(&chunk.text) {
+        let v: Value = match serde_saphyr::from_str_with_options(&chunk.text, yaml_options()) {
             Ok(v) => v,
             Err(e) => {
                 return Err(vec![InputError(format!(
@@ -382,6 +406,10 @@ fn parse_yaml(source: &str, text: &str) -> Result<Vec<Document>, Vec<InputError>
         };
         if v.is_null() {
             continue;
+        }
+        // A List's limit is per item (see `parse`).
+        if let Some(m) = too_large(chunk.text.as_bytes()).filter(|_| !is_list(&v)) {
+            return Err(vec![InputError(format!("{source}: document {index}: {m}"))]);
         }
         if let Some(e) = not_an_object(&v) {
             return Err(vec![InputError(format!("{source}: document {index}: {e}"))]);
