@@ -620,6 +620,13 @@ pub fn current() -> Option<&'static Settings> {
     CURRENT.get()
 }
 
+/// Prints a command-line error (or the help or version asked for) and exits: 0 for help and
+/// version, 1 for a usage error, like every other error (DESIGN.md §6; clap would use 2).
+fn exit_on(e: clap::Error) -> ! {
+    let _ = e.print();
+    std::process::exit(if e.use_stderr() { 1 } else { 0 })
+}
+
 /// The variables the command line parser reads itself (the rest are read by [`resolve`]).
 const CLAP_ENV: &[&str] = &[
     "TINYSCHEDULER_STATE_DIR",
@@ -644,9 +651,13 @@ pub fn parse_cli() -> Result<crate::cli::Cli, ConfigError> {
             std::env::remove_var(k);
         }
     }
-    let parse = || -> clap::ArgMatches { crate::cli::Cli::command().get_matches() };
+    let parse = || -> clap::ArgMatches {
+        crate::cli::Cli::command()
+            .try_get_matches()
+            .unwrap_or_else(|e| exit_on(e))
+    };
     let from =
-        |m: &clap::ArgMatches| crate::cli::Cli::from_arg_matches(m).unwrap_or_else(|e| e.exit());
+        |m: &clap::ArgMatches| crate::cli::Cli::from_arg_matches(m).unwrap_or_else(|e| exit_on(e));
     let matches = parse();
     let cli = from(&matches);
     if matches!(

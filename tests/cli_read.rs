@@ -381,3 +381,20 @@ fn get_watch_prints_a_row_per_change() {
     let row = s.line(t).expect("a row for the change");
     assert!(row.starts_with("vaela ") && row.contains(" 7 "), "{row}");
 }
+
+#[test]
+fn a_usage_error_exits_1_like_every_other_error_and_help_exits_0() {
+    let env = Env::new();
+    for args in [
+        &["--no-such-flag"][..],
+        &["get"],
+        &["logs", "x", "--attempt", "-1"],
+    ] {
+        let r = env.run(args);
+        assert_eq!(r.code, 1, "{args:?}: {r:?}");
+        assert!(!r.stderr.is_empty(), "{args:?}: the error is on stderr");
+    }
+    let help = env.run(&["--help"]);
+    assert_eq!(help.code, 0, "{help:?}");
+    assert!(help.stdout.contains("Usage"), "{help:?}");
+}
