@@ -662,7 +662,7 @@ pub fn parse_cli() -> Result<crate::cli::Cli, ConfigError> {
     let cli = from(&matches);
     if matches!(
         cli.command,
-        Command::Version | Command::Shim(_) | Command::ShimLauncher
+        Command::Version | Command::Completion(_) | Command::Shim(_) | Command::ShimLauncher
     ) {
         return Ok(cli);
     }

@@ -398,3 +398,30 @@ fn a_usage_error_exits_1_like_every_other_error_and_help_exits_0() {
     assert_eq!(help.code, 0, "{help:?}");
     assert!(help.stdout.contains("Usage"), "{help:?}");
 }
+
+#[test]
+fn completion_bash_prints_a_script_that_completes_subcommands_and_hides_the_shim() {
+    let env = Env::new();
+    let script = env.run(&["completion", "bash"]);
+    assert_eq!(script.code, 0, "{script:?}");
+    let f = env.file("complete.bash", &script.stdout);
+    // What bash offers after `tinyscheduler <prefix><TAB>`.
+    let complete = |prefix: &str| {
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "source {}; COMP_WORDS=(tinyscheduler {prefix}); COMP_CWORD=1; \
+                 _tinyscheduler tinyscheduler {prefix} tinyscheduler; echo \"${{COMPREPLY[@]}}\"",
+                f.display()
+            ))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    assert_eq!(complete("ge"), "get");
+    assert_eq!(complete("s"), "", "the shim commands are not offered");
+    let bad = env.run(&["completion", "tcsh"]);
+    assert_eq!(bad.code, 1, "{bad:?}");
+    assert!(bad.stderr.contains("possible values"), "{bad:?}");
+}

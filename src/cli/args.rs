@@ -69,8 +69,17 @@ pub enum Command {
     ValidateConfig(ValidateConfigArgs),
     /// Write Agent and Queue manifests from a Python-era agent-control.json.
     Import(ImportArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion(CompletionArgs),
     /// Print the version.
     Version,
+}
+
+#[derive(Args, Debug)]
+pub struct CompletionArgs {
+    /// The shell to complete for, e.g. `source <(tinyscheduler completion bash)`.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(Args, Debug)]
@@ -228,6 +237,7 @@ pub fn command_name(c: &Command) -> &'static str {
         Command::Config(_) => "config",
         Command::ValidateConfig(_) => "validate-config",
         Command::Import(_) => "import",
+        Command::Completion(_) => "completion",
         Command::Version => "version",
     }
 }

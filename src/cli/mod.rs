@@ -73,6 +73,20 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The command line without its hidden subcommands (the shim's), which clap_complete would offer.
+fn for_completion() -> clap::Command {
+    use clap::CommandFactory;
+    let full = Cli::command();
+    let shown: Vec<clap::Command> = full
+        .get_subcommands()
+        .filter(|c| !c.is_hide_set())
+        .cloned()
+        .collect();
+    clap::Command::new("tinyscheduler")
+        .args(full.get_arguments().cloned())
+        .subcommands(shown)
+}
+
 fn dispatch(cli: Cli) -> CliResult {
     let g = cli.globals;
     match cli.command {
@@ -88,6 +102,11 @@ fn dispatch(cli: Cli) -> CliResult {
         Command::Config(a) => config_cmd::config(&g, a),
         Command::ValidateConfig(a) => config_cmd::validate(&g, a),
         Command::Import(a) => import::import(&g, a),
+        Command::Completion(a) => {
+            let mut out = std::io::stdout().lock();
+            clap_complete::generate(a.shell, &mut for_completion(), "tinyscheduler", &mut out);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Version => {
             println!("tinyscheduler {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
