@@ -425,3 +425,26 @@ fn completion_bash_prints_a_script_that_completes_subcommands_and_hides_the_shim
     assert_eq!(bad.code, 1, "{bad:?}");
     assert!(bad.stderr.contains("possible values"), "{bad:?}");
 }
+
+#[test]
+fn get_with_no_match_prints_an_empty_list_in_json_and_yaml_for_pipes() {
+    let env = Env::new();
+    env.apply_ok("q.yaml", &queue("default"));
+    let json = env.run(&["get", "tasks", "-o", "json"]);
+    assert_eq!(json.code, 0, "{json:?}");
+    let v: Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(v["kind"], "List");
+    assert_eq!(v["items"], serde_json::json!([]));
+    let yaml = env.run(&["get", "queues", "-l", "no=such", "-o", "yaml"]);
+    assert_eq!(yaml.code, 0, "{yaml:?}");
+    assert!(
+        yaml.stdout.contains("kind: List") && yaml.stdout.contains("items: []"),
+        "{yaml:?}"
+    );
+    // A table says so on stderr, and prints nothing to parse.
+    let table = env.run(&["get", "tasks"]);
+    assert_eq!(
+        (table.stdout.as_str(), table.stderr.trim()),
+        ("", "No resources found.")
+    );
+}

@@ -88,11 +88,13 @@ fn get_kind<K: Printable>(store: &Store, o: &Opts) -> CliResult {
     let now = SystemTime::now();
     let wide = o.format == Format::Wide;
     let mut table = Table::new(K::columns(wide));
-    if items.is_empty() {
+    let structured = matches!(o.format, Format::Json | Format::Yaml);
+    if items.is_empty() && !(structured && o.names.is_empty() && !o.watch) {
         if errors.is_empty() && !o.watch {
             eprintln!("No resources found.");
         }
     } else {
+        // A list with no match is still a List (as kubectl prints it), so a pipe into jq works.
         let single = o.names.len() == 1;
         printers::with_stdout(|out| match o.format {
             Format::Table | Format::Wide => {
