@@ -140,6 +140,23 @@ fn an_upper_case_name_is_refused() {
 }
 
 #[test]
+fn the_longest_valid_name_is_stored_and_one_more_character_is_refused() {
+    let env = seeded();
+    let longest = "a".repeat(250);
+    env.apply_ok("long.yaml", &agent_named(&longest));
+    let got = env.run(&["get", "agent", &longest, "-o", "name"]);
+    assert_eq!(
+        got.stdout.trim(),
+        format!("agent.tinyscheduler.io/{longest}")
+    );
+    refused(
+        "n.yaml",
+        &agent_named(&"a".repeat(251)),
+        &["metadata.name", "no more than 250 characters (got 251)"],
+    );
+}
+
+#[test]
 fn a_300_character_name_is_refused() {
     let name = "a".repeat(300);
     refused(
@@ -149,7 +166,7 @@ fn a_300_character_name_is_refused() {
             "n.yaml",
             "document 1",
             "metadata.name",
-            "no more than 253 characters (got 300)",
+            "no more than 250 characters (got 300)",
         ],
     );
 }

@@ -237,7 +237,7 @@ fn queue_object_name(remote: &str) -> Option<String> {
     while s.contains("--") {
         s = s.replace("--", "-");
     }
-    s.truncate(253);
+    s.truncate(crate::resources::validate::MAX_NAME_LEN);
     validate_name(&s).ok().map(|_| s)
 }
 

@@ -7,8 +7,9 @@ use super::lease::LeaseSpec;
 use super::queue::{QueueSource, QueueSpec};
 use super::task::TaskSpec;
 
-/// Longest name a DNS subdomain may have.
-pub const MAX_NAME_LEN: usize = 253;
+/// Longest name: a DNS subdomain may have 253 characters, but the store keeps an object in a file
+/// named `<name>.json`, and a file name has at most 255 bytes.
+pub const MAX_NAME_LEN: usize = 250;
 
 /// One invalid field: its path (`spec.maxConcurrency`) and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,7 +31,7 @@ fn err(path: &str, message: impl Into<String>) -> FieldError {
     }
 }
 
-/// Checks an RFC 1123 DNS subdomain: at most 253 characters of lower-case alphanumerics, `-` and
+/// Checks an RFC 1123 DNS subdomain: at most 250 characters (see [`MAX_NAME_LEN`]) of lower-case alphanumerics, `-` and
 /// `.`, each dot-separated label non-empty and starting and ending with an alphanumeric. This is what
 /// keeps `/`, `..` and NUL away from the store's paths.
 pub fn validate_name(name: &str) -> Result<(), String> {
@@ -224,7 +225,7 @@ mod tests {
 
     #[test]
     fn names_follow_rfc1123_subdomains() {
-        for ok in ["a", "vaela", "task-1", "tt-42", "a.b-c.d", &"a".repeat(253)] {
+        for ok in ["a", "vaela", "task-1", "tt-42", "a.b-c.d", &"a".repeat(250)] {
             assert!(validate_name(ok).is_ok(), "{ok}");
         }
         for bad in [
@@ -240,6 +241,7 @@ mod tests {
             "a_b",
             "a\0b",
             "ü",
+            &"a".repeat(251),
             &"a".repeat(254),
         ] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
