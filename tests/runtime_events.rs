@@ -148,6 +148,13 @@ fn event_names_are_valid_names_even_for_long_or_odd_object_names() {
         a,
         event_name(&obj("Agent", "t"), EventType::Normal, "R", "m")
     );
+    let mut again = obj("Task", "t");
+    again.uid = "another-incarnation".into();
+    assert_ne!(
+        a,
+        event_name(&again, EventType::Normal, "R", "m"),
+        "a Task created again under the name has events of its own"
+    );
     assert!(a.starts_with("t."));
     let _ = Event::KIND;
 }

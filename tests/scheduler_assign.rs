@@ -357,6 +357,54 @@ fn a_blocker_outlives_its_ttl_until_the_task_it_blocks_has_finished() {
     });
 }
 
+#[test]
+fn a_task_deleted_and_created_again_shows_only_its_own_logs_and_events() {
+    let s = Sched::new();
+    s.queue("default");
+    s.agent("w", 1, "echo \"word=$TINYSCHEDULER_PARAM_WORD\"");
+    let with_word = |word: &str| {
+        s.task_with("again", |t| {
+            t.params.insert("word".into(), word.into());
+        })
+    };
+    with_word("first");
+    assert_eq!(s.run(&["run", "--once", "--wait"]).code, 0);
+    let deleted = s.run(&["delete", "task", "again"]);
+    assert_eq!(deleted.code, 0, "{deleted:?}");
+    assert!(
+        !s.env.state().join("logs/again").exists(),
+        "its logs went with it"
+    );
+
+    with_word("second");
+    assert_eq!(s.run(&["run", "--once", "--wait"]).code, 0);
+    assert_eq!(s.phase("again"), TaskPhase::Succeeded);
+    let logs = s.run(&["logs", "again"]);
+    assert!(logs.stdout.contains("word=second"), "{logs:?}");
+    assert!(!logs.stdout.contains("word=first"), "{logs:?}");
+    let d = s.run(&["describe", "task", "again"]);
+    assert_eq!(d.code, 0, "{d:?}");
+    let succeeded: Vec<&str> = d
+        .stdout
+        .lines()
+        .filter(|l| l.contains("Succeeded"))
+        .collect();
+    assert!(
+        succeeded.iter().all(|l| !l.contains("x2")),
+        "the first incarnation's events are not this one's:\n{}",
+        d.stdout
+    );
+    assert_eq!(
+        d.stdout
+            .lines()
+            .filter(|l| l.contains("Assigned") && l.contains("agent/w"))
+            .count(),
+        1,
+        "{}",
+        d.stdout
+    );
+}
+
 /// How the shims of a `run --once --wait` were started, as each agent saw its parent's command
 /// line (a forked shim keeps the launcher's).
 fn shim_command_lines(s: &Sched) -> Vec<String> {

@@ -19,14 +19,22 @@ pub fn describe(g: &Globals, a: DescribeArgs) -> CliResult {
     let kind = resolve_kind(&a.kind)?;
     let store = Store::open_read_only(&g.state_dir);
     let obj = store.get_raw(kind.plural(), &a.name)?;
-    let events = events_for(&store, kind, &a.name)?;
+    let uid = obj.pointer("/metadata/uid").and_then(Value::as_str);
+    let events = events_for(&store, kind, &a.name, uid)?;
     let text = render(&obj, &events, SystemTime::now());
     printers::with_stdout(|out| std::io::Write::write_all(out, text.as_bytes()))?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// The Events whose `involvedObject` is this object, oldest first (by lastTimestamp).
-pub fn events_for(store: &Store, kind: Kind, name: &str) -> Result<Vec<Event>, CliError> {
+/// The Events whose `involvedObject` is this object, oldest first (by lastTimestamp). With `uid`,
+/// not those of an earlier object of the same name (deleted and created again); an event that
+/// names no uid is kept.
+pub fn events_for(
+    store: &Store,
+    kind: Kind,
+    name: &str,
+    uid: Option<&str>,
+) -> Result<Vec<Event>, CliError> {
     let list = store.list::<Event>(None)?;
     for s in &list.skipped {
         eprintln!("warning: skipping {}: {}", s.path.display(), s.reason);
@@ -35,7 +43,10 @@ pub fn events_for(store: &Store, kind: Kind, name: &str) -> Result<Vec<Event>, C
         .items
         .into_iter()
         .filter(|e| {
-            e.spec.involved_object.kind == kind.name() && e.spec.involved_object.name == name
+            let o = &e.spec.involved_object;
+            o.kind == kind.name()
+                && o.name == name
+                && (o.uid.is_empty() || uid.is_none_or(|u| u == o.uid))
         })
         .collect();
     events.sort_by(|a, b| {

@@ -228,7 +228,9 @@ fn sort_oldest_first(evs: &mut [Event]) {
 }
 
 /// The event object's name: a DNS-subdomain-safe prefix of the involved object's name, a dot, and
-/// 16 hex digits of a stable hash of (kind, name, type, reason, message).
+/// 16 hex digits of a stable hash of (kind, name, uid, type, reason, message). The uid, as in
+/// Kubernetes' event aggregation key, keeps an object created again under the same name from
+/// folding its events into its predecessor's.
 pub fn event_name(obj: &ObjectReference, type_: EventType, reason: &str, message: &str) -> String {
     let type_s = match type_ {
         EventType::Normal => "Normal",
@@ -238,6 +240,7 @@ pub fn event_name(obj: &ObjectReference, type_: EventType, reason: &str, message
     for part in [
         obj.kind.as_str(),
         obj.name.as_str(),
+        obj.uid.as_str(),
         type_s,
         reason,
         message,
