@@ -448,3 +448,54 @@ fn get_with_no_match_prints_an_empty_list_in_json_and_yaml_for_pipes() {
         ("", "No resources found.")
     );
 }
+
+#[test]
+fn get_and_describe_take_kind_slash_name_and_describe_without_a_name_shows_every_object() {
+    let env = Env::new();
+    env.apply_ok(
+        "m.yaml",
+        &format!(
+            "{}---\n{}---\n{}",
+            queue("default"),
+            task("a", "default"),
+            task("b", "default")
+        ),
+    );
+    let got = env.run(&["get", "task/b", "tk/a", "-o", "name"]);
+    assert_eq!(got.code, 0, "{got:?}");
+    assert_eq!(
+        got.stdout,
+        "task.tinyscheduler.io/b\ntask.tinyscheduler.io/a\n"
+    );
+
+    let one = env.run(&["describe", "task/a"]);
+    assert_eq!(one.code, 0, "{one:?}");
+    assert!(
+        one.stdout.starts_with("Name:         a\n"),
+        "{}",
+        one.stdout
+    );
+
+    let all = env.run(&["describe", "tasks"]);
+    assert_eq!(all.code, 0, "{all:?}");
+    let names: Vec<&str> = all
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("Name:"))
+        .collect();
+    assert_eq!(
+        names,
+        ["Name:         a", "Name:         b"],
+        "{}",
+        all.stdout
+    );
+
+    for bad in [
+        &["get", "task/a", "queue/default"][..],
+        &["get", "task", "task/a"],
+    ] {
+        let r = env.run(bad);
+        assert_eq!(r.code, 1, "{bad:?}: {r:?}");
+        assert!(r.stderr.starts_with("error: "), "{bad:?}: {r:?}");
+    }
+}

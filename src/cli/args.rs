@@ -149,8 +149,10 @@ pub struct GetArgs {
 
 #[derive(Args, Debug)]
 pub struct DescribeArgs {
+    /// Kind (singular, plural or short name), or KIND/NAME.
     pub kind: String,
-    pub name: String,
+    /// The object to describe (default: every object of the kind).
+    pub name: Option<String>,
 }
 
 #[derive(Args, Debug)]

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use super::args::DeleteArgs;
-use super::get::resolve_kind;
+use super::get::{resolve_kind, slash_targets};
 use super::input;
 use super::{CliError, CliResult, Globals};
 use crate::resources::meta::GROUP;
@@ -32,15 +32,7 @@ fn targets(a: &DeleteArgs) -> Result<Vec<(Kind, String)>, CliError> {
         out.sort_by_key(|(k, _)| std::cmp::Reverse(Kind::ALL.iter().position(|x| x == k)));
     }
     if a.args.first().is_some_and(|s| s.contains('/')) {
-        for t in &a.args {
-            let (k, n) = t.split_once('/').ok_or_else(|| {
-                CliError(format!(
-                    "error: there is no need to specify a resource type as a separate argument when \
-                     passing arguments in resource/name form (e.g. 'tinyscheduler delete task/x'); got {t:?}"
-                ))
-            })?;
-            out.push((resolve_kind(k)?, n.to_string()));
-        }
+        out.extend(slash_targets(&a.args, "delete")?);
     } else if let Some((kind, names)) = a.args.split_first() {
         let kind = resolve_kind(kind)?;
         if names.is_empty() {

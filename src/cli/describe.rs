@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use serde_json::Value;
 
 use super::args::DescribeArgs;
-use super::get::resolve_kind;
+use super::get::kind_and_names;
 use super::printers::{self, shell_join};
 use super::{CliError, CliResult, Globals};
 use crate::resources::meta::{format_age, parse_time};
@@ -16,12 +16,35 @@ use crate::store::Store;
 
 /// `describe` entry point.
 pub fn describe(g: &Globals, a: DescribeArgs) -> CliResult {
-    let kind = resolve_kind(&a.kind)?;
+    let names: Vec<String> = a.name.into_iter().collect();
+    let (kind, names) = kind_and_names(&a.kind, &names, "describe")?;
     let store = Store::open_read_only(&g.state_dir);
-    let obj = store.get_raw(kind.plural(), &a.name)?;
-    let uid = obj.pointer("/metadata/uid").and_then(Value::as_str);
-    let events = events_for(&store, kind, &a.name, uid)?;
-    let text = render(&obj, &events, SystemTime::now());
+    // No name: every object of the kind, as kubectl describes them.
+    let names = if names.is_empty() {
+        let list = store.list_raw(kind.plural(), None)?;
+        let mut all: Vec<String> = list
+            .items
+            .iter()
+            .filter_map(|o| o.pointer("/metadata/name").and_then(Value::as_str))
+            .map(str::to_string)
+            .collect();
+        all.sort();
+        if all.is_empty() {
+            eprintln!("No resources found.");
+        }
+        all
+    } else {
+        names
+    };
+    let mut texts = Vec::new();
+    for name in &names {
+        let obj = store.get_raw(kind.plural(), name)?;
+        let uid = obj.pointer("/metadata/uid").and_then(Value::as_str);
+        let events = events_for(&store, kind, name, uid)?;
+        texts.push(render(&obj, &events, SystemTime::now()));
+    }
+    // Objects one after another, a blank line between, as kubectl separates them.
+    let text = texts.join("\n");
     printers::with_stdout(|out| std::io::Write::write_all(out, text.as_bytes()))?;
     Ok(ExitCode::SUCCESS)
 }

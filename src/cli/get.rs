@@ -20,6 +20,52 @@ pub fn resolve_kind(s: &str) -> Result<Kind, CliError> {
     })
 }
 
+/// Resolves arguments in kubectl's `KIND/NAME` form, every one of them (`verb` is for the
+/// message about one that is not).
+pub fn slash_targets(args: &[String], verb: &str) -> Result<Vec<(Kind, String)>, CliError> {
+    args.iter()
+        .map(|t| {
+            let (k, n) = t.split_once('/').ok_or_else(|| {
+                CliError(format!(
+                    "error: there is no need to specify a resource type as a separate argument when \
+                     passing arguments in resource/name form (e.g. 'tinyscheduler {verb} task/x'); got {t:?}"
+                ))
+            })?;
+            Ok((resolve_kind(k)?, n.to_string()))
+        })
+        .collect()
+}
+
+/// `KIND [NAME...]` or `KIND/NAME...` (of one kind) as a kind and names.
+pub fn kind_and_names(
+    kind: &str,
+    names: &[String],
+    verb: &str,
+) -> Result<(Kind, Vec<String>), CliError> {
+    if !kind.contains('/') {
+        if names.iter().any(|n| n.contains('/')) {
+            // `get task task/x`: the same message kubectl gives.
+            slash_targets(names, verb)?;
+            return Err(CliError(format!(
+                "error: there is no need to specify a resource type as a separate argument when \
+                 passing arguments in resource/name form (e.g. 'tinyscheduler {verb} task/x')"
+            )));
+        }
+        return Ok((resolve_kind(kind)?, names.to_vec()));
+    }
+    let all: Vec<String> = std::iter::once(kind.to_string())
+        .chain(names.iter().cloned())
+        .collect();
+    let targets = slash_targets(&all, verb)?;
+    let first = targets[0].0;
+    if targets.iter().any(|(k, _)| *k != first) {
+        return Err(CliError(format!(
+            "error: {verb} takes one kind at a time; run one {verb} per kind"
+        )));
+    }
+    Ok((first, targets.into_iter().map(|(_, n)| n).collect()))
+}
+
 /// Parses `-l`.
 pub fn parse_selector(s: Option<&str>) -> Result<Option<Selector>, CliError> {
     s.map(|s| Selector::parse(s).map_err(|e| CliError(format!("error: {e}"))))
@@ -28,7 +74,7 @@ pub fn parse_selector(s: Option<&str>) -> Result<Option<Selector>, CliError> {
 
 /// `get` entry point.
 pub fn get(g: &Globals, a: GetArgs) -> CliResult {
-    let kind = resolve_kind(&a.kind)?;
+    let (kind, names) = kind_and_names(&a.kind, &a.names, "get")?;
     let format = Format::parse(a.output.as_deref())?;
     let selector = parse_selector(a.selector.as_deref())?;
     let store = Store::open_read_only(&g.state_dir);
@@ -37,7 +83,7 @@ pub fn get(g: &Globals, a: GetArgs) -> CliResult {
         selector,
         no_headers: a.no_headers,
         watch: a.watch,
-        names: a.names,
+        names,
     };
     match kind {
         Kind::Agent => get_kind::<Agent>(&store, &opts),
