@@ -1,7 +1,7 @@
 //! Wiring: the shared informers, the controllers' context, and the five controllers, run either to
 //! a fixed point (`run --once`) or until shutdown (`run --daemon`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -288,13 +288,10 @@ impl Scheduler {
     fn unfinished_tasks(&self) -> Vec<Arc<Task>> {
         let tasks = self.ctx.tasks.list();
         let agents = self.ctx.agents.list();
-        let phases: HashMap<&str, TaskPhase> = tasks
-            .iter()
-            .map(|t| (t.metadata.name.as_str(), t.status.phase))
-            .collect();
+        let can_run = can_still_run(&tasks, &agents);
         tasks
             .iter()
-            .filter(|t| !task_done(t, &agents, &phases))
+            .filter(|t| can_run.contains(t.metadata.name.as_str()))
             .cloned()
             .collect()
     }
@@ -359,8 +356,13 @@ impl Scheduler {
 
 /// Whether `t` is finished or waits on something that can never happen: no agent serves it, or
 /// (Blocked) each of its blockers is finished or unknown. `phases` holds every cached task's phase.
-fn task_done(t: &Task, agents: &[Arc<Agent>], phases: &HashMap<&str, TaskPhase>) -> bool {
-    let serves = |t: &Task| match (&t.spec.assigned_to, &t.spec.queue) {
+/// The unfinished tasks that may still run, by name: assigned or running ones, pending ones an
+/// agent that is not paused serves, and blocked ones whose every blocker has succeeded or may
+/// still run. So a task blocked by a failed or missing task, by one that can never run itself,
+/// or in a `blockedBy` cycle, can never run (and `run --once --wait` does not wait for it).
+/// Worked out like a topological sort, without recursion, for chains of any length.
+fn can_still_run<'a>(tasks: &'a [Arc<Task>], agents: &[Arc<Agent>]) -> HashSet<&'a str> {
+    let served = |t: &Task| match (&t.spec.assigned_to, &t.spec.queue) {
         (Some(a), _) => agents
             .iter()
             .any(|x| &x.metadata.name == a && !x.spec.paused),
@@ -369,17 +371,54 @@ fn task_done(t: &Task, agents: &[Arc<Agent>], phases: &HashMap<&str, TaskPhase>)
             .any(|x| x.spec.queue.as_deref() == Some(q) && !x.spec.paused),
         _ => false,
     };
-    match t.status.phase {
-        TaskPhase::Succeeded | TaskPhase::Failed => true,
-        TaskPhase::Assigned | TaskPhase::Running => false,
-        TaskPhase::Pending => !serves(t),
-        // Blocked for good only if some blocker can no longer succeed.
-        TaskPhase::Blocked => t
-            .spec
-            .blocked_by
-            .iter()
-            .all(|b| phases.get(b.as_str()).is_none_or(|p| p.is_finished())),
+    let mut can_run: HashSet<&str> = HashSet::new();
+    // Names whose dependents may count one more blocker as satisfied.
+    let mut settled: Vec<&str> = Vec::new();
+    // Per blocked task, how many of its blockers are not yet known to succeed or to be able to.
+    let mut missing: HashMap<&str, usize> = HashMap::new();
+    let mut dependents: HashMap<&str, Vec<&str>> = HashMap::new();
+    for t in tasks {
+        let name = t.metadata.name.as_str();
+        match t.status.phase {
+            TaskPhase::Succeeded => settled.push(name),
+            TaskPhase::Failed => {}
+            TaskPhase::Assigned | TaskPhase::Running => {
+                can_run.insert(name);
+                settled.push(name);
+            }
+            TaskPhase::Pending if served(t) => {
+                can_run.insert(name);
+                settled.push(name);
+            }
+            TaskPhase::Pending => {}
+            TaskPhase::Blocked => {
+                let blockers: HashSet<&str> =
+                    t.spec.blocked_by.iter().map(String::as_str).collect();
+                if blockers.is_empty() {
+                    // About to be unblocked (its blockedBy was emptied).
+                    can_run.insert(name);
+                    settled.push(name);
+                    continue;
+                }
+                missing.insert(name, blockers.len());
+                for b in blockers {
+                    dependents.entry(b).or_default().push(name);
+                }
+            }
+        }
     }
+    while let Some(done) = settled.pop() {
+        for &d in dependents.get(done).into_iter().flatten() {
+            if let Some(left) = missing.get_mut(d) {
+                *left -= 1;
+                if *left == 0 {
+                    can_run.insert(d);
+                    settled.push(d);
+                }
+            }
+        }
+    }
+    can_run
 }
 
 /// Runs a reconcile, which does blocking store I/O (the store's flock, fsync), without starving

@@ -127,6 +127,43 @@ fn a_task_whose_blocker_failed_stays_blocked_and_run_once_wait_still_ends() {
 }
 
 #[test]
+fn run_once_wait_ends_when_the_rest_can_never_run_a_cycle_or_a_chain_behind_a_failure() {
+    let mut s = Sched::new();
+    s.queue("default");
+    s.agent("w", 2, "exit 1");
+    s.task_with("doomed", |t| t.max_retries = 0);
+    s.task_with("behind", |t| t.blocked_by = vec!["doomed".into()]);
+    s.task_with("further-behind", |t| t.blocked_by = vec!["behind".into()]);
+    s.task_with("chicken", |t| t.blocked_by = vec!["egg".into()]);
+    s.task_with("egg", |t| t.blocked_by = vec!["chicken".into()]);
+    let mut child = s
+        .cmd(&["run", "--once", "--wait"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Polled (it must end by itself): a failure is a hang, which the deadline reports; the
+    // fixture kills what is left.
+    let mut status = None;
+    let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for("run --once --wait to end", LONG, || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        })
+    }));
+    if waited.is_err() {
+        s.keep(child);
+        panic!("run --once --wait waited for tasks that can never run");
+    }
+    assert_eq!(status.and_then(|st| st.code()), Some(0));
+    assert_eq!(s.phase("doomed"), TaskPhase::Failed);
+    for t in ["behind", "further-behind", "chicken", "egg"] {
+        assert_eq!(s.phase(t), TaskPhase::Blocked, "{t}");
+        assert_eq!(s.get_task(t).status.attempts, 0, "{t}");
+    }
+}
+
+#[test]
 fn run_once_dry_run_prints_its_decisions_and_changes_no_byte() {
     let s = Sched::new();
     s.queue("default");
