@@ -51,16 +51,55 @@ fn logs_prints_the_attempt_asked_for() {
 }
 
 #[test]
-fn a_task_without_logs_is_an_error_and_nothing_is_created() {
+fn logs_of_a_task_that_does_not_exist_say_so_and_create_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let out = logs(&state, &["x"]);
+    for args in [&["x"][..], &["x", "-f"]] {
+        let out = logs(&state, args);
+        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "Error from server (NotFound): tasks \"x\" not found\n"
+        );
+    }
+    assert!(!state.exists());
+}
+
+#[test]
+fn logs_of_a_task_that_has_not_run_say_so_and_follow_waits_for_its_first_run() {
+    let s = State::new();
+    s.task("t", &[]);
+    let out = logs(&s.path(), &["t"]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
-        "error: no logs for task \"x\"\n"
+        "error: task \"t\" has no logs: it has not run (phase Pending)\n"
     );
-    assert!(!state.exists());
+
+    let mut follower = Command::new(bin())
+        .arg("--state-dir")
+        .arg(s.path())
+        .args(["logs", "t", "-f"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let early = follower.try_wait().unwrap();
+    if early.is_some() {
+        panic!("logs -f ended before the task ran: {early:?}");
+    }
+    // The run's log appears whole (renamed into place), and with no Lease the run is over once
+    // it is printed.
+    let dir = s.path().join("logs/t");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("partial"), "hello from the first run\n").unwrap();
+    std::fs::rename(dir.join("partial"), dir.join("1.log")).unwrap();
+    let out = follower.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the first run\n"
+    );
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::args::{Globals, LogsArgs};
 use super::{CliError, CliResult};
 use crate::resources::validate::validate_name;
-use crate::resources::{Lease, LeasePhase};
+use crate::resources::{Lease, LeasePhase, Task};
 use crate::store::Store;
 
 /// How often `-f` looks for new output.
@@ -21,7 +21,10 @@ pub fn logs(g: &Globals, a: LogsArgs) -> CliResult {
     validate_name(&a.task)
         .map_err(|e| CliError(format!("error: invalid task name {:?}: {e}", a.task)))?;
     let dir = g.state_dir.join("logs").join(&a.task);
-    let attempts = attempts_in(&dir);
+    let mut attempts = attempts_in(&dir);
+    if attempts.is_empty() {
+        attempts = first_run(g, &a, &dir)?;
+    }
     let attempt = match a.attempt {
         Some(n) if attempts.contains(&u64::from(n)) => u64::from(n),
         Some(n) => {
@@ -50,6 +53,27 @@ pub fn logs(g: &Globals, a: LogsArgs) -> CliResult {
         // The reader went away (`| head`): not an error.
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
         Err(e) => Err(CliError(format!("error: {}: {e}", path.display()))),
+    }
+}
+
+/// With no log at all: says whether the task exists and has not run, or, with `-f` (and no
+/// `--attempt`), waits for its first run's log and returns its attempts then, as `kubectl logs
+/// -f` would like to. Gives up when the task goes away or finishes without a run.
+fn first_run(g: &Globals, a: &LogsArgs, dir: &Path) -> Result<Vec<u64>, CliError> {
+    let store = Store::open_read_only(&g.state_dir);
+    loop {
+        let task = store.get::<Task>(&a.task)?;
+        let attempts = attempts_in(dir);
+        if !attempts.is_empty() {
+            return Ok(attempts);
+        }
+        if !a.follow || a.attempt.is_some() || task.status.phase.is_finished() {
+            return Err(CliError(format!(
+                "error: task {:?} has no logs: it has not run (phase {:?})",
+                a.task, task.status.phase
+            )));
+        }
+        std::thread::sleep(FOLLOW_POLL);
     }
 }
 
