@@ -235,6 +235,14 @@ impl Scheduler {
         self.ctx.leases.wait_synced().await;
     }
 
+    /// How many reconciles of any controller have panicked (each one was retried with backoff).
+    pub fn panics(&self) -> u64 {
+        self.queues
+            .iter()
+            .map(|(name, _)| crate::runtime::controller::panics(&self.metrics, name))
+            .sum()
+    }
+
     /// Waits until no controller has ready or in-flight work (delayed requeues do not count): the
     /// fixed point of `run --once`.
     pub async fn wait_fixed_point(&self) {

@@ -247,6 +247,11 @@ async fn a_panicking_reconciler_is_backed_off_and_the_controller_lives_on() {
         text.contains("tinyscheduler_reconcile_errors_total{controller=\"panicky\"} 2"),
         "{text}"
     );
+    assert_eq!(
+        tinyscheduler::runtime::controller::panics(&metrics, "panicky"),
+        2,
+        "{text}"
+    );
     for line in [
         "tinyscheduler_reconcile_total{controller=\"panicky\",result=\"error\"} 2",
         "tinyscheduler_reconcile_total{controller=\"panicky\",result=\"success\"} 3",

@@ -154,6 +154,11 @@ async fn once(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
         sched.wait_fixed_point().await;
     }
     let ctx = Arc::clone(&sched.ctx);
+    // A reconcile that panicked is a failure too, though the controller carried on.
+    let panics = sched.panics();
+    if panics > 0 {
+        ctx.summary.errors.fetch_add(panics, Ordering::Relaxed);
+    }
     sched.stop().await;
     if let Err(e) = crate::controllers::status::flush_all(&ctx) {
         eprintln!("warning: cannot write agent and queue status: {e}");

@@ -272,11 +272,24 @@ where
     }
 }
 
+/// Reconciles that panicked, per controller (`controller` label); a panic is a bug, which a
+/// one-shot run reports in its exit status.
+pub const PANICS_METRIC: &str = "tinyscheduler_reconcile_panics_total";
+const PANICS_HELP: &str = "Reconciles that panicked, per controller.";
+
+/// How many reconciles of controller `name` have panicked so far.
+pub fn panics(metrics: &Metrics, name: &str) -> u64 {
+    metrics
+        .counter(PANICS_METRIC, PANICS_HELP, &[("controller", name)])
+        .get()
+}
+
 struct Stats {
     success: Counter,
     error: Counter,
     requeue: Counter,
     errors: Counter,
+    panics: Counter,
     duration: Histogram,
 }
 
@@ -298,6 +311,7 @@ impl Stats {
                 "Reconciles that returned an error or panicked, per controller.",
                 &[("controller", name)],
             ),
+            panics: m.counter(PANICS_METRIC, PANICS_HELP, &[("controller", name)]),
             duration: m.histogram(
                 "tinyscheduler_reconcile_duration_seconds",
                 "Time per reconcile, per controller.",
@@ -348,6 +362,7 @@ async fn process<C, F, Fut, E>(
         Err(panic) => {
             stats.error.inc();
             stats.errors.inc();
+            stats.panics.inc();
             let msg = panic
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())
