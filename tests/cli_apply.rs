@@ -606,3 +606,15 @@ fn yaml_scalars_follow_yaml_1_2_core() {
     assert_eq!(t["spec"]["params"]["big"], "1_000");
     assert_eq!(t["spec"]["params"]["flag"], true);
 }
+
+#[test]
+fn apply_recursive_does_not_follow_a_symlinked_directory_back_up_the_tree() {
+    let env = seeded();
+    let dir = env.tmp.path().join("manifests");
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(dir.join("sub/t.yaml"), task("t", "default")).unwrap();
+    std::os::unix::fs::symlink(&dir, dir.join("sub/loop")).unwrap();
+    let r = env.run(&["apply", "-R", "-f", dir.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout, "task.tinyscheduler.io/t created\n");
+}

@@ -88,7 +88,12 @@ fn walk(dir: &Path, recursive: bool, out: &mut Vec<Option<PathBuf>>) -> Result<(
     let mut entries: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
     entries.sort();
     for p in entries {
-        let is_dir = fs::metadata(&p).map(|m| m.is_dir()).unwrap_or(false);
+        // A symlink to a directory is not descended into (as kubectl's -R does not): a link back
+        // up the tree would repeat it until the path is too long. A symlink to a file is read.
+        let is_dir = fs::metadata(&p).is_ok_and(|m| m.is_dir());
+        if is_dir && fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+            continue;
+        }
         if is_dir {
             if recursive {
                 walk(&p, recursive, out)?;
