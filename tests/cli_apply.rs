@@ -618,3 +618,43 @@ fn apply_recursive_does_not_follow_a_symlinked_directory_back_up_the_tree() {
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.stdout, "task.tinyscheduler.io/t created\n");
 }
+
+#[test]
+fn a_label_that_no_selector_could_match_is_refused_naming_it() {
+    let content = format!(
+        "{API}\nkind: Task\nmetadata:\n  name: t\n  labels:\n    'a b': x\nspec:\n  queue: default\n"
+    );
+    refused(
+        "t.yaml",
+        &content,
+        &[
+            "t.yaml",
+            "document 1 (Task \"t\")",
+            "metadata.labels.a b",
+            "invalid key",
+        ],
+    );
+    let content = format!(
+        "{API}\nkind: Task\nmetadata:\n  name: t\n  labels:\n    team: 'two words'\nspec:\n  queue: default\n"
+    );
+    refused(
+        "t.yaml",
+        &content,
+        &["metadata.labels.team", "invalid value"],
+    );
+
+    let env = seeded();
+    let good = format!(
+        "{API}\nkind: Task\nmetadata:\n  name: t\n  labels:\n    app.example.com/tier: back-end_1\n    empty: ''\nspec:\n  queue: default\n"
+    );
+    env.apply_ok("t.yaml", &good);
+    let r = env.run(&[
+        "get",
+        "tasks",
+        "-l",
+        "app.example.com/tier=back-end_1",
+        "-o",
+        "name",
+    ]);
+    assert_eq!(r.stdout, "task.tinyscheduler.io/t\n", "{r:?}");
+}

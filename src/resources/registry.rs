@@ -163,6 +163,14 @@ fn admit_typed<K: Resource>(
             message: m,
         });
     }
+    for (k, v) in &obj.meta().labels {
+        if let Err(m) = validate::validate_label(k, v) {
+            errors.push(FieldError {
+                path: format!("metadata.labels.{k}"),
+                message: m,
+            });
+        }
+    }
     errors.extend(rules(&obj));
     if !errors.is_empty() {
         return Err(errors);

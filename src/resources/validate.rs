@@ -62,6 +62,39 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a label as Kubernetes does, so that every label can be selected with `-l`: the key is
+/// an optional DNS-subdomain prefix and `/`, then a name of at most 63 characters; key names and
+/// values are alphanumerics, `-`, `_` and `.`, starting and ending with an alphanumeric. Values
+/// may be empty, and as long as an object name (Leases carry their Agent's name as a label).
+pub fn validate_label(key: &str, value: &str) -> Result<(), String> {
+    let word = |s: &str| {
+        s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+    };
+    let (prefix, name) = match key.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if let Some(p) = prefix {
+        validate_name(p).map_err(|e| format!("the key's prefix {p:?}: {e}"))?;
+    }
+    if name.is_empty() || name.len() > 63 || !word(name) {
+        return Err(format!(
+            "invalid key {key:?}: a name of at most 63 characters, alphanumerics, '-', '_' or '.', \
+             starting and ending with an alphanumeric, after an optional DNS-subdomain prefix and '/'"
+        ));
+    }
+    if !value.is_empty() && (value.len() > MAX_NAME_LEN || !word(value)) {
+        return Err(format!(
+            "invalid value {value:?}: at most {MAX_NAME_LEN} characters, alphanumerics, '-', '_' \
+             or '.', starting and ending with an alphanumeric"
+        ));
+    }
+    Ok(())
+}
+
 fn positive(errors: &mut Vec<FieldError>, path: &str, v: i64) {
     if v < 1 {
         errors.push(err(path, format!("must be greater than 0 (got {v})")));
