@@ -499,3 +499,17 @@ fn get_and_describe_take_kind_slash_name_and_describe_without_a_name_shows_every
         assert!(r.stderr.starts_with("error: "), "{bad:?}: {r:?}");
     }
 }
+
+#[test]
+fn delete_of_a_torn_object_file_leaves_it_and_says_how_to_remove_it() {
+    let env = Env::new();
+    env.apply_ok("q.yaml", &queue("default"));
+    let torn = env.state().join("objects/tasks/torn.json");
+    std::fs::create_dir_all(torn.parent().unwrap()).unwrap();
+    std::fs::write(&torn, "{\"apiVersion\": \"tinys").unwrap();
+    let r = env.run(&["delete", "task", "torn"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("torn.json: not a valid object"), "{r:?}");
+    assert!(r.stderr.contains("move it away by hand"), "{r:?}");
+    assert!(torn.exists());
+}

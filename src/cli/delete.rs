@@ -8,7 +8,7 @@ use super::input;
 use super::{CliError, CliResult, Globals};
 use crate::resources::meta::GROUP;
 use crate::resources::Kind;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// Resolves the targets: `KIND NAME...`, `KIND/NAME...`, or the objects a manifest names.
 fn targets(a: &DeleteArgs) -> Result<Vec<(Kind, String)>, CliError> {
@@ -88,7 +88,14 @@ pub fn delete(g: &Globals, a: DeleteArgs) -> CliResult {
             Err(e) if e.is_not_found() && a.ignore_not_found => {}
             Err(e) => {
                 failed = true;
+                let refused = matches!(e, StoreError::Refused { .. });
                 eprintln!("{}", CliError::from(e));
+                if refused {
+                    eprintln!(
+                        "hint: the store never deletes a file it cannot read as an object; \
+                         look at it and move it away by hand"
+                    );
+                }
             }
         }
     }
