@@ -513,3 +513,35 @@ fn delete_of_a_torn_object_file_leaves_it_and_says_how_to_remove_it() {
     assert!(r.stderr.contains("move it away by hand"), "{r:?}");
     assert!(torn.exists());
 }
+
+#[test]
+fn wait_refuses_a_name_no_object_can_have_and_matches_condition_types_in_any_case() {
+    let env = with_tasks();
+    let r = env.run(&["wait", "tasks/UPPER", "--for=delete", "--timeout", "1s"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.starts_with("error: invalid name \"UPPER\""),
+        "{r:?}"
+    );
+
+    env.apply_ok("a.yaml", &agent("vaela", 1));
+    env.store()
+        .patch_status::<tinyscheduler::resources::Agent>("vaela", |a| {
+            tinyscheduler::resources::meta::set_condition(
+                &mut a.status.conditions,
+                "Ready",
+                true,
+                "Available",
+                "",
+            );
+        })
+        .unwrap();
+    let lower = env.run(&[
+        "wait",
+        "agent/vaela",
+        "--for=condition=ready",
+        "--timeout",
+        "5s",
+    ]);
+    assert_eq!(lower.code, 0, "{lower:?}");
+}

@@ -118,7 +118,10 @@ pub fn holds(f: &For, obj: &Value) -> bool {
             .and_then(Value::as_array)
             .is_some_and(|cs| {
                 cs.iter().any(|c| {
-                    c.get("type").and_then(Value::as_str) == Some(name)
+                    // Case-insensitive, as kubectl compares condition types.
+                    c.get("type")
+                        .and_then(Value::as_str)
+                        .is_some_and(|t| t.eq_ignore_ascii_case(name))
                         && c.get("status")
                             .and_then(Value::as_str)
                             .is_some_and(|s| s.eq_ignore_ascii_case(want))
@@ -148,6 +151,9 @@ pub fn wait(g: &Globals, a: WaitArgs) -> CliResult {
         ))
     })?;
     let kind = resolve_kind(k)?;
+    // A name no object can have: waiting would report `--for=delete` met at once.
+    crate::resources::validate::validate_name(name)
+        .map_err(|e| CliError(format!("error: invalid name {name:?}: {e}")))?;
     let cond = parse_for(&a.for_)?;
     let timeout = parse_timeout(&a.timeout)?;
     let store = Store::open_read_only(&g.state_dir);
