@@ -99,7 +99,13 @@ fi"#;
     assert_eq!(t.status.attempts, 2);
     let d = s.run(&["describe", "task", "slow"]);
     assert!(d.stdout.contains("SIGKILLed"), "{}", d.stdout);
-    assert!(d.stdout.contains("maximum runtime"), "{}", d.stdout);
+    // Each attempt's reclaim is an event of its own, not folded into another attempt's.
+    assert!(
+        d.stdout
+            .contains("(attempt 1): exceeded its maximum runtime"),
+        "{}",
+        d.stdout
+    );
     assert!(d.stdout.contains("Retrying"), "{}", d.stdout);
 }
 

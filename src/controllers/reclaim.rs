@@ -268,7 +268,7 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
             t,
             EventType::Warning,
             "Reclaiming",
-            &format!("lease/{name}: {reason}"),
+            &format!("lease/{name} (attempt {}): {reason}", lease.spec.attempt),
         );
     }
     // Kill first (invariant 4): the group of a process that is still the one we started, or of
@@ -312,7 +312,7 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
             t,
             EventType::Warning,
             "Reclaimed",
-            &format!("lease/{name}: {reason}"),
+            &format!("lease/{name} (attempt {}): {reason}", lease.spec.attempt),
         );
     }
     Ok(())
