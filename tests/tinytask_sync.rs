@@ -847,3 +847,116 @@ async fn blocked_mirrors_not_yet_marked_blocked_do_not_keep_run_once_waiting() {
         .all(|t| t.name() != format!("tt-{blocker}")));
     server.stop().await;
 }
+
+/// tinytask answers every failure but "not found" with 400, a locked database included: a
+/// write-back refused with 400 is retried, never dropped with the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_back_refused_with_400_is_retried_and_the_result_reaches_the_server() {
+    let w = World::new().await;
+    let id = queued(&w.server, "once", "dev");
+    w.tinytask_queue("dev", json!({}));
+    w.agent("alice", Some("dev"), 1, RECORD);
+    w.server
+        .fail_matching("PATCH", &format!("/api/v1/tasks/{id}"), "complete", 400);
+    for _ in 0..3 {
+        w.run_once(Duration::from_secs(60)).await;
+        if w.status(id).0 == "complete" {
+            break;
+        }
+    }
+    assert_eq!(w.status(id).0, "complete", "{}", w.request_log());
+    assert_eq!(w.ran().len(), 1, "it ran once: {:?}", w.ran());
+    assert!(!w.events().contains("WriteBackDropped"), "{}", w.events());
+    let refused = w
+        .server
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.body.contains("complete"))
+        .count();
+    assert!(
+        refused >= 2,
+        "the refused PATCH was sent again: {}",
+        w.request_log()
+    );
+}
+
+/// `run --daemon` against the fake server; killed when dropped.
+fn daemon(w: &World, env: &[(&str, &str)]) -> tokio::process::Child {
+    let mut cmd = w.cmd(&["run", "--daemon"]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the daemon")
+}
+
+/// A blocker completed in another queue changes nothing in this queue's stats: the periodic list
+/// (every resync period) still sees the task unblocked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_blocked_by_a_task_of_another_queue_runs_once_that_one_is_complete() {
+    let w = World::new().await;
+    let blocker = queued(&w.server, "elsewhere", "other");
+    let blocked = w.server.insert("waits", |t| {
+        t.queue_name = Some("dev".into());
+        t.blocked_by_task_id = Some(blocker);
+    });
+    w.tinytask_queue("dev", json!({}));
+    w.agent("alice", Some("dev"), 1, RECORD);
+    let mut d = daemon(&w, &[("TINYSCHEDULER_LOOP_INTERVAL_SEC", "2")]);
+    let name = format!("tt-{blocked}");
+    wait_until(
+        "the blocked task to be mirrored as Blocked",
+        Duration::from_secs(30),
+        || {
+            w.task_json(&name)
+                .is_some_and(|t| t["status"]["phase"] == "Blocked")
+        },
+    )
+    .await;
+    w.server
+        .mutate_task(blocker, |t| t.status = "complete".into());
+    wait_until(
+        "the unblocked task to complete",
+        Duration::from_secs(60),
+        || w.status(blocked).0 == "complete",
+    )
+    .await;
+    d.kill().await.ok();
+    assert_eq!(w.ran(), [(name, "alice".to_string())]);
+}
+
+/// Archived is tinytask's delete, and a task moved to another queue is no longer this queue's:
+/// neither is claimed again for a retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archived_or_moved_task_is_not_claimed_again() {
+    let w = World::new().await;
+    let archived = queued(&w.server, "archived later", "dev");
+    let moved = queued(&w.server, "moved later", "dev");
+    w.tinytask_queue("dev", json!({}));
+    w.agent("alice", Some("dev"), 2, &format!("{RECORD}; exit 1"));
+    // Three seconds between attempts: time to change the tasks on the server.
+    let mut d = daemon(&w, &[("TINYSCHEDULER_RETRY_BASE_SEC", "3")]);
+    wait_until("both first attempts", Duration::from_secs(30), || {
+        w.ran().len() == 2
+    })
+    .await;
+    w.server.mutate_task(archived, |t| {
+        t.archived_at = Some("2026-12-02T00:00:00Z".into())
+    });
+    w.server
+        .mutate_task(moved, |t| t.queue_name = Some("qa".into()));
+    wait_until("both claims refused", Duration::from_secs(30), || {
+        w.events().matches("ClaimRefused").count() >= 2
+    })
+    .await;
+    d.kill().await.ok();
+    assert_eq!(w.ran().len(), 2, "no second attempt ran: {:?}", w.ran());
+    let events = w.events();
+    assert!(events.contains("archived on the server"), "{events}");
+    assert!(events.contains("moved from queue dev to qa"), "{events}");
+    for id in [archived, moved] {
+        assert_ne!(w.status(id).0, "complete", "{id}");
+    }
+}

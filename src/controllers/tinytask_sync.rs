@@ -82,6 +82,17 @@ struct QueueState {
     /// was cut at the window, or a change was seen while local tasks filled the free slots. The
     /// first poll with room lists again (see [`needs_list`]).
     more: bool,
+    /// When the queue's tasks were last listed (see [`list_resync`]).
+    last_list: Option<Instant>,
+}
+
+/// Longest time between two lists of a queue that has room or Blocked mirrors, whatever its
+/// stats say: a blocker completed in another queue changes nothing in this queue's stats, and
+/// only a read of the task shows it unblocked. The informers' resync period
+/// (`TINYSCHEDULER_LOOP_INTERVAL_SEC`, default 30 s).
+fn list_resync() -> Duration {
+    static RESYNC: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *RESYNC.get_or_init(|| crate::runtime::informer::InformerOptions::from_env().resync)
 }
 
 /// The runtime the tinytask requests run on: its own thread, so that HTTP answers are read at once
@@ -609,8 +620,8 @@ impl Local<'_> {
 /// the local tasks filled the slots then). The last case needs no event: whatever made room
 /// without freeing a slot (a Pending mirror turning out blocked, or deleted) wakes nothing, and the
 /// change it would have listed is not seen twice.
-fn needs_list(changed: bool, total_free: i64, want: i64, state: &QueueState) -> bool {
-    changed || total_free > state.last_free || (state.more && want > 0)
+fn needs_list(changed: bool, free: i64, want: i64, state: &QueueState) -> bool {
+    changed || free > state.last_free || (state.more && want > 0)
 }
 
 async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), tinytask::Error> {
@@ -658,7 +669,18 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
         .iter()
         .map(|a| free.get(&a.metadata.name).copied().unwrap_or(0))
         .sum();
-    let total_free: i64 = free.values().sum();
+    // The slots this queue's tasks can use: its pool's, and those of our agents the server has
+    // tasks assigned to. (All agents' together would miss a slot freed here while one was taken
+    // elsewhere.)
+    let assignees: Vec<String> = stats.as_ref().map(|s| s.agents.clone()).unwrap_or_default();
+    let watched_free: i64 = agents
+        .iter()
+        .filter(|a| {
+            !a.spec.paused
+                && (a.spec.queue.as_deref() == Some(name) || assignees.contains(&a.metadata.name))
+        })
+        .map(|a| free.get(&a.metadata.name).copied().unwrap_or(0))
+        .sum();
     // Mirrors the server still lists as idle: they are in every answer, so ask for that many more.
     let known_idle = mirrors
         .iter()
@@ -675,7 +697,10 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
         .filter(|t| t.spec.assigned_to.is_none() && local.fills_a_slot(t))
         .count() as i64;
     let want = pool_free - pending_pool;
-    let needs_list = needs_list(changed, total_free, want, state);
+    let blocked_mirrors = mirrors.iter().any(|t| t.status.phase == TaskPhase::Blocked);
+    let resync = (want > 0 || blocked_mirrors)
+        && state.last_list.is_none_or(|t| t.elapsed() >= list_resync());
+    let needs_list = needs_list(changed, watched_free, want, state) || resync;
 
     let mut more = state.more;
     if needs_list {
@@ -734,7 +759,6 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
         }
 
         // Tasks assigned on the server to an Agent we manage run on that agent.
-        let assignees: Vec<String> = stats.as_ref().map(|s| s.agents.clone()).unwrap_or_default();
         for a in assignees {
             let Some(agent) = agents
                 .iter()
@@ -750,40 +774,58 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
             if want <= 0 {
                 continue;
             }
-            let limit = ((want as usize + known_idle) * 2).clamp(16, SCAN_WINDOW_MAX as usize);
-            let q = ListQuery::new(limit as u32)
-                .queue(remote.clone())
-                .assigned_to(a.clone())
-                .status(TaskStatus::Idle);
-            let mut got = client.list_tasks(&q).await?;
-            got.sort_by(|x, y| {
-                y.priority
-                    .total_cmp(&x.priority)
-                    .then_with(|| x.created_at.cmp(&y.created_at))
-                    .then_with(|| x.id.cmp(&y.id))
-            });
+            // The window grows while it comes back full and short of runnable tasks, as for the
+            // unassigned ones: blocked tasks must not use it up.
+            let mut limit = ((want as usize + known_idle) * 2).clamp(16, SCAN_WINDOW_MAX as usize);
             let mut added = 0;
-            for t in got
-                .iter()
-                .filter(|t| t.status == TaskStatus::Idle && t.assigned_to.as_deref() == Some(&a))
-                .filter(|t| !respect || !t.is_currently_blocked)
-            {
-                let tname = format!("{TASK_PREFIX}{}", t.id);
-                match by_name.get(tname.as_str()) {
-                    Some(local) => refresh(ctx, queue, local, t, Some(&a), respect),
-                    None if added < want && mirror(ctx, queue, t, Some(&a), respect) => {
-                        added += 1;
+            let mut seen = HashSet::new();
+            loop {
+                let q = ListQuery::new(limit as u32)
+                    .queue(remote.clone())
+                    .assigned_to(a.clone())
+                    .status(TaskStatus::Idle);
+                let mut got = client.list_tasks(&q).await?;
+                let full = got.len() >= limit;
+                got.sort_by(|x, y| {
+                    y.priority
+                        .total_cmp(&x.priority)
+                        .then_with(|| x.created_at.cmp(&y.created_at))
+                        .then_with(|| x.id.cmp(&y.id))
+                });
+                for t in got
+                    .iter()
+                    .filter(|t| {
+                        t.status == TaskStatus::Idle && t.assigned_to.as_deref() == Some(&a)
+                    })
+                    .filter(|t| !respect || !t.is_currently_blocked)
+                {
+                    if !seen.insert(t.id) {
+                        continue;
                     }
-                    None => {}
+                    let tname = format!("{TASK_PREFIX}{}", t.id);
+                    match by_name.get(tname.as_str()) {
+                        Some(local) => refresh(ctx, queue, local, t, Some(&a), respect),
+                        None if added < want && mirror(ctx, queue, t, Some(&a), respect) => {
+                            added += 1;
+                        }
+                        None => {}
+                    }
                 }
+                if added >= want || !full || limit >= SCAN_WINDOW_MAX as usize {
+                    break;
+                }
+                limit = (limit * 4).min(SCAN_WINDOW_MAX as usize);
             }
         }
     }
     ctx.tinytask.with(name, |s| {
         s.etag = etag;
         s.stats = stats;
-        s.last_free = total_free;
+        s.last_free = watched_free;
         s.more = more;
+        if needs_list {
+            s.last_list = Some(Instant::now());
+        }
     });
     Ok(())
 }
@@ -883,7 +925,18 @@ pub fn refusal(
     agent: &str,
     ours: Option<&str>,
     respect: bool,
+    queue: Option<&str>,
 ) -> Option<String> {
+    // Archived is tinytask's delete: lists and stats hide the task, a read by id still shows it.
+    if remote.archived_at.as_deref().is_some_and(|a| !a.is_empty()) {
+        return Some("it is archived on the server".into());
+    }
+    if let Some(q) = queue.filter(|q| remote.queue() != Some(*q)) {
+        return Some(format!(
+            "it moved from queue {q} to {} on the server",
+            remote.queue().unwrap_or("none")
+        ));
+    }
     let assignee = remote.assigned_to.as_deref().filter(|a| !a.is_empty());
     let mine = |a: Option<&str>| a.is_none_or(|a| a == agent || Some(a) == ours);
     match remote.status {
@@ -954,7 +1007,13 @@ async fn claim(ctx: &Ctx, lease_name: &str) -> Result<Action, Error> {
     let queue = task.spec.queue.as_deref().and_then(|q| ctx.queues.get(q));
     let endpoint = endpoint_of(ctx, queue.as_deref());
     let respect = respects_blocking(ctx, queue.as_deref());
-    match claim_on_server(ctx, &task, id, &agent, &endpoint, respect).await {
+    let from = queue.as_deref().map(remote_queue);
+    let target = Target {
+        endpoint: &endpoint,
+        queue: from.as_deref(),
+        respect,
+    };
+    match claim_on_server(ctx, &task, &lease, id, &agent, target).await {
         Ok(()) => {
             if let Some(q) = &queue {
                 set_health(ctx, &q.metadata.name, Ok(()));
@@ -982,24 +1041,33 @@ async fn claim(ctx: &Ctx, lease_name: &str) -> Result<Action, Error> {
     }
 }
 
+/// Where a claim goes: the server, the queue the task must still be in there, and whether its
+/// blockers count.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    endpoint: &'a str,
+    queue: Option<&'a str>,
+    respect: bool,
+}
+
 /// Re-reads the task, assigns it to `agent` if it is still ours to take, checks that nobody wrote
 /// in between (PATCH is last-write-wins: the answer's `previous_assigned_to` and `status` tell),
 /// and sets it working.
 async fn claim_on_server(
     ctx: &Ctx,
     task: &Task,
+    lease: &Lease,
     id: TaskId,
     agent: &str,
-    endpoint: &str,
-    respect: bool,
+    target: Target<'_>,
 ) -> Result<(), ClaimError> {
     let client = ctx
         .tinytask
-        .client(endpoint)
+        .client(target.endpoint)
         .map_err(|e| ClaimError::Unreachable(e.to_string()))?;
     let before = client.get_task(id).await?;
     let ours = task.status.remote_assignee.as_deref();
-    if let Some(why) = refusal(&before, agent, ours, respect) {
+    if let Some(why) = refusal(&before, agent, ours, target.respect, target.queue) {
         return Err(ClaimError::Refused(why));
     }
     // Durable intent first: a claim whose answer is lost is recognised as ours next time.
@@ -1034,6 +1102,24 @@ async fn claim_on_server(
             was.as_deref().unwrap_or("none"),
             after.status
         )));
+    }
+    // A claim slower than the Lease's duration may find the run reclaimed meanwhile ("never
+    // started"): then nothing will run it, so the task goes back as it was instead of working.
+    let lease_now = ctx
+        .store
+        .try_get::<Lease>(&lease.metadata.name)
+        .map_err(|e| ClaimError::Unreachable(e.to_string()))?;
+    if lease_now.is_none_or(|l| l.metadata.uid != lease.metadata.uid) {
+        let undo = match norm(&before.assigned_to) {
+            Some(a) => TaskPatch::new().assign(a),
+            None => TaskPatch::new().unassign(),
+        };
+        if let Err(e) = client.patch_task(id, &undo).await {
+            tracing::warn!("tinytask task {id}: cannot give back the claim: {e}");
+        }
+        return Err(ClaimError::Refused(
+            "its run was reclaimed while the claim was under way".into(),
+        ));
     }
     if after.status != TaskStatus::Working {
         client
@@ -1156,8 +1242,9 @@ async fn write_back(ctx: &Ctx, name: &str) -> Result<Action, Error> {
                 );
                 ack(ctx, name, Some(&wb))?;
             }
-            // Gone, or refused for good (4xx): retrying cannot help.
-            Err(e) if e.status().is_some_and(|s| (400..500).contains(&s)) => {
+            // Gone: nothing left to write to. Any other refusal is retried: tinytask answers
+            // every failure but "not found" with 400, a locked database included.
+            Err(e) if e.status() == Some(404) => {
                 ctx.event(
                     &task,
                     EventType::Warning,
@@ -1247,21 +1334,41 @@ mod tests {
     #[test]
     fn a_claim_is_refused_unless_the_task_is_still_ours_to_take() {
         use TaskStatus::*;
-        assert_eq!(refusal(&remote(Idle, None, false), "a", None, true), None);
         assert_eq!(
-            refusal(&remote(Idle, Some("a"), false), "a", None, true),
+            refusal(&remote(Idle, None, false), "a", None, true, None),
             None
         );
-        assert!(refusal(&remote(Idle, Some("b"), false), "a", None, true).is_some());
+        assert_eq!(
+            refusal(&remote(Idle, Some("a"), false), "a", None, true, None),
+            None
+        );
+        assert!(refusal(&remote(Idle, Some("b"), false), "a", None, true, None).is_some());
         // Our own earlier claim, for another agent of ours, may be taken over by a retry.
         assert_eq!(
-            refusal(&remote(Working, Some("b"), false), "a", Some("b"), true),
+            refusal(
+                &remote(Working, Some("b"), false),
+                "a",
+                Some("b"),
+                true,
+                None
+            ),
             None
         );
-        assert!(refusal(&remote(Working, Some("b"), false), "a", None, true).is_some());
-        assert!(refusal(&remote(Complete, None, false), "a", None, true).is_some());
-        assert!(refusal(&remote(Idle, None, true), "a", None, true).is_some());
-        assert_eq!(refusal(&remote(Idle, None, true), "a", None, false), None);
+        assert!(refusal(&remote(Working, Some("b"), false), "a", None, true, None).is_some());
+        assert!(refusal(&remote(Complete, None, false), "a", None, true, None).is_some());
+        assert!(refusal(&remote(Idle, None, true), "a", None, true, None).is_some());
+        assert_eq!(
+            refusal(&remote(Idle, None, true), "a", None, false, None),
+            None
+        );
+        // Archived (tinytask's delete), or moved to another queue since it was mirrored.
+        let mut archived = remote(Idle, None, false);
+        archived.archived_at = Some("2026-12-01T00:00:00Z".into());
+        assert!(refusal(&archived, "a", None, true, None).is_some());
+        let mut moved = remote(Idle, None, false);
+        moved.queue_name = Some("qa".into());
+        assert!(refusal(&moved, "a", None, true, Some("dev")).is_some());
+        assert_eq!(refusal(&moved, "a", None, true, Some("qa")), None);
     }
 
     fn pending(name: &str, blocked_by: &[&str]) -> Arc<Task> {

@@ -206,6 +206,8 @@ type Hook = Box<dyn FnOnce(&mut Db) + Send>;
 #[derive(Default)]
 struct Faults {
     fail: VecDeque<u16>,
+    /// (method, path, body substring, status): the first request that matches gets the status.
+    fail_matching: Vec<(String, String, String, u16)>,
     malformed: usize,
     delays: VecDeque<Duration>,
     before_next: Vec<Hook>,
@@ -287,6 +289,17 @@ impl TinytaskServer {
     pub fn fail_next(&self, n: usize, status: u16) {
         let mut f = self.shared.faults.lock().unwrap();
         f.fail.extend(std::iter::repeat_n(status, n));
+    }
+
+    /// The first request with this method and path whose body contains `body` gets `status`
+    /// with `{"error": "injected failure"}` (once).
+    pub fn fail_matching(&self, method: &str, path: &str, body: &str, status: u16) {
+        self.shared.faults.lock().unwrap().fail_matching.push((
+            method.into(),
+            path.into(),
+            body.into(),
+            status,
+        ));
     }
 
     /// The next `n` requests get 200 with a truncated JSON body.
@@ -404,7 +417,15 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
     let (delay, fail, malformed, hooks) = {
         let mut f = shared.faults.lock().unwrap();
         let delay = f.delays.pop_front();
-        let fail = f.fail.pop_front();
+        let text = String::from_utf8_lossy(&body);
+        let matching = f
+            .fail_matching
+            .iter()
+            .position(|(m, p, b, _)| *m == method && *p == path && text.contains(b.as_str()));
+        let fail = match matching {
+            Some(i) => Some(f.fail_matching.remove(i).3),
+            None => f.fail.pop_front(),
+        };
         let malformed = if fail.is_none() && f.malformed > 0 {
             f.malformed -= 1;
             true
