@@ -960,3 +960,49 @@ async fn an_archived_or_moved_task_is_not_claimed_again() {
         assert_ne!(w.status(id).0, "complete", "{id}");
     }
 }
+
+/// A claim slower than the Lease's duration finds the run reclaimed as "never started": the task
+/// goes back to the server as it was, not left working with nobody to run it, and runs later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_slower_than_the_lease_gives_the_task_back_and_it_runs_later() {
+    let w = World::new().await;
+    let id = queued(&w.server, "slow claim", "dev");
+    w.tinytask_queue("dev", json!({}));
+    w.apply(
+        "agent-alice",
+        json!({"apiVersion": "tinyscheduler.io/v1alpha1", "kind": "Agent", "metadata": {"name": "alice"},
+               "spec": {"queue": "dev", "maxConcurrency": 1, "heartbeatSeconds": 1,
+                        "command": ["sh", "-c", RECORD], "env": {"RAN": w.ran_file().display().to_string()}}}),
+    );
+    // The assignment's answer comes after the Lease's three seconds.
+    w.server.delay_matching(
+        "PATCH",
+        &format!("/api/v1/tasks/{id}"),
+        "assigned_to",
+        Duration::from_secs(5),
+    );
+    let mut d = daemon(&w, &[]);
+    // No retry for the reclaimed attempt: only the claim's giving back lets the task run at all.
+    let name = format!("tt-{id}");
+    wait_until("the mirror", Duration::from_secs(30), || {
+        w.task_json(&name).is_some()
+    })
+    .await;
+    let store = Store::open(w.env.state()).unwrap();
+    let mut t = store.get::<tinyscheduler::resources::Task>(&name).unwrap();
+    t.spec.max_retries = 0;
+    store.update(&t).unwrap();
+    wait_until(
+        "the task to complete on the server",
+        Duration::from_secs(60),
+        || w.status(id).0 == "complete",
+    )
+    .await;
+    d.kill().await.ok();
+    assert_eq!(w.ran().len(), 1, "it ran once: {:?}", w.ran());
+    let events = w.events();
+    assert!(
+        events.contains("reclaimed while the claim was under way"),
+        "{events}"
+    );
+}

@@ -1166,6 +1166,11 @@ fn refuse(ctx: &Ctx, lease: &Lease, task: &Task, id: TaskId, why: &str) -> Resul
         Err(e) if e.is_not_found() => ctx.tasks.observe_deleted(&task.metadata.name),
         Err(e) => return Err(e.into()),
     }
+    // The task may be runnable on the server again (given back) with nothing in the queue's
+    // stats to show it: the next poll with room lists.
+    if let Some(q) = &task.spec.queue {
+        ctx.tinytask.with(q, |s| s.more = true);
+    }
     ctx.delete_lease(&lease.metadata.name, &lease.metadata.uid)
 }
 

@@ -208,6 +208,8 @@ struct Faults {
     fail: VecDeque<u16>,
     /// (method, path, body substring, status): the first request that matches gets the status.
     fail_matching: Vec<(String, String, String, u16)>,
+    /// (method, path, body substring, delay): the first request that matches is answered late.
+    delay_matching: Vec<(String, String, String, Duration)>,
     malformed: usize,
     delays: VecDeque<Duration>,
     before_next: Vec<Hook>,
@@ -299,6 +301,17 @@ impl TinytaskServer {
             path.into(),
             body.into(),
             status,
+        ));
+    }
+
+    /// The first request with this method and path whose body contains `body` is answered after
+    /// `d` (once).
+    pub fn delay_matching(&self, method: &str, path: &str, body: &str, d: Duration) {
+        self.shared.faults.lock().unwrap().delay_matching.push((
+            method.into(),
+            path.into(),
+            body.into(),
+            d,
         ));
     }
 
@@ -416,8 +429,15 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
     };
     let (delay, fail, malformed, hooks) = {
         let mut f = shared.faults.lock().unwrap();
-        let delay = f.delays.pop_front();
         let text = String::from_utf8_lossy(&body);
+        let late = f
+            .delay_matching
+            .iter()
+            .position(|(m, p, b, _)| *m == method && *p == path && text.contains(b.as_str()));
+        let delay = match late {
+            Some(i) => Some(f.delay_matching.remove(i).3),
+            None => f.delays.pop_front(),
+        };
         let matching = f
             .fail_matching
             .iter()
