@@ -1006,3 +1006,34 @@ async fn a_claim_slower_than_the_lease_gives_the_task_back_and_it_runs_later() {
         "{events}"
     );
 }
+
+/// Blocked tasks assigned to our agent must not fill the window that its runnable ones are read
+/// through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_tasks_assigned_to_an_agent_do_not_hide_its_runnable_one() {
+    let w = World::new().await;
+    let blocker = queued(&w.server, "never done", "elsewhere");
+    for i in 0..20 {
+        w.server.insert(&format!("blocked {i}"), |t| {
+            t.queue_name = Some("dev".into());
+            t.assigned_to = Some("alice".into());
+            t.priority = 10.0;
+            t.blocked_by_task_id = Some(blocker);
+        });
+    }
+    let runnable = w.server.insert("runnable", |t| {
+        t.queue_name = Some("dev".into());
+        t.assigned_to = Some("alice".into());
+    });
+    w.tinytask_queue("dev", json!({}));
+    w.agent("alice", Some("dev"), 1, RECORD);
+    let mut d = daemon(&w, &[]);
+    wait_until(
+        "the runnable task to complete",
+        Duration::from_secs(60),
+        || w.status(runnable).0 == "complete",
+    )
+    .await;
+    d.kill().await.ok();
+    assert_eq!(w.ran(), [(format!("tt-{runnable}"), "alice".to_string())]);
+}
