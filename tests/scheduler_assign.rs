@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use sched::{next_second, wait_for, Observer, Sched, LONG};
+use sched::{next_second, story, wait_for, Observer, Sched, LONG};
 use tinyscheduler::resources::{Agent, Task, TaskPhase};
 
 #[test]
@@ -491,26 +491,6 @@ fn with_the_launcher_turned_off_shims_are_executed_and_tasks_still_run() {
         shims.iter().all(|c| c.contains(" shim --lease ")),
         "{shims:?}"
     );
-}
-
-/// The events of `task`, oldest first, as `describe` orders them.
-fn story(s: &Sched, task: &str) -> Vec<String> {
-    let mut evs: Vec<tinyscheduler::resources::Event> = s
-        .store
-        .list::<tinyscheduler::resources::Event>(None)
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.spec.involved_object.name == task)
-        .collect();
-    evs.sort_by_key(|e| {
-        e.metadata
-            .resource_version
-            .clone()
-            .parse::<u64>()
-            .unwrap_or(0)
-    });
-    evs.into_iter().map(|e| e.spec.reason).collect()
 }
 
 #[test]

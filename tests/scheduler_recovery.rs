@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use sched::{pids_in, running, wait_for, Observer, Sched, LONG};
+use sched::{pids_in, running, story, wait_for, Observer, Sched, LONG};
 use tinyscheduler::agent::liveness::start_time_of;
 use tinyscheduler::resources::meta::now_rfc3339;
 use tinyscheduler::resources::{Lease, LeasePhase, LeaseSpec, TaskPhase};
@@ -215,20 +215,6 @@ fn a_finished_agent_whose_child_takes_its_grace_to_die_is_renewed_meanwhile_and_
     );
     let story = story(&s, "done");
     assert!(!story.iter().any(|r| r == "Reclaiming"), "{story:?}");
-}
-
-/// The reasons of `task`'s events, oldest first.
-fn story(s: &Sched, task: &str) -> Vec<String> {
-    let mut evs: Vec<tinyscheduler::resources::Event> = s
-        .store
-        .list::<tinyscheduler::resources::Event>(None)
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.spec.involved_object.name == task)
-        .collect();
-    evs.sort_by_key(|e| e.metadata.resource_version.parse::<u64>().unwrap_or(0));
-    evs.into_iter().map(|e| e.spec.reason).collect()
 }
 
 #[test]

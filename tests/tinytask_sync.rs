@@ -520,10 +520,20 @@ async fn an_outage_mid_run_delays_write_backs_but_loses_none_and_runs_nothing_tw
         wb_pending(&w) >= 3
     })
     .await;
-    // Unready while the source is down; the queue says why.
-    let ready = reqwest::get(format!("http://{http}/readyz")).await.unwrap();
-    assert_eq!(ready.status().as_u16(), 500);
-    let body = ready.text().await.unwrap();
+    // Unready while the source is down (from its first failed poll, which a loaded machine may
+    // not have run yet); the queue says why.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let ready = reqwest::get(format!("http://{http}/readyz")).await.unwrap();
+        if ready.status().as_u16() == 500 {
+            break ready.text().await.unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "readyz never reported the source down"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert!(body.contains("tinytask-sources"), "{body}");
     let metrics = reqwest::get(format!("http://{http}/metrics"))
         .await

@@ -256,6 +256,20 @@ impl Drop for Sched {
     }
 }
 
+/// The reasons of `task`'s events, oldest first (in the order they were written).
+pub fn story(s: &Sched, task: &str) -> Vec<String> {
+    let mut evs: Vec<tinyscheduler::resources::Event> = s
+        .store
+        .list::<tinyscheduler::resources::Event>(None)
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.spec.involved_object.name == task)
+        .collect();
+    evs.sort_by_key(|e| e.metadata.resource_version.parse::<u64>().unwrap_or(0));
+    evs.into_iter().map(|e| e.spec.reason).collect()
+}
+
 /// Pids listed one per line in `path`.
 pub fn pids_in(path: &Path) -> Vec<i32> {
     std::fs::read_to_string(path)

@@ -414,6 +414,19 @@ fn serve(listener: TcpListener, shared: Arc<Shared>) -> Running {
     Running { stop, task }
 }
 
+/// Takes the first fault set for this method and path whose body substring the request has.
+fn take_matching<T>(
+    faults: &mut Vec<(String, String, String, T)>,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Option<T> {
+    let i = faults
+        .iter()
+        .position(|(m, p, b, _)| m == method && p == path && body.contains(b.as_str()))?;
+    Some(faults.remove(i).3)
+}
+
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
@@ -430,22 +443,10 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
     let (delay, fail, malformed, hooks) = {
         let mut f = shared.faults.lock().unwrap();
         let text = String::from_utf8_lossy(&body);
-        let late = f
-            .delay_matching
-            .iter()
-            .position(|(m, p, b, _)| *m == method && *p == path && text.contains(b.as_str()));
-        let delay = match late {
-            Some(i) => Some(f.delay_matching.remove(i).3),
-            None => f.delays.pop_front(),
-        };
-        let matching = f
-            .fail_matching
-            .iter()
-            .position(|(m, p, b, _)| *m == method && *p == path && text.contains(b.as_str()));
-        let fail = match matching {
-            Some(i) => Some(f.fail_matching.remove(i).3),
-            None => f.fail.pop_front(),
-        };
+        let delay = take_matching(&mut f.delay_matching, &method, &path, &text)
+            .or_else(|| f.delays.pop_front());
+        let fail = take_matching(&mut f.fail_matching, &method, &path, &text)
+            .or_else(|| f.fail.pop_front());
         let malformed = if fail.is_none() && f.malformed > 0 {
             f.malformed -= 1;
             true
