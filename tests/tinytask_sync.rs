@@ -1047,3 +1047,40 @@ async fn blocked_tasks_assigned_to_an_agent_do_not_hide_its_runnable_one() {
     d.kill().await.ok();
     assert_eq!(w.ran(), [(format!("tt-{runnable}"), "alice".to_string())]);
 }
+
+/// A task taken over on the server while our run went on is not marked complete over the new
+/// assignee's work; a comment says our run finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_reassigned_on_the_server_while_it_ran_is_not_completed_over_the_new_assignee() {
+    let w = World::new().await;
+    let id = queued(&w.server, "taken over", "dev");
+    w.tinytask_queue("dev", json!({}));
+    let gate = w.env.tmp.path().join("gate");
+    w.agent(
+        "alice",
+        Some("dev"),
+        1,
+        &format!(
+            "while [ ! -e {} ]; do sleep 0.05; done; {RECORD}",
+            gate.display()
+        ),
+    );
+    let mut d = daemon(&w, &[]);
+    wait_until("the claim", Duration::from_secs(30), || {
+        w.status(id) == ("working".into(), Some("alice".into()))
+    })
+    .await;
+    w.server
+        .mutate_task(id, |t| t.assigned_to = Some("bob".into()));
+    std::fs::write(&gate, "").unwrap();
+    wait_until("our run's comment", Duration::from_secs(30), || {
+        w.server
+            .comments(id)
+            .iter()
+            .any(|c| c.content.contains("assigned to bob now"))
+    })
+    .await;
+    d.kill().await.ok();
+    assert_eq!(w.ran().len(), 1);
+    assert_eq!(w.status(id), ("working".into(), Some("bob".into())));
+}

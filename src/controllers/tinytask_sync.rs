@@ -268,7 +268,7 @@ pub fn outcome_write_backs(
         attempt,
         message,
         agent: match op {
-            WriteBackOp::Release => task
+            WriteBackOp::Release | WriteBackOp::Complete => task
                 .status
                 .remote_assignee
                 .clone()
@@ -1281,9 +1281,33 @@ async fn write_back(ctx: &Ctx, name: &str) -> Result<Action, Error> {
 async fn perform(client: &Remote, id: TaskId, wb: &WriteBack) -> Result<(), tinytask::Error> {
     match wb.op {
         WriteBackOp::Complete => {
-            client
-                .patch_task(id, &TaskPatch::new().status(TaskStatus::Complete))
-                .await?;
+            // Queued before the assignee was recorded with it: complete as before.
+            let Some(ours) = wb.agent.as_deref() else {
+                client
+                    .patch_task(id, &TaskPatch::new().status(TaskStatus::Complete))
+                    .await?;
+                return Ok(());
+            };
+            let current = client.get_task(id).await?;
+            let assignee = current.assigned_to.as_deref().filter(|a| !a.is_empty());
+            match assignee {
+                // Someone took it over while it ran: their work is not ours to close.
+                Some(other) if other != ours => {
+                    let text = format!(
+                        "[tinyscheduler] agent {ours} finished this task (exit 0), but it is \
+                         assigned to {other} now; not marking it complete."
+                    );
+                    if !current.comments.iter().any(|c| c.content.trim() == text) {
+                        client.add_comment(id, &text, AUTHOR).await?;
+                    }
+                }
+                _ if current.status == TaskStatus::Complete => {}
+                _ => {
+                    client
+                        .patch_task(id, &TaskPatch::new().status(TaskStatus::Complete))
+                        .await?;
+                }
+            }
         }
         WriteBackOp::Comment | WriteBackOp::Release => {
             let current = client.get_task(id).await?;

@@ -159,8 +159,8 @@ pub struct WriteBack {
     pub attempt: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-    /// Release only: the assignee this scheduler set; the task is released only while it still
-    /// has it (or none).
+    /// Release and Complete: the assignee this scheduler set; the task is released or completed
+    /// only while it still has it (or none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
     /// When it was queued.
