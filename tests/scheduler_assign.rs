@@ -122,8 +122,15 @@ fn a_task_whose_blocker_failed_stays_blocked_and_run_once_wait_still_ends() {
     let r = s.run(&["run", "--once", "--wait"]);
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(s.phase("doomed"), TaskPhase::Failed);
-    assert_eq!(s.phase("dependent"), TaskPhase::Blocked);
-    assert_eq!(s.get_task("dependent").status.attempts, 0);
+    let dependent = s.get_task("dependent");
+    assert_eq!(dependent.status.phase, TaskPhase::Blocked);
+    assert_eq!(dependent.status.attempts, 0);
+    // It says that it will not run by itself now.
+    assert_eq!(
+        dependent.status.message.as_deref(),
+        Some("waiting for doomed (Failed)")
+    );
+    assert_eq!(story(&s, "dependent"), ["Blocked", "Blocked"]);
 }
 
 #[test]

@@ -55,8 +55,8 @@ pub async fn reconcile(_key: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
     );
 
     let mut first_error = None;
-    for (name, waiting) in &p.newly_blocked {
-        if let Err(e) = block(&ctx, name, waiting) {
+    for (name, message) in &p.newly_blocked {
+        if let Err(e) = block(&ctx, name, message) {
             first_error.get_or_insert(e);
         }
     }
@@ -80,8 +80,9 @@ pub async fn reconcile(_key: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
     })
 }
 
-fn block(ctx: &Ctx, name: &str, waiting: &[String]) -> Result<(), Error> {
-    let message = format!("waiting for {}", waiting.join(", "));
+/// Shows `Blocked` with `message` on a Pending task, or the new message on a Blocked one.
+fn block(ctx: &Ctx, name: &str, message: &str) -> Result<(), Error> {
+    let message = message.to_string();
     Summary::bump(&ctx.summary.blocked);
     if ctx.settings.dry_run {
         ctx.would(&format!("mark task/{name} Blocked: {message}"));
@@ -89,7 +90,9 @@ fn block(ctx: &Ctx, name: &str, waiting: &[String]) -> Result<(), Error> {
     }
     let mut changed = false;
     let t = ctx.patch_task(name, |t| {
-        changed = t.status.phase == TaskPhase::Pending;
+        changed = t.status.phase == TaskPhase::Pending
+            || (t.status.phase == TaskPhase::Blocked
+                && t.status.message.as_deref() != Some(message.as_str()));
         if changed {
             t.status.phase = TaskPhase::Blocked;
             t.status.reason = Some("Blocked".into());

@@ -14,8 +14,10 @@ use crate::resources::{Agent, BlockingPolicy, Lease, Queue, Task, TaskPhase};
 pub struct Plan {
     /// Task → agent, in the order they should be committed.
     pub assignments: Vec<(String, String)>,
-    /// Pending tasks that must show `Blocked`, with the blockers they wait for.
-    pub newly_blocked: Vec<(String, Vec<String>)>,
+    /// Tasks that must show `Blocked` with this message (`waiting for a, b (Failed)`): Pending
+    /// ones with an unfinished blocker, and Blocked ones whose message no longer says what they
+    /// wait for (a blocker failed, or is gone).
+    pub newly_blocked: Vec<(String, String)>,
     /// Blocked tasks whose blockers are all done: back to `Pending`.
     pub unblocked: Vec<String>,
     /// The earliest `nextAttemptAfter` still in the future, if any (when to look again).
@@ -64,6 +66,20 @@ pub fn unfinished_blockers(task: &Task, by_name: &HashMap<&str, &Arc<Task>>) -> 
         })
         .cloned()
         .collect()
+}
+
+/// `waiting for a, b (Failed), c (no such Task)`: the blockers a task waits for, with those that
+/// will not succeed by themselves marked.
+pub fn waiting_message(waiting: &[String], by_name: &HashMap<&str, &Arc<Task>>) -> String {
+    let named: Vec<String> = waiting
+        .iter()
+        .map(|b| match by_name.get(b.as_str()).map(|t| t.status.phase) {
+            None => format!("{b} (no such Task)"),
+            Some(TaskPhase::Failed) => format!("{b} (Failed)"),
+            Some(_) => b.clone(),
+        })
+        .collect();
+    format!("waiting for {}", named.join(", "))
 }
 
 /// Decides one assignment pass.
@@ -123,8 +139,13 @@ pub fn plan(
             Vec::new()
         };
         if !waiting.is_empty() {
-            if phase == TaskPhase::Pending && !leased.contains(t.metadata.name.as_str()) {
-                out.newly_blocked.push((t.metadata.name.clone(), waiting));
+            let message = waiting_message(&waiting, &by_name);
+            let stale = match phase {
+                TaskPhase::Pending => !leased.contains(t.metadata.name.as_str()),
+                _ => t.status.message.as_deref() != Some(message.as_str()),
+            };
+            if stale {
+                out.newly_blocked.push((t.metadata.name.clone(), message));
             }
             continue;
         }
@@ -325,7 +346,7 @@ mod tests {
         );
         assert_eq!(
             p.newly_blocked,
-            vec![("waiting".to_string(), vec!["blocker".to_string()])]
+            vec![("waiting".to_string(), "waiting for blocker".to_string())]
         );
     }
 
