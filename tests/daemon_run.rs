@@ -1051,3 +1051,23 @@ fn an_invalid_log_level_exits_1_with_a_clear_error_and_creates_nothing() {
     }
     assert!(!dir.path().join("state").exists(), "nothing was created");
 }
+
+#[test]
+fn a_daemon_whose_state_directory_is_removed_stops_with_1_rather_than_run_beside_a_new_one() {
+    let w = World::new();
+    let systemd = Systemd::new();
+    let mut d = Daemon::start(w.path(), Some(&systemd), &[]);
+    let mut systemd = systemd;
+    systemd.wait_for(0, "READY=1", |m| m == "READY=1");
+    std::fs::remove_dir_all(w.path().join("state")).unwrap();
+    let status = d.wait_exit();
+    assert_eq!(status.code(), Some(1), "{}", d.stderr());
+    assert!(
+        d.stderr().contains("lost the instance lock"),
+        "{}",
+        d.stderr()
+    );
+    // A scheduler on the directory made again is the only one.
+    let again = command(w.path(), &["run", "--once"]).output().unwrap();
+    assert_eq!(again.status.code(), Some(0), "{again:?}");
+}

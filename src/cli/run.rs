@@ -249,13 +249,14 @@ async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
     });
     let c = Arc::clone(&ctx);
     health.add_readiness("tinytask-sources", move || tinytask_sync::check_sources(&c));
-    let has_lock = lock.is_some() || args.dry_run;
-    health.add_readiness("lock", move || {
-        if has_lock {
-            Ok(())
-        } else {
-            Err("the instance lock is not held".into())
-        }
+    let lock = lock.map(Arc::new);
+    let held = lock.clone();
+    let dry_run = args.dry_run;
+    health.add_readiness("lock", move || match &held {
+        Some(l) => l.check(),
+        // A dry run decides nothing, so it takes no lock.
+        None if dry_run => Ok(()),
+        None => Err("the instance lock is not held".into()),
     });
 
     let mut background = tokio::task::JoinSet::new();
@@ -297,6 +298,7 @@ async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
     let mut reloads = sig.reloads;
     let mut tick = tokio::time::interval(interval);
     let mut last_status = String::new();
+    let mut lost_lock = false;
     loop {
         tokio::select! {
             _ = sig.shutdown.wait() => break,
@@ -306,6 +308,14 @@ async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
                 let _ = notifier.ready();
             }
             _ = tick.tick() => {
+                if let Some(Err(e)) = lock.as_ref().map(|l| l.check()) {
+                    tracing::error!(
+                        "lost the instance lock: {e}; stopping, so that no second scheduler \
+                         decides beside this one"
+                    );
+                    lost_lock = true;
+                    break;
+                }
                 sched.poke_heartbeat();
                 let status = status_line(&ctx);
                 if status != last_status {
@@ -323,7 +333,13 @@ async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
     if let Some(h) = events_gc {
         h.abort();
     }
-    Ok(ExitCode::SUCCESS)
+    // Non-zero, so that systemd restarts it: the new process takes the lock again, or says who
+    // holds it now.
+    Ok(if lost_lock {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// One line for systemd's STATUS=: running / queued / failed.

@@ -15,7 +15,8 @@ use crate::store::fsio;
 
 /// Held for as long as the value lives; dropping it (or the process dying) releases the lock.
 pub struct InstanceLock {
-    _lock: Flock<File>,
+    lock: Flock<File>,
+    path: PathBuf,
     holder: PathBuf,
 }
 
@@ -78,10 +79,29 @@ impl InstanceLock {
         let tmp = state_dir.join("tmp");
         fsio::ensure_private_dir(&tmp).map_err(io_err)?;
         fsio::write_atomic(&tmp, &holder, who.as_bytes(), true).map_err(io_err)?;
-        Ok(InstanceLock {
-            _lock: lock,
-            holder,
-        })
+        Ok(InstanceLock { lock, path, holder })
+    }
+
+    /// Whether the file at the lock's path is still the one this instance locked. A state
+    /// directory removed (or its lock file replaced) while the daemon runs frees the path for a
+    /// second scheduler, which would lock a new file and decide beside this one (invariant 9).
+    pub fn check(&self) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt;
+        let held = self
+            .lock
+            .metadata()
+            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        match fs::metadata(&self.path) {
+            Ok(m) if m.dev() == held.dev() && m.ino() == held.ino() => Ok(()),
+            Ok(_) => Err(format!(
+                "{} is no longer the file this scheduler locked",
+                self.path.display()
+            )),
+            Err(e) => Err(format!(
+                "{} is gone ({e}): the state directory was removed or moved",
+                self.path.display()
+            )),
+        }
     }
 
     /// Where the holder's identity is written.
@@ -108,5 +128,17 @@ mod tests {
         );
         drop(first);
         InstanceLock::acquire(dir.path()).expect("free again after drop");
+    }
+
+    #[test]
+    fn the_lock_knows_when_its_file_was_removed_or_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = InstanceLock::acquire(dir.path()).unwrap();
+        assert_eq!(lock.check(), Ok(()));
+        let path = dir.path().join("scheduler.lock");
+        std::fs::remove_file(&path).unwrap();
+        assert!(lock.check().unwrap_err().contains("is gone"));
+        std::fs::write(&path, "").unwrap();
+        assert!(lock.check().unwrap_err().contains("no longer the file"));
     }
 }
