@@ -1071,3 +1071,31 @@ fn a_daemon_whose_state_directory_is_removed_stops_with_1_rather_than_run_beside
     let again = command(w.path(), &["run", "--once"]).output().unwrap();
     assert_eq!(again.status.code(), Some(0), "{again:?}");
 }
+
+#[test]
+fn a_ready_notification_systemd_cannot_get_is_logged() {
+    let w = World::new();
+    let stderr = w.path().join("daemon-lost-notify.err");
+    let mut child = command(w.path(), &["run", "--daemon"])
+        .env("NOTIFY_SOCKET", w.path().join("no-such.sock"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + LONG;
+    while !std::fs::read_to_string(&stderr)
+        .unwrap_or_default()
+        .contains("could not send READY=1")
+    {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "no warning: {}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}

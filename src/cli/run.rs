@@ -292,7 +292,7 @@ async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
     }
     // Events are kept to 50 per object and 1 hour; the first pass runs at once.
     let events_gc = (!args.dry_run).then(|| ctx.recorder.spawn_gc(Duration::from_secs(300)));
-    let _ = notifier.ready();
+    notify(notifier.ready(), "READY=1");
     tracing::info!(state_dir = %g.state_dir.display(), "scheduler running");
 
     let mut reloads = sig.reloads;
@@ -303,9 +303,9 @@ async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
         tokio::select! {
             _ = sig.shutdown.wait() => break,
             Some(()) = reloads.recv() => {
-                let _ = notifier.reloading();
+                notify(notifier.reloading(), "RELOADING=1");
                 tracing::info!("reload: settings are read at start; controllers keep running");
-                let _ = notifier.ready();
+                notify(notifier.ready(), "READY=1");
             }
             _ = tick.tick() => {
                 if let Some(Err(e)) = lock.as_ref().map(|l| l.check()) {
@@ -319,13 +319,13 @@ async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
                 sched.poke_heartbeat();
                 let status = status_line(&ctx);
                 if status != last_status {
-                    let _ = notifier.status(&status);
+                    notify(notifier.status(&status), "STATUS");
                     last_status = status;
                 }
             }
         }
     }
-    let _ = notifier.stopping();
+    notify(notifier.stopping(), "STOPPING=1");
     let reason = sig.shutdown.reason().unwrap_or_default();
     tracing::info!(%reason, "stopping; running agents are left running");
     sched.stop().await;
@@ -340,6 +340,14 @@ async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Logs a notification systemd did not get: under `Type=notify` a lost READY=1 is a start that
+/// times out, which the journal should explain.
+fn notify(sent: std::io::Result<()>, what: &str) {
+    if let Err(e) = sent {
+        tracing::warn!("could not send {what} to systemd: {e}");
+    }
 }
 
 /// One line for systemd's STATUS=: running / queued / failed.
