@@ -68,8 +68,13 @@ fn first_run(g: &Globals, a: &LogsArgs, dir: &Path) -> Result<Vec<u64>, CliError
             return Ok(attempts);
         }
         if !a.follow || a.attempt.is_some() || task.status.phase.is_finished() {
+            let why = if task.status.attempts == 0 {
+                "it has not run"
+            } else {
+                "they were removed"
+            };
             return Err(CliError(format!(
-                "error: task {:?} has no logs: it has not run (phase {:?})",
+                "error: task {:?} has no logs: {why} (phase {:?})",
                 a.task, task.status.phase
             )));
         }
