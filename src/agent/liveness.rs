@@ -162,15 +162,21 @@ pub fn group_members(pgid: i32) -> Vec<i32> {
     pids
 }
 
+/// What marks a process as one run's: the Lease and attempt the shim put in the agent's
+/// environment (`TINYSCHEDULER_LEASE`, `TINYSCHEDULER_ATTEMPT`), which its children inherit.
+fn run_environ(lease: &str, attempt: i64) -> [String; 2] {
+    [
+        format!("TINYSCHEDULER_LEASE={lease}"),
+        format!("TINYSCHEDULER_ATTEMPT={attempt}"),
+    ]
+}
+
 /// Whether process group `pgid` still has a member of one run: a process with the run's Lease and
 /// attempt in its environment (what the shim gave the agent; its children inherit it). Asked of a
 /// run whose agent has exited, so that what it left in its group is found, and a group number
 /// that something else has taken since is not.
 pub fn group_has_run(pgid: i32, lease: &str, attempt: i64) -> bool {
-    let wanted = [
-        format!("TINYSCHEDULER_LEASE={lease}"),
-        format!("TINYSCHEDULER_ATTEMPT={attempt}"),
-    ];
+    let wanted = run_environ(lease, attempt);
     pgid > 1
         && group_members(pgid)
             .into_iter()
@@ -189,10 +195,7 @@ pub fn groups_of_unrecorded_run(lease: &str, attempt: i64, log: &Path) -> Vec<i3
     let Ok(log) = fs::canonicalize(log) else {
         return Vec::new();
     };
-    let wanted = [
-        format!("TINYSCHEDULER_LEASE={lease}"),
-        format!("TINYSCHEDULER_ATTEMPT={attempt}"),
-    ];
+    let wanted = run_environ(lease, attempt);
     let own = nix::unistd::getpgrp().as_raw();
     let mut groups: Vec<i32> = proc_pids()
         .filter(|&pid| writes_to(pid, &log) && environ_has(pid, &wanted))

@@ -226,15 +226,7 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
         }
         let now = Instant::now();
         if now >= next_write {
-            if let Err(e) = store.patch_status::<Lease>(&lease_name, |l| mark_running(l, &info)) {
-                let what = if running_recorded {
-                    "renew"
-                } else {
-                    "record the running agent"
-                };
-                tracing::warn!(lease = %lease_name, "cannot {what}: {e}");
-            }
-            running_recorded = true;
+            record_running(&store, &lease_name, &info, &mut running_recorded);
             next_write = Instant::now() + period;
         }
         let mut wake = next_write;
@@ -252,12 +244,7 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
 
     // Whatever the agent left behind in its group goes with it. The Lease is renewed meanwhile:
     // a group that takes its grace to end must not get a finished run reclaimed as silent.
-    let mut renew = || {
-        if let Err(e) = store.patch_status::<Lease>(&lease_name, |l| mark_running(l, &info)) {
-            tracing::warn!(lease = %lease_name, "cannot renew: {e}");
-        }
-        running_recorded = true;
-    };
+    let mut renew = || record_running(&store, &lease_name, &info, &mut running_recorded);
     let forwarded =
         forwarded.map(|(sig, t)| (sig, finish_termination(t, next_write, period, &mut renew)));
     let leftovers = if forwarded.is_none() && super::liveness::group_alive(pid) {
@@ -580,6 +567,20 @@ fn find_in_path(name: &str, path: &str) -> Option<PathBuf> {
         }
     }
     None
+}
+
+/// Writes the Running status, or renews it once `recorded`; a failure is logged (the next
+/// heartbeat tries again).
+fn record_running(store: &Store, lease: &str, info: &RunInfo, recorded: &mut bool) {
+    if let Err(e) = store.patch_status::<Lease>(lease, |l| mark_running(l, info)) {
+        let what = if *recorded {
+            "renew"
+        } else {
+            "record the running agent"
+        };
+        tracing::warn!(lease, "cannot {what}: {e}");
+    }
+    *recorded = true;
 }
 
 /// Fills in the Running status (idempotent: also used to renew). Never touches a different Lease
