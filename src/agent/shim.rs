@@ -87,6 +87,19 @@ pub fn log_path(state_dir: &Path, task: &str, attempt: i64) -> PathBuf {
         .join(format!("{attempt}.log"))
 }
 
+/// Removes every run log of `task` (`<state>/logs/<task>`), as when the Task is deleted; none
+/// is fine.
+/// The error names the directory.
+pub fn remove_logs(state_dir: &Path, task: &str) -> io::Result<()> {
+    let dir = state_dir.join("logs").join(task);
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(io::Error::new(e.kind(), format!("{}: {e}", dir.display())))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The kill grace from `TINYSCHEDULER_KILL_GRACE_SEC` (default 10 s).
 pub fn kill_grace() -> Duration {
     std::env::var(KILL_GRACE_ENV)

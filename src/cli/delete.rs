@@ -51,17 +51,6 @@ fn targets(a: &DeleteArgs) -> Result<Vec<(Kind, String)>, CliError> {
     Ok(out)
 }
 
-/// Removes a deleted Task's run logs, as its TTL would (`controllers::status`), so that a Task
-/// created again under the name starts with none.
-fn remove_logs(g: &Globals, task: &str) {
-    let logs = g.state_dir.join("logs").join(task);
-    if let Err(e) = std::fs::remove_dir_all(&logs) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            eprintln!("warning: cannot remove {}: {e}", logs.display());
-        }
-    }
-}
-
 /// `delete` entry point.
 pub fn delete(g: &Globals, a: DeleteArgs) -> CliResult {
     let targets = targets(&a)?;
@@ -81,8 +70,11 @@ pub fn delete(g: &Globals, a: DeleteArgs) -> CliResult {
         match r {
             Ok(()) => {
                 println!("{}.{GROUP} {name:?} deleted", kind.singular());
+                // As its TTL would, so that a Task created again under the name starts with none.
                 if kind == Kind::Task {
-                    remove_logs(g, &name);
+                    if let Err(e) = crate::agent::shim::remove_logs(&g.state_dir, &name) {
+                        eprintln!("warning: cannot remove {e}");
+                    }
                 }
             }
             Err(e) if e.is_not_found() && a.ignore_not_found => {}

@@ -250,16 +250,8 @@ fn task_ttl(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     {
         Ok(_) => {
             ctx.tasks.observe_deleted(name);
-            let logs = ctx.state_dir.join("logs").join(name);
-            if let Err(e) = std::fs::remove_dir_all(&logs) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(
-                        kind = "Task",
-                        name,
-                        "cannot remove logs {}: {e}",
-                        logs.display()
-                    );
-                }
+            if let Err(e) = crate::agent::shim::remove_logs(&ctx.state_dir, name) {
+                tracing::warn!(kind = "Task", name, "cannot remove logs {e}");
             }
             tracing::info!(kind = "Task", name, "deleted after its TTL");
             Ok(Action::await_change())
