@@ -627,14 +627,14 @@ fn exit_on(e: clap::Error) -> ! {
     std::process::exit(if e.use_stderr() { 1 } else { 0 })
 }
 
-/// The variables the command line parser reads itself (the rest are read by [`resolve`]).
-const CLAP_ENV: &[&str] = &[
-    "TINYSCHEDULER_STATE_DIR",
-    "TINYSCHEDULER_LOG_FORMAT",
-    "TINYSCHEDULER_LOG_LEVEL",
-    "TINYSCHEDULER_DRY_RUN",
-    "TINYSCHEDULER_HTTP_ADDR",
-];
+/// The variables the command line parser reads itself (`env = ...` on an argument, at any
+/// depth); the rest are read by [`resolve`].
+fn clap_env(cmd: &clap::Command) -> Vec<std::ffi::OsString> {
+    cmd.get_arguments()
+        .filter_map(|a| a.get_env().map(|e| e.to_os_string()))
+        .chain(cmd.get_subcommands().flat_map(clap_env))
+        .collect()
+}
 
 /// Parses the command line for the binary: reads the `.env` file (exporting its variables where
 /// the environment does not set them, before any thread starts), re-parses so flags with an
@@ -646,13 +646,15 @@ pub fn parse_cli() -> Result<crate::cli::Cli, ConfigError> {
 
     // An empty value means unset, as for every other setting; clap would call it a missing value.
     // Single-threaded here: nothing else reads the environment concurrently.
-    for k in CLAP_ENV {
-        if std::env::var_os(k).is_some_and(|v| v.is_empty()) {
-            std::env::remove_var(k);
+    let command = crate::cli::Cli::command();
+    for k in clap_env(&command) {
+        if std::env::var_os(&k).is_some_and(|v| v.is_empty()) {
+            std::env::remove_var(&k);
         }
     }
     let parse = || -> clap::ArgMatches {
-        crate::cli::Cli::command()
+        command
+            .clone()
             .try_get_matches()
             .unwrap_or_else(|e| exit_on(e))
     };
