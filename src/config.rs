@@ -646,15 +646,15 @@ pub fn parse_cli() -> Result<crate::cli::Cli, ConfigError> {
 
     // An empty value means unset, as for every other setting; clap would call it a missing value.
     // Single-threaded here: nothing else reads the environment concurrently.
-    let command = crate::cli::Cli::command();
-    for k in clap_env(&command) {
+    for k in clap_env(&crate::cli::Cli::command()) {
         if std::env::var_os(&k).is_some_and(|v| v.is_empty()) {
             std::env::remove_var(&k);
         }
     }
+    // Built anew for each parse: clap reads an argument's env variable when the command is
+    // built, so it must see the environment as cleaned above (and as .env extends it below).
     let parse = || -> clap::ArgMatches {
-        command
-            .clone()
+        crate::cli::Cli::command()
             .try_get_matches()
             .unwrap_or_else(|e| exit_on(e))
     };
