@@ -19,29 +19,33 @@ pub fn describe(g: &Globals, a: DescribeArgs) -> CliResult {
     let names: Vec<String> = a.name.into_iter().collect();
     let (kind, names) = kind_and_names(&a.kind, &names, "describe")?;
     let store = Store::open_read_only(&g.state_dir);
+    let name_of = |o: &Value| {
+        o.pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
     // No name: every object of the kind, as kubectl describes them.
-    let names = if names.is_empty() {
-        let list = store.list_raw(kind.plural(), None)?;
-        let mut all: Vec<String> = list
-            .items
-            .iter()
-            .filter_map(|o| o.pointer("/metadata/name").and_then(Value::as_str))
-            .map(str::to_string)
-            .collect();
-        all.sort();
+    let objects = if names.is_empty() {
+        let mut all = store.list_raw(kind.plural(), None)?.items;
+        all.sort_by_key(|o| name_of(o));
         if all.is_empty() {
             eprintln!("No resources found.");
         }
         all
     } else {
         names
+            .iter()
+            .map(|n| store.get_raw(kind.plural(), n))
+            .collect::<Result<Vec<_>, _>>()?
     };
+    // Events are listed once, for all the objects.
+    let events = list_events(&store)?;
     let mut texts = Vec::new();
-    for name in &names {
-        let obj = store.get_raw(kind.plural(), name)?;
+    for obj in &objects {
         let uid = obj.pointer("/metadata/uid").and_then(Value::as_str);
-        let events = events_for(&store, kind, name, uid)?;
-        texts.push(render(&obj, &events, SystemTime::now()));
+        let mine = events_of(&events, kind, &name_of(obj), uid);
+        texts.push(render(obj, &mine, SystemTime::now()));
     }
     // Objects one after another, a blank line between, as kubectl separates them.
     let text = texts.join("\n");
@@ -49,35 +53,35 @@ pub fn describe(g: &Globals, a: DescribeArgs) -> CliResult {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The Events whose `involvedObject` is this object, oldest first (by lastTimestamp). With `uid`,
-/// not those of an earlier object of the same name (deleted and created again); an event that
-/// names no uid is kept.
-pub fn events_for(
-    store: &Store,
-    kind: Kind,
-    name: &str,
-    uid: Option<&str>,
-) -> Result<Vec<Event>, CliError> {
+/// Every Event in the store (files that cannot be read are reported and skipped).
+fn list_events(store: &Store) -> Result<Vec<Event>, CliError> {
     let list = store.list::<Event>(None)?;
     for s in &list.skipped {
         eprintln!("warning: skipping {}: {}", s.path.display(), s.reason);
     }
-    let mut events: Vec<Event> = list
-        .items
-        .into_iter()
+    Ok(list.items)
+}
+
+/// Of `events`, those whose `involvedObject` is this object, oldest first (by lastTimestamp).
+/// With `uid`, not those of an earlier object of the same name (deleted and created again); an
+/// event that names no uid is kept.
+pub fn events_of(events: &[Event], kind: Kind, name: &str, uid: Option<&str>) -> Vec<Event> {
+    let mut events: Vec<Event> = events
+        .iter()
         .filter(|e| {
             let o = &e.spec.involved_object;
             o.kind == kind.name()
                 && o.name == name
                 && (o.uid.is_empty() || uid.is_none_or(|u| u == o.uid))
         })
+        .cloned()
         .collect();
     events.sort_by(|a, b| {
         parse_time(&a.spec.last_timestamp)
             .cmp(&parse_time(&b.spec.last_timestamp))
             .then_with(|| a.revision().cmp(&b.revision())) // same second: write order
     });
-    Ok(events)
+    events
 }
 
 /// `Max Concurrency` for `maxConcurrency`.
