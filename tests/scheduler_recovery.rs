@@ -164,6 +164,14 @@ fi"#;
     wait_for("the agent to name its shim", LONG, || {
         !pids_in(&s.out("shim")).is_empty()
     });
+    // Once the run is recorded: a shim killed before that is a run never recorded, which is
+    // started again (after its agent is killed) rather than reclaimed.
+    wait_for("the run to be recorded", LONG, || {
+        s.store
+            .try_get::<Lease>("lost")
+            .unwrap()
+            .is_some_and(|l| l.status.pid.is_some())
+    });
     let shim = pids_in(&s.out("shim"))[0];
     let left = pids_in(&s.out("left"))[0];
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), Signal::SIGKILL).unwrap();
