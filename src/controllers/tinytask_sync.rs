@@ -730,10 +730,10 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
                         None => {}
                     }
                 }
-                if added >= want || !full || ask >= SCAN_WINDOW_MAX as usize {
-                    break;
+                match wider_window(ask, full, added >= want) {
+                    Some(w) => ask = w,
+                    None => break,
                 }
-                ask = (ask * 4).min(SCAN_WINDOW_MAX as usize);
             }
         }
 
@@ -811,10 +811,10 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
                         None => {}
                     }
                 }
-                if added >= want || !full || limit >= SCAN_WINDOW_MAX as usize {
-                    break;
+                match wider_window(limit, full, added >= want) {
+                    Some(w) => limit = w,
+                    None => break,
                 }
-                limit = (limit * 4).min(SCAN_WINDOW_MAX as usize);
             }
         }
     }
@@ -828,6 +828,14 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
         }
     });
     Ok(())
+}
+
+/// The next, wider window to list through, or `None` when this one did: enough runnable tasks
+/// were found, the answer was not full (nothing more to see), or the window is at its largest.
+/// Blocked tasks and tasks of others fill a window without counting, so it grows past them.
+fn wider_window(window: usize, came_back_full: bool, found_enough: bool) -> Option<usize> {
+    let max = SCAN_WINDOW_MAX as usize;
+    (!found_enough && came_back_full && window < max).then(|| (window * 4).min(max))
 }
 
 /// The Task spec a remote task maps to.
