@@ -225,6 +225,54 @@ fn a_finished_agent_whose_child_takes_its_grace_to_die_is_renewed_meanwhile_and_
     assert!(!story.iter().any(|r| r == "Reclaiming"), "{story:?}");
 }
 
+/// Sends SIGCONT to a stopped process when dropped, so that a failing test leaves nothing stopped.
+struct Resume(i32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), Signal::SIGCONT);
+    }
+}
+
+#[test]
+fn a_finished_run_whose_shim_is_held_up_past_its_heartbeat_is_recorded_once_not_reclaimed() {
+    let mut s = Sched::new();
+    s.queue("default");
+    s.agent(
+        "w",
+        1,
+        "echo ran >> \"$OUT/runs\"\necho $PPID > \"$OUT/shim\"\nsleep 1",
+    );
+    s.task_with("once", |t| t.max_retries = 2);
+    s.daemon(&[]);
+    wait_for("the agent to name its shim", LONG, || {
+        !pids_in(&s.out("shim")).is_empty()
+    });
+    wait_for("the run to be recorded", LONG, || {
+        s.store
+            .try_get::<Lease>("once")
+            .unwrap()
+            .is_some_and(|l| l.status.pid.is_some())
+    });
+    // The shim stands for one that cannot write (a full disk): it neither renews nor records,
+    // while its agent exits (a zombie until the shim reaps it) and the Lease (3 s) expires.
+    let shim = pids_in(&s.out("shim"))[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), Signal::SIGSTOP).unwrap();
+    let resume = Resume(shim);
+    wait_for("reclaim to wait for the shim", LONG, || {
+        story(&s, "once").iter().any(|r| r == "AwaitingResult")
+    });
+    assert_eq!(s.phase("once"), TaskPhase::Running);
+    drop(resume);
+
+    s.wait_phase("once", TaskPhase::Succeeded, LONG);
+    let t = s.get_task("once");
+    assert_eq!(t.status.attempts, 1, "{:?}", t.status);
+    assert_eq!(s.lines("runs"), ["ran"], "the task ran again");
+    let story = story(&s, "once");
+    assert!(!story.iter().any(|r| r.starts_with("Reclaim")), "{story:?}");
+}
+
 #[test]
 fn run_once_exits_while_its_agents_run_and_a_later_run_records_their_results() {
     let s = Sched::new();

@@ -640,9 +640,15 @@ fn record_not_started(
     record_completed(store, lease, uid, None, &outcome);
 }
 
-/// Writes `phase: Completed` durably, retrying store errors for a while: the exit status must not
-/// be lost (invariant 7). A Lease that is gone (or replaced) is left alone. `started`: the run
-/// that was never recorded as Running, whose pid, times and log go into the same write.
+/// How long a shim keeps trying to record its agent's exit when the store refuses the write (a
+/// full or read-only disk). The reclaim controller waits this long, and a little more, before it
+/// reclaims a run whose agent has exited and whose shim is still alive (`reclaim::RECORD_GRACE`).
+pub const RECORD_GIVE_UP: Duration = Duration::from_secs(120);
+
+/// Writes `phase: Completed` durably, retrying store errors for [`RECORD_GIVE_UP`]: the exit
+/// status must not be lost (invariant 7). A Lease that is gone (or replaced) is left alone.
+/// `started`: the run that was never recorded as Running, whose pid, times and log go into the
+/// same write.
 fn record_completed(
     store: &Store,
     lease: &str,
@@ -652,7 +658,8 @@ fn record_completed(
 ) {
     let finish = now_rfc3339();
     let mut delay = Duration::from_millis(100);
-    for _ in 0..30 {
+    let give_up = Instant::now() + RECORD_GIVE_UP;
+    loop {
         let res = store.patch_status::<Lease>(lease, |l| {
             if l.metadata.uid != uid {
                 return;
@@ -674,10 +681,18 @@ fn record_completed(
         });
         match res {
             Ok(_) => return,
-            Err(e) => {
+            Err(e) if Instant::now() + delay < give_up => {
                 tracing::warn!(lease, "cannot record completion (will retry): {e}");
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                tracing::error!(
+                    lease,
+                    "cannot record completion, giving up after {}s: {e}",
+                    RECORD_GIVE_UP.as_secs()
+                );
+                return;
             }
         }
     }

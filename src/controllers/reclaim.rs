@@ -11,7 +11,7 @@ use super::{Ctx, Error, Summary};
 use crate::agent::claim::Claim;
 use crate::agent::kill::terminate_group;
 use crate::agent::liveness::{group_has_run, groups_of_unrecorded_run, is_alive};
-use crate::agent::shim::log_path;
+use crate::agent::shim::{log_path, RECORD_GIVE_UP};
 use crate::resources::event::EventType;
 use crate::resources::meta::parse_time;
 use crate::resources::{Lease, LeasePhase, Task};
@@ -22,8 +22,17 @@ use crate::runtime::controller::Action;
 pub enum Verdict {
     /// Healthy; look again after this long.
     Healthy(Duration),
+    /// The heartbeat expired, but the agent has exited and its shim is alive: the run is over and
+    /// the shim is still trying to record its result (the store refused its writes, say). Nothing
+    /// is left to kill, and reclaiming now could fail, and run again, a run that succeeded. Look
+    /// again after this long; [`RECORD_GRACE`] after the expiry the run is stale after all.
+    AwaitingShim(Duration),
     Stale(String),
 }
+
+/// How long after a Lease's expiry reclaim waits for the live shim of an exited agent to record
+/// its result: longer than the shim keeps trying ([`RECORD_GIVE_UP`]), after which it exits.
+pub const RECORD_GRACE: Duration = Duration::from_secs(RECORD_GIVE_UP.as_secs() + 60);
 
 fn age(ts: Option<&str>, now: SystemTime) -> Option<Duration> {
     ts.and_then(parse_time)
@@ -114,6 +123,8 @@ pub fn judge(lease: &Lease, facts: &Facts) -> Verdict {
         }
         LeasePhase::Running => {}
     }
+    let since_renew = age(s.renew_time.as_deref(), now).unwrap_or_default();
+    let mut recording = false;
     if local {
         let agent_alive =
             matches!((s.pid, s.process_start_time), (Some(p), Some(t)) if is_alive(p, t));
@@ -124,13 +135,22 @@ pub fn judge(lease: &Lease, facts: &Facts) -> Verdict {
                 "the shim and the agent exited without recording a result".into(),
             );
         }
+        recording = !agent_alive && shim_alive;
     }
-    let since_renew = age(s.renew_time.as_deref(), now).unwrap_or_default();
     if since_renew > duration {
-        return Verdict::Stale(format!(
-            "heartbeat expired {}s ago",
-            (since_renew - duration).as_secs()
-        ));
+        let expired = since_renew - duration;
+        if recording && expired <= RECORD_GRACE {
+            let left = RECORD_GRACE - expired;
+            return Verdict::AwaitingShim(left.min(duration).max(Duration::from_millis(200)));
+        }
+        let mut reason = format!("heartbeat expired {}s ago", expired.as_secs());
+        if recording {
+            reason.push_str(&format!(
+                "; its agent exited and its shim recorded nothing for {}s",
+                RECORD_GRACE.as_secs()
+            ));
+        }
+        return Verdict::Stale(reason);
     }
     let running_for = age(s.acquire_time.as_deref(), now).unwrap_or_default();
     if running_for > max_runtime {
@@ -199,6 +219,10 @@ pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let facts = facts(&ctx, &lease, true)?;
     let reason = match judge(&lease, &facts) {
         Verdict::Healthy(after) => return Ok(look_again(after)),
+        Verdict::AwaitingShim(after) => {
+            await_shim(&ctx, &lease);
+            return Ok(Action::requeue_after(after));
+        }
         Verdict::Stale(reason) => reason,
     };
     let local = facts.local;
@@ -209,6 +233,27 @@ pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
     }
     reclaim(&ctx, lease, local, &reason).await?;
     Ok(Action::await_change())
+}
+
+/// Says on the Task that its run is over and reclaim waits for the shim to record the result.
+/// The message stays the same while it waits, so the Event is aggregated (its count grows).
+fn await_shim(ctx: &Ctx, lease: &Lease) {
+    let Some(task) = ctx.tasks.get(&lease.spec.task) else {
+        return;
+    };
+    let shim = lease.status.shim_pid.unwrap_or_default();
+    ctx.event(
+        &*task,
+        EventType::Warning,
+        "AwaitingResult",
+        &format!(
+            "lease/{} (attempt {}): heartbeat expired, but the agent has exited and its shim \
+             (pid {shim}) is alive; waiting up to {}s for it to record the result before reclaiming",
+            lease.metadata.name,
+            lease.spec.attempt,
+            RECORD_GRACE.as_secs()
+        ),
+    );
 }
 
 /// When to look at a healthy Lease again.
@@ -426,6 +471,58 @@ mod tests {
         l.status.process_start_time = Some(1);
         match judge(&l, &facts(SystemTime::now(), true, true)) {
             Verdict::Stale(r) => assert!(r.contains("without recording a result"), "{r}"),
+            v => panic!("{v:?}"),
+        }
+    }
+
+    /// A Running local Lease whose agent has exited (a pid that is not alive) and whose shim is
+    /// this test process (alive).
+    fn recording(renewed_ago: u64) -> Lease {
+        let mut l = lease(LeasePhase::Running, renewed_ago, renewed_ago + 5);
+        l.status.pid = Some(i32::MAX - 7);
+        l.status.process_start_time = Some(1);
+        let me = std::process::id() as i32;
+        l.status.shim_pid = Some(me);
+        l.status.shim_start_time = crate::agent::liveness::start_time_of(me);
+        l
+    }
+
+    #[test]
+    fn an_expired_lease_whose_agent_exited_waits_for_its_live_shim_to_record_the_result() {
+        let now = SystemTime::now();
+        // Expired 55 s ago (45 s lease).
+        match judge(&recording(100), &facts(now, true, true)) {
+            Verdict::AwaitingShim(after) => assert!(after <= Duration::from_secs(45), "{after:?}"),
+            v => panic!("{v:?}"),
+        }
+        // Not expired: healthy, as any run being renewed.
+        assert!(matches!(
+            judge(&recording(10), &facts(now, true, true)),
+            Verdict::Healthy(_)
+        ));
+    }
+
+    #[test]
+    fn a_live_shim_that_records_nothing_for_the_whole_grace_gets_its_run_reclaimed() {
+        let expired = 45 + RECORD_GRACE.as_secs() + 1;
+        match judge(&recording(expired), &facts(SystemTime::now(), true, true)) {
+            Verdict::Stale(r) => {
+                assert!(r.starts_with("heartbeat expired"), "{r}");
+                assert!(r.contains("its shim recorded nothing"), "{r}");
+                assert_eq!(reason_label(&r), "heartbeat");
+            }
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn an_expired_lease_whose_agent_still_runs_is_stale_however_alive_its_shim() {
+        let mut l = recording(100);
+        let me = std::process::id() as i32;
+        l.status.pid = Some(me);
+        l.status.process_start_time = crate::agent::liveness::start_time_of(me);
+        match judge(&l, &facts(SystemTime::now(), true, true)) {
+            Verdict::Stale(r) => assert_eq!(r, "heartbeat expired 55s ago"),
             v => panic!("{v:?}"),
         }
     }
