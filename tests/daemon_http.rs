@@ -190,7 +190,14 @@ async fn one_check_can_be_asked_by_path_and_excluded_by_query() {
 #[tokio::test]
 async fn unknown_paths_are_404_and_other_methods_405() {
     let r = start().await;
-    for path in ["/", "/metricsx", "/debug/pprof", "/favicon.ico"] {
+    for path in [
+        "/",
+        "/metricsx",
+        "/debug/pprof",
+        "/favicon.ico",
+        "//healthz",
+        "//readyz/lock",
+    ] {
         let x = get(r.addr, path).await;
         assert_eq!(x.status, 404, "{path}");
         assert_eq!(x.body, "404 page not found\n");

@@ -58,6 +58,16 @@ pub fn parse_listen_addr(s: &str) -> Result<String, String> {
     }
 }
 
+/// Binds `addr` (see [`parse_listen_addr`]) for a server made later with [`HttpServer::on`]: the
+/// daemon binds before it starts its controllers, so a taken port stops it with nothing started.
+pub async fn listen(addr: &str) -> io::Result<TcpListener> {
+    let addr =
+        parse_listen_addr(addr).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    TcpListener::bind(&addr)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("listen on {addr}: {e}")))
+}
+
 impl HttpServer {
     /// Binds `addr` (see [`parse_listen_addr`]); `metrics` renders `/metrics`, `health` answers
     /// the health endpoints.
@@ -66,18 +76,22 @@ impl HttpServer {
         metrics: impl Fn() -> String + Send + Sync + 'static,
         health: HealthRegistry,
     ) -> io::Result<HttpServer> {
-        let addr =
-            parse_listen_addr(addr).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let listener = TcpListener::bind(&addr)
-            .await
-            .map_err(|e| io::Error::new(e.kind(), format!("listen on {addr}: {e}")))?;
-        Ok(HttpServer {
+        Ok(HttpServer::on(listen(addr).await?, metrics, health))
+    }
+
+    /// The server on a listener [`listen`] bound earlier.
+    pub fn on(
+        listener: TcpListener,
+        metrics: impl Fn() -> String + Send + Sync + 'static,
+        health: HealthRegistry,
+    ) -> HttpServer {
+        HttpServer {
             listener,
             routes: Arc::new(Routes {
                 metrics: Arc::new(metrics),
                 health,
             }),
-        })
+        }
     }
 
     /// The address actually bound (the real port when asked for port 0).
@@ -158,7 +172,7 @@ impl Routes {
                 ),
             };
         }
-        let mut segments = path.trim_start_matches('/').splitn(2, '/');
+        let mut segments = path.strip_prefix('/').unwrap_or(path).splitn(2, '/');
         let endpoint = segments.next().and_then(Endpoint::from_name);
         let check = segments.next().filter(|s| !s.is_empty());
         let Some(endpoint) = endpoint else {
