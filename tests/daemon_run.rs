@@ -1053,6 +1053,29 @@ fn an_invalid_log_level_exits_1_with_a_clear_error_and_creates_nothing() {
 }
 
 #[test]
+fn a_taken_http_port_stops_the_daemon_with_1_before_it_starts_anything() {
+    let w = World::new();
+    w.gated_agent("worker", 1);
+    w.task("waiting");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = command(w.path(), &["run", "--daemon", "--http", &addr])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with(&format!("error: --http {addr}: listen on {addr}")),
+        "{err}"
+    );
+    // No controller ran: not a line of their logs, nothing assigned, no agent started.
+    assert_eq!(err.lines().count(), 1, "one clear line: {err}");
+    assert_eq!(w.task_phase("waiting"), Some(TaskPhase::Pending));
+    assert!(w.store.list::<Lease>(None).unwrap().items.is_empty());
+    assert_eq!(w.runs_of("waiting"), 0);
+}
+
+#[test]
 fn a_daemon_whose_state_directory_is_removed_stops_with_1_rather_than_run_beside_a_new_one() {
     let w = World::new();
     let systemd = Systemd::new();

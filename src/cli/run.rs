@@ -211,6 +211,15 @@ async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
     let sig = signals::install().map_err(|e| CliError(format!("error: signals: {e}")))?;
     let notifier = Notifier::from_env();
     let (store, lock) = open(g, args.dry_run)?;
+    // Bound before anything starts: a taken port stops the daemon with nothing decided or started.
+    let listener = match &args.http {
+        Some(addr) => Some(
+            crate::daemon::http::listen(addr)
+                .await
+                .map_err(|e| CliError(format!("error: --http {addr}: {e}")))?,
+        ),
+        None => None,
+    };
     let heartbeat = Heartbeat::new();
     let sched = start(g, store, settings, Some(heartbeat.clone()));
     let ctx = Arc::clone(&sched.ctx);
@@ -260,16 +269,14 @@ async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
     });
 
     let mut background = tokio::task::JoinSet::new();
-    if let Some(addr) = &args.http {
+    if let Some(listener) = listener {
         let c = Arc::clone(&ctx);
         let m = metrics.clone();
-        let server = HttpServer::bind(
-            addr,
+        let server = HttpServer::on(
+            listener,
             move || crate::scheduler::render_metrics(&c, &m),
             health.clone(),
-        )
-        .await
-        .map_err(|e| CliError(format!("error: --http {addr}: {e}")))?;
+        );
         let stop = sig.shutdown.wait();
         background.spawn(async move {
             if let Err(e) = server.serve(stop).await {
