@@ -391,7 +391,7 @@ async fn blocked_tasks_wait_and_do_not_starve_the_window() {
         let mirror = w
             .task_json(&format!("tt-{id}"))
             .expect("blocked tasks are mirrored");
-        assert_eq!(mirror["status"]["phase"], "Blocked", "{mirror}");
+        assert_eq!(mirror["status"]["attempts"], 0, "{mirror}");
         assert_eq!(
             mirror["spec"]["blockedBy"][0],
             format!("tt-{blocker}"),
@@ -1090,4 +1090,70 @@ async fn a_task_reassigned_on_the_server_while_it_ran_is_not_completed_over_the_
     d.kill().await.ok();
     assert_eq!(w.ran().len(), 1);
     assert_eq!(w.status(id), ("working".into(), Some("bob".into())));
+}
+
+/// Task ids repeat across servers and mirror names (`tt-<id>`) do not tell servers apart: a task
+/// of a second server with the id of a waiting mirror must not take that mirror over, which would
+/// move it to the other Queue and send its result to the wrong server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_of_another_server_with_a_mirrored_id_leaves_that_mirror_alone() {
+    let w = World::new().await;
+    let other = TinytaskServer::start().await;
+    // The first server: "second" waits for "first". Queue dev has no agents, so only the blocked
+    // task is mirrored.
+    let blocker = queued(&w.server, "first", "dev");
+    let blocked = w.server.insert("second", |t| {
+        t.queue_name = Some("dev".into());
+        t.blocked_by_task_id = Some(blocker);
+    });
+    w.tinytask_queue("dev", json!({}));
+    let name = format!("tt-{blocked}");
+    let mut d = daemon(&w, &[]);
+    wait_until(
+        "the blocked task to be mirrored",
+        Duration::from_secs(30),
+        || {
+            w.task_json(&name)
+                .is_some_and(|t| t["status"]["phase"] == "Blocked")
+        },
+    )
+    .await;
+
+    // The second server has runnable tasks with the same ids.
+    let free_id = queued(&other, "elsewhere-1", "ops");
+    let same_id = queued(&other, "elsewhere-2", "ops");
+    assert_eq!((free_id, same_id), (blocker, blocked));
+    w.tinytask_queue("ops", json!({"endpoint": other.url()}));
+    w.agent("bob", Some("ops"), 2, RECORD);
+    wait_until(
+        "the other server's free id to run",
+        Duration::from_secs(60),
+        || other.task(free_id).is_some_and(|t| t.status == "complete"),
+    )
+    .await;
+    // A later poll of ops lists the other task again (with it, the old code took the mirror over).
+    let taken_over = || {
+        w.task_json(&name)
+            .is_none_or(|t| t["spec"]["queue"] != "dev" || t["metadata"]["generation"] != 1)
+    };
+    wait_until(
+        "the collision to be reported, or the mirror taken over",
+        Duration::from_secs(30),
+        || w.events().contains("NameCollision") || taken_over(),
+    )
+    .await;
+    let mirror = w.task_json(&name).expect("the mirror is still there");
+    assert_eq!(mirror["spec"]["queue"], "dev", "{mirror}");
+    assert_eq!(mirror["spec"]["params"]["title"], "second", "{mirror}");
+    assert_eq!(mirror["status"]["attempts"], 0, "{mirror}");
+    // Not even for a moment: its spec never changed (each change bumps the generation).
+    assert_eq!(mirror["metadata"]["generation"], 1, "{mirror}");
+    d.kill().await.ok();
+    let untouched = other.task(same_id).unwrap();
+    assert_eq!(
+        (untouched.status.as_str(), untouched.assigned_to.as_deref()),
+        ("idle", None)
+    );
+    assert_eq!(w.status(blocked), ("idle".to_string(), None));
+    assert_eq!(w.ran(), [(format!("tt-{free_id}"), "bob".to_string())]);
 }

@@ -909,6 +909,28 @@ fn refresh(
     {
         return;
     }
+    let endpoint = endpoint_of(ctx, Some(queue));
+    let owner = local.spec.queue.as_deref().and_then(|q| ctx.queues.get(q));
+    if endpoint_of(ctx, owner.as_deref()) != endpoint {
+        // Another server's task with the same id: mirror names are `tt-<id>`, so this one
+        // cannot be mirrored beside it. Taking the mirror over would move it, and its result,
+        // to the wrong server.
+        ctx.event(
+            queue,
+            EventType::Warning,
+            "NameCollision",
+            &format!(
+                "tinytask task {} of {endpoint} is not mirrored: task/{} mirrors task {} of {} \
+                 (queue/{}); mirror names do not tell servers apart",
+                t.id,
+                local.metadata.name,
+                t.id,
+                endpoint_of(ctx, owner.as_deref()),
+                local.spec.queue.as_deref().unwrap_or("none"),
+            ),
+        );
+        return;
+    }
     let mut spec = spec_for(queue, t, pinned, respect);
     spec.max_retries = local.spec.max_retries;
     spec.timeout_seconds = local.spec.timeout_seconds;
