@@ -1157,3 +1157,95 @@ async fn a_task_of_another_server_with_a_mirrored_id_leaves_that_mirror_alone() 
     assert_eq!(w.status(blocked), ("idle".to_string(), None));
     assert_eq!(w.ran(), [(format!("tt-{free_id}"), "bob".to_string())]);
 }
+
+/// Deleting a running mirror stops its run, and the server's task, which the scheduler had set
+/// `working`, is released with a comment rather than left working for an agent that no longer
+/// runs it; the next poll mirrors it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_deleted_while_it_runs_has_its_task_released_on_the_server() {
+    deleted_while_running(false).await;
+}
+
+/// The same with the server down when the mirror is deleted: the release waits in the Queue's
+/// status (the Task that would hold it is gone) until the server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_release_of_a_mirror_deleted_during_an_outage_waits_in_its_queue() {
+    deleted_while_running(true).await;
+}
+
+async fn deleted_while_running(outage: bool) {
+    let mut w = World::new().await;
+    let id = queued(&w.server, "long", "dev");
+    w.tinytask_queue("dev", json!({}));
+    let first = w.env.tmp.path().join("first");
+    let script = format!(
+        "{RECORD}\nif [ ! -e {f} ]; then echo $$ > {f}; exec sleep 300; fi",
+        f = first.display()
+    );
+    w.agent("alice", Some("dev"), 1, &script);
+    let mut d = daemon(&w, &[]);
+    let name = format!("tt-{id}");
+    wait_until("the first run to start", Duration::from_secs(30), || {
+        w.running() == 1 && std::fs::read_to_string(&first).is_ok_and(|s| s.ends_with('\n'))
+    })
+    .await;
+    assert_eq!(w.status(id), ("working".to_string(), Some("alice".into())));
+    let pid: i32 = std::fs::read_to_string(&first)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let queue = |w: &World| {
+        w.store()
+            .get::<tinyscheduler::resources::Queue>("dev")
+            .unwrap()
+    };
+
+    if outage {
+        w.server.stop().await;
+    }
+    let r = w.env.run(&["delete", "task", &name]);
+    assert_eq!(r.code, 0, "{r:?}");
+    if outage {
+        wait_until(
+            "the release to be queued on the Queue",
+            Duration::from_secs(60),
+            || queue(&w).status.write_backs.iter().any(|o| o.task_id == id),
+        )
+        .await;
+        assert!(w.store().try_get::<Lease>(&name).unwrap().is_none());
+        assert_eq!(w.status(id), ("working".to_string(), Some("alice".into())));
+        w.server.restart().await;
+    }
+    wait_until(
+        "the server's task to be released",
+        Duration::from_secs(60),
+        || {
+            w.server
+                .comments(id)
+                .iter()
+                .any(|c| c.content.contains(&format!("task/{name} was deleted")))
+        },
+    )
+    .await;
+    wait_until(
+        "the task, mirrored again, to complete",
+        Duration::from_secs(60),
+        || w.status(id).0 == "complete",
+    )
+    .await;
+    d.kill().await.ok();
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the deleted mirror's agent was killed"
+    );
+    assert_eq!(
+        w.ran(),
+        [
+            (name.clone(), "alice".to_string()),
+            (name, "alice".to_string())
+        ]
+    );
+    let q = queue(&w);
+    assert!(q.status.write_backs.is_empty(), "{:?}", q.status);
+}

@@ -169,6 +169,10 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
             t.status.write_backs.extend(wbs);
         }
     })?;
+    if updated.is_none() {
+        // Deleted while it ran: a mirrored task's result still goes back to its server.
+        tinytask_sync::orphan_write_back(ctx, lease, ending.succeeded(), &what)?;
+    }
     if let (Some(t), true) = (updated, applied) {
         if started_here {
             ctx.event(

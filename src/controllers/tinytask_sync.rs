@@ -25,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::{plan, Ctx, Error, Summary};
 use crate::resources::event::EventType;
 use crate::resources::meta::{format_time, now_rfc3339, parse_time, set_condition};
+use crate::resources::queue::OrphanWriteBack;
 use crate::resources::queue::DEFAULT_POLL_INTERVAL_SECONDS;
 use crate::resources::task::{WriteBack, WriteBackOp, TINYTASK_ID_ANNOTATION};
 use crate::resources::{
@@ -45,6 +46,9 @@ pub const WRITE_BACK_PREFIX: &str = "tinytask-wb/";
 /// Set to `"true"` on a Lease once its tinytask task is claimed; the lease controller spawns only
 /// then.
 pub const CLAIMED_ANNOTATION: &str = "tinyscheduler.io/claimed";
+/// Set on a Lease with [`CLAIMED_ANNOTATION`]: the Queue its Task was mirrored for, so that a
+/// result whose Task was deleted meanwhile can still be written back (see [`orphan_write_back`]).
+pub const QUEUE_ANNOTATION: &str = "tinyscheduler.io/tinytask-queue";
 /// Label on mirrored Tasks.
 pub const SOURCE_LABEL: &str = "tinyscheduler.io/source";
 /// Name prefix of mirrored Tasks.
@@ -293,6 +297,120 @@ pub fn outcome_write_backs(
             ).trim_end().to_string()),
         )],
     }
+}
+
+/// Queues the write-back for a claimed run whose mirror was deleted before its outcome was
+/// recorded: the server's task would otherwise stay `working` for an agent that no longer runs
+/// it. A success completes it; anything else releases it (idle and unassigned, with a comment).
+/// The Task that would hold the write-back is gone, so the mirror's Queue holds it, durably,
+/// before the Lease is deleted (invariant 3); its poll writes it. Not a mirror, not claimed, or
+/// no such Queue: nothing to do.
+pub fn orphan_write_back(
+    ctx: &Ctx,
+    lease: &Lease,
+    succeeded: bool,
+    what: &str,
+) -> Result<(), Error> {
+    let Some(id) = lease
+        .spec
+        .task
+        .strip_prefix(TASK_PREFIX)
+        .and_then(|i| i.parse::<TaskId>().ok())
+    else {
+        return Ok(());
+    };
+    if !is_claimed(lease) {
+        return Ok(());
+    }
+    let queue = lease
+        .metadata
+        .annotations
+        .get(QUEUE_ANNOTATION)
+        .cloned()
+        .or_else(|| {
+            ctx.agents
+                .get(&lease.spec.agent)
+                .and_then(|a| a.spec.queue.clone())
+        });
+    let Some(queue) = queue else {
+        return Ok(());
+    };
+    let task = &lease.spec.task;
+    let agent = &lease.spec.agent;
+    let attempt = lease.spec.attempt;
+    let (op, message) = if succeeded {
+        (WriteBackOp::Complete, None)
+    } else {
+        (
+            WriteBackOp::Release,
+            Some(format!(
+                "[tinyscheduler] task/{task} was deleted from the scheduler while attempt {attempt} ran on agent {agent}; the run ended ({what}). Released: idle and unassigned."
+            )),
+        )
+    };
+    let wb = WriteBack {
+        op,
+        attempt,
+        message,
+        agent: Some(agent.clone()),
+        created: Some(now_rfc3339()),
+    };
+    let written = ctx.store.patch_status::<Queue>(&queue, |q| {
+        let queued = q
+            .status
+            .write_backs
+            .iter()
+            .any(|o| o.task_id == id && o.write_back.attempt == attempt);
+        if !queued {
+            q.status.write_backs.push(OrphanWriteBack {
+                task_id: id,
+                write_back: wb.clone(),
+            });
+        }
+    })?;
+    match written {
+        Some(q) => {
+            tracing::info!(kind = "Queue", name = %queue, "task/{task} was deleted while it ran: {:?} queued for tinytask task {id}", wb.op);
+            ctx.queues.observe(q);
+        }
+        None => {
+            tracing::warn!(kind = "Task", name = %task, "deleted while it ran, and queue/{queue} is gone: tinytask task {id} is left as it is on the server");
+        }
+    }
+    Ok(())
+}
+
+/// Writes the Queue's write-backs for deleted mirrors, oldest first, removing each once the
+/// server took it (or the task is gone there). Stops at the first other failure, to retry at the
+/// next poll.
+async fn flush_orphans(ctx: &Ctx, queue: &Queue) -> Result<(), tinytask::Error> {
+    if queue.status.write_backs.is_empty() || ctx.settings.dry_run {
+        return Ok(());
+    }
+    let name = &queue.metadata.name;
+    let client = ctx.tinytask.client(&endpoint_of(ctx, Some(queue)))?;
+    for o in &queue.status.write_backs {
+        match perform(&client, o.task_id, &o.write_back).await {
+            Ok(()) => {}
+            Err(e) if e.status() == Some(404) => {
+                tracing::warn!(kind = "Queue", name = %name, "{:?} for tinytask task {} dropped: {e}", o.write_back.op, o.task_id);
+            }
+            Err(e) => return Err(e),
+        }
+        tracing::info!(kind = "Queue", name = %name, "wrote back {:?} to tinytask task {}", o.write_back.op, o.task_id);
+        let written = ctx.store.patch_status::<Queue>(name, |q| {
+            q.status.write_backs.retain(|x| x != o);
+        });
+        match written {
+            Ok(Some(q)) => ctx.queues.observe(q),
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(kind = "Queue", name = %name, "cannot remove a written write-back (it will be written again): {e}");
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The tinytask queues whose server did not answer at the last poll, with the error.
@@ -570,7 +688,11 @@ async fn poll(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     }
     ctx.tinytask
         .with(name, |s| s.last_poll = Some(Instant::now()));
-    match poll_once(ctx, &queue, &state).await {
+    let polled = match flush_orphans(ctx, &queue).await {
+        Ok(()) => poll_once(ctx, &queue, &state).await,
+        Err(e) => Err(e),
+    };
+    match polled {
         Ok(()) => {
             set_health(ctx, name, Ok(()));
             Ok(Action::requeue_after(interval))
@@ -1048,7 +1170,7 @@ async fn claim(ctx: &Ctx, lease_name: &str) -> Result<Action, Error> {
             if let Some(q) = &queue {
                 set_health(ctx, &q.metadata.name, Ok(()));
             }
-            mark_claimed(ctx, &lease)?;
+            mark_claimed(ctx, &lease, task.spec.queue.as_deref())?;
             ctx.event(
                 &task,
                 EventType::Normal,
@@ -1159,7 +1281,7 @@ async fn claim_on_server(
     Ok(())
 }
 
-fn mark_claimed(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
+fn mark_claimed(ctx: &Ctx, lease: &Lease, queue: Option<&str>) -> Result<(), Error> {
     let name = &lease.metadata.name;
     loop {
         let Some(mut l) = ctx.store.try_get::<Lease>(name)? else {
@@ -1171,6 +1293,11 @@ fn mark_claimed(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
         l.metadata
             .annotations
             .insert(CLAIMED_ANNOTATION.into(), "true".into());
+        if let Some(q) = queue {
+            l.metadata
+                .annotations
+                .insert(QUEUE_ANNOTATION.into(), q.into());
+        }
         match ctx.store.update(&l) {
             Ok(u) => {
                 ctx.leases.observe(u);

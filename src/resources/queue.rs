@@ -76,4 +76,17 @@ pub struct QueueStatus {
     pub capacity: i64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// tinytask: results still to write back for mirrors deleted while they ran. The Task that
+    /// would have queued them is gone, so its Queue holds them, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub write_backs: Vec<OrphanWriteBack>,
+}
+
+/// A write-back for a mirror that no longer exists: the server's task id beside it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OrphanWriteBack {
+    /// The tinytask task id.
+    pub task_id: i64,
+    pub write_back: super::task::WriteBack,
 }
