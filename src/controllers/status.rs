@@ -206,16 +206,8 @@ fn task_ttl(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     if !task.status.phase.is_finished() || !task.status.write_backs.is_empty() {
         return Ok(Action::await_change());
     }
-    let ttl = match task.spec.ttl_seconds_after_finished {
-        Some(s) => Duration::from_secs(s.max(0) as u64),
-        None if task
-            .metadata
-            .annotations
-            .contains_key(TINYTASK_ID_ANNOTATION) =>
-        {
-            DEFAULT_TINYTASK_TTL
-        }
-        None => DEFAULT_TTL,
+    let Some(ttl) = ttl_of(&task) else {
+        return Ok(Action::await_change());
     };
     let finished = task
         .status
@@ -262,6 +254,25 @@ fn task_ttl(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     }
 }
 
+/// How long a finished Task is kept; `None`: until it is deleted by hand. `spec.ttlSecondsAfterFinished`
+/// if set, else [`DEFAULT_TTL`] for a local Task and [`DEFAULT_TINYTASK_TTL`] for a mirror that
+/// succeeded. A mirror that failed for good is kept: its task is idle on the server again (that is
+/// how a failure is written back, tinytask has no failed state), and once the mirror was gone the
+/// next poll would run it again, every hour, for as long as it fails.
+pub fn ttl_of(task: &Task) -> Option<Duration> {
+    match task.spec.ttl_seconds_after_finished {
+        Some(s) => Some(Duration::from_secs(s.max(0) as u64)),
+        None if task
+            .metadata
+            .annotations
+            .contains_key(TINYTASK_ID_ANNOTATION) =>
+        {
+            (task.status.phase == TaskPhase::Succeeded).then_some(DEFAULT_TINYTASK_TTL)
+        }
+        None => Some(DEFAULT_TTL),
+    }
+}
+
 /// The status keys a Task change affects: its own, its queue's, and its blockers' (whose TTL
 /// waits for the tasks they block).
 pub fn keys_for_task(t: &Task) -> Vec<String> {
@@ -276,6 +287,34 @@ pub fn keys_for_task(t: &Task) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn finished(phase: TaskPhase, mirror: bool, ttl: Option<i64>) -> Task {
+        let mut t = Task::new("Task", "t", Default::default());
+        t.status.phase = phase;
+        t.spec.ttl_seconds_after_finished = ttl;
+        if mirror {
+            t.metadata
+                .annotations
+                .insert(TINYTASK_ID_ANNOTATION.into(), "7".into());
+        }
+        t
+    }
+
+    #[test]
+    fn a_mirror_that_failed_for_good_is_kept_unless_its_ttl_is_set() {
+        use TaskPhase::{Failed, Succeeded};
+        assert_eq!(ttl_of(&finished(Failed, true, None)), None);
+        assert_eq!(
+            ttl_of(&finished(Failed, true, Some(60))),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            ttl_of(&finished(Succeeded, true, None)),
+            Some(DEFAULT_TINYTASK_TTL)
+        );
+        assert_eq!(ttl_of(&finished(Failed, false, None)), Some(DEFAULT_TTL));
+        assert_eq!(ttl_of(&finished(Succeeded, false, None)), Some(DEFAULT_TTL));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_status_key_written_a_moment_ago_waits_on_the_queue_for_its_next_write() {
