@@ -241,7 +241,7 @@ fn a_finished_run_whose_shim_is_held_up_past_its_heartbeat_is_recorded_once_not_
     s.agent(
         "w",
         1,
-        "echo ran >> \"$OUT/runs\"\necho $PPID > \"$OUT/shim\"\nsleep 1",
+        "echo ran >> \"$OUT/runs\"\necho $PPID > \"$OUT/shim\"\nwhile [ ! -e \"$OUT/gate\" ]; do sleep 0.05; done",
     );
     s.task_with("once", |t| t.max_retries = 2);
     s.daemon(&[]);
@@ -259,6 +259,7 @@ fn a_finished_run_whose_shim_is_held_up_past_its_heartbeat_is_recorded_once_not_
     let shim = pids_in(&s.out("shim"))[0];
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), Signal::SIGSTOP).unwrap();
     let resume = Resume(shim);
+    std::fs::write(s.out("gate"), "").unwrap();
     wait_for("reclaim to wait for the shim", LONG, || {
         story(&s, "once").iter().any(|r| r == "AwaitingResult")
     });

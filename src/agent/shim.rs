@@ -642,7 +642,7 @@ fn record_not_started(
 
 /// How long a shim keeps trying to record its agent's exit when the store refuses the write (a
 /// full or read-only disk). The reclaim controller waits this long, and a little more, before it
-/// reclaims a run whose agent has exited and whose shim is still alive (`reclaim::RECORD_GRACE`).
+/// reclaims a run whose agent has exited and whose shim is still alive (`reclaim::record_grace`).
 pub const RECORD_GIVE_UP: Duration = Duration::from_secs(120);
 
 /// Writes `phase: Completed` durably, retrying store errors for [`RECORD_GIVE_UP`]: the exit

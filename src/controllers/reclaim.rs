@@ -25,14 +25,18 @@ pub enum Verdict {
     /// The heartbeat expired, but the agent has exited and its shim is alive: the run is over and
     /// the shim is still trying to record its result (the store refused its writes, say). Nothing
     /// is left to kill, and reclaiming now could fail, and run again, a run that succeeded. Look
-    /// again after this long; [`RECORD_GRACE`] after the expiry the run is stale after all.
+    /// again after this long; [`record_grace`] after the expiry the run is stale after all.
     AwaitingShim(Duration),
     Stale(String),
 }
 
 /// How long after a Lease's expiry reclaim waits for the live shim of an exited agent to record
-/// its result: longer than the shim keeps trying ([`RECORD_GIVE_UP`]), after which it exits.
-pub const RECORD_GRACE: Duration = Duration::from_secs(RECORD_GIVE_UP.as_secs() + 60);
+/// its result: longer than the shim may take before it gives up and exits — ending what the
+/// agent left in its group (`kill_grace`), then trying to write for [`RECORD_GIVE_UP`] — plus a
+/// minute.
+pub fn record_grace(kill_grace: Duration) -> Duration {
+    RECORD_GIVE_UP + kill_grace + Duration::from_secs(60)
+}
 
 fn age(ts: Option<&str>, now: SystemTime) -> Option<Duration> {
     ts.and_then(parse_time)
@@ -51,6 +55,8 @@ pub struct Facts {
     /// Whether a process on this host holds the Lease's claim (a shim starting it; see
     /// [`Claim`]). Only asked of a local Pending Lease.
     pub claimed: bool,
+    /// See [`record_grace`].
+    pub record_grace: Duration,
 }
 
 /// The Leases that may run `task`, for the reclaim controller to look at when the Task changes or
@@ -87,6 +93,7 @@ pub fn judge(lease: &Lease, facts: &Facts) -> Verdict {
         local,
         task_exists,
         claimed,
+        record_grace,
     } = *facts;
     let s = &lease.status;
     if !task_exists {
@@ -139,15 +146,15 @@ pub fn judge(lease: &Lease, facts: &Facts) -> Verdict {
     }
     if since_renew > duration {
         let expired = since_renew - duration;
-        if recording && expired <= RECORD_GRACE {
-            let left = RECORD_GRACE - expired;
+        if recording && expired <= record_grace {
+            let left = record_grace - expired;
             return Verdict::AwaitingShim(left.min(duration).max(Duration::from_millis(200)));
         }
         let mut reason = format!("heartbeat expired {}s ago", expired.as_secs());
         if recording {
             reason.push_str(&format!(
                 "; its agent exited and its shim recorded nothing for {}s",
-                RECORD_GRACE.as_secs()
+                record_grace.as_secs()
             ));
         }
         return Verdict::Stale(reason);
@@ -251,7 +258,7 @@ fn await_shim(ctx: &Ctx, lease: &Lease) {
              (pid {shim}) is alive; waiting up to {}s for it to record the result before reclaiming",
             lease.metadata.name,
             lease.spec.attempt,
-            RECORD_GRACE.as_secs()
+            record_grace(ctx.settings.kill_grace).as_secs()
         ),
     );
 }
@@ -286,6 +293,7 @@ fn facts(ctx: &Ctx, lease: &Lease, ask_claim: bool) -> Result<Facts, Error> {
         local,
         task_exists,
         claimed,
+        record_grace: record_grace(ctx.settings.kill_grace),
     })
 }
 
@@ -421,6 +429,7 @@ mod tests {
             local,
             task_exists,
             claimed: false,
+            record_grace: record_grace(Duration::from_secs(10)),
         }
     }
     use crate::resources::lease::test_lease;
@@ -504,7 +513,7 @@ mod tests {
 
     #[test]
     fn a_live_shim_that_records_nothing_for_the_whole_grace_gets_its_run_reclaimed() {
-        let expired = 45 + RECORD_GRACE.as_secs() + 1;
+        let expired = 45 + record_grace(Duration::from_secs(10)).as_secs() + 1;
         match judge(&recording(expired), &facts(SystemTime::now(), true, true)) {
             Verdict::Stale(r) => {
                 assert!(r.starts_with("heartbeat expired"), "{r}");
