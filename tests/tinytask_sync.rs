@@ -391,7 +391,7 @@ async fn blocked_tasks_wait_and_do_not_starve_the_window() {
         let mirror = w
             .task_json(&format!("tt-{id}"))
             .expect("blocked tasks are mirrored");
-        assert_eq!(mirror["status"]["attempts"], 0, "{mirror}");
+        assert_eq!(mirror["status"]["phase"], "Blocked", "{mirror}");
         assert_eq!(
             mirror["spec"]["blockedBy"][0],
             format!("tt-{blocker}"),
@@ -663,6 +663,53 @@ async fn a_failing_task_gets_comments_and_ends_idle_and_unassigned() {
     let t = w.task_json(&format!("tt-{id}")).unwrap();
     assert_eq!(t["status"]["phase"], "Failed");
     assert!(t["status"].get("writeBacks").is_none(), "{t}");
+}
+
+/// tinytask has no failed state: a task given up after its retries is idle again on the server,
+/// and only the tag set with the release keeps it from running again once its mirror is gone (it
+/// goes an hour after it failed), until someone removes the tag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_failed_for_good_is_tagged_and_not_run_again_until_the_tag_is_removed() {
+    let w = World::new().await;
+    let id = w.server.insert("doomed", |t| {
+        t.queue_name = Some("dev".into());
+        t.tags = Some(vec!["keep-me".into()]);
+    });
+    w.tinytask_queue("dev", json!({}));
+    w.agent("alice", Some("dev"), 1, &format!("{RECORD}; exit 3"));
+    let name = format!("tt-{id}");
+    let r = w.run_once(Duration::from_secs(60)).await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(w.ran().len(), 4, "{:?}", w.ran());
+    let t = w.server.task(id).unwrap();
+    assert_eq!(
+        (t.status.as_str(), t.assigned_to.as_deref()),
+        ("idle", None)
+    );
+    assert_eq!(
+        t.tags,
+        Some(vec![
+            "keep-me".to_string(),
+            "tinyscheduler-failed".to_string()
+        ])
+    );
+    let last = w.server.comments(id).pop().unwrap().content;
+    assert!(last.contains("remove the tag"), "{last}");
+
+    // Its mirror goes (as after its TTL); the task, idle on the server, is not mirrored again.
+    let d = w.env.run(&["delete", "task", &name]);
+    assert_eq!(d.code, 0, "{d:?}");
+    let r = w.run_once(Duration::from_secs(60)).await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(w.task_json(&name).is_none(), "mirrored again");
+    assert_eq!(w.ran().len(), 4, "{:?}", w.ran());
+
+    // Without the tag it runs again.
+    w.server
+        .mutate_task(id, |t| t.tags = Some(vec!["keep-me".into()]));
+    let r = w.run_once(Duration::from_secs(60)).await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(w.ran().len(), 8, "{:?}", w.ran());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1207,13 +1254,21 @@ async fn deleted_while_running(outage: bool) {
     let r = w.env.run(&["delete", "task", &name]);
     assert_eq!(r.code, 0, "{r:?}");
     if outage {
+        // Queued on the Queue first, then the Lease is deleted.
+        let url = w.server.url();
         wait_until(
-            "the release to be queued on the Queue",
+            "the release to be queued on the Queue and the Lease deleted",
             Duration::from_secs(60),
-            || queue(&w).status.write_backs.iter().any(|o| o.task_id == id),
+            || {
+                queue(&w)
+                    .status
+                    .write_backs
+                    .iter()
+                    .any(|o| o.task_id == id && o.endpoint == url)
+                    && w.store().try_get::<Lease>(&name).unwrap().is_none()
+            },
         )
         .await;
-        assert!(w.store().try_get::<Lease>(&name).unwrap().is_none());
         assert_eq!(w.status(id), ("working".to_string(), Some("alice".into())));
         w.server.restart().await;
     }

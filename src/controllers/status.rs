@@ -206,9 +206,7 @@ fn task_ttl(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     if !task.status.phase.is_finished() || !task.status.write_backs.is_empty() {
         return Ok(Action::await_change());
     }
-    let Some(ttl) = ttl_of(&task) else {
-        return Ok(Action::await_change());
-    };
+    let ttl = ttl_of(&task);
     let finished = task
         .status
         .finish_time
@@ -254,22 +252,20 @@ fn task_ttl(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     }
 }
 
-/// How long a finished Task is kept; `None`: until it is deleted by hand. `spec.ttlSecondsAfterFinished`
-/// if set, else [`DEFAULT_TTL`] for a local Task and [`DEFAULT_TINYTASK_TTL`] for a mirror that
-/// succeeded. A mirror that failed for good is kept: its task is idle on the server again (that is
-/// how a failure is written back, tinytask has no failed state), and once the mirror was gone the
-/// next poll would run it again, every hour, for as long as it fails.
-pub fn ttl_of(task: &Task) -> Option<Duration> {
+/// How long a finished Task is kept: `spec.ttlSecondsAfterFinished` if set, else
+/// [`DEFAULT_TINYTASK_TTL`] for a mirror and [`DEFAULT_TTL`] for a local Task. (A mirror that
+/// failed for good may go: its task is tagged on the server, so it is not mirrored again.)
+pub fn ttl_of(task: &Task) -> Duration {
     match task.spec.ttl_seconds_after_finished {
-        Some(s) => Some(Duration::from_secs(s.max(0) as u64)),
+        Some(s) => Duration::from_secs(s.max(0) as u64),
         None if task
             .metadata
             .annotations
             .contains_key(TINYTASK_ID_ANNOTATION) =>
         {
-            (task.status.phase == TaskPhase::Succeeded).then_some(DEFAULT_TINYTASK_TTL)
+            DEFAULT_TINYTASK_TTL
         }
-        None => Some(DEFAULT_TTL),
+        None => DEFAULT_TTL,
     }
 }
 
@@ -288,9 +284,9 @@ pub fn keys_for_task(t: &Task) -> Vec<String> {
 mod tests {
     use super::*;
 
-    fn finished(phase: TaskPhase, mirror: bool, ttl: Option<i64>) -> Task {
+    fn finished(mirror: bool, ttl: Option<i64>) -> Task {
         let mut t = Task::new("Task", "t", Default::default());
-        t.status.phase = phase;
+        t.status.phase = TaskPhase::Failed;
         t.spec.ttl_seconds_after_finished = ttl;
         if mirror {
             t.metadata
@@ -301,19 +297,11 @@ mod tests {
     }
 
     #[test]
-    fn a_mirror_that_failed_for_good_is_kept_unless_its_ttl_is_set() {
-        use TaskPhase::{Failed, Succeeded};
-        assert_eq!(ttl_of(&finished(Failed, true, None)), None);
-        assert_eq!(
-            ttl_of(&finished(Failed, true, Some(60))),
-            Some(Duration::from_secs(60))
-        );
-        assert_eq!(
-            ttl_of(&finished(Succeeded, true, None)),
-            Some(DEFAULT_TINYTASK_TTL)
-        );
-        assert_eq!(ttl_of(&finished(Failed, false, None)), Some(DEFAULT_TTL));
-        assert_eq!(ttl_of(&finished(Succeeded, false, None)), Some(DEFAULT_TTL));
+    fn a_finished_task_is_kept_for_its_ttl_else_an_hour_if_mirrored_else_a_week() {
+        assert_eq!(ttl_of(&finished(true, Some(60))), Duration::from_secs(60));
+        assert_eq!(ttl_of(&finished(false, Some(0))), Duration::ZERO);
+        assert_eq!(ttl_of(&finished(true, None)), DEFAULT_TINYTASK_TTL);
+        assert_eq!(ttl_of(&finished(false, None)), DEFAULT_TTL);
     }
 
     #[tokio::test(start_paused = true)]

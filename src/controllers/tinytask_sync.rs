@@ -34,7 +34,8 @@ use crate::resources::{
 use crate::runtime::controller::Action;
 use crate::runtime::informer::Informer;
 use crate::tinytask::{
-    self, Client, ListQuery, QueueStats, RemoteTask, TaskId, TaskPatch, TaskStatus, SCAN_WINDOW_MAX,
+    self, Client, ListQuery, QueueStats, RemoteTask, TaskId, TaskPatch, TaskStatus, FAILED_TAG,
+    SCAN_WINDOW_MAX,
 };
 
 /// Key prefix of a queue poll.
@@ -272,7 +273,7 @@ pub fn outcome_write_backs(
         attempt,
         message,
         agent: match op {
-            WriteBackOp::Release | WriteBackOp::Complete => task
+            WriteBackOp::Release | WriteBackOp::Fail | WriteBackOp::Complete => task
                 .status
                 .remote_assignee
                 .clone()
@@ -284,9 +285,9 @@ pub fn outcome_write_backs(
     match task.status.phase {
         TaskPhase::Succeeded => vec![wb(WriteBackOp::Complete, None)],
         TaskPhase::Failed => vec![wb(
-            WriteBackOp::Release,
+            WriteBackOp::Fail,
             Some(format!(
-                "[tinyscheduler] task/{name} failed after {attempt} attempts ({reason}); last attempt on agent {agent}: {what}; log {log}. Released: idle and unassigned."
+                "[tinyscheduler] task/{name} failed after {attempt} attempts ({reason}); last attempt on agent {agent}: {what}; log {log}. Released: idle and unassigned, tagged {FAILED_TAG}; remove the tag to have it run again."
             )),
         )],
         _ => vec![wb(
@@ -355,6 +356,7 @@ pub fn orphan_write_back(
         agent: Some(agent.clone()),
         created: Some(now_rfc3339()),
     };
+    let endpoint = endpoint_of(ctx, ctx.queues.get(&queue).as_deref());
     let written = ctx.store.patch_status::<Queue>(&queue, |q| {
         let queued = q
             .status
@@ -364,6 +366,7 @@ pub fn orphan_write_back(
         if !queued {
             q.status.write_backs.push(OrphanWriteBack {
                 task_id: id,
+                endpoint: endpoint.clone(),
                 write_back: wb.clone(),
             });
         }
@@ -380,37 +383,61 @@ pub fn orphan_write_back(
     Ok(())
 }
 
-/// Writes the Queue's write-backs for deleted mirrors, oldest first, removing each once the
-/// server took it (or the task is gone there). Stops at the first other failure, to retry at the
-/// next poll.
-async fn flush_orphans(ctx: &Ctx, queue: &Queue) -> Result<(), tinytask::Error> {
+/// Writes the Queue's write-backs for deleted mirrors, oldest first, each to the server it was
+/// queued for, removing each once the server took it (or the task is gone there). A release is
+/// dropped instead when the task is mirrored and running here again: it was released already (a
+/// crash came between the write-back and the Lease's deletion, and the run was recorded twice).
+/// Stops at the first other failure, to retry later; `Ok(true)`: some are left.
+async fn flush_orphans(ctx: &Ctx, queue: &Queue) -> Result<bool, Error> {
     if queue.status.write_backs.is_empty() || ctx.settings.dry_run {
-        return Ok(());
+        return Ok(false);
     }
     let name = &queue.metadata.name;
-    let client = ctx.tinytask.client(&endpoint_of(ctx, Some(queue)))?;
     for o in &queue.status.write_backs {
-        match perform(&client, o.task_id, &o.write_back).await {
-            Ok(()) => {}
-            Err(e) if e.status() == Some(404) => {
-                tracing::warn!(kind = "Queue", name = %name, "{:?} for tinytask task {} dropped: {e}", o.write_back.op, o.task_id);
+        let op = o.write_back.op;
+        let id = o.task_id;
+        let running_again = ctx
+            .tasks
+            .get(&format!("{TASK_PREFIX}{id}"))
+            .is_some_and(|t| t.status.lease.is_some());
+        if running_again && op == WriteBackOp::Release {
+            tracing::info!(kind = "Queue", name = %name, "{op:?} for tinytask task {id} dropped: it runs here again");
+        } else {
+            let endpoint = if o.endpoint.is_empty() {
+                endpoint_of(ctx, Some(queue))
+            } else {
+                o.endpoint.clone()
+            };
+            let client = ctx
+                .tinytask
+                .client(&endpoint)
+                .map_err(|e| Error(e.to_string()))?;
+            match perform(&client, id, &o.write_back).await {
+                Ok(()) => {
+                    tracing::info!(kind = "Queue", name = %name, "wrote back {op:?} to tinytask task {id}");
+                }
+                Err(e) if e.status() == Some(404) => {
+                    tracing::warn!(kind = "Queue", name = %name, "{op:?} for tinytask task {id} dropped: {e}");
+                }
+                Err(e) => {
+                    ctx.event(
+                        queue,
+                        EventType::Warning,
+                        "WriteBackPending",
+                        &format!("{op:?} for tinytask task {id} (its mirror was deleted) not written yet, will retry: {e}"),
+                    );
+                    return Ok(true);
+                }
             }
-            Err(e) => return Err(e),
         }
-        tracing::info!(kind = "Queue", name = %name, "wrote back {:?} to tinytask task {}", o.write_back.op, o.task_id);
-        let written = ctx.store.patch_status::<Queue>(name, |q| {
+        match ctx.store.patch_status::<Queue>(name, |q| {
             q.status.write_backs.retain(|x| x != o);
-        });
-        match written {
-            Ok(Some(q)) => ctx.queues.observe(q),
-            Ok(None) => return Ok(()),
-            Err(e) => {
-                tracing::warn!(kind = "Queue", name = %name, "cannot remove a written write-back (it will be written again): {e}");
-                return Ok(());
-            }
+        })? {
+            Some(q) => ctx.queues.observe(q),
+            None => return Ok(false),
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 /// The tinytask queues whose server did not answer at the last poll, with the error.
@@ -569,6 +596,11 @@ fn endpoint_of(ctx: &Ctx, queue: Option<&Queue>) -> String {
         .unwrap_or_else(|| ctx.settings.tinytask_endpoint.clone())
 }
 
+/// Whether two endpoints name the same server as written (a trailing `/` aside).
+fn same_endpoint(a: &str, b: &str) -> bool {
+    a.trim().trim_end_matches('/') == b.trim().trim_end_matches('/')
+}
+
 fn remote_queue(q: &Queue) -> String {
     q.spec
         .remote_queue
@@ -669,9 +701,16 @@ async fn poll(ctx: &Ctx, name: &str) -> Result<Action, Error> {
         ctx.tinytask.forget(name);
         return Ok(Action::await_change());
     };
+    // Results of mirrors deleted while they ran go back first, and apart from the poll: a server
+    // refusing one of them must not stop the queue (its source may even be local by now).
+    let orphans_left = flush_orphans(ctx, &queue).await?;
     if queue.spec.source != QueueSource::Tinytask {
         ctx.tinytask.forget(name);
-        return Ok(Action::await_change());
+        return Ok(if orphans_left {
+            Action::requeue_after(interval_of(&queue))
+        } else {
+            Action::await_change()
+        });
     }
     let interval = interval_of(&queue);
     let state = ctx.tinytask.get(name);
@@ -688,11 +727,7 @@ async fn poll(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     }
     ctx.tinytask
         .with(name, |s| s.last_poll = Some(Instant::now()));
-    let polled = match flush_orphans(ctx, &queue).await {
-        Ok(()) => poll_once(ctx, &queue, &state).await,
-        Err(e) => Err(e),
-    };
-    match polled {
+    match poll_once(ctx, &queue, &state).await {
         Ok(()) => {
             set_health(ctx, name, Ok(()));
             Ok(Action::requeue_after(interval))
@@ -869,6 +904,7 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
                 t.status == TaskStatus::Idle
                     && t.assigned_to.as_deref().is_none_or(str::is_empty)
                     && t.is_currently_blocked
+                    && !t.failed_for_good()
             }) {
                 let tname = format!("{TASK_PREFIX}{}", t.id);
                 match by_name.get(tname.as_str()) {
@@ -917,7 +953,9 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
                 for t in got
                     .iter()
                     .filter(|t| {
-                        t.status == TaskStatus::Idle && t.assigned_to.as_deref() == Some(&a)
+                        t.status == TaskStatus::Idle
+                            && t.assigned_to.as_deref() == Some(&a)
+                            && !t.failed_for_good()
                     })
                     .filter(|t| !respect || !t.is_currently_blocked)
                 {
@@ -1025,15 +1063,9 @@ fn refresh(
     pinned: Option<&str>,
     respect: bool,
 ) {
-    if !matches!(local.status.phase, TaskPhase::Pending | TaskPhase::Blocked)
-        || local.status.lease.is_some()
-        || ctx.settings.dry_run
-    {
-        return;
-    }
     let endpoint = endpoint_of(ctx, Some(queue));
     let owner = local.spec.queue.as_deref().and_then(|q| ctx.queues.get(q));
-    if endpoint_of(ctx, owner.as_deref()) != endpoint {
+    if !same_endpoint(&endpoint_of(ctx, owner.as_deref()), &endpoint) {
         // Another server's task with the same id: mirror names are `tt-<id>`, so this one
         // cannot be mirrored beside it. Taking the mirror over would move it, and its result,
         // to the wrong server.
@@ -1051,6 +1083,12 @@ fn refresh(
                 local.spec.queue.as_deref().unwrap_or("none"),
             ),
         );
+        return;
+    }
+    if !matches!(local.status.phase, TaskPhase::Pending | TaskPhase::Blocked)
+        || local.status.lease.is_some()
+        || ctx.settings.dry_run
+    {
         return;
     }
     let mut spec = spec_for(queue, t, pinned, respect);
@@ -1082,6 +1120,11 @@ pub fn refusal(
     // Archived is tinytask's delete: lists and stats hide the task, a read by id still shows it.
     if remote.archived_at.as_deref().is_some_and(|a| !a.is_empty()) {
         return Some("it is archived on the server".into());
+    }
+    if remote.failed_for_good() {
+        return Some(format!(
+            "it failed for good before (tagged {FAILED_TAG} on the server)"
+        ));
     }
     if let Some(q) = queue.filter(|q| remote.queue() != Some(*q)) {
         return Some(format!(
@@ -1466,7 +1509,7 @@ async fn perform(client: &Remote, id: TaskId, wb: &WriteBack) -> Result<(), tiny
                 }
             }
         }
-        WriteBackOp::Comment | WriteBackOp::Release => {
+        WriteBackOp::Comment | WriteBackOp::Release | WriteBackOp::Fail => {
             let current = client.get_task(id).await?;
             if let Some(text) = wb.message.as_deref() {
                 // A comment whose answer was lost must not be written twice.
@@ -1478,13 +1521,17 @@ async fn perform(client: &Remote, id: TaskId, wb: &WriteBack) -> Result<(), tiny
                     client.add_comment(id, text, AUTHOR).await?;
                 }
             }
-            if wb.op == WriteBackOp::Release {
+            if matches!(wb.op, WriteBackOp::Release | WriteBackOp::Fail) {
                 let assignee = current.assigned_to.as_deref().filter(|a| !a.is_empty());
                 let still_ours = assignee.is_none() || assignee == wb.agent.as_deref();
                 if current.status != TaskStatus::Complete && still_ours {
-                    client
-                        .patch_task(id, &TaskPatch::new().status(TaskStatus::Idle).unassign())
-                        .await?;
+                    let mut patch = TaskPatch::new().status(TaskStatus::Idle).unassign();
+                    if wb.op == WriteBackOp::Fail && !current.failed_for_good() {
+                        let mut tags = current.tags.clone();
+                        tags.push(FAILED_TAG.to_string());
+                        patch = patch.tags(Some(tags));
+                    }
+                    client.patch_task(id, &patch).await?;
                 }
             }
         }
@@ -1515,6 +1562,16 @@ mod tests {
             "is_currently_blocked": blocked, "blocked_by_task_id": if blocked { Some(9) } else { None },
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_task_tagged_failed_for_good_is_not_claimed() {
+        let mut t = remote(TaskStatus::Idle, None, false);
+        t.tags = vec!["x".into(), FAILED_TAG.into()];
+        let why = refusal(&t, "a", None, true, None).expect("refused");
+        assert!(why.contains(FAILED_TAG), "{why}");
+        t.tags = vec!["x".into()];
+        assert_eq!(refusal(&t, "a", None, true, None), None);
     }
 
     #[test]

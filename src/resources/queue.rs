@@ -88,5 +88,8 @@ pub struct QueueStatus {
 pub struct OrphanWriteBack {
     /// The tinytask task id.
     pub task_id: i64,
+    /// The server it is on (the Queue's endpoint when the write-back was queued).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub endpoint: String,
     pub write_back: super::task::WriteBack,
 }

@@ -147,6 +147,9 @@ pub enum WriteBackOp {
     /// Adds `message` as a comment, then sets the task idle and unassigned (unless someone else
     /// has taken it meanwhile).
     Release,
+    /// As Release, and tags the task `tinyscheduler-failed`: it failed for good, and is not
+    /// picked up again until someone removes the tag.
+    Fail,
 }
 
 /// One pending write-back to the tinytask server.
@@ -159,7 +162,7 @@ pub struct WriteBack {
     pub attempt: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-    /// Release and Complete: the assignee this scheduler set; the task is released or completed
+    /// Release, Fail and Complete: the assignee this scheduler set; the task is released or completed
     /// only while it still has it (or none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,

@@ -279,6 +279,7 @@ impl Client {
                 t.status == TaskStatus::Idle
                     && t.assigned_to.as_deref().is_none_or(str::is_empty)
                     && (!respect_blocking || !t.is_currently_blocked)
+                    && !t.failed_for_good()
             });
             if page.len() >= want || !full || window >= SCAN_WINDOW_MAX {
                 sort_like_server(&mut page);

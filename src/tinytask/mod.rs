@@ -14,5 +14,5 @@ pub use client::{Client, ClientConfig, RetryPolicy, DEFAULT_ENDPOINT, SCAN_WINDO
 pub use error::{Error, Result};
 pub use types::{
     Comment, Conditional, Health, ListQuery, NewTask, QueueStats, RemoteTask, StatusCounts, TaskId,
-    TaskPatch, TaskStatus, Transfer,
+    TaskPatch, TaskStatus, Transfer, FAILED_TAG,
 };

@@ -7,6 +7,10 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// A task id on the server.
 pub type TaskId = i64;
 
+/// The tag a scheduler puts on a task that failed for good (tinytask has no failed state: the
+/// task is idle again). A tagged task is not runnable until someone removes the tag.
+pub const FAILED_TAG: &str = "tinyscheduler-failed";
+
 /// A task's status on the server. There is no failed state; any transition is allowed.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
@@ -89,6 +93,11 @@ pub struct RemoteTask {
 }
 
 impl RemoteTask {
+    /// Whether a scheduler gave the task up after its retries ([`FAILED_TAG`]).
+    pub fn failed_for_good(&self) -> bool {
+        self.tags.iter().any(|t| t == FAILED_TAG)
+    }
+
     /// The queue the task belongs to; `None` when absent, null or `""`.
     pub fn queue(&self) -> Option<&str> {
         self.queue_name.as_deref().filter(|q| !q.is_empty())
