@@ -94,6 +94,8 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
     // gets its assignment and start recorded here, and its Started event before the
     // outcome's.
     let mut started_here = false;
+    // Whether this attempt's agent was started (the shim records its pid with the start).
+    let started = lease.status.pid.is_some();
     let updated = ctx.patch_task(task_name, |t| {
         // Checked again on the fresh object: the shim's record and a reclaim can race to
         // record one attempt, and only the first may (a later attempt's status is never
@@ -164,8 +166,14 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
         }
         // tinytask: the result goes back to the server, queued durably with the outcome.
         if tinytask_sync::is_tinytask(t) {
-            let wbs =
-                tinytask_sync::outcome_write_backs(t, attempt, &lease.spec.agent, &what, &log);
+            let wbs = tinytask_sync::outcome_write_backs(
+                t,
+                attempt,
+                &lease.spec.agent,
+                &what,
+                &log,
+                started,
+            );
             t.status.write_backs.extend(wbs);
         }
     })?;

@@ -258,13 +258,17 @@ pub fn awaits_claim(ctx: &Ctx, lease: &Lease) -> Result<bool, Error> {
 }
 
 /// What `outcome::record` queues for a tinytask task whose attempt `attempt` just ended, given
-/// the Task as the outcome left it (`phase` Succeeded, Pending to retry, or Failed).
+/// the Task as the outcome left it (`phase` Succeeded, Pending to retry, or Failed). `started`:
+/// whether that attempt's agent was started at all. A task whose last attempt never started (a
+/// claim slower than the Lease, say) is released without the [`FAILED_TAG`]: nothing of it ran
+/// here, so nothing says it cannot succeed.
 pub fn outcome_write_backs(
     task: &Task,
     attempt: i64,
     agent: &str,
     what: &str,
     log: &str,
+    started: bool,
 ) -> Vec<WriteBack> {
     let name = &task.metadata.name;
     let reason = task.status.reason.as_deref().unwrap_or("Failed");
@@ -284,10 +288,16 @@ pub fn outcome_write_backs(
     };
     match task.status.phase {
         TaskPhase::Succeeded => vec![wb(WriteBackOp::Complete, None)],
-        TaskPhase::Failed => vec![wb(
+        TaskPhase::Failed if started => vec![wb(
             WriteBackOp::Fail,
             Some(format!(
                 "[tinyscheduler] task/{name} failed after {attempt} attempts ({reason}); last attempt on agent {agent}: {what}; log {log}. Released: idle and unassigned, tagged {FAILED_TAG}; remove the tag to have it run again."
+            )),
+        )],
+        TaskPhase::Failed => vec![wb(
+            WriteBackOp::Release,
+            Some(format!(
+                "[tinyscheduler] task/{name} failed after {attempt} attempts ({reason}); its last attempt on agent {agent} never started: {what}. Released: idle and unassigned."
             )),
         )],
         _ => vec![wb(
