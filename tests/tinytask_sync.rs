@@ -1304,3 +1304,72 @@ async fn deleted_while_running(outage: bool) {
     let q = queue(&w);
     assert!(q.status.write_backs.is_empty(), "{:?}", q.status);
 }
+
+/// A crash between queueing a deleted mirror's release on its Queue and deleting its Lease gets
+/// that run recorded, and released, twice. By the second flush the task may be mirrored and
+/// running here again: the stale release must not take it from under the new run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_release_of_a_deleted_mirror_does_not_take_the_task_from_its_new_run() {
+    let w = World::new().await;
+    let id = queued(&w.server, "long", "dev");
+    w.tinytask_queue("dev", json!({}));
+    let gate = w.env.tmp.path().join("gate");
+    let script = format!(
+        "{RECORD}\nwhile [ ! -e {g} ]; do sleep 0.05; done",
+        g = gate.display()
+    );
+    w.agent("alice", Some("dev"), 1, &script);
+    let mut d = daemon(&w, &[]);
+    wait_until("the run to start", Duration::from_secs(30), || {
+        w.running() == 1
+    })
+    .await;
+    assert_eq!(w.status(id), ("working".to_string(), Some("alice".into())));
+
+    // What the crashed scheduler left: a release of an earlier run, queued on the Queue.
+    let store = Store::open(w.env.state()).unwrap();
+    let stale = tinyscheduler::resources::queue::OrphanWriteBack {
+        task_id: id,
+        endpoint: w.server.url(),
+        lease_uid: "an-earlier-lease".into(),
+        write_back: tinyscheduler::resources::task::WriteBack {
+            op: tinyscheduler::resources::task::WriteBackOp::Release,
+            attempt: 1,
+            message: Some("[tinyscheduler] stale release".into()),
+            agent: Some("alice".into()),
+            created: None,
+        },
+    };
+    store
+        .patch_status::<tinyscheduler::resources::Queue>("dev", |q| {
+            q.status.write_backs.push(stale.clone())
+        })
+        .unwrap();
+    wait_until(
+        "the stale release to be dropped",
+        Duration::from_secs(30),
+        || {
+            store
+                .get::<tinyscheduler::resources::Queue>("dev")
+                .unwrap()
+                .status
+                .write_backs
+                .is_empty()
+        },
+    )
+    .await;
+    assert_eq!(w.status(id), ("working".to_string(), Some("alice".into())));
+    assert!(
+        w.server.comments(id).is_empty(),
+        "{:?}",
+        w.server.comments(id)
+    );
+
+    std::fs::write(&gate, "").unwrap();
+    wait_until("the run to complete", Duration::from_secs(30), || {
+        w.status(id).0 == "complete"
+    })
+    .await;
+    d.kill().await.ok();
+    assert_eq!(w.ran().len(), 1, "{:?}", w.ran());
+}

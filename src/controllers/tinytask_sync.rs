@@ -377,6 +377,7 @@ pub fn orphan_write_back(
             q.status.write_backs.push(OrphanWriteBack {
                 task_id: id,
                 endpoint: endpoint.clone(),
+                lease_uid: lease.metadata.uid.clone(),
                 write_back: wb.clone(),
             });
         }
@@ -395,8 +396,9 @@ pub fn orphan_write_back(
 
 /// Writes the Queue's write-backs for deleted mirrors, oldest first, each to the server it was
 /// queued for, removing each once the server took it (or the task is gone there). A release is
-/// dropped instead when the task is mirrored and running here again: it was released already (a
-/// crash came between the write-back and the Lease's deletion, and the run was recorded twice).
+/// dropped instead when another run of the task holds a Lease here: it was released already (a
+/// crash came between the write-back and the old Lease's deletion, and that run was recorded
+/// twice), and releasing it now would take the task from under the new run.
 /// Stops at the first other failure, to retry later; `Ok(true)`: some are left.
 async fn flush_orphans(ctx: &Ctx, queue: &Queue) -> Result<bool, Error> {
     if queue.status.write_backs.is_empty() || ctx.settings.dry_run {
@@ -406,10 +408,11 @@ async fn flush_orphans(ctx: &Ctx, queue: &Queue) -> Result<bool, Error> {
     for o in &queue.status.write_backs {
         let op = o.write_back.op;
         let id = o.task_id;
+        // Leases are named after their Task.
         let running_again = ctx
-            .tasks
+            .leases
             .get(&format!("{TASK_PREFIX}{id}"))
-            .is_some_and(|t| t.status.lease.is_some());
+            .is_some_and(|l| l.metadata.uid != o.lease_uid);
         if running_again && op == WriteBackOp::Release {
             tracing::info!(kind = "Queue", name = %name, "{op:?} for tinytask task {id} dropped: it runs here again");
         } else {
@@ -711,12 +714,11 @@ async fn poll(ctx: &Ctx, name: &str) -> Result<Action, Error> {
         ctx.tinytask.forget(name);
         return Ok(Action::await_change());
     };
-    // Results of mirrors deleted while they ran go back first, and apart from the poll: a server
-    // refusing one of them must not stop the queue (its source may even be local by now).
-    let orphans_left = flush_orphans(ctx, &queue).await?;
+    // Results of mirrors deleted while they ran are written apart from the poll: a server refusing
+    // one of them must not stop the queue, and its source may even be local by now.
     if queue.spec.source != QueueSource::Tinytask {
         ctx.tinytask.forget(name);
-        return Ok(if orphans_left {
+        return Ok(if flush_orphans(ctx, &queue).await? {
             Action::requeue_after(interval_of(&queue))
         } else {
             Action::await_change()
@@ -737,6 +739,8 @@ async fn poll(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     }
     ctx.tinytask
         .with(name, |s| s.last_poll = Some(Instant::now()));
+    // Throttled with the poll, so that a server that is down is not asked at every wake.
+    flush_orphans(ctx, &queue).await?;
     match poll_once(ctx, &queue, &state).await {
         Ok(()) => {
             set_health(ctx, name, Ok(()));

@@ -91,5 +91,8 @@ pub struct OrphanWriteBack {
     /// The server it is on (the Queue's endpoint when the write-back was queued).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub endpoint: String,
+    /// The uid of the Lease whose run it reports.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub lease_uid: String,
     pub write_back: super::task::WriteBack,
 }
