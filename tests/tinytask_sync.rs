@@ -699,10 +699,19 @@ async fn a_task_that_failed_for_good_is_tagged_and_not_run_again_until_the_tag_i
     // Its mirror goes (as after its TTL); the task, idle on the server, is not mirrored again.
     let d = w.env.run(&["delete", "task", &name]);
     assert_eq!(d.code, 0, "{d:?}");
+    w.server.clear_requests();
     let r = w.run_once(Duration::from_secs(60)).await;
     assert_eq!(r.code, 0, "{r:?}");
     assert!(w.task_json(&name).is_none(), "mirrored again");
     assert_eq!(w.ran().len(), 4, "{:?}", w.ran());
+    // Left out of the listing, not mirrored and then refused at its claim.
+    let path = format!("/api/v1/tasks/{id}");
+    assert!(
+        !w.server.requests().iter().any(|r| r.path == path),
+        "{}",
+        w.request_log()
+    );
+    assert!(!w.events().contains("ClaimRefused"), "{}", w.events());
 
     // Without the tag it runs again.
     w.server

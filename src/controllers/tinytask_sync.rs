@@ -399,33 +399,47 @@ pub fn orphan_write_back(
 /// dropped instead when another run of the task holds a Lease here: it was released already (a
 /// crash came between the write-back and the old Lease's deletion, and that run was recorded
 /// twice), and releasing it now would take the task from under the new run.
-/// Stops at the first other failure, to retry later; `Ok(true)`: some are left.
-async fn flush_orphans(ctx: &Ctx, queue: &Queue) -> Result<bool, Error> {
+/// A failure leaves that one for a later poll and goes on with the next; `true`: some are left.
+async fn flush_orphans(ctx: &Ctx, queue: &Queue) -> bool {
     if queue.status.write_backs.is_empty() || ctx.settings.dry_run {
-        return Ok(false);
+        return false;
     }
     let name = &queue.metadata.name;
+    let mut left = false;
     for o in &queue.status.write_backs {
         let op = o.write_back.op;
         let id = o.task_id;
-        // Leases are named after their Task.
+        let endpoint = if o.endpoint.is_empty() {
+            endpoint_of(ctx, Some(queue))
+        } else {
+            o.endpoint.clone()
+        };
+        // Leases are named after their Task; only a claimed one of a Queue on the same server is
+        // a run of this task (a local Task, or another server's task, may have the same name).
         let running_again = ctx
             .leases
             .get(&format!("{TASK_PREFIX}{id}"))
-            .is_some_and(|l| l.metadata.uid != o.lease_uid);
+            .is_some_and(|l| {
+                l.metadata.uid != o.lease_uid
+                    && is_claimed(&l)
+                    && l.metadata
+                        .annotations
+                        .get(QUEUE_ANNOTATION)
+                        .is_some_and(|q| {
+                            same_endpoint(
+                                &endpoint_of(ctx, ctx.queues.get(q).as_deref()),
+                                &endpoint,
+                            )
+                        })
+            });
         if running_again && op == WriteBackOp::Release {
             tracing::info!(kind = "Queue", name = %name, "{op:?} for tinytask task {id} dropped: it runs here again");
         } else {
-            let endpoint = if o.endpoint.is_empty() {
-                endpoint_of(ctx, Some(queue))
-            } else {
-                o.endpoint.clone()
+            let done = match ctx.tinytask.client(&endpoint) {
+                Ok(client) => perform(&client, id, &o.write_back).await,
+                Err(e) => Err(e),
             };
-            let client = ctx
-                .tinytask
-                .client(&endpoint)
-                .map_err(|e| Error(e.to_string()))?;
-            match perform(&client, id, &o.write_back).await {
+            match done {
                 Ok(()) => {
                     tracing::info!(kind = "Queue", name = %name, "wrote back {op:?} to tinytask task {id}");
                 }
@@ -439,18 +453,23 @@ async fn flush_orphans(ctx: &Ctx, queue: &Queue) -> Result<bool, Error> {
                         "WriteBackPending",
                         &format!("{op:?} for tinytask task {id} (its mirror was deleted) not written yet, will retry: {e}"),
                     );
-                    return Ok(true);
+                    left = true;
+                    continue;
                 }
             }
         }
         match ctx.store.patch_status::<Queue>(name, |q| {
             q.status.write_backs.retain(|x| x != o);
-        })? {
-            Some(q) => ctx.queues.observe(q),
-            None => return Ok(false),
+        }) {
+            Ok(Some(q)) => ctx.queues.observe(q),
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::warn!(kind = "Queue", name = %name, "cannot remove a written write-back (it will be written again): {e}");
+                left = true;
+            }
         }
     }
-    Ok(false)
+    left
 }
 
 /// The tinytask queues whose server did not answer at the last poll, with the error.
@@ -718,7 +737,7 @@ async fn poll(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     // one of them must not stop the queue, and its source may even be local by now.
     if queue.spec.source != QueueSource::Tinytask {
         ctx.tinytask.forget(name);
-        return Ok(if flush_orphans(ctx, &queue).await? {
+        return Ok(if flush_orphans(ctx, &queue).await {
             Action::requeue_after(interval_of(&queue))
         } else {
             Action::await_change()
@@ -740,7 +759,7 @@ async fn poll(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     ctx.tinytask
         .with(name, |s| s.last_poll = Some(Instant::now()));
     // Throttled with the poll, so that a server that is down is not asked at every wake.
-    flush_orphans(ctx, &queue).await?;
+    flush_orphans(ctx, &queue).await;
     match poll_once(ctx, &queue, &state).await {
         Ok(()) => {
             set_health(ctx, name, Ok(()));
