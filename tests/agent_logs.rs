@@ -115,8 +115,9 @@ fn logs_follow_prints_output_as_it_arrives_and_stops_when_the_run_is_recorded() 
     let s = State::new();
     let go = s.dir.path().join("go");
     let cmd = format!(
-        "echo one; while [ ! -e {} ]; do sleep 0.05; done; echo two",
-        go.display()
+        "echo one; while [ ! -e {} ] && [ -d {} ]; do sleep 0.05; done; echo two",
+        go.display(),
+        s.dir.path().display()
     );
     s.run_of("follow", &["sh", "-c", &cmd]);
     let mut shim = s.shim_cmd("follow").spawn().unwrap();

@@ -229,8 +229,9 @@ fn a_shim_survives_the_process_that_spawned_it_and_records_the_exit() {
     let s = State::new();
     let go = s.dir.path().join("go");
     let cmd = format!(
-        "while [ ! -e {} ]; do sleep 0.05; done; exit 5",
-        go.display()
+        "while [ ! -e {} ] && [ -d {} ]; do sleep 0.05; done; exit 5",
+        go.display(),
+        s.dir.path().display()
     );
     s.run_of("survivor", &["sh", "-c", &cmd]);
     // A short-lived "scheduler" spawns the shim and exits at once.
@@ -315,7 +316,11 @@ fn a_shim_survives_the_process_that_spawned_it_and_records_the_exit() {
 fn shims_still_start_after_their_launcher_is_killed() {
     let s = State::new();
     let go = s.dir.path().join("go");
-    let cmd = format!("while [ ! -e {} ]; do sleep 0.05; done", go.display());
+    let cmd = format!(
+        "while [ ! -e {} ] && [ -d {} ]; do sleep 0.05; done",
+        go.display(),
+        s.dir.path().display()
+    );
     s.run_of("first", &["sh", "-c", &cmd]);
     s.run_of("second", &["sh", "-c", &cmd]);
     let first = tinyscheduler::agent::spawn_shim(&s.path(), "first").unwrap() as i32;

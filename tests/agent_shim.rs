@@ -419,8 +419,9 @@ fn the_shim_keeps_supervising_when_its_lease_is_deleted() {
     let s = State::new();
     let go = s.dir.path().join("go");
     let cmd = format!(
-        "while [ ! -e {} ]; do sleep 0.05; done; exit 4",
-        go.display()
+        "while [ ! -e {} ] && [ -d {} ]; do sleep 0.05; done; exit 4",
+        go.display(),
+        s.dir.path().display()
     );
     s.agent("orphan", &["sh", "-c", &cmd], 1);
     s.task("orphan", &[]);

@@ -302,7 +302,7 @@ impl World {
     fn gated_agent(&self, name: &str, slots: i64) {
         let dir = self.path().display().to_string();
         let script = format!(
-            "echo $$ >> {dir}/runs/{{{{task.name}}}}; while [ ! -e {dir}/gate ]; do sleep 0.05; done"
+            "echo $$ >> {dir}/runs/{{{{task.name}}}}; while [ ! -e {dir}/gate ] && [ -d {dir} ]; do sleep 0.05; done"
         );
         self.agent(name, slots, &["/bin/sh", "-c", &script]);
     }

@@ -530,7 +530,11 @@ fn a_run_that_ends_at_once_still_tells_its_whole_story() {
 fn a_run_that_keeps_running_is_shown_running_by_the_daemon() {
     let mut s = Sched::new();
     s.queue("default");
-    s.agent("w", 1, "while [ ! -e \"$OUT/go\" ]; do sleep 0.05; done");
+    s.agent(
+        "w",
+        1,
+        "while [ ! -e \"$OUT/go\" ] && [ -d \"$OUT\" ]; do sleep 0.05; done",
+    );
     s.task("slow");
     s.daemon(&[]);
     wait_for("task/slow to be Running", LONG, || {
@@ -565,7 +569,7 @@ fn a_retry_shown_running_carries_nothing_of_the_attempt_that_failed() {
         "w",
         1,
         "if [ ! -e \"$OUT/failed\" ]; then : > \"$OUT/failed\"; exit 3; fi; \
-         while [ ! -e \"$OUT/go\" ]; do sleep 0.05; done",
+         while [ ! -e \"$OUT/go\" ] && [ -d \"$OUT\" ]; do sleep 0.05; done",
     );
     s.task_with("again", |t| t.max_retries = 2);
     s.daemon(&[]);

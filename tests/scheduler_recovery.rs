@@ -241,7 +241,7 @@ fn a_finished_run_whose_shim_is_held_up_past_its_heartbeat_is_recorded_once_not_
     s.agent(
         "w",
         1,
-        "echo ran >> \"$OUT/runs\"\necho $PPID > \"$OUT/shim\"\nwhile [ ! -e \"$OUT/gate\" ]; do sleep 0.05; done",
+        "echo ran >> \"$OUT/runs\"\necho $PPID > \"$OUT/shim\"\nwhile [ ! -e \"$OUT/gate\" ] && [ -d \"$OUT\" ]; do sleep 0.05; done",
     );
     s.task_with("once", |t| t.max_retries = 2);
     s.daemon(&[]);

@@ -1124,8 +1124,9 @@ async fn a_task_reassigned_on_the_server_while_it_ran_is_not_completed_over_the_
         Some("dev"),
         1,
         &format!(
-            "while [ ! -e {} ]; do sleep 0.05; done; {RECORD}",
-            gate.display()
+            "while [ ! -e {} ] && [ -d {} ]; do sleep 0.05; done; {RECORD}",
+            gate.display(),
+            w.env.tmp.path().display()
         ),
     );
     let mut d = daemon(&w, &[]);
@@ -1323,9 +1324,11 @@ async fn a_stale_release_of_a_deleted_mirror_does_not_take_the_task_from_its_new
     let id = queued(&w.server, "long", "dev");
     w.tinytask_queue("dev", json!({}));
     let gate = w.env.tmp.path().join("gate");
+    // Agents outlive the daemon: one left by a failing test ends with the test's directory.
     let script = format!(
-        "{RECORD}\nwhile [ ! -e {g} ]; do sleep 0.05; done",
-        g = gate.display()
+        "{RECORD}\nwhile [ ! -e {g} ] && [ -d {d} ]; do sleep 0.05; done",
+        g = gate.display(),
+        d = w.env.tmp.path().display()
     );
     w.agent("alice", Some("dev"), 1, &script);
     let mut d = daemon(&w, &[]);
