@@ -134,6 +134,14 @@ fn read_regular_once(path: &Path, max: u64) -> Result<Option<Vec<u8>>, ReadError
         }
         Err(e) => return Err(ReadError::Io(e)),
     };
+    read_opened(&file, path, max)
+}
+
+/// Reads `file`, opened at `path`; `None` when it changed while it was read, or when `path` no
+/// longer names it. The second matters to a reader that stalled between its open and its first
+/// `fstat`: meanwhile the version it opened may have been replaced at `path` and, after the
+/// quarantine, its inode rewritten with another object, which both `fstat`s would agree on.
+fn read_opened(file: &File, path: &Path, max: u64) -> Result<Option<Vec<u8>>, ReadError> {
     let meta = file.metadata().map_err(ReadError::Io)?;
     let ft = meta.file_type();
     if !ft.is_file() {
@@ -151,13 +159,16 @@ fn read_regular_once(path: &Path, max: u64) -> Result<Option<Vec<u8>>, ReadError
         return Err(ReadError::TooLarge(meta.len()));
     }
     let mut buf = Vec::with_capacity(meta.len() as usize);
-    let reader = &file;
+    let reader = file;
     reader
         .take(max + 1)
         .read_to_end(&mut buf)
         .map_err(ReadError::Io)?;
     let after = file.metadata().map_err(ReadError::Io)?;
     if !same_version(&meta, &after) || buf.len() as u64 != meta.len() {
+        return Ok(None);
+    }
+    if FileId::at(path).ok().flatten() != Some(FileId::of(&after)) {
         return Ok(None);
     }
     Ok(Some(buf))
@@ -299,6 +310,28 @@ mod tests {
         assert_eq!(before.len(), after.len());
         assert!(!same_version(&before, &after));
         assert!(same_version(&after, &f.metadata().unwrap()));
+    }
+
+    #[test]
+    fn a_read_of_an_inode_since_replaced_at_its_path_and_rewritten_is_not_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.json");
+        fs::write(&path, b"{\"name\": \"x\"}").unwrap();
+        // The reader opens x, then stalls before it looks at what it opened.
+        let opened = File::open(&path).unwrap();
+        // Meanwhile x is replaced, and its old inode (kept as a spare) rewritten with y.
+        let spare = dir.path().join("spare");
+        fs::hard_link(&path, &spare).unwrap();
+        let next = dir.path().join("next");
+        fs::write(&next, b"{\"name\": \"x\", \"v\": 2}").unwrap();
+        fs::rename(&next, &path).unwrap();
+        fs::write(&spare, b"{\"name\": \"y\"}").unwrap();
+
+        assert_eq!(read_opened(&opened, &path, 1024).unwrap(), None);
+        assert_eq!(
+            read_regular(&path, 1024).unwrap(),
+            b"{\"name\": \"x\", \"v\": 2}"
+        );
     }
 
     #[test]
