@@ -113,6 +113,11 @@ impl Scheduler {
         let by_name = |l: &Lease| vec![l.metadata.name.clone()];
         let c = Controller::new("lease", ctx.clone(), metrics.clone())
             .watches(&ctx.leases, by_name)
+            // It mirrors a Lease onto its Task from the cache: a Task not listed yet would be
+            // left unmarked until the Lease changed again.
+            .waits_for(&ctx.tasks)
+            .waits_for(&ctx.agents)
+            .waits_for(&ctx.queues)
             .workers(4)
             .worker_threads();
         queues.push(("lease", c.queue()));

@@ -404,3 +404,49 @@ async fn a_resync_wakes_only_the_objects_the_controllers_filter_keeps() {
     tx.send(()).unwrap();
     run.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_controller_does_not_reconcile_before_an_informer_it_waits_for_has_synced() {
+    use std::sync::Mutex;
+    use tinyscheduler::runtime::{Action, Controller, Metrics};
+
+    let (_dir, store) = temp_store();
+    store.create(&queue("q1", "alpha")).unwrap();
+    let watched = informer(&store, 3600, 3600);
+    let _w = watched.start();
+    // A cache the reconciler reads but does not watch, listed a moment later.
+    let (_dir2, other_store) = temp_store();
+    let read = informer(&other_store, 3600, 3600);
+    // Per reconcile: whether the read cache had synced by then.
+    let seen: Arc<Mutex<Vec<bool>>> = Arc::default();
+    type Ctx = (Arc<Mutex<Vec<bool>>>, Informer<Queue>);
+    let ctx: Arc<Ctx> = Arc::new((seen.clone(), read.clone()));
+    let c = Controller::new("teams", ctx, Metrics::default())
+        .watches(&watched, |q: &Queue| vec![q.metadata.name.clone()])
+        .waits_for(&read);
+    let queue_handle = c.queue();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(c.run(
+        |_key: String, ctx: Arc<Ctx>| async move {
+            ctx.0.lock().unwrap().push(ctx.1.is_synced());
+            Ok::<_, String>(Action::await_change())
+        },
+        async {
+            let _ = rx.await;
+        },
+    ));
+    watched.wait_synced().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _r = read.start();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while seen.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("q1 was reconciled");
+    queue_handle.wait_idle().await;
+    tx.send(()).unwrap();
+    run.await.unwrap();
+    assert_eq!(*seen.lock().unwrap(), [true]);
+}

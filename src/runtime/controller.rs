@@ -84,7 +84,7 @@ impl<C: Send + Sync + 'static> Controller<C> {
     /// it is most of an idle controller's. Changes still wake every object's keys, and the initial
     /// list enqueues them all.
     pub fn watches_filtered<K: Resource>(
-        mut self,
+        self,
         informer: &Informer<K>,
         mapper: impl Fn(&K) -> Vec<String> + Send + Sync + 'static,
         resync: impl Fn(&K) -> bool + Send + Sync + 'static,
@@ -113,6 +113,13 @@ impl<C: Send + Sync + 'static> Controller<C> {
                 }
             }
         }
+        self.waits_for(informer)
+    }
+
+    /// Holds the first reconcile until `informer` has synced too: for a cache the reconciler
+    /// reads but whose changes need not wake it. (An unsynced cache reads as empty, and a
+    /// reconcile that found nothing there would not be woken again.)
+    pub fn waits_for<K: Resource>(mut self, informer: &Informer<K>) -> Self {
         let inf = informer.clone();
         self.synced.push(Box::new(move || {
             let inf = inf.clone();
