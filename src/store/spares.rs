@@ -24,7 +24,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -317,7 +317,9 @@ fn finish_staging(
 }
 
 /// Opens a spare for rewriting: a regular file with exactly one link (so it can be nothing but a
-/// spare). Returns it with its current length; [`finish_staging`] overwrites it.
+/// spare). Returns it with its current length; [`finish_staging`] overwrites it. A spare that was
+/// an object file someone wrote by hand may have other permissions: it becomes 0600 again, as
+/// every file the store writes (invariant 8).
 fn reopen_spare(path: &Path) -> io::Result<(File, u64)> {
     let f = OpenOptions::new()
         .write(true)
@@ -326,6 +328,9 @@ fn reopen_spare(path: &Path) -> io::Result<(File, u64)> {
     let m = f.metadata()?;
     if !m.file_type().is_file() || m.nlink() != 1 {
         return Err(io::Error::other("not a lone regular file"));
+    }
+    if m.permissions().mode() & 0o7777 != 0o600 {
+        f.set_permissions(fs::Permissions::from_mode(0o600))?;
     }
     Ok((f, m.len()))
 }

@@ -94,6 +94,32 @@ fn files_are_private() {
 }
 
 #[test]
+fn an_object_file_made_by_hand_with_other_permissions_passes_none_on_through_its_inode() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let a = store.create(&agent("a")).unwrap();
+    let path = store.kind_dir("agents").join("a.json");
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    let old_inode = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&path).unwrap());
+    // The update puts the 0644 inode into the spare pool; after its rest, a create reuses it.
+    let mut changed = a.clone();
+    changed.spec.max_concurrency = 7;
+    store.update(&changed).unwrap();
+    std::thread::sleep(spares::QUARANTINE * 2);
+    store.create(&agent("b")).unwrap();
+    let b = store.kind_dir("agents").join("b.json");
+    let m = fs::metadata(&b).unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&m),
+        old_inode,
+        "the create reused the spare"
+    );
+    assert_eq!(m.permissions().mode() & 0o7777, 0o600);
+    let m = fs::metadata(&path).unwrap();
+    assert_eq!(m.permissions().mode() & 0o7777, 0o600);
+}
+
+#[test]
 fn a_torn_file_is_skipped_and_reported() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
