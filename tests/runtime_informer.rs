@@ -450,3 +450,37 @@ async fn a_controller_does_not_reconcile_before_an_informer_it_waits_for_has_syn
     run.await.unwrap();
     assert_eq!(*seen.lock().unwrap(), [true]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_relist_keeps_an_object_whose_file_cannot_be_read_rather_than_deleting_it() {
+    let (_dir, store) = temp_store();
+    store.create(&queue("torn", "a")).unwrap();
+    store.create(&queue("gone", "a")).unwrap();
+    let inf = informer(&store, 3600, 1);
+    let mut rx = inf.subscribe();
+    let _h = inf.start();
+    inf.wait_synced().await;
+    // The kind directory goes away for a while (the informer's watch fails, and it lists again
+    // once the directory is back), and comes back with one object gone and one file torn.
+    let kind_dir = store.kind_dir("queues");
+    let torn = std::fs::read(kind_dir.join("torn.json")).unwrap();
+    std::fs::remove_dir_all(&kind_dir).unwrap();
+    std::fs::write(&kind_dir, b"not a directory").unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    std::fs::remove_file(&kind_dir).unwrap();
+    std::fs::create_dir(&kind_dir).unwrap();
+    std::fs::write(kind_dir.join("torn.json"), &torn[..torn.len() / 2]).unwrap();
+    store.create(&queue("after", "a")).unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(inf.get("after").is_some(), "listed again");
+    assert!(
+        inf.get("gone").is_none(),
+        "a removed file is a deleted object"
+    );
+    assert!(inf.get("torn").is_some(), "an unreadable file is not");
+    while let Ok(ev) = rx.try_recv() {
+        if let InformerEvent::Deleted(q) = ev {
+            assert_eq!(q.metadata.name, "gone");
+        }
+    }
+}

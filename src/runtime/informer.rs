@@ -339,8 +339,15 @@ impl<K: Resource> Informer<K> {
     }
 
     /// Brings the cache to a fresh list of the store: applies newer objects, drops objects that
-    /// are gone (unless they were observed after the list was taken).
-    fn replace(&self, items: &[K], list_revision: u64) {
+    /// are gone (unless they were observed after the list was taken). An object whose file is
+    /// there but could not be read (`unreadable`: torn, say) keeps its cached version, as the
+    /// watch does: a Deleted event for it would have its run reclaimed.
+    fn replace(
+        &self,
+        items: &[K],
+        list_revision: u64,
+        unreadable: &std::collections::HashSet<String>,
+    ) {
         let mut applied = Vec::new();
         let mut deleted = Vec::new();
         {
@@ -349,7 +356,11 @@ impl<K: Resource> Informer<K> {
             let gone: Vec<String> = cache
                 .objects
                 .values()
-                .filter(|o| !listed.contains(o.name()) && o.revision() <= list_revision)
+                .filter(|o| {
+                    !listed.contains(o.name())
+                        && !unreadable.contains(o.name())
+                        && o.revision() <= list_revision
+                })
                 .map(|o| o.name().to_string())
                 .collect();
             for n in gone {
@@ -396,7 +407,12 @@ impl<K: Resource> Informer<K> {
                 for s in &list.skipped {
                     tracing::debug!(kind = K::KIND, path = %s.path.display(), reason = %s.reason, "informer skipped a file");
                 }
-                self.replace(&list.items, list.revision);
+                let unreadable = list
+                    .skipped
+                    .iter()
+                    .filter_map(|s| crate::store::object_name_of(&s.path))
+                    .collect();
+                self.replace(&list.items, list.revision, &unreadable);
                 Some(list.items)
             }
             Err(e) => {
