@@ -132,16 +132,18 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
     /// if a worker holds it, it is queued again after `done`.
     pub fn add(&self, key: K) {
         let m = self.metrics();
-        let depth = {
+        {
             let mut s = self.lock();
             if !add_locked(&mut s, key) {
                 return;
             }
-            s.queue.len()
-        };
+            // Set under the lock: set after it, racing writers could leave a stale depth.
+            if let Some(m) = &m {
+                m.depth.set(s.queue.len() as f64);
+            }
+        }
         if let Some(m) = m {
             m.adds.inc();
-            m.depth.set(depth as f64);
         }
         self.inner.ready.notify_one();
     }
@@ -218,6 +220,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
             tokio::pin!(notified);
             notified.as_mut().enable();
             {
+                let m = self.metrics();
                 let mut s = self.lock();
                 if s.shutting_down {
                     return None;
@@ -225,13 +228,12 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
                 if let Some(key) = s.queue.pop_front() {
                     let added = s.dirty.remove(&key);
                     s.processing.insert(key.clone());
-                    let depth = s.queue.len();
+                    if let Some(m) = &m {
+                        m.depth.set(s.queue.len() as f64);
+                    }
                     drop(s);
-                    if let Some(m) = self.metrics() {
-                        m.depth.set(depth as f64);
-                        if let Some(t) = added {
-                            m.queue_duration.observe(t.elapsed().as_secs_f64());
-                        }
+                    if let (Some(m), Some(t)) = (m, added) {
+                        m.queue_duration.observe(t.elapsed().as_secs_f64());
                     }
                     return Some(key);
                 }
@@ -242,19 +244,19 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
 
     /// Releases `key` after processing; if it was added meanwhile, it is queued again.
     pub fn done(&self, key: &K) {
-        let depth = {
+        let m = self.metrics();
+        let requeued = {
             let mut s = self.lock();
             s.processing.remove(key);
             let requeued = s.dirty.contains_key(key) && !s.shutting_down;
             if requeued {
                 s.queue.push_back(key.clone());
             }
-            (s.queue.len(), requeued)
+            if let Some(m) = &m {
+                m.depth.set(s.queue.len() as f64);
+            }
+            requeued
         };
-        let (depth, requeued) = depth;
-        if let Some(m) = self.metrics() {
-            m.depth.set(depth as f64);
-        }
         if requeued {
             self.inner.ready.notify_one();
         }
