@@ -46,6 +46,9 @@ pub struct Options {
     pub informers: InformerOptions,
     /// Beaten by the assignment loop each time it handles [`HEARTBEAT_KEY`].
     pub heartbeat: Option<Heartbeat>,
+    /// Print each Task's phase changes ([`print_progress`]) from the very first, as
+    /// `run --once --wait` does.
+    pub progress: bool,
 }
 
 impl Scheduler {
@@ -73,6 +76,10 @@ impl Scheduler {
         });
         let since = ctx.runnable_since.clone();
         ctx.tasks.on_event(move |ev, _| since.on_task_event(ev));
+        // Before anything starts: registered later, it could miss the first pass's changes.
+        if opts.progress {
+            print_progress(&ctx.tasks);
+        }
         dispatch::register(&metrics);
         reclaim::register(&metrics);
         let shutdown = Shutdown::new();

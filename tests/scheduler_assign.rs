@@ -316,6 +316,7 @@ async fn a_resync_does_not_reconcile_finished_tasks() {
             relist: Duration::from_secs(3600),
         },
         heartbeat: None,
+        progress: false,
     };
     let sched = Scheduler::start(store, dir.path().to_path_buf(), Settings::default(), opts);
     let resyncs = Arc::new(AtomicU64::new(0));

@@ -17,7 +17,7 @@ use crate::daemon::notify::Notifier;
 use crate::daemon::signals;
 use crate::daemon::watchdog::{run_watchdog, Heartbeat, WatchdogConfig};
 use crate::runtime::informer::InformerOptions;
-use crate::scheduler::{print_progress, Options, Scheduler};
+use crate::scheduler::{Options, Scheduler};
 use crate::store::Store;
 
 /// Runs the scheduler in the mode `args` asks for.
@@ -107,20 +107,26 @@ fn open(g: &Globals, dry_run: bool) -> Result<(Store, Option<InstanceLock>), Cli
     Ok((store, Some(lock)))
 }
 
-fn start(g: &Globals, store: Store, settings: Settings, heartbeat: Option<Heartbeat>) -> Scheduler {
+fn start(
+    g: &Globals,
+    store: Store,
+    settings: Settings,
+    heartbeat: Option<Heartbeat>,
+    progress: bool,
+) -> Scheduler {
     let opts = Options {
         informers: InformerOptions::from_env(),
         heartbeat,
+        progress,
     };
     Scheduler::start(store, g.state_dir.clone(), settings, opts)
 }
 
 async fn once(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
     let (store, _lock) = open(g, args.dry_run)?;
-    let sched = start(g, store, settings, None);
+    let sched = start(g, store, settings, None, args.wait);
     sched.wait_synced().await;
     if args.wait {
-        print_progress(&sched.ctx.tasks);
         let sig = signals::install().map_err(|e| CliError(format!("error: signals: {e}")))?;
         let wait = async {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -221,7 +227,7 @@ async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
         None => None,
     };
     let heartbeat = Heartbeat::new();
-    let sched = start(g, store, settings, Some(heartbeat.clone()));
+    let sched = start(g, store, settings, Some(heartbeat.clone()), false);
     let ctx = Arc::clone(&sched.ctx);
     let metrics = sched.metrics.clone();
 
