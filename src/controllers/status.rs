@@ -9,7 +9,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::{Ctx, Error};
 use crate::resources::meta::{parse_time, set_condition};
-use crate::resources::task::TINYTASK_ID_ANNOTATION;
 use crate::resources::{Agent, Queue, Task, TaskPhase};
 use crate::runtime::controller::Action;
 use crate::runtime::workqueue::WorkQueue;
@@ -258,13 +257,7 @@ fn task_ttl(ctx: &Ctx, name: &str) -> Result<Action, Error> {
 pub fn ttl_of(task: &Task) -> Duration {
     match task.spec.ttl_seconds_after_finished {
         Some(s) => Duration::from_secs(s.max(0) as u64),
-        None if task
-            .metadata
-            .annotations
-            .contains_key(TINYTASK_ID_ANNOTATION) =>
-        {
-            DEFAULT_TINYTASK_TTL
-        }
+        None if super::tinytask_sync::is_tinytask(task) => DEFAULT_TINYTASK_TTL,
         None => DEFAULT_TTL,
     }
 }
@@ -283,6 +276,7 @@ pub fn keys_for_task(t: &Task) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::resources::task::TINYTASK_ID_ANNOTATION;
 
     fn finished(mirror: bool, ttl: Option<i64>) -> Task {
         let mut t = Task::new("Task", "t", Default::default());
