@@ -74,6 +74,9 @@ impl Scheduler {
             runnable_since: Default::default(),
             tinytask: Default::default(),
         });
+        ctx.tasks.add_index(status::BLOCKED_BY_INDEX, |t: &Task| {
+            t.spec.blocked_by.clone()
+        });
         let since = ctx.runnable_since.clone();
         ctx.tasks.on_event(move |ev, _| since.on_task_event(ev));
         // Before anything starts: registered later, it could miss the first pass's changes.

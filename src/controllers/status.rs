@@ -19,6 +19,9 @@ const MIN_WRITE_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Default TTL of a finished task mirrored from tinytask.
 pub const DEFAULT_TINYTASK_TTL: Duration = Duration::from_secs(3600);
+/// The tasks informer's index of Tasks by the blockers they name (`spec.blockedBy`), which a
+/// blocker's TTL asks; registered by `Scheduler::start`.
+pub const BLOCKED_BY_INDEX: &str = "blockedBy";
 /// Longest wait before a finished task's TTL is looked at again. The TTL runs on the wall clock,
 /// the requeue on the monotonic one, which stops while the machine sleeps; and resyncs skip
 /// finished tasks, so nothing else would correct a wait that a suspend made too long.
@@ -227,9 +230,9 @@ fn task_ttl(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     // `keys_for_task`).
     if ctx
         .tasks
-        .snapshot()
+        .by_index(BLOCKED_BY_INDEX, name)
         .iter()
-        .any(|t| !t.status.phase.is_finished() && t.spec.blocked_by.iter().any(|b| b == name))
+        .any(|t| !t.status.phase.is_finished())
     {
         return Ok(Action::await_change());
     }
