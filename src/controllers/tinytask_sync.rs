@@ -366,7 +366,7 @@ pub fn orphan_write_back(
         agent: Some(agent.clone()),
         created: Some(now_rfc3339()),
     };
-    let endpoint = endpoint_of(ctx, ctx.queues.get(&queue).as_deref());
+    let endpoint = endpoint_named(ctx, Some(&queue));
     let written = ctx.store.patch_status::<Queue>(&queue, |q| {
         let queued = q
             .status
@@ -425,12 +425,7 @@ async fn flush_orphans(ctx: &Ctx, queue: &Queue) -> bool {
                     && l.metadata
                         .annotations
                         .get(QUEUE_ANNOTATION)
-                        .is_some_and(|q| {
-                            same_endpoint(
-                                &endpoint_of(ctx, ctx.queues.get(q).as_deref()),
-                                &endpoint,
-                            )
-                        })
+                        .is_some_and(|q| same_endpoint(&endpoint_named(ctx, Some(q)), &endpoint))
             });
         if running_again && op == WriteBackOp::Release {
             tracing::info!(kind = "Queue", name = %name, "{op:?} for tinytask task {id} dropped: it runs here again");
@@ -626,6 +621,11 @@ fn endpoint_of(ctx: &Ctx, queue: Option<&Queue>) -> String {
         .and_then(|q| q.spec.endpoint.clone())
         .filter(|e| !e.trim().is_empty())
         .unwrap_or_else(|| ctx.settings.tinytask_endpoint.clone())
+}
+
+/// The endpoint of the Queue named `queue` (the default one when there is no such Queue).
+fn endpoint_named(ctx: &Ctx, queue: Option<&str>) -> String {
+    endpoint_of(ctx, queue.and_then(|q| ctx.queues.get(q)).as_deref())
 }
 
 /// Whether two endpoints name the same server as written (a trailing `/` aside).
@@ -935,7 +935,7 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
                 .status(TaskStatus::Idle);
             for t in client.list_tasks(&q).await?.iter().filter(|t| {
                 t.status == TaskStatus::Idle
-                    && t.assigned_to.as_deref().is_none_or(str::is_empty)
+                    && t.assignee().is_none()
                     && t.is_currently_blocked
                     && !t.failed_for_good()
             }) {
@@ -987,7 +987,7 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
                     .iter()
                     .filter(|t| {
                         t.status == TaskStatus::Idle
-                            && t.assigned_to.as_deref() == Some(&a)
+                            && t.assignee() == Some(&a)
                             && !t.failed_for_good()
                     })
                     .filter(|t| !respect || !t.is_currently_blocked)
@@ -1097,8 +1097,8 @@ fn refresh(
     respect: bool,
 ) {
     let endpoint = endpoint_of(ctx, Some(queue));
-    let owner = local.spec.queue.as_deref().and_then(|q| ctx.queues.get(q));
-    if !same_endpoint(&endpoint_of(ctx, owner.as_deref()), &endpoint) {
+    let theirs = endpoint_named(ctx, local.spec.queue.as_deref());
+    if !same_endpoint(&theirs, &endpoint) {
         // Another server's task with the same id: mirror names are `tt-<id>`, so this one
         // cannot be mirrored beside it. Taking the mirror over would move it, and its result,
         // to the wrong server.
@@ -1112,7 +1112,7 @@ fn refresh(
                 t.id,
                 local.metadata.name,
                 t.id,
-                endpoint_of(ctx, owner.as_deref()),
+                theirs,
                 local.spec.queue.as_deref().unwrap_or("none"),
             ),
         );
@@ -1165,7 +1165,7 @@ pub fn refusal(
             remote.queue().unwrap_or("none")
         ));
     }
-    let assignee = remote.assigned_to.as_deref().filter(|a| !a.is_empty());
+    let assignee = remote.assignee();
     let mine = |a: Option<&str>| a.is_none_or(|a| a == agent || Some(a) == ours);
     match remote.status {
         TaskStatus::Complete => return Some("it is already complete on the server".into()),
@@ -1317,10 +1317,7 @@ async fn claim_on_server(
     if was != norm(&before.assigned_to) || after.status != before.status {
         // Someone wrote between our read and our write: give it back as it was, and stand down.
         if !unchanged_assignee {
-            let undo = match &was {
-                Some(a) => TaskPatch::new().assign(a.clone()),
-                None => TaskPatch::new().unassign(),
-            };
+            let undo = TaskPatch::new().assignee(was.clone());
             if let Err(e) = client.patch_task(id, &undo).await {
                 tracing::warn!("tinytask task {id}: cannot restore the assignee: {e}");
             }
@@ -1338,10 +1335,7 @@ async fn claim_on_server(
         .try_get::<Lease>(&lease.metadata.name)
         .map_err(|e| ClaimError::Unreachable(e.to_string()))?;
     if lease_now.is_none_or(|l| l.metadata.uid != lease.metadata.uid) {
-        let undo = match norm(&before.assigned_to) {
-            Some(a) => TaskPatch::new().assign(a),
-            None => TaskPatch::new().unassign(),
-        };
+        let undo = TaskPatch::new().assignee(norm(&before.assigned_to));
         if let Err(e) = client.patch_task(id, &undo).await {
             tracing::warn!("tinytask task {id}: cannot give back the claim: {e}");
         }
@@ -1522,17 +1516,14 @@ async fn perform(client: &Remote, id: TaskId, wb: &WriteBack) -> Result<(), tiny
                 return Ok(());
             };
             let current = client.get_task(id).await?;
-            let assignee = current.assigned_to.as_deref().filter(|a| !a.is_empty());
-            match assignee {
+            match current.assignee() {
                 // Someone took it over while it ran: their work is not ours to close.
                 Some(other) if other != ours => {
                     let text = format!(
                         "[tinyscheduler] agent {ours} finished this task (exit 0), but it is \
                          assigned to {other} now; not marking it complete."
                     );
-                    if !current.comments.iter().any(|c| c.content.trim() == text) {
-                        client.add_comment(id, &text, AUTHOR).await?;
-                    }
+                    comment_once(client, id, &current, &text).await?;
                 }
                 _ if current.status == TaskStatus::Complete => {}
                 _ => {
@@ -1545,17 +1536,10 @@ async fn perform(client: &Remote, id: TaskId, wb: &WriteBack) -> Result<(), tiny
         WriteBackOp::Comment | WriteBackOp::Release | WriteBackOp::Fail => {
             let current = client.get_task(id).await?;
             if let Some(text) = wb.message.as_deref() {
-                // A comment whose answer was lost must not be written twice.
-                if !current
-                    .comments
-                    .iter()
-                    .any(|c| c.content.trim() == text.trim())
-                {
-                    client.add_comment(id, text, AUTHOR).await?;
-                }
+                comment_once(client, id, &current, text).await?;
             }
             if matches!(wb.op, WriteBackOp::Release | WriteBackOp::Fail) {
-                let assignee = current.assigned_to.as_deref().filter(|a| !a.is_empty());
+                let assignee = current.assignee();
                 let still_ours = assignee.is_none() || assignee == wb.agent.as_deref();
                 if current.status != TaskStatus::Complete && still_ours {
                     let mut patch = TaskPatch::new().status(TaskStatus::Idle).unassign();
@@ -1568,6 +1552,24 @@ async fn perform(client: &Remote, id: TaskId, wb: &WriteBack) -> Result<(), tiny
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// Adds `text` as a comment to task `id` unless `current` (the task as just read) has it
+/// already: a comment whose answer was lost must not be written twice.
+async fn comment_once(
+    client: &Remote,
+    id: TaskId,
+    current: &RemoteTask,
+    text: &str,
+) -> Result<(), tinytask::Error> {
+    if !current
+        .comments
+        .iter()
+        .any(|c| c.content.trim() == text.trim())
+    {
+        client.add_comment(id, text, AUTHOR).await?;
     }
     Ok(())
 }

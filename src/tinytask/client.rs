@@ -275,12 +275,7 @@ impl Client {
             let q = ListQuery::new(window).queue(queue).status(TaskStatus::Idle);
             let mut page = self.list_tasks(&q).await?;
             let full = page.len() as u32 >= window;
-            page.retain(|t| {
-                t.status == TaskStatus::Idle
-                    && t.assigned_to.as_deref().is_none_or(str::is_empty)
-                    && (!respect_blocking || !t.is_currently_blocked)
-                    && !t.failed_for_good()
-            });
+            page.retain(|t| t.is_runnable(respect_blocking));
             if page.len() >= want || !full || window >= SCAN_WINDOW_MAX {
                 sort_like_server(&mut page);
                 page.truncate(want);

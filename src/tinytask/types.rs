@@ -112,11 +112,18 @@ impl RemoteTask {
         }
     }
 
-    /// Idle, unassigned and not currently blocked: what a scheduler may claim.
-    pub fn is_runnable(&self) -> bool {
+    /// Who the task is assigned to; `None` when nobody (null or `""`).
+    pub fn assignee(&self) -> Option<&str> {
+        self.assigned_to.as_deref().filter(|a| !a.is_empty())
+    }
+
+    /// Idle, unassigned, not given up for good ([`FAILED_TAG`]) and, when blockers count, not
+    /// currently blocked: what a scheduler may claim.
+    pub fn is_runnable(&self, respect_blocking: bool) -> bool {
         self.status == TaskStatus::Idle
-            && self.assigned_to.as_deref().is_none_or(str::is_empty)
-            && !self.is_currently_blocked
+            && self.assignee().is_none()
+            && (!respect_blocking || !self.is_currently_blocked)
+            && !self.failed_for_good()
     }
 }
 
@@ -204,6 +211,11 @@ impl TaskPatch {
     /// Sends `assigned_to: null`.
     pub fn unassign(mut self) -> Self {
         self.assigned_to = Some(None);
+        self
+    }
+    /// Sends `assigned_to`, `null` for `None` (puts back an assignee read earlier).
+    pub fn assignee(mut self, agent: Option<String>) -> Self {
+        self.assigned_to = Some(agent);
         self
     }
     pub fn priority(mut self, p: i64) -> Self {
@@ -366,7 +378,8 @@ mod tests {
         assert_eq!(t.priority_i64(), 3);
         assert!(t.tags.is_empty());
         assert_eq!(t.queue(), None);
-        assert!(t.is_runnable());
+        assert_eq!(t.assignee(), None);
+        assert!(t.is_runnable(true));
     }
 
     #[test]
