@@ -88,8 +88,7 @@ pub fn log_path(state_dir: &Path, task: &str, attempt: i64) -> PathBuf {
 }
 
 /// Removes every run log of `task` (`<state>/logs/<task>`), as when the Task is deleted; none
-/// is fine.
-/// The error names the directory.
+/// is fine. The error names the directory.
 pub fn remove_logs(state_dir: &Path, task: &str) -> io::Result<()> {
     let dir = state_dir.join("logs").join(task);
     match std::fs::remove_dir_all(&dir) {

@@ -20,17 +20,22 @@ pub fn resolve_kind(s: &str) -> Result<Kind, CliError> {
     })
 }
 
+/// kubectl's error for a kind given both apart and in `KIND/NAME` form; `detail` ends it.
+fn separate_kind(verb: &str, detail: &str) -> CliError {
+    CliError(format!(
+        "error: there is no need to specify a resource type as a separate argument when passing \
+         arguments in resource/name form (e.g. 'tinyscheduler {verb} task/x'){detail}"
+    ))
+}
+
 /// Resolves arguments in kubectl's `KIND/NAME` form, every one of them (`verb` is for the
 /// message about one that is not).
 pub fn slash_targets(args: &[String], verb: &str) -> Result<Vec<(Kind, String)>, CliError> {
     args.iter()
         .map(|t| {
-            let (k, n) = t.split_once('/').ok_or_else(|| {
-                CliError(format!(
-                    "error: there is no need to specify a resource type as a separate argument when \
-                     passing arguments in resource/name form (e.g. 'tinyscheduler {verb} task/x'); got {t:?}"
-                ))
-            })?;
+            let (k, n) = t
+                .split_once('/')
+                .ok_or_else(|| separate_kind(verb, &format!("; got {t:?}")))?;
             Ok((resolve_kind(k)?, n.to_string()))
         })
         .collect()
@@ -46,10 +51,7 @@ pub fn kind_and_names(
         if names.iter().any(|n| n.contains('/')) {
             // `get task task/x`: the same message kubectl gives.
             slash_targets(names, verb)?;
-            return Err(CliError(format!(
-                "error: there is no need to specify a resource type as a separate argument when \
-                 passing arguments in resource/name form (e.g. 'tinyscheduler {verb} task/x')"
-            )));
+            return Err(separate_kind(verb, ""));
         }
         return Ok((resolve_kind(kind)?, names.to_vec()));
     }
