@@ -393,16 +393,8 @@ fn a_blocker_outlives_its_ttl_until_the_task_it_blocks_has_finished() {
         s.phase("dependent") == TaskPhase::Pending
     });
 
-    // The daemon writes the Agent's status meanwhile: read again on a conflict.
-    loop {
-        let mut later = s.store.get::<Agent>("later").unwrap();
-        later.spec.paused = false;
-        match s.store.update(&later) {
-            Ok(_) => break,
-            Err(e) if e.is_conflict() => continue,
-            Err(e) => panic!("{e}"),
-        }
-    }
+    // The daemon writes the Agent's status meanwhile.
+    support::update_retrying::<Agent>(&s.store, "later", |a| a.spec.paused = false);
     s.wait_phase("dependent", TaskPhase::Succeeded, LONG);
     wait_for("task/blocker to be deleted after its TTL", LONG, || {
         s.store.try_get::<Task>("blocker").unwrap().is_none()

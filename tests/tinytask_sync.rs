@@ -1055,16 +1055,10 @@ async fn a_claim_slower_than_the_lease_gives_the_task_back_and_it_runs_later() {
     })
     .await;
     let store = Store::open(w.env.state()).unwrap();
-    // The daemon writes the Task's status meanwhile: read again on a conflict.
-    loop {
-        let mut t = store.get::<tinyscheduler::resources::Task>(&name).unwrap();
-        t.spec.max_retries = 0;
-        match store.update(&t) {
-            Ok(_) => break,
-            Err(e) if e.is_conflict() => continue,
-            Err(e) => panic!("{e}"),
-        }
-    }
+    // The daemon writes the Task's status meanwhile.
+    support::update_retrying::<tinyscheduler::resources::Task>(&store, &name, |t| {
+        t.spec.max_retries = 0
+    });
     wait_until(
         "the task to complete on the server",
         Duration::from_secs(60),

@@ -206,3 +206,21 @@ pub fn task(name: &str, queue: &str) -> String {
 }
 
 pub mod tinytask_server;
+
+/// Changes object `name` with `f` and writes it, reading it again when a write by the running
+/// daemon came in between (a Conflict).
+pub fn update_retrying<K: tinyscheduler::resources::meta::Resource>(
+    store: &tinyscheduler::store::Store,
+    name: &str,
+    mut f: impl FnMut(&mut K),
+) {
+    loop {
+        let mut obj = store.get::<K>(name).unwrap();
+        f(&mut obj);
+        match store.update(&obj) {
+            Ok(_) => return,
+            Err(e) if e.is_conflict() => continue,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
