@@ -22,7 +22,8 @@
 //! default the system temp dir), `BENCH_BURST_PREFINISHED` (`1`: NOT a burst — the N tasks are
 //! created already `Succeeded`, as a finished burst leaves them but without its Events, and the
 //! daemon only has to list them; the bench waits for its work queues to drain before the idle
-//! window. For measuring the idle cost without waiting minutes for a burst.)
+//! window. For measuring the idle cost without waiting minutes for a burst.), `BENCH_KEEP` (`1`:
+//! leave the state directories behind, for A/B pairs that must not delete between runs).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -67,10 +68,17 @@ fn summary(name: &str, mut v: Vec<f64>) {
 }
 
 fn bench_dir() -> tempfile::TempDir {
-    match std::env::var_os("BENCH_DIR") {
+    let mut dir = match std::env::var_os("BENCH_DIR") {
         Some(d) => tempfile::tempdir_in(d).unwrap(),
         None => tempfile::tempdir().unwrap(),
+    };
+    // A mass deletion slows the file creates of whatever runs next on a journal-less ext4 for
+    // minutes (see docs/benchmarks.md): A/B pairs keep their directories and delete them later.
+    if env_num("BENCH_KEEP", 0) == 1 {
+        dir.disable_cleanup(true);
+        println!("keeping {}", dir.path().display());
     }
+    dir
 }
 
 /// A daemon child, killed by pid if the bench panics.
