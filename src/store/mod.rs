@@ -186,7 +186,7 @@ impl Store {
         let objects = root.join("objects");
         let tmp = root.join("tmp");
         for d in [&root, &objects, &tmp] {
-            fsio::ensure_private_dir(d).map_err(|e| StoreError::io(d, e))?;
+            fsio::ensure_durable_dir(d).map_err(|e| StoreError::io(d, e))?;
         }
         let open = |p: &Path| fsio::open_private(p).map_err(|e| StoreError::io(p, e));
         let spares_path = root.join("spares");
@@ -621,7 +621,7 @@ impl Store {
         mut obj: Value,
     ) -> Result<(Value, spares::Staged), StoreError> {
         let dir = self.kind_dir(plural);
-        fsio::ensure_private_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
+        fsio::ensure_durable_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
         let path = self.object_path(plural, name);
         let revision = self.next_revision(w)?;
         meta_mut(&mut obj).insert(

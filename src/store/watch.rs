@@ -88,7 +88,7 @@ impl Store {
     ) -> Result<Watch<K>, StoreError> {
         let dir = self.kind_dir(K::PLURAL);
         if self.inner.writer.is_some() {
-            fsio::ensure_private_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
+            fsio::ensure_durable_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
         }
         let mut inotify = DirWatch::new(&dir).map_err(|e| StoreError::io(&dir, e))?;
         let watching = inotify.watch();
