@@ -314,6 +314,62 @@ fn run_once_exits_while_its_agents_run_and_a_later_run_records_their_results() {
 }
 
 #[test]
+fn a_task_deleted_and_created_again_while_its_run_goes_on_never_gets_that_runs_result() {
+    let s = Sched::new();
+    s.queue("default");
+    // Every run waits for the gate, then exits with the code its task asks for.
+    s.agent(
+        "w",
+        1,
+        "while [ ! -e \"$OUT/gate\" ] && [ -d \"$OUT\" ]; do sleep 0.05; done
+echo \"$TINYSCHEDULER_PARAM_CODE\" >> \"$OUT/runs\"; exit \"$TINYSCHEDULER_PARAM_CODE\"",
+    );
+    let job = |code: i64| {
+        s.task_with("job", |t| {
+            t.params.insert("code".into(), code.into());
+            t.max_retries = 1;
+        })
+    };
+    let first = job(3);
+    assert_eq!(s.run(&["run", "--once"]).code, 0);
+    wait_for("the first run to start", LONG, || {
+        pids_in(&s.out("pids")).len() == 1
+    });
+    let r = s.run(&["delete", "task", "job"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let second = job(0);
+    assert_ne!(first.metadata.uid, second.metadata.uid);
+    std::fs::write(s.out("gate"), "").unwrap();
+    wait_for("the first run's exit to be recorded", LONG, || {
+        s.leases()
+            .iter()
+            .all(|l| l.status.phase == LeasePhase::Completed)
+    });
+    // This pass finds the first run over and its task gone; the new task gets a run of its own.
+    assert_eq!(s.run(&["run", "--once"]).code, 0);
+    wait_for("the second run", LONG, || s.lines("runs").len() == 2);
+    wait_for("the second run's exit to be recorded", LONG, || {
+        s.leases()
+            .iter()
+            .all(|l| l.status.phase == LeasePhase::Completed)
+    });
+    assert_eq!(s.run(&["run", "--once"]).code, 0);
+    let t = s.get_task("job");
+    assert_eq!(t.metadata.uid, second.metadata.uid);
+    assert_eq!(t.status.phase, TaskPhase::Succeeded, "{:?}", t.status);
+    assert_eq!(
+        (t.status.attempts, t.status.exit_code),
+        (1, Some(0)),
+        "the new task took the old run's result: {:?}",
+        t.status
+    );
+    assert_eq!(s.lines("runs"), ["3", "0"]);
+    let story = story(&s, "job");
+    assert!(!story.iter().any(|r| r == "Retrying"), "{story:?}");
+    assert!(s.leases().is_empty());
+}
+
+#[test]
 fn a_daemon_killed_mid_burst_and_restarted_runs_every_task_exactly_once() {
     let mut s = Sched::new();
     s.queue("default");
@@ -371,6 +427,7 @@ fn left_behind_lease(s: &Sched, task: &str, duration_secs: i64) -> Lease {
             lease_duration_seconds: duration_secs,
             max_runtime_seconds: 600,
             attempt: 1,
+            task_uid: s.get_task(task).metadata.uid,
         },
     );
     lease

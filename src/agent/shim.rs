@@ -389,6 +389,12 @@ fn prepare(store: &Store, state_dir: &Path, lease: &Lease) -> Result<Prepared, S
         .try_get::<Task>(&lease.spec.task)
         .map_err(|e| format!("cannot read task {:?}: {e}", lease.spec.task))?
         .ok_or_else(|| format!("task {:?} not found", lease.spec.task))?;
+    if !lease.spec.runs(&task) {
+        return Err(format!(
+            "task {:?} was deleted; the task now of that name is another one",
+            lease.spec.task
+        ));
+    }
     let agent = store
         .try_get::<Agent>(&lease.spec.agent)
         .map_err(|e| format!("cannot read agent {:?}: {e}", lease.spec.agent))?

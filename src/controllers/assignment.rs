@@ -164,6 +164,7 @@ fn commit(ctx: &Ctx, task_name: &str, agent_name: &str) -> Result<(), Error> {
                 .timeout_seconds
                 .unwrap_or(agent.spec.max_runtime_seconds),
             attempt,
+            task_uid: task.metadata.uid.clone(),
         },
     );
     lease

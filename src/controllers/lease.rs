@@ -200,7 +200,10 @@ fn mark_task_assigned(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
     let Some(task) = ctx.tasks.get(&lease.spec.task) else {
         return Ok(());
     };
-    if shows_lease(&task, name) || past_attempt(&task, lease.spec.attempt) {
+    if !lease.spec.runs(&task)
+        || shows_lease(&task, name)
+        || past_attempt(&task, lease.spec.attempt)
+    {
         return Ok(());
     }
     if ctx.settings.dry_run {
@@ -208,7 +211,7 @@ fn mark_task_assigned(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
         return Ok(());
     }
     ctx.patch_task(&lease.spec.task, |t| {
-        if !shows_lease(t, name) && !past_attempt(t, lease.spec.attempt) {
+        if lease.spec.runs(t) && !shows_lease(t, name) && !past_attempt(t, lease.spec.attempt) {
             mirror_assignment(t, lease);
         }
     })?;
@@ -237,7 +240,10 @@ fn mark_task_running(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
         return Ok(());
     };
     let name = &lease.metadata.name;
-    if shows_running(&task, name) || past_attempt(&task, lease.spec.attempt) {
+    if !lease.spec.runs(&task)
+        || shows_running(&task, name)
+        || past_attempt(&task, lease.spec.attempt)
+    {
         return Ok(());
     }
     if ctx.settings.dry_run {
@@ -247,7 +253,8 @@ fn mark_task_running(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
     let message = started_message(lease);
     let mut changed = false;
     let t = ctx.patch_task(&lease.spec.task, |t| {
-        changed = !shows_running(t, name) && !past_attempt(t, lease.spec.attempt);
+        changed =
+            lease.spec.runs(t) && !shows_running(t, name) && !past_attempt(t, lease.spec.attempt);
         if changed {
             if !shows_lease(t, name) {
                 mirror_assignment(t, lease);

@@ -96,7 +96,14 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
     let mut started_here = false;
     // Whether this attempt's agent was started (the shim records its pid with the start).
     let started = lease.status.pid.is_some();
+    // A Task deleted and created again under its name while this run went on is another Task.
+    let mut replaced = false;
     let updated = ctx.patch_task(task_name, |t| {
+        replaced = !lease.spec.runs(t);
+        if replaced {
+            applied = false;
+            return;
+        }
         // Checked again on the fresh object: the shim's record and a reclaim can race to
         // record one attempt, and only the first may (a later attempt's status is never
         // overwritten either).
@@ -177,7 +184,7 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
             t.status.write_backs.extend(wbs);
         }
     })?;
-    if updated.is_none() {
+    if updated.is_none() || replaced {
         // Deleted while it ran: a mirrored task's result still goes back to its server.
         tinytask_sync::orphan_write_back(ctx, lease, ending.succeeded(), &what)?;
     }

@@ -245,7 +245,11 @@ pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
 /// Says on the Task that its run is over and reclaim waits for the shim to record the result.
 /// The message stays the same while it waits, so the Event is aggregated (its count grows).
 fn await_shim(ctx: &Ctx, lease: &Lease) {
-    let Some(task) = ctx.tasks.get(&lease.spec.task) else {
+    let Some(task) = ctx
+        .tasks
+        .get(&lease.spec.task)
+        .filter(|t| lease.spec.runs(t))
+    else {
         return;
     };
     let shim = lease.status.shim_pid.unwrap_or_default();
@@ -281,8 +285,14 @@ fn facts(ctx: &Ctx, lease: &Lease, ask_claim: bool) -> Result<Facts, Error> {
         .host
         .as_deref()
         .is_none_or(|h| h == ctx.settings.host);
-    let task_exists = ctx.tasks.get(&lease.spec.task).is_some()
-        || ctx.store.try_get::<Task>(&lease.spec.task)?.is_some();
+    // A Task of the same name with another uid is a new Task: the one this run was for is gone.
+    let task_exists = match ctx.tasks.get(&lease.spec.task) {
+        Some(t) => lease.spec.runs(&t),
+        None => ctx
+            .store
+            .try_get::<Task>(&lease.spec.task)?
+            .is_some_and(|t| lease.spec.runs(&t)),
+    };
     let claimed = ask_claim
         && lease.status.phase == LeasePhase::Pending
         && task_exists
@@ -315,7 +325,10 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
     else {
         return Ok(());
     };
-    let task = ctx.store.try_get::<Task>(&lease.spec.task)?;
+    let task = ctx
+        .store
+        .try_get::<Task>(&lease.spec.task)?
+        .filter(|t| lease.spec.runs(t));
     if let Some(t) = &task {
         ctx.event(
             t,

@@ -1219,7 +1219,11 @@ async fn claim(ctx: &Ctx, lease_name: &str) -> Result<Action, Error> {
     if lease.status.phase != LeasePhase::Pending || is_claimed(&lease) {
         return Ok(Action::await_change());
     }
-    let Some(task) = ctx.store.try_get::<Task>(&lease.spec.task)? else {
+    let Some(task) = ctx
+        .store
+        .try_get::<Task>(&lease.spec.task)?
+        .filter(|t| lease.spec.runs(t))
+    else {
         return Ok(Action::await_change());
     };
     let Some(id) = remote_id(&task) else {

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::meta::Object;
+use super::Task;
 
 /// A lease: which agent runs which task, and what the shim observed of the process.
 pub type Lease = Object<LeaseSpec, LeaseStatus>;
@@ -40,6 +41,20 @@ pub struct LeaseSpec {
     /// Which attempt of the task this run is (1-based).
     #[serde(default)]
     pub attempt: i64,
+    /// The uid of the Task this run is for. A Task deleted and created again under the same name
+    /// is another Task: this run must never write into it. Empty in Leases of earlier versions,
+    /// which the name alone matches.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub task_uid: String,
+}
+
+impl LeaseSpec {
+    /// Whether this run is a run of `task`: the same name and, when the Lease knows it, the same
+    /// uid.
+    pub fn runs(&self, task: &Task) -> bool {
+        self.task == task.metadata.name
+            && (self.task_uid.is_empty() || self.task_uid == task.metadata.uid)
+    }
 }
 
 /// Lifecycle of one run.

@@ -63,6 +63,8 @@ impl State {
             lease_duration_seconds: 60,
             max_runtime_seconds: 3600,
             attempt,
+            // Empty, as in a Lease of an earlier version: the task's name alone matches it.
+            ..Default::default()
         };
         self.store.create(&Lease::new("Lease", task, spec)).unwrap()
     }
