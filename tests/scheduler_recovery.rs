@@ -554,6 +554,67 @@ fn an_agent_whose_shim_died_before_recording_it_is_killed_before_the_run_starts_
 }
 
 #[test]
+fn a_lease_reclaimed_as_never_started_never_has_its_agent_started_as_well() {
+    // Pending Leases past their duration, as a scheduler that died before starting their shims
+    // leaves them. The next pass judges them (reclaim) and starts their shims (lease controller)
+    // at the same moment: each must end up either run or reclaimed, never both.
+    let s = Sched::new();
+    s.queue("default");
+    s.agent(
+        "w",
+        1000,
+        "echo \"$TINYSCHEDULER_TASK $TINYSCHEDULER_ATTEMPT\" >> \"$OUT/runs\"; sleep 1",
+    );
+    let names: Vec<String> = (0..60).map(|i| format!("p{i}")).collect();
+    for n in &names {
+        s.task_with(n, |t| t.max_retries = 1);
+        left_behind_lease(&s, n, 1);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = s.run(&["run", "--once"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    // Every shim has claimed its Lease and started its agent, or found it gone, by the time no
+    // Lease is Pending; the verdict below is given either way.
+    let started = || {
+        s.leases()
+            .iter()
+            .all(|l| l.status.phase != LeasePhase::Pending)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !started() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let runs = s.lines("runs");
+    let events = s
+        .store
+        .list::<tinyscheduler::resources::Event>(None)
+        .unwrap()
+        .items;
+    let mut both = Vec::new();
+    for n in &names {
+        let ran = runs.iter().filter(|l| **l == format!("{n} 1")).count();
+        assert!(ran <= 1, "{n}'s attempt 1 ran {ran} times");
+        let reclaimed = events.iter().any(|e| {
+            e.spec.involved_object.name == *n
+                && e.spec.reason == "Reclaimed"
+                && e.spec.message.contains("(attempt 1): never started")
+        });
+        if ran == 1 && reclaimed {
+            both.push(n.clone());
+        }
+        assert!(
+            ran == 1 || reclaimed,
+            "{n}: attempt 1 neither ran nor was reclaimed"
+        );
+    }
+    assert!(
+        both.is_empty(),
+        "reclaimed as never started while their agents ran: {both:?}"
+    );
+    assert!(started(), "a Lease was left Pending: {:?}", s.leases());
+}
+
+#[test]
 fn a_second_scheduler_exits_1_naming_the_daemon_that_holds_the_lock() {
     let mut s = Sched::new();
     s.queue("default");

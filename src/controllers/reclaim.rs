@@ -3,12 +3,14 @@
 //! then SIGKILL after a grace) and only then fails the attempt (invariant 4). Liveness is exact:
 //! pid plus start time (invariant 5); a Lease held on another host is judged by its renew time alone.
 
+use std::io;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::outcome::{self, Ending};
 use super::{Ctx, Error, Summary};
-use crate::agent::claim::Claim;
+use crate::agent::claim::{claims_path, Claim};
 use crate::agent::kill::terminate_group;
 use crate::agent::liveness::{group_has_run, groups_of_unrecorded_run, is_alive};
 use crate::agent::shim::{log_path, RECORD_GIVE_UP};
@@ -238,8 +240,45 @@ pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
         Summary::bump(&ctx.summary.reclaimed);
         return Ok(Action::await_change());
     }
+    let _claim = match hold_claim(&ctx.state_dir, &lease, local) {
+        Ok(ClaimHold::Held(c)) => Some(c),
+        Ok(ClaimHold::NotNeeded) => None,
+        Ok(ClaimHold::Starting) => return Ok(Action::requeue_after(STARTING_RECHECK)),
+        Err(e) => {
+            let path = claims_path(&ctx.state_dir);
+            return Err(Error(format!("{}: {e}", path.display())));
+        }
+    };
     reclaim(&ctx, lease, local, &reason).await?;
     Ok(Action::await_change())
+}
+
+/// How soon a Pending Lease whose shim took its claim after the verdict is judged again.
+const STARTING_RECHECK: Duration = Duration::from_secs(1);
+
+/// Whether reclaim may go on with a Lease, and the claim it holds meanwhile.
+#[derive(Debug)]
+pub enum ClaimHold {
+    /// Not a local Pending Lease: no shim can start it any more.
+    NotNeeded,
+    /// Reclaim holds the claim, so no shim can start the Lease's agent until it is released.
+    Held(Claim),
+    /// A shim holds the claim: it is starting the run, which is judged again.
+    Starting,
+}
+
+/// Takes the claim of a local Pending Lease for the reclaim. A shim takes the claim, then reads
+/// its Lease once more and starts the agent only if it is still Pending; the verdict was made
+/// before, so without the claim a shim starting between the two would run an agent that the
+/// reclaim neither saw nor killed, and the task would be requeued beside it (invariant 1).
+pub fn hold_claim(state_dir: &Path, lease: &Lease, local: bool) -> io::Result<ClaimHold> {
+    if !local || lease.status.phase != LeasePhase::Pending {
+        return Ok(ClaimHold::NotNeeded);
+    }
+    Ok(match Claim::acquire(state_dir, &lease.metadata.uid)? {
+        Some(c) => ClaimHold::Held(c),
+        None => ClaimHold::Starting,
+    })
 }
 
 /// Says on the Task that its run is over and reclaim waits for the shim to record the result.
@@ -458,6 +497,34 @@ mod tests {
         l.status.renew_time = Some(format_time(now - Duration::from_secs(renewed_ago)));
         l.status.acquire_time = Some(format_time(now - Duration::from_secs(running_for)));
         l
+    }
+
+    #[test]
+    fn reclaim_holds_a_pending_leases_claim_so_no_shim_can_start_it_meanwhile() {
+        let d = tempfile::tempdir().unwrap();
+        let pending = lease(LeasePhase::Pending, 0, 100);
+        let uid = &pending.metadata.uid;
+        let held = hold_claim(d.path(), &pending, true).unwrap();
+        assert!(matches!(held, ClaimHold::Held(_)), "{held:?}");
+        assert!(
+            Claim::acquire(d.path(), uid).unwrap().is_none(),
+            "a shim starting now finds the claim taken and runs nothing"
+        );
+        drop(held);
+        let shim = Claim::acquire(d.path(), uid).unwrap().expect("free again");
+        let starting = hold_claim(d.path(), &pending, true).unwrap();
+        assert!(
+            matches!(starting, ClaimHold::Starting),
+            "a shim that took the claim after the verdict is starting the run: {starting:?}"
+        );
+        drop(shim);
+        for (l, local) in [
+            (lease(LeasePhase::Running, 100, 100), true),
+            (pending.clone(), false),
+        ] {
+            let h = hold_claim(d.path(), &l, local).unwrap();
+            assert!(matches!(h, ClaimHold::NotNeeded), "{h:?}");
+        }
     }
 
     #[test]
