@@ -615,6 +615,57 @@ fn a_lease_reclaimed_as_never_started_never_has_its_agent_started_as_well() {
 }
 
 #[test]
+fn a_daemon_whose_binary_an_upgrade_replaced_still_starts_runs_with_its_own_code() {
+    let mut s = Sched::new();
+    s.queue("default");
+    s.agent("w", 1, "echo ran >> \"$OUT/ran\"");
+    // The daemon runs from an installed path, as from /usr/local/bin.
+    let bin = s.env.tmp.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let installed = bin.join("tinyscheduler");
+    if std::fs::hard_link(support::BIN, &installed).is_err() {
+        std::fs::copy(support::BIN, &installed).unwrap();
+    }
+    let mut daemon = Command::new(&installed);
+    daemon
+        .arg("--state-dir")
+        .arg(s.env.state())
+        .args(["run", "--daemon"])
+        .current_dir(s.env.tmp.path())
+        .env_remove("TINYSCHEDULER_STATE_DIR")
+        .envs(sched::FAST_ENV.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(s.out("daemon.log")).unwrap());
+    let child = daemon.spawn().unwrap();
+    s.keep(child);
+    // The upgrade: a new file moved over the path (here one that only says it was run).
+    let new = bin.join("tinyscheduler.new");
+    let marker = s.out("new-binary-ran");
+    std::fs::write(
+        &new,
+        format!(
+            "#!/bin/sh\necho \"$@\" >> '{}'\nexit 97\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&new, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&new, &installed).unwrap();
+
+    s.task("after-upgrade");
+    wait_for("the task to succeed", LONG, || {
+        s.phase("after-upgrade") == TaskPhase::Succeeded
+    });
+    assert_eq!(s.lines("ran"), ["ran"]);
+    assert!(
+        !marker.exists(),
+        "the shim ran the new binary: {}",
+        s.read_out("new-binary-ran")
+    );
+}
+
+#[test]
 fn a_second_scheduler_exits_1_naming_the_daemon_that_holds_the_lock() {
     let mut s = Sched::new();
     s.queue("default");

@@ -61,6 +61,9 @@ pub fn spawn_shim_with(exe: &Path, state_dir: &Path, lease: &str) -> io::Result<
     Ok(pid)
 }
 
+/// What Linux appends to `/proc/self/exe` once the running executable's path was unlinked.
+const DELETED: &[u8] = b" (deleted)";
+
 /// How often the reaper looks for exited shims while any is alive.
 const REAP_EVERY: Duration = Duration::from_millis(50);
 
@@ -120,11 +123,16 @@ pub fn shim_env(vars: impl IntoIterator<Item = (OsString, OsString)>) -> Vec<(Os
 /// The binary to run as the shim: `$TINYSCHEDULER_SHIM_EXE`, else the current executable. When the
 /// current executable is a cargo test harness (`target/<profile>/deps/<name>-<hash>`), the
 /// `tinyscheduler` binary beside `deps/` is used instead, so a test never re-runs its own harness.
+/// When an upgrade has replaced the running binary (`mv` over it), its old path names the new
+/// file or nothing; the shims then run the scheduler's own code through `/proc/self/exe`.
 pub fn shim_exe() -> io::Result<PathBuf> {
     if let Some(p) = std::env::var_os(SHIM_EXE_ENV).filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe()?;
+    if exe.as_os_str().as_encoded_bytes().ends_with(DELETED) {
+        return Ok(PathBuf::from("/proc/self/exe"));
+    }
     let in_deps = exe
         .parent()
         .and_then(|d| d.file_name())
