@@ -408,6 +408,25 @@ fn a_directory_is_applied_in_kind_order_and_recursion_is_opt_in() {
 }
 
 #[test]
+fn an_empty_file_beside_manifests_is_skipped_and_only_no_objects_at_all_is_an_error() {
+    let env = Env::new();
+    env.file("m/queues.yaml", &queue("default"));
+    env.file("m/placeholder.yaml", "# filled in later\n");
+    env.file("m/empty.yml", "---\n");
+    let dir = env.tmp.path().join("m");
+    let r = env.run(&["apply", "-f", dir.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout, "queue.tinyscheduler.io/default created\n");
+    let r = env.run(&["delete", "-f", dir.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{r:?}");
+    env.file("n/placeholder.yaml", "# filled in later\n");
+    let empty = env.tmp.path().join("n");
+    let r = env.run(&["delete", "-f", empty.to_str().unwrap()]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("no objects passed to delete"), "{r:?}");
+}
+
+#[test]
 fn standard_input_is_read_with_dash() {
     let env = Env::new();
     let r = env.run_stdin(&["apply", "-f", "-"], &queue("from-stdin"));

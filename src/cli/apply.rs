@@ -234,7 +234,7 @@ fn write(store: &Store, p: &Planned) -> Result<Outcome, StoreError> {
 
 /// `apply` entry point.
 pub fn apply(g: &Globals, a: ApplyArgs) -> CliResult {
-    let docs = input::read_all_reported(&a.files, a.recursive)?;
+    let docs = input::read_all_reported(&a.files, a.recursive, "apply")?;
     let checker = Store::open_read_only(&g.state_dir);
     let mut planned = plan(&checker, &docs).map_err(|e| CliError(e.join("\n")))?;
     planned.sort_by_key(|p| Kind::ALL.iter().position(|k| *k == p.kind));

@@ -14,7 +14,7 @@ use crate::store::{Store, StoreError};
 fn targets(a: &DeleteArgs) -> Result<Vec<(Kind, String)>, CliError> {
     let mut out = Vec::new();
     if !a.files.is_empty() {
-        let docs = input::read_all_reported(&a.files, a.recursive)?;
+        let docs = input::read_all_reported(&a.files, a.recursive, "delete")?;
         for d in &docs {
             let kind = d.kind().and_then(Kind::from_kind_field).ok_or_else(|| {
                 CliError(format!(

@@ -148,24 +148,28 @@ fn buf_too_big(b: &[u8]) -> bool {
 pub fn read_all_reported(
     files: &[String],
     recursive: bool,
+    verb: &str,
 ) -> Result<Vec<Document>, super::CliError> {
-    read_all(files, recursive).map_err(|errs| {
+    read_all(files, recursive, verb).map_err(|errs| {
         let lines: Vec<String> = errs.iter().map(|e| format!("error: {e}")).collect();
         super::CliError(lines.join("\n"))
     })
 }
 
-/// Reads every document of every source named by `-f`. An input with no objects at all is an error.
-pub fn read_all(files: &[String], recursive: bool) -> Result<Vec<Document>, Vec<InputError>> {
+/// Reads every document of every source named by `-f`. As with kubectl, a file without objects
+/// (empty, comments only) is skipped; input with no objects at all is an error, worded for `verb`
+/// (`apply`, `delete`).
+pub fn read_all(
+    files: &[String],
+    recursive: bool,
+    verb: &str,
+) -> Result<Vec<Document>, Vec<InputError>> {
     let sources = expand(files, recursive).map_err(|e| vec![e])?;
     let mut docs = Vec::new();
     let mut errors = Vec::new();
     for src in &sources {
         match read_source(src) {
             Ok((name, text)) => match parse(&name, &text) {
-                Ok(d) if d.is_empty() => {
-                    errors.push(InputError(format!("{name}: no objects passed to apply")))
-                }
                 Ok(d) => docs.extend(d),
                 Err(e) => errors.extend(e),
             },
@@ -174,7 +178,12 @@ pub fn read_all(files: &[String], recursive: bool) -> Result<Vec<Document>, Vec<
     }
     if sources.is_empty() {
         errors.push(InputError(format!(
-            "{}: no objects passed to apply (no *.yaml, *.yml or *.json files)",
+            "{}: no objects passed to {verb} (no *.yaml, *.yml or *.json files)",
+            files.join(", ")
+        )));
+    } else if docs.is_empty() && errors.is_empty() {
+        errors.push(InputError(format!(
+            "{}: no objects passed to {verb}",
             files.join(", ")
         )));
     }
