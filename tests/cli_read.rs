@@ -350,6 +350,32 @@ fn wait_for_delete_returns_when_the_object_is_gone() {
 }
 
 #[test]
+fn wait_for_delete_returns_when_the_object_is_replaced_by_a_new_one_of_its_name() {
+    let env = with_tasks();
+    let child = env
+        .cmd(&["wait", "task/t-b", "--for=delete", "--timeout", "20s"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // Deleted and created again faster than the watch looks: one rename puts another object
+    // (another uid) where t-b was.
+    let path = env.state().join("objects/tasks/t-b.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["metadata"]["uid"] = "another-uid".into();
+    v["metadata"]["resourceVersion"] = "999999".into();
+    let staged = env.state().join("tmp/replacement.json");
+    std::fs::write(&staged, serde_json::to_vec(&v).unwrap()).unwrap();
+    std::fs::rename(&staged, &path).unwrap();
+    let r: Run = child.wait_with_output().unwrap().into();
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "task.tinyscheduler.io/t-b condition met\n")
+    );
+}
+
+#[test]
 fn wait_times_out_with_kubectls_message() {
     let env = with_tasks();
     let r = env.run(&[

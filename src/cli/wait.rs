@@ -202,6 +202,12 @@ async fn wait_kind<K: Resource>(
         (Some(o), _) if check(o) => return Ok(true),
         _ => {}
     }
+    // For `delete`, the object waited for is this one: one created again under its name is
+    // another (kubectl compares uids the same way), whose arrival means this one was deleted.
+    let uid = current
+        .as_ref()
+        .map(|o| o.meta().uid.clone())
+        .unwrap_or_default();
     let known: Vec<K> = current.into_iter().collect();
     let mut w = store.watch::<K>(
         &known,
@@ -212,11 +218,13 @@ async fn wait_kind<K: Resource>(
     let follow = async {
         while let Some(ev) = w.next().await {
             match ev {
-                WatchEvent::Added(o) | WatchEvent::Modified(o) => {
-                    if o.name() == name && check(&o) {
+                WatchEvent::Added(o) | WatchEvent::Modified(o) if o.name() == name => {
+                    let replaced = *cond == For::Delete && o.meta().uid != uid;
+                    if replaced || check(&o) {
                         return true;
                     }
                 }
+                WatchEvent::Added(_) | WatchEvent::Modified(_) => {}
                 WatchEvent::Deleted { name: n, .. } => {
                     if n == name && *cond == For::Delete {
                         return true;
