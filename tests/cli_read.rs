@@ -409,6 +409,38 @@ fn get_watch_prints_a_row_per_change() {
 }
 
 #[test]
+fn get_watch_with_a_selector_shows_an_object_leave_once_and_not_again_when_deleted() {
+    let env = with_tasks();
+    let labelled = |team: &str| {
+        format!(
+            "apiVersion: tinyscheduler.io/v1alpha1\nkind: Agent\nmetadata:\n  name: lab\n  \
+             labels:\n    team: {team}\nspec:\n  maxConcurrency: 1\n"
+        )
+    };
+    env.apply_ok("lab.yaml", &labelled("x"));
+    let s = Streaming::spawn(env.cmd(&["get", "agents", "-l", "team=x", "-w"]));
+    let t = Duration::from_secs(10);
+    assert!(s.line(t).unwrap().starts_with("NAME"));
+    assert!(s.line(t).unwrap().starts_with("lab "));
+    std::thread::sleep(Duration::from_millis(200));
+    env.apply_ok("lab.yaml", &labelled("y"));
+    let row = s
+        .line(t)
+        .expect("a last row for the agent that stopped matching");
+    assert!(row.starts_with("lab "), "{row}");
+    assert_eq!(env.run(&["delete", "agent", "lab"]).code, 0);
+    env.apply_ok("other.yaml", &agent("orrin", 3));
+    assert_eq!(
+        s.line(Duration::from_millis(1500)),
+        None,
+        "neither the deletion of an agent that no longer matched nor another agent is shown"
+    );
+    env.apply_ok("lab.yaml", &labelled("x"));
+    let row = s.line(t).expect("a row for the agent matching again");
+    assert!(row.starts_with("lab "), "{row}");
+}
+
+#[test]
 fn a_usage_error_exits_1_like_every_other_error_and_help_exits_0() {
     let env = Env::new();
     for args in [

@@ -205,10 +205,16 @@ fn watch<K: Printable>(
                         .as_ref()
                         .is_none_or(|s| s.matches(&obj.meta().labels))
                     {
-                        continue;
+                        // An object that stops matching leaves the watch with a last row, as the
+                        // API server's DELETED event for it does; one never shown is no news.
+                        if last.remove(obj.name()).is_none() {
+                            continue;
+                        }
+                        obj
+                    } else {
+                        last.insert(obj.name().to_string(), obj.clone());
+                        obj
                     }
-                    last.insert(obj.name().to_string(), obj.clone());
-                    obj
                 }
                 Some(WatchEvent::Deleted { name, .. }) => match last.remove(&name) {
                     Some(obj) => obj,
