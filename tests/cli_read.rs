@@ -137,6 +137,30 @@ fn a_torn_file_is_warned_about_and_the_rest_is_printed() {
         "{}",
         r.stderr
     );
+    let d = env.run(&["describe", "tasks"]);
+    assert_eq!(d.code, 0, "{d:?}");
+    let described = d.stdout.lines().filter(|l| l.starts_with("Name:")).count();
+    assert_eq!(described, 2, "{}", d.stdout);
+    assert!(
+        d.stderr.contains("warning: skipping ") && d.stderr.contains("objects/tasks/torn.json"),
+        "describe says what it skipped: {}",
+        d.stderr
+    );
+}
+
+#[test]
+fn describe_shows_every_name_it_finds_and_reports_each_it_does_not() {
+    let env = with_tasks();
+    let r = env.run(&["describe", "task/nosuch", "task/t-a", "task/gone"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.starts_with("Name:         t-a\n"), "{}", r.stdout);
+    for missing in ["nosuch", "gone"] {
+        assert!(
+            r.stderr.contains(&format!("\"{missing}\" not found")),
+            "{}",
+            r.stderr
+        );
+    }
 }
 
 #[test]

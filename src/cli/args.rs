@@ -151,8 +151,8 @@ pub struct GetArgs {
 pub struct DescribeArgs {
     /// Kind (singular, plural or short name), or KIND/NAME.
     pub kind: String,
-    /// The object to describe (default: every object of the kind).
-    pub name: Option<String>,
+    /// The objects to describe (default: every object of the kind); KIND/NAME forms may follow.
+    pub names: Vec<String>,
 }
 
 #[derive(Args, Debug)]

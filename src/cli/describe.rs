@@ -16,8 +16,7 @@ use crate::store::Store;
 
 /// `describe` entry point.
 pub fn describe(g: &Globals, a: DescribeArgs) -> CliResult {
-    let names: Vec<String> = a.name.into_iter().collect();
-    let (kind, names) = kind_and_names(&a.kind, &names, "describe")?;
+    let (kind, names) = kind_and_names(&a.kind, &a.names, "describe")?;
     let store = Store::open_read_only(&g.state_dir);
     let name_of = |o: &Value| {
         o.pointer("/metadata/name")
@@ -25,19 +24,29 @@ pub fn describe(g: &Globals, a: DescribeArgs) -> CliResult {
             .unwrap_or_default()
             .to_string()
     };
-    // No name: every object of the kind, as kubectl describes them.
+    // No name: every object of the kind, as kubectl describes them. Names: each one found is
+    // described and each one not found reported, as kubectl does; then the exit code is 1.
+    let mut errors: Vec<CliError> = Vec::new();
     let objects = if names.is_empty() {
-        let mut all = store.list_raw(kind.plural(), None)?.items;
+        let list = store.list_raw(kind.plural(), None)?;
+        for s in &list.skipped {
+            eprintln!("warning: skipping {}: {}", s.path.display(), s.reason);
+        }
+        let mut all = list.items;
         all.sort_by_key(|o| name_of(o));
-        if all.is_empty() {
+        if all.is_empty() && list.skipped.is_empty() {
             eprintln!("No resources found.");
         }
         all
     } else {
-        names
-            .iter()
-            .map(|n| store.get_raw(kind.plural(), n))
-            .collect::<Result<Vec<_>, _>>()?
+        let mut found = Vec::new();
+        for n in &names {
+            match store.get_raw(kind.plural(), n) {
+                Ok(o) => found.push(o),
+                Err(e) => errors.push(e.into()),
+            }
+        }
+        found
     };
     // Events are listed once, for all the objects.
     let events = list_events(&store)?;
@@ -50,7 +59,15 @@ pub fn describe(g: &Globals, a: DescribeArgs) -> CliResult {
     // Objects one after another, a blank line between, as kubectl separates them.
     let text = texts.join("\n");
     printers::with_stdout(|out| std::io::Write::write_all(out, text.as_bytes()))?;
-    Ok(ExitCode::SUCCESS)
+    let failed = !errors.is_empty();
+    for e in errors {
+        eprintln!("{e}");
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Every Event in the store (files that cannot be read are reported and skipped).
