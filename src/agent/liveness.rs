@@ -103,7 +103,9 @@ fn signal_probe(target: i32) -> Option<bool> {
 }
 
 /// True only if `pid` is running with exactly `start_time` and is not a zombie. EPERM from
-/// `kill(pid, 0)` counts as alive; ESRCH as dead.
+/// `kill(pid, 0)` counts as alive; ESRCH as dead. When `/proc/<pid>/stat` cannot be read for
+/// another reason (out of file descriptors or memory), only the signal probe can tell, and a
+/// process that may exist counts as alive: a run judged dead by mistake is killed and run again.
 pub fn is_alive(pid: i32, start_time: u64) -> bool {
     if pid <= 0 {
         return false;
@@ -126,7 +128,7 @@ pub fn is_alive(pid: i32, start_time: u64) -> bool {
         }
         // hidepid=1: the directory is there but unreadable; only the signal probe can tell.
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => signal_probe(pid).unwrap_or(false),
-        Err(_) => false,
+        Err(_) => signal_probe(pid).unwrap_or(true),
     }
 }
 
@@ -139,11 +141,13 @@ pub fn group_alive(pgid: i32) -> bool {
     match signal_probe(-pgid) {
         Some(false) => false,
         _ => {
-            if proc_is_mounted() && !proc_hides_others() {
-                !group_members(pgid).is_empty()
-            } else {
+            let scanned = (proc_is_mounted() && !proc_hides_others())
+                .then(|| scan_group(pgid))
+                .flatten();
+            match scanned {
+                Some(members) => !members.is_empty(),
                 // Without a full view of /proc only the signal probe can tell.
-                signal_probe(-pgid).unwrap_or(true)
+                None => signal_probe(-pgid).unwrap_or(true),
             }
         }
     }
@@ -151,15 +155,35 @@ pub fn group_alive(pgid: i32) -> bool {
 
 /// Pids of the members of process group `pgid` that are not zombies, as far as `/proc` shows.
 pub fn group_members(pgid: i32) -> Vec<i32> {
-    let mut pids: Vec<i32> = proc_pids()
-        .filter(|&pid| {
-            read_stat(pid)
-                .map(|s| s.pgrp == pgid && !s.is_zombie_or_dead())
-                .unwrap_or(false)
-        })
-        .collect();
+    scan_group(pgid).unwrap_or_default()
+}
+
+/// The members of `pgid` that are not zombies; `None` when `/proc` could not be read whole (a
+/// process that ended meanwhile is no gap).
+fn scan_group(pgid: i32) -> Option<Vec<i32>> {
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc").ok()? {
+        let Some(pid) = entry
+            .ok()?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse().ok())
+        else {
+            continue;
+        };
+        match read_stat(pid) {
+            Ok(s) if s.pgrp == pgid && !s.is_zombie_or_dead() => pids.push(pid),
+            Ok(_) => {}
+            // Ended between the listing and the read (or while being read).
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.kind() == io::ErrorKind::InvalidData
+                    || e.raw_os_error() == Some(nix::libc::ESRCH) => {}
+            Err(_) => return None,
+        }
+    }
     pids.sort_unstable();
-    pids
+    Some(pids)
 }
 
 /// What marks a process as one run's: the Lease and attempt the shim put in the agent's
@@ -289,5 +313,43 @@ mod tests {
         assert!(!is_alive(me, st + 1));
         assert!(!is_alive(0, st));
         assert!(!is_alive(-1, st));
+    }
+
+    #[test]
+    fn a_live_process_and_group_stay_alive_when_proc_cannot_be_read_for_want_of_descriptors() {
+        let parent = std::process::id() as i32;
+        let st = start_time_of(parent).unwrap();
+        let pgid = nix::unistd::getpgrp().as_raw();
+        // SAFETY: the child only sets a limit, asks, and `_exit`s; glibc's fork leaves malloc
+        // usable in the child.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                // No descriptor can be opened any more: every /proc read fails with EMFILE.
+                let mut limit = nix::libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                // SAFETY: plain system calls on values owned here.
+                unsafe {
+                    nix::libc::getrlimit(nix::libc::RLIMIT_NOFILE, &mut limit);
+                    limit.rlim_cur = 0;
+                    if nix::libc::setrlimit(nix::libc::RLIMIT_NOFILE, &limit) != 0
+                        || std::fs::File::open("/proc/self/stat").is_ok()
+                    {
+                        nix::libc::_exit(100)
+                    }
+                    let code = i32::from(is_alive(parent, st)) | i32::from(group_alive(pgid)) << 1;
+                    nix::libc::_exit(code)
+                }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let status = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(
+                    status,
+                    nix::sys::wait::WaitStatus::Exited(child, 0b11),
+                    "bit 0: the process, bit 1: its group were judged alive (100: no limit)"
+                );
+            }
+        }
     }
 }
