@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::outcome::{self, Ending};
-use super::{Ctx, Error, Summary};
+use super::{Ctx, Error, SpawnedShim, Summary};
 use crate::agent::claim::Claim;
 use crate::agent::liveness::{is_alive, start_time_of};
 use crate::agent::spawn::spawn_shim;
@@ -71,10 +71,14 @@ async fn start(ctx: &Ctx, lease: &Lease) -> Result<Action, Error> {
     }
     {
         let spawned = ctx.spawned.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((uid, pid)) = spawned.get(name) {
-            if *uid == lease.metadata.uid
-                && start_time_of(*pid as i32).is_some_and(|st| is_alive(*pid as i32, st))
-            {
+        // Still the shim that was started: a pid reused since by another process does not count.
+        if let Some(SpawnedShim {
+            lease_uid,
+            pid,
+            start_time: Some(started),
+        }) = spawned.get(name)
+        {
+            if *lease_uid == lease.metadata.uid && is_alive(*pid as i32, *started) {
                 return Ok(Action::requeue_after(START_CHECK));
             }
         }
@@ -109,7 +113,14 @@ async fn start(ctx: &Ctx, lease: &Lease) -> Result<Action, Error> {
     ctx.spawned
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(name.clone(), (lease.metadata.uid.clone(), pid));
+        .insert(
+            name.clone(),
+            SpawnedShim {
+                lease_uid: lease.metadata.uid.clone(),
+                pid,
+                start_time: start_time_of(pid as i32),
+            },
+        );
     if let Some(waited) = ctx.runnable_since.take(&lease.spec.task) {
         super::dispatch::observe(&ctx.metrics, waited);
     }

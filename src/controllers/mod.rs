@@ -120,6 +120,16 @@ impl fmt::Display for Summary {
     }
 }
 
+/// A shim this process started for a Lease.
+#[derive(Debug, Clone)]
+pub struct SpawnedShim {
+    /// The uid of the Lease it was started for.
+    pub lease_uid: String,
+    pub pid: u32,
+    /// Its start time, read right after the spawn; `None` when it had ended by then.
+    pub start_time: Option<u64>,
+}
+
 /// Everything a reconciler needs: the store, the shared informers, the event recorder, settings.
 pub struct Ctx {
     pub store: Store,
@@ -132,8 +142,8 @@ pub struct Ctx {
     pub recorder: Recorder,
     pub settings: Settings,
     pub summary: Summary,
-    /// Shims this process started, by lease name: (lease uid, shim pid).
-    pub spawned: Mutex<HashMap<String, (String, u32)>>,
+    /// Shims this process started, by lease name.
+    pub spawned: Mutex<HashMap<String, SpawnedShim>>,
     /// Leases whose Task does not show them Running yet, by lease name: (lease uid, when this
     /// process first saw the Lease). See [`Settings::mirror_delay`].
     pub leases_seen: Mutex<HashMap<String, (String, std::time::Instant)>>,
