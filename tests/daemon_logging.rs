@@ -77,3 +77,42 @@ fn an_invalid_level_is_a_clear_error_and_exit_1() {
     assert!(err.contains("invalid log level \"verbose\""), "{err}");
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn with_stderr_on_the_journal_each_line_carries_its_priority_and_otherwise_none() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr");
+    let run = |journal_stream: &str| {
+        let err = std::fs::File::create(&log).unwrap();
+        let st = err.metadata().unwrap();
+        let stream = match journal_stream {
+            "this" => format!("{}:{}", st.dev(), st.ino()),
+            other => other.to_string(),
+        };
+        let status = Command::new(env!("CARGO_BIN_EXE_tinyscheduler"))
+            .args(["--log-level", "debug", "version"])
+            .env("JOURNAL_STREAM", stream)
+            .stdout(std::process::Stdio::null())
+            .stderr(err)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::read_to_string(&log).unwrap()
+    };
+    let journal = run("this");
+    assert!(!journal.is_empty());
+    for line in journal.lines() {
+        let json = line
+            .strip_prefix("<7>")
+            .unwrap_or_else(|| panic!("a debug line without <7>: {line:?}"));
+        assert!(
+            serde_json::from_str::<serde_json::Value>(json).is_ok(),
+            "{line}"
+        );
+    }
+    // Redirected elsewhere, as systemd.exec(5) warns: JOURNAL_STREAM names another file.
+    let elsewhere = run("1:1");
+    assert!(!elsewhere.is_empty());
+    json_lines(elsewhere.as_bytes());
+}

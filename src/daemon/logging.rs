@@ -2,6 +2,10 @@
 //!
 //! * Format: human-readable when stderr is a terminal, one JSON object per line otherwise (under
 //!   systemd, in pipes, in CI); `--log-format human|json` overrides.
+//! * Under systemd (stderr is the journal stream named by `$JOURNAL_STREAM`), every line starts
+//!   with its syslog priority (`<3>` error, `<4>` warn, `<6>` info, `<7>` debug and trace), which
+//!   journald takes for the entry's priority and strips (`SyslogLevelPrefix=`, on by default): so
+//!   `journalctl -p warning -u tinyscheduler` shows the warnings and errors.
 //! * Level: `--log-level` / `TINYSCHEDULER_LOG_LEVEL`, default `info`. Accepts `RUST_LOG`-style
 //!   filters (`info,tinyscheduler::controllers=debug`) and the Python-era names `DEBUG`, `INFO`,
 //!   `WARNING`, `ERROR`, `CRITICAL` in any case (`WARNING` → `warn`, `CRITICAL` → `error`).
@@ -17,9 +21,10 @@
 //! In JSON these are top-level keys: `{"timestamp":…,"level":"INFO","kind":"Task","name":"fix-login",
 //! "agent":"vaela","message":"assigned","target":"tinyscheduler::controllers::assignment"}`.
 
-use std::io::IsTerminal;
+use std::io::{self, IsTerminal, Write};
+use std::os::fd::AsRawFd;
 
-use tracing::Subscriber;
+use tracing::{Level, Metadata, Subscriber};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
@@ -123,13 +128,90 @@ where
 }
 
 /// Installs the process-wide logger: `format` (default: [`LogFormat::detect`]) at `level`
-/// (default `info`) on stderr. Fails on an invalid level, or when a logger is already installed.
+/// (default `info`) on stderr, each line prefixed with its priority when stderr is the journal.
+/// Fails on an invalid level, or when a logger is already installed.
 pub fn init_logging(format: Option<LogFormat>, level: Option<&str>) -> Result<(), String> {
     let filter = parse_filter(level.unwrap_or(DEFAULT_LEVEL))?;
     let format = format.unwrap_or_else(LogFormat::detect);
     let ansi = format == LogFormat::Human && std::io::stderr().is_terminal();
-    tracing::subscriber::set_global_default(subscriber(format, filter, std::io::stderr, ansi))
+    let sub = if stderr_is_journal(std::env::var("JOURNAL_STREAM").ok().as_deref()) {
+        subscriber(format, filter, WithPriority(std::io::stderr), ansi)
+    } else {
+        subscriber(format, filter, std::io::stderr, ansi)
+    };
+    tracing::subscriber::set_global_default(sub)
         .map_err(|e| format!("could not install the logger: {e}"))
+}
+
+/// Whether stderr is the journal stream systemd names in `JOURNAL_STREAM` (`DEVICE:INODE`, as
+/// systemd.exec(5) says to check: a redirected stderr is not the journal any more).
+fn stderr_is_journal(journal_stream: Option<&str>) -> bool {
+    let Some((dev, ino)) = journal_stream.and_then(|s| s.trim().split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    nix::sys::stat::fstat(io::stderr().as_raw_fd())
+        .is_ok_and(|st| st.st_dev == dev && st.st_ino == ino)
+}
+
+/// The syslog priority journald reads from a line's `<N>` prefix.
+fn priority(level: &Level) -> &'static [u8] {
+    match *level {
+        Level::ERROR => b"<3>",
+        Level::WARN => b"<4>",
+        Level::INFO => b"<6>",
+        _ => b"<7>",
+    }
+}
+
+/// A [`MakeWriter`] whose lines start with their event's syslog priority (see the module doc).
+#[derive(Clone, Copy, Debug)]
+pub struct WithPriority<M>(pub M);
+
+/// One event's writer: the priority goes out with the event's first write, in the same call.
+pub struct Prioritized<W> {
+    prefix: Option<&'static [u8]>,
+    inner: W,
+}
+
+impl<W: Write> Write for Prioritized<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self.prefix.take() {
+            Some(p) => {
+                // One write of prefix and line, so that lines of two threads never interleave.
+                let mut line = Vec::with_capacity(p.len() + buf.len());
+                line.extend_from_slice(p);
+                line.extend_from_slice(buf);
+                self.inner.write_all(&line)?;
+                Ok(buf.len())
+            }
+            None => self.inner.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for WithPriority<M> {
+    type Writer = Prioritized<M::Writer>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        Prioritized {
+            prefix: None,
+            inner: self.0.make_writer(),
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &Metadata<'_>) -> Self::Writer {
+        Prioritized {
+            prefix: Some(priority(meta.level())),
+            inner: self.0.make_writer_for(meta),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -183,6 +265,46 @@ mod tests {
         fn make_writer(&'a self) -> Buf {
             self.clone()
         }
+    }
+
+    #[test]
+    fn under_the_journal_each_line_starts_with_its_events_priority() {
+        let buf = Buf::default();
+        let sub = subscriber(
+            LogFormat::Json,
+            parse_filter("debug").unwrap(),
+            WithPriority(buf.clone()),
+            false,
+        );
+        tracing::subscriber::with_default(sub, || {
+            tracing::error!("e");
+            tracing::warn!("w");
+            tracing::info!("i");
+            tracing::debug!("d");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let prefixes: Vec<&str> = text.lines().map(|l| &l[..3]).collect();
+        assert_eq!(prefixes, ["<3>", "<4>", "<6>", "<7>"], "{text}");
+        for l in text.lines() {
+            assert!(
+                l[3..].starts_with('{'),
+                "one JSON object after the prefix: {l}"
+            );
+        }
+    }
+
+    #[test]
+    fn stderr_is_the_journal_only_when_journal_stream_names_it() {
+        let st = nix::sys::stat::fstat(io::stderr().as_raw_fd()).unwrap();
+        let mine = format!("{}:{}", st.st_dev, st.st_ino);
+        assert!(stderr_is_journal(Some(&mine)));
+        assert!(!stderr_is_journal(Some(&format!(
+            "{}:{}",
+            st.st_dev,
+            st.st_ino + 1
+        ))));
+        assert!(!stderr_is_journal(Some("garbage")));
+        assert!(!stderr_is_journal(None));
     }
 
     #[test]
