@@ -209,6 +209,26 @@ fn a_document_over_one_mebibyte_is_refused() {
 }
 
 #[test]
+fn an_object_that_only_the_stores_metadata_takes_over_the_limit_is_refused_before_any_write() {
+    // Under the limit as written; over it once the store adds the uid, times and version.
+    let goal = "x".repeat(1_048_250);
+    let content = format!(
+        "{}---\n{API}\nkind: Task\nmetadata:\n  name: big\nspec:\n  queue: default\n  params:\n    goal: {goal}\n",
+        queue("bigq")
+    );
+    refused(
+        "big.yaml",
+        &content,
+        &[
+            "big.yaml",
+            "document 2",
+            "the stored object would be",
+            "the limit is 1048576 bytes",
+        ],
+    );
+}
+
+#[test]
 fn an_empty_file_is_an_error() {
     refused("empty.yaml", "", &["empty.yaml", "no objects"]);
     refused(

@@ -17,7 +17,7 @@ use super::printers::resource_name;
 use super::{CliError, CliResult, Globals};
 use crate::resources::registry::admit;
 use crate::resources::Kind;
-use crate::store::{Store, StoreError, WriteOutcome, MAX_OBJECT_BYTES};
+use crate::store::{stored_size, Store, StoreError, WriteOutcome, MAX_OBJECT_BYTES};
 
 /// What apply will do (or did) with one object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,15 +105,6 @@ fn plan(store: &Store, docs: &[Document]) -> Result<Vec<Planned>, Vec<String>> {
             }
         };
         let name = d.name().unwrap_or_default().to_string();
-        let size = serde_json::to_vec_pretty(&object)
-            .map(|b| b.len() as u64)
-            .unwrap_or(0);
-        if size > MAX_OBJECT_BYTES {
-            errors.push(format!(
-                "error: {label}: the stored object would be {size} bytes; the limit is {MAX_OBJECT_BYTES} bytes"
-            ));
-            continue;
-        }
         if let Some(first) = seen.insert((kind, name.clone()), d.origin()) {
             errors.push(format!(
                 "error: {label}: metadata.name: {} {name:?} is also defined in {first}",
@@ -134,6 +125,15 @@ fn plan(store: &Store, docs: &[Document]) -> Result<Vec<Planned>, Vec<String>> {
                 continue;
             }
         };
+        // Measured as the store will write it (its metadata, and on an update the stored status),
+        // so that no write can fail on the size after others were made.
+        let size = stored_size(&object, current.as_ref());
+        if size > MAX_OBJECT_BYTES {
+            errors.push(format!(
+                "error: {label}: the stored object would be up to {size} bytes; the limit is {MAX_OBJECT_BYTES} bytes"
+            ));
+            continue;
+        }
         if !wanted_rv.is_empty() {
             match &current {
                 None => {

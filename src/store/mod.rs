@@ -410,14 +410,8 @@ impl Store {
             // No look at the path first: the exclusive rename that puts the object in place finds
             // out whether the name is taken (almost every create is of a free name, and looking
             // up a free name in a directory of many thousand files is not free).
-            let (created, staged) = self.with_lock(|w| {
-                let mut obj = obj.clone();
-                let meta = meta_mut(&mut obj);
-                meta.insert("uid".into(), Value::String(fsio::new_uid()));
-                meta.insert("generation".into(), Value::from(1));
-                meta.insert("creationTimestamp".into(), Value::String(now_rfc3339()));
-                self.stage_locked(w, plural, &name, obj)
-            })?;
+            let (created, staged) =
+                self.with_lock(|w| self.stage_locked(w, plural, &name, as_created(obj)))?;
             if self.put_in_place(plural, &path, staged, None)? {
                 return Ok(created);
             }
@@ -500,30 +494,13 @@ impl Store {
                     .read_obj(plural, name)?
                     .ok_or_else(|| not_found(plural, name))?;
                 let obj = wanted(&current)?;
-                let mut next = current.clone();
-                if status_only {
+                let next = if status_only {
+                    let mut next = current.clone();
                     set_field(&mut next, "status", obj.get("status").cloned());
+                    next
                 } else {
-                    let spec_changed = obj.get("spec") != current.get("spec");
-                    set_field(&mut next, "spec", obj.get("spec").cloned());
-                    for field in ["labels", "annotations"] {
-                        let v = obj.pointer(&format!("/metadata/{field}")).cloned();
-                        let v = v.filter(|v| v.as_object().is_some_and(|m| !m.is_empty()));
-                        let meta = meta_mut(&mut next);
-                        match v {
-                            Some(v) => meta.insert(field.into(), v),
-                            None => meta.remove(field),
-                        };
-                    }
-                    if spec_changed {
-                        let generation = current
-                            .pointer("/metadata/generation")
-                            .and_then(Value::as_i64)
-                            .unwrap_or(0);
-                        meta_mut(&mut next)
-                            .insert("generation".into(), Value::from(generation + 1));
-                    }
-                }
+                    as_updated(&current, &obj)
+                };
                 if next == current {
                     return Ok(Err(current));
                 }
@@ -806,6 +783,58 @@ fn name_of(v: &Value) -> &str {
     v.pointer("/metadata/name")
         .and_then(Value::as_str)
         .unwrap_or("")
+}
+
+/// `obj` as a create stores it: a new uid, generation 1 and the creation time (the
+/// resourceVersion comes with the write).
+fn as_created(obj: &Value) -> Value {
+    let mut obj = obj.clone();
+    let meta = meta_mut(&mut obj);
+    meta.insert("uid".into(), Value::String(fsio::new_uid()));
+    meta.insert("generation".into(), Value::from(1));
+    meta.insert("creationTimestamp".into(), Value::String(now_rfc3339()));
+    obj
+}
+
+/// `current` with the spec, labels and annotations of `obj`, as an update stores it: the status
+/// and the store's metadata kept, `generation` bumped when the spec changed.
+fn as_updated(current: &Value, obj: &Value) -> Value {
+    let mut next = current.clone();
+    let spec_changed = obj.get("spec") != current.get("spec");
+    set_field(&mut next, "spec", obj.get("spec").cloned());
+    for field in ["labels", "annotations"] {
+        let v = obj.pointer(&format!("/metadata/{field}")).cloned();
+        let v = v.filter(|v| v.as_object().is_some_and(|m| !m.is_empty()));
+        let meta = meta_mut(&mut next);
+        match v {
+            Some(v) => meta.insert(field.into(), v),
+            None => meta.remove(field),
+        };
+    }
+    if spec_changed {
+        let generation = current
+            .pointer("/metadata/generation")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        meta_mut(&mut next).insert("generation".into(), Value::from(generation + 1));
+    }
+    next
+}
+
+/// How many bytes the store would write for `obj`: created when `current` is `None`, else as an
+/// update of `current` (see [`Store::update_raw`]), with a resourceVersion as long as any can be.
+/// What `apply` checks against [`MAX_OBJECT_BYTES`] before it writes anything, so that one object
+/// over the limit cannot stop an apply halfway (invariant 10).
+pub fn stored_size(obj: &Value, current: Option<&Value>) -> u64 {
+    let mut stored = match current {
+        None => as_created(obj),
+        Some(cur) => as_updated(cur, obj),
+    };
+    meta_mut(&mut stored).insert(
+        "resourceVersion".into(),
+        Value::String(u64::MAX.to_string()),
+    );
+    serde_json::to_vec_pretty(&stored).map_or(u64::MAX, |b| b.len() as u64 + 1)
 }
 
 fn meta_mut(v: &mut Value) -> &mut serde_json::Map<String, Value> {
