@@ -55,6 +55,20 @@ fn an_always_failing_task_is_retried_with_growing_delays_then_fails() {
     assert!(d.stdout.contains("Retrying"), "{}", d.stdout);
     assert!(d.stdout.contains("Failed"), "{}", d.stdout);
     assert!(d.stdout.contains("BackoffLimitExceeded"), "{}", d.stdout);
+
+    // Warning Events are warnings in the log (`journalctl -p warning` finds them); Normal ones
+    // are info.
+    let level_of = |reason: &str| -> Vec<String> {
+        r.stderr
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["reason"] == reason && v["name"] == "flaky")
+            .map(|v| v["level"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(level_of("Retrying"), ["WARN"; 3], "{}", r.stderr);
+    assert_eq!(level_of("Failed"), ["WARN"], "{}", r.stderr);
+    assert_eq!(level_of("Assigned"), ["INFO"; 4], "{}", r.stderr);
 }
 
 #[test]

@@ -199,7 +199,16 @@ impl Ctx {
         if self.settings.dry_run {
             return;
         }
-        tracing::info!(kind = K::KIND, name = %obj.meta().name, reason, "{message}");
+        // A Warning Event (Retrying, Failed, Reclaimed, Killed, …) is a warning in the log too, so
+        // that `journalctl -p warning` shows every run that went wrong.
+        match type_ {
+            EventType::Warning => {
+                tracing::warn!(kind = K::KIND, name = %obj.meta().name, reason, "{message}")
+            }
+            EventType::Normal => {
+                tracing::info!(kind = K::KIND, name = %obj.meta().name, reason, "{message}")
+            }
+        }
         if let Err(e) = self
             .recorder
             .publish(&object_ref(obj), type_, reason, message)
