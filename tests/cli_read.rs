@@ -482,6 +482,21 @@ fn a_usage_error_exits_1_like_every_other_error_and_help_exits_0() {
 }
 
 #[test]
+fn completion_into_a_closed_pipe_exits_quietly_as_head_expects() {
+    let env = Env::new();
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read);
+    let r: Run = env
+        .cmd(&["completion", "zsh"])
+        .stdout(std::process::Stdio::from(write))
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(!r.stderr.contains("panicked"), "{r:?}");
+}
+
+#[test]
 fn completion_bash_prints_a_script_that_completes_subcommands_and_hides_the_shim() {
     let env = Env::new();
     let script = env.run(&["completion", "bash"]);

@@ -103,8 +103,11 @@ fn dispatch(cli: Cli) -> CliResult {
         Command::ValidateConfig(a) => config_cmd::validate(&g, a),
         Command::Import(a) => import::import(&g, a),
         Command::Completion(a) => {
-            let mut out = std::io::stdout().lock();
-            clap_complete::generate(a.shell, &mut for_completion(), "tinyscheduler", &mut out);
+            // Generated into memory: clap_complete panics when its writer fails, as a closed
+            // pipe (`completion zsh | head`) makes it; written out, a closed pipe is no error.
+            let mut script = Vec::new();
+            clap_complete::generate(a.shell, &mut for_completion(), "tinyscheduler", &mut script);
+            printers::with_stdout(|out| std::io::Write::write_all(out, &script))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Version => {
