@@ -181,9 +181,22 @@ pub fn validate_queue(spec: &QueueSpec) -> Vec<FieldError> {
     if let Some(ep) = &spec.endpoint {
         if !(ep.starts_with("http://") || ep.starts_with("https://")) {
             e.push(err("spec.endpoint", "must be an http:// or https:// URL"));
+        } else if has_credentials(ep) {
+            e.push(err("spec.endpoint", CREDENTIALS));
         }
     }
     e
+}
+
+/// Why a tinytask URL may not carry a user name or password.
+pub const CREDENTIALS: &str = "must not contain a user name or password: tinytask has no \
+     authentication, and the URL is shown in logs, Events and status";
+
+/// Whether the authority of `url` (`scheme://user:pass@host/…`) names a user.
+pub fn has_credentials(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    authority.contains('@')
 }
 
 /// Rules for a Task's spec.
@@ -255,6 +268,15 @@ pub fn validate_lease(spec: &LeaseSpec) -> Vec<FieldError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_url_whose_authority_names_a_user_has_credentials() {
+        assert!(has_credentials("http://u:p@h:1"));
+        assert!(has_credentials("https://u@h/x"));
+        assert!(!has_credentials("http://h:1/a@b"));
+        assert!(!has_credentials("http://h:1?x=a@b"));
+        assert!(!has_credentials("http://h:1"));
+    }
 
     #[test]
     fn names_follow_rfc1123_subdomains() {

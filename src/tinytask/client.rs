@@ -456,6 +456,13 @@ fn parse_endpoint(endpoint: &str) -> Result<Url> {
         endpoint: endpoint.to_string(),
         message: m.to_string(),
     };
+    if crate::resources::validate::has_credentials(endpoint.trim()) {
+        // The error must not repeat them either.
+        return Err(Error::InvalidEndpoint {
+            endpoint: "(a URL with a user name or password)".into(),
+            message: crate::resources::validate::CREDENTIALS.into(),
+        });
+    }
     let mut url = Url::parse(endpoint.trim()).map_err(|e| invalid(&e.to_string()))?;
     if url.scheme() != "http" && url.scheme() != "https" {
         return Err(invalid("must be an http:// or https:// URL"));
@@ -551,6 +558,19 @@ mod tests {
         );
         assert!(Client::new("ftp://x").is_err());
         assert!(Client::new("not a url").is_err());
+    }
+
+    #[test]
+    fn an_endpoint_with_credentials_is_refused_without_repeating_them() {
+        for ep in ["http://user:s3cret@h:3000", "https://s3cret@h/api/v1"] {
+            let e = Client::new(ep).unwrap_err().to_string();
+            assert!(!e.contains("s3cret"), "{e}");
+            assert!(e.contains("user name or password"), "{e}");
+        }
+        assert!(
+            Client::new("http://h:3000/a@b").is_ok(),
+            "an @ in the path is no user"
+        );
     }
 
     #[test]
