@@ -438,7 +438,7 @@ async fn flush_orphans(ctx: &Ctx, queue: &Queue) -> bool {
                 Ok(()) => {
                     tracing::info!(kind = "Queue", name = %name, "wrote back {op:?} to tinytask task {id}");
                 }
-                Err(e) if e.status() == Some(404) => {
+                Err(e) if e.is_not_found() => {
                     tracing::warn!(kind = "Queue", name = %name, "{op:?} for tinytask task {id} dropped: {e}");
                 }
                 Err(e) => {
@@ -1480,7 +1480,7 @@ async fn write_back(ctx: &Ctx, name: &str) -> Result<Action, Error> {
             }
             // Gone: nothing left to write to. Any other refusal is retried: tinytask answers
             // every failure but "not found" with 400, a locked database included.
-            Err(e) if e.status() == Some(404) => {
+            Err(e) if e.is_not_found() => {
                 ctx.event(
                     &task,
                     EventType::Warning,

@@ -32,9 +32,21 @@ impl Error {
         }
     }
 
-    /// 404: the task (or path) does not exist.
+    /// 404 for a task: the server's message says a task is not found (`Task 7 not found`). A 404
+    /// for an unknown path (a wrong endpoint, a proxy, an older server) says nothing about the
+    /// task, so it is not taken for a deleted task: results are kept and retried, not dropped.
     pub fn is_not_found(&self) -> bool {
-        self.status() == Some(404)
+        match self {
+            Error::Status {
+                status: 404,
+                message,
+                ..
+            } => {
+                let m = message.to_ascii_lowercase();
+                m.contains("task") && m.contains("not found")
+            }
+            _ => false,
+        }
     }
 
     /// The server could not be reached at all (connect failure or timeout): an outage rather
@@ -88,3 +100,25 @@ impl std::error::Error for Error {}
 
 /// What the client's calls return.
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(status: u16, message: &str) -> Error {
+        Error::Status {
+            request: "PATCH http://h/api/v1/tasks/7".into(),
+            status,
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn only_a_404_that_says_the_task_is_not_found_means_the_task_is_gone() {
+        assert!(status(404, "Task 7 not found").is_not_found());
+        assert!(status(404, "Task not found: 7").is_not_found());
+        assert!(!status(404, "Cannot PATCH /tinytask/api/v1/tasks/7").is_not_found());
+        assert!(!status(404, "Not Found").is_not_found());
+        assert!(!status(400, "Task 7 not found").is_not_found());
+    }
+}
