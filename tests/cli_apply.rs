@@ -229,6 +229,32 @@ fn an_object_that_only_the_stores_metadata_takes_over_the_limit_is_refused_befor
 }
 
 #[test]
+fn leases_and_events_are_the_schedulers_and_cannot_be_applied() {
+    let lease = format!(
+        "{}---\n{API}\nkind: Lease\nmetadata:\n  name: t1\nspec:\n  task: t1\n  agent: a\n  \
+         leaseDurationSeconds: 30\n  maxRuntimeSeconds: 60\n  attempt: 1\n",
+        queue("q")
+    );
+    refused(
+        "lease.yaml",
+        &lease,
+        &[
+            "document 2 (Lease \"t1\")",
+            "Leases are created by the scheduler",
+        ],
+    );
+    let event = format!(
+        "{API}\nkind: Event\nmetadata:\n  name: e1\nspec:\n  involvedObject: {{kind: Task, name: t1}}\n  \
+         type: Normal\n  reason: X\n  message: x\n"
+    );
+    refused(
+        "event.yaml",
+        &event,
+        &["Events are written by the scheduler"],
+    );
+}
+
+#[test]
 fn an_empty_file_is_an_error() {
     refused("empty.yaml", "", &["empty.yaml", "no objects"]);
     refused(

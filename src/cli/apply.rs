@@ -95,6 +95,15 @@ fn plan(store: &Store, docs: &[Document]) -> Result<Vec<Planned>, Vec<String>> {
             }
         };
         let label = label(d, Some(kind));
+        // A Lease is the commit of an assignment (invariant 1): made by the assignment loop under
+        // the agent's limit, never by hand, where it would start a run past that limit.
+        if kind == Kind::Lease {
+            errors.push(format!(
+                "error: {label}: kind: Leases are created by the scheduler when it assigns a task, \
+                 not applied (delete one with `tinyscheduler delete lease NAME`)"
+            ));
+            continue;
+        }
         let object = match admit(kind, &d.value) {
             Ok(v) => v,
             Err(fes) => {
