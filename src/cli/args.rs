@@ -29,8 +29,9 @@ pub struct Globals {
     /// Log format: human (default on a terminal) or json (default otherwise). Logs go to stderr.
     #[arg(long, global = true, env = "TINYSCHEDULER_LOG_FORMAT", value_enum)]
     pub log_format: Option<crate::daemon::logging::LogFormat>,
-    /// Log level or filter: error, warn, info (default), debug, trace; DEBUG/INFO/WARNING/ERROR;
-    /// or a RUST_LOG-style filter such as `info,tinyscheduler::controllers=debug`.
+    /// Log level or filter: error, warn, info, debug, trace; DEBUG/INFO/WARNING/ERROR; or a
+    /// RUST_LOG-style filter such as `info,tinyscheduler::controllers=debug`. Default: info for
+    /// `run --daemon`, warn for every other command.
     #[arg(long, global = true, env = "TINYSCHEDULER_LOG_LEVEL")]
     pub log_level: Option<String>,
     /// Read settings from this .env file instead of ./.env (below flags and the environment).
