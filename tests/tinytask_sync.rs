@@ -719,6 +719,9 @@ async fn a_task_that_failed_for_good_is_tagged_and_not_run_again_until_the_tag_i
     let r = w.run_once(Duration::from_secs(60)).await;
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(w.ran().len(), 8, "{:?}", w.ran());
+    // The second round's comments say what the first round's said, and are posted all the same.
+    let comments = w.server.comments(id);
+    assert_eq!(comments.len(), 8, "{comments:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

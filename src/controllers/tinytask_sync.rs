@@ -272,6 +272,9 @@ pub fn outcome_write_backs(
 ) -> Vec<WriteBack> {
     let name = &task.metadata.name;
     let reason = task.status.reason.as_deref().unwrap_or("Failed");
+    // The time makes each comment its own: a write-back retried after a crash posts it once
+    // (`comment_once`), but a later run's same words are posted again.
+    let at = now_rfc3339();
     let wb = |op, message: Option<String>| WriteBack {
         op,
         attempt,
@@ -284,26 +287,26 @@ pub fn outcome_write_backs(
                 .or_else(|| Some(agent.to_string())),
             _ => None,
         },
-        created: Some(now_rfc3339()),
+        created: Some(at.clone()),
     };
     match task.status.phase {
         TaskPhase::Succeeded => vec![wb(WriteBackOp::Complete, None)],
         TaskPhase::Failed if started => vec![wb(
             WriteBackOp::Fail,
             Some(format!(
-                "[tinyscheduler] task/{name} failed after {attempt} attempts ({reason}); last attempt on agent {agent}: {what}; log {log}. Released: idle and unassigned, tagged {FAILED_TAG}; remove the tag to have it run again."
+                "[tinyscheduler {at}] task/{name} failed after {attempt} attempts ({reason}); last attempt on agent {agent}: {what}; log {log}. Released: idle and unassigned, tagged {FAILED_TAG}; remove the tag to have it run again."
             )),
         )],
         TaskPhase::Failed => vec![wb(
             WriteBackOp::Release,
             Some(format!(
-                "[tinyscheduler] task/{name} failed after {attempt} attempts ({reason}); its last attempt on agent {agent} never started: {what}. Released: idle and unassigned."
+                "[tinyscheduler {at}] task/{name} failed after {attempt} attempts ({reason}); its last attempt on agent {agent} never started: {what}. Released: idle and unassigned."
             )),
         )],
         _ => vec![wb(
             WriteBackOp::Comment,
             Some(format!(
-                "[tinyscheduler] task/{name} attempt {attempt} on agent {agent} failed ({reason}): {what}; log {log}. {}",
+                "[tinyscheduler {at}] task/{name} attempt {attempt} on agent {agent} failed ({reason}): {what}; log {log}. {}",
                 task.status.message.as_deref().unwrap_or("")
             ).trim_end().to_string()),
         )],
@@ -349,13 +352,14 @@ pub fn orphan_write_back(
     let task = &lease.spec.task;
     let agent = &lease.spec.agent;
     let attempt = lease.spec.attempt;
+    let at = now_rfc3339();
     let (op, message) = if succeeded {
         (WriteBackOp::Complete, None)
     } else {
         (
             WriteBackOp::Release,
             Some(format!(
-                "[tinyscheduler] task/{task} was deleted from the scheduler while attempt {attempt} ran on agent {agent}; the run ended ({what}). Released: idle and unassigned."
+                "[tinyscheduler {at}] task/{task} was deleted from the scheduler while attempt {attempt} ran on agent {agent}; the run ended ({what}). Released: idle and unassigned."
             )),
         )
     };
@@ -364,7 +368,7 @@ pub fn orphan_write_back(
         attempt,
         message,
         agent: Some(agent.clone()),
-        created: Some(now_rfc3339()),
+        created: Some(at),
     };
     let endpoint = endpoint_named(ctx, Some(&queue));
     let written = ctx.store.patch_status::<Queue>(&queue, |q| {
