@@ -60,8 +60,8 @@ pub async fn reconcile(_key: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
             first_error.get_or_insert(e);
         }
     }
-    for name in &p.unblocked {
-        if let Err(e) = unblock(&ctx, name) {
+    for (name, why) in &p.unblocked {
+        if let Err(e) = unblock(&ctx, name, why) {
             first_error.get_or_insert(e);
         }
     }
@@ -105,9 +105,9 @@ fn block(ctx: &Ctx, name: &str, message: &str) -> Result<(), Error> {
     Ok(())
 }
 
-fn unblock(ctx: &Ctx, name: &str) -> Result<(), Error> {
+fn unblock(ctx: &Ctx, name: &str, why: &str) -> Result<(), Error> {
     if ctx.settings.dry_run {
-        ctx.would(&format!("mark task/{name} Pending: its blockers are done"));
+        ctx.would(&format!("mark task/{name} Pending: {why}"));
         return Ok(());
     }
     let mut changed = false;
@@ -116,16 +116,11 @@ fn unblock(ctx: &Ctx, name: &str) -> Result<(), Error> {
         if changed {
             t.status.phase = TaskPhase::Pending;
             t.status.reason = None;
-            t.status.message = Some("blockers done".into());
+            t.status.message = Some(why.to_string());
         }
     })?;
     if let (Some(t), true) = (t, changed) {
-        ctx.event(
-            &t,
-            EventType::Normal,
-            "Unblocked",
-            "every blocker succeeded",
-        );
+        ctx.event(&t, EventType::Normal, "Unblocked", why);
     }
     Ok(())
 }

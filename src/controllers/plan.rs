@@ -18,8 +18,9 @@ pub struct Plan {
     /// ones with an unfinished blocker, and Blocked ones whose message no longer says what they
     /// wait for (a blocker failed, or is gone).
     pub newly_blocked: Vec<(String, String)>,
-    /// Blocked tasks whose blockers are all done: back to `Pending`.
-    pub unblocked: Vec<String>,
+    /// Blocked tasks that may run now, and why (every blocker succeeded, or blocking is ignored
+    /// by their queue or everywhere): back to `Pending`.
+    pub unblocked: Vec<(String, String)>,
     /// The earliest `nextAttemptAfter` still in the future, if any (when to look again).
     pub next_wakeup: Option<SystemTime>,
 }
@@ -150,7 +151,12 @@ pub fn plan(
             continue;
         }
         if phase == TaskPhase::Blocked {
-            out.unblocked.push(t.metadata.name.clone());
+            let why = match (respects, opts.disable_blocking, t.spec.queue.as_deref()) {
+                (true, _, _) => "every blocker succeeded".to_string(),
+                (false, true, _) => "blocking is disabled (TINYSCHEDULER_DISABLE_BLOCKING)".into(),
+                (false, false, q) => format!("queue/{} ignores blocking", q.unwrap_or_default()),
+            };
+            out.unblocked.push((t.metadata.name.clone(), why));
         }
         if leased.contains(t.metadata.name.as_str()) {
             continue;
@@ -433,8 +439,40 @@ mod tests {
             now(),
             Default::default(),
         );
-        assert_eq!(p.unblocked, vec!["b1".to_string()]);
+        assert_eq!(
+            p.unblocked,
+            vec![("b1".to_string(), "every blocker succeeded".to_string())]
+        );
         assert_eq!(p.assignments, vec![("b1".to_string(), "x".to_string())]);
+    }
+
+    #[test]
+    fn a_task_released_because_blocking_is_ignored_says_so_not_that_its_blockers_succeeded() {
+        let mut t = task("b", "q", 0, 0);
+        t.spec.blocked_by = vec!["nope".into()];
+        t.status.phase = TaskPhase::Blocked;
+        let mut ignoring = Queue::new("Queue", "q", QueueSpec::default());
+        ignoring.spec.blocking = crate::resources::queue::BlockingPolicy::Ignore;
+        let why = |queues: &[Arc<Queue>], disable_blocking| {
+            let opts = PlanOptions {
+                disable_blocking,
+                ..Default::default()
+            };
+            let p = plan(&arcs(vec![t.clone()]), &[], queues, &[], now(), opts);
+            p.unblocked.into_iter().map(|(_, w)| w).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            why(&[Arc::new(ignoring)], false),
+            ["queue/q ignores blocking"]
+        );
+        assert_eq!(
+            why(&[queue("q")], true),
+            ["blocking is disabled (TINYSCHEDULER_DISABLE_BLOCKING)"]
+        );
+        assert!(
+            why(&[queue("q")], false).is_empty(),
+            "still waiting for nope"
+        );
     }
 
     #[test]
