@@ -1382,3 +1382,49 @@ async fn a_stale_release_of_a_deleted_mirror_does_not_take_the_task_from_its_new
     d.kill().await.ok();
     assert_eq!(w.ran().len(), 1, "{:?}", w.ran());
 }
+
+/// A mirror's claim and result go to the server its task came from. Its Queue may point at
+/// another server by the time the run ends (edited, or deleted and applied again), and that
+/// server can have a task with the same id, which must be left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_goes_to_the_server_its_task_came_from_after_its_queue_moved_elsewhere() {
+    let w = World::new().await;
+    let other = TinytaskServer::start().await;
+    let ours = queued(&w.server, "ours", "dev");
+    let theirs = queued(&other, "theirs", "dev");
+    assert_eq!(ours, theirs, "the same id on both servers");
+    w.tinytask_queue("dev", json!({}));
+    // While it runs, the agent moves the Queue to the other server, as an operator might.
+    let moved = json!({"apiVersion": "tinyscheduler.io/v1alpha1", "kind": "Queue",
+        "metadata": {"name": "dev"},
+        "spec": {"source": "tinytask", "endpoint": other.url(), "pollIntervalSeconds": 1}});
+    let moved = w
+        .env
+        .file("moved.json", &serde_json::to_string(&moved).unwrap());
+    let script = format!(
+        "'{}' --state-dir '{}' apply -f '{}' >/dev/null && {RECORD}",
+        support::BIN,
+        w.env.state().display(),
+        moved.display()
+    );
+    w.agent("alice", Some("dev"), 1, &script);
+    let r = w.run_once(Duration::from_secs(60)).await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(w.ran(), [(format!("tt-{ours}"), "alice".to_string())]);
+    let q = w.env.run(&["get", "queue", "dev", "-o", "json"]);
+    assert!(
+        q.stdout.contains(&other.url()),
+        "the Queue moved: {}",
+        q.stdout
+    );
+    assert_eq!(
+        w.status(ours),
+        ("complete".to_string(), Some("alice".into()))
+    );
+    let t = other.task(theirs).unwrap();
+    assert_eq!(
+        (t.status.as_str(), t.assigned_to.as_deref()),
+        ("idle", None),
+        "the other server's task of the same id was left alone"
+    );
+}

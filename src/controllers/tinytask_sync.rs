@@ -50,6 +50,10 @@ pub const CLAIMED_ANNOTATION: &str = "tinyscheduler.io/claimed";
 /// Set on a Lease with [`CLAIMED_ANNOTATION`]: the Queue its Task was mirrored for, so that a
 /// result whose Task was deleted meanwhile can still be written back (see [`orphan_write_back`]).
 pub const QUEUE_ANNOTATION: &str = "tinyscheduler.io/tinytask-queue";
+/// Set on a mirror when it is made, and on its claimed Lease: the server its task is on. Claims
+/// and results go there, not to whatever server its Queue names by then (the Queue may have been
+/// edited, or deleted and applied again).
+pub const ENDPOINT_ANNOTATION: &str = "tinyscheduler.io/tinytask-endpoint";
 /// Label on mirrored Tasks.
 pub const SOURCE_LABEL: &str = "tinyscheduler.io/source";
 /// Name prefix of mirrored Tasks.
@@ -370,7 +374,7 @@ pub fn orphan_write_back(
         agent: Some(agent.clone()),
         created: Some(at),
     };
-    let endpoint = endpoint_named(ctx, Some(&queue));
+    let endpoint = server_of(ctx, &lease.metadata.annotations, Some(&queue));
     let written = ctx.store.patch_status::<Queue>(&queue, |q| {
         let queued = q
             .status
@@ -429,7 +433,10 @@ async fn flush_orphans(ctx: &Ctx, queue: &Queue) -> bool {
                     && l.metadata
                         .annotations
                         .get(QUEUE_ANNOTATION)
-                        .is_some_and(|q| same_endpoint(&endpoint_named(ctx, Some(q)), &endpoint))
+                        .is_some_and(|q| {
+                            let theirs = server_of(ctx, &l.metadata.annotations, Some(q));
+                            same_endpoint(&theirs, &endpoint)
+                        })
             });
         if running_again && op == WriteBackOp::Release {
             tracing::info!(kind = "Queue", name = %name, "{op:?} for tinytask task {id} dropped: it runs here again");
@@ -630,6 +637,16 @@ fn endpoint_of(ctx: &Ctx, queue: Option<&Queue>) -> String {
 /// The endpoint of the Queue named `queue` (the default one when there is no such Queue).
 fn endpoint_named(ctx: &Ctx, queue: Option<&str>) -> String {
     endpoint_of(ctx, queue.and_then(|q| ctx.queues.get(q)).as_deref())
+}
+
+/// The server of the object with these annotations: the one recorded on it, else (a mirror made
+/// by an earlier version) its Queue's.
+fn server_of(ctx: &Ctx, annotations: &BTreeMap<String, String>, queue: Option<&str>) -> String {
+    annotations
+        .get(ENDPOINT_ANNOTATION)
+        .filter(|e| !e.trim().is_empty())
+        .cloned()
+        .unwrap_or_else(|| endpoint_named(ctx, queue))
 }
 
 /// Whether two endpoints name the same server as written (a trailing `/` aside).
@@ -1074,6 +1091,9 @@ fn mirror(ctx: &Ctx, queue: &Queue, t: &RemoteTask, pinned: Option<&str>, respec
         .annotations
         .insert(TINYTASK_ID_ANNOTATION.into(), t.id.to_string());
     task.metadata
+        .annotations
+        .insert(ENDPOINT_ANNOTATION.into(), endpoint_of(ctx, Some(queue)));
+    task.metadata
         .labels
         .insert(SOURCE_LABEL.into(), "tinytask".into());
     match ctx.store.create(&task) {
@@ -1101,7 +1121,11 @@ fn refresh(
     respect: bool,
 ) {
     let endpoint = endpoint_of(ctx, Some(queue));
-    let theirs = endpoint_named(ctx, local.spec.queue.as_deref());
+    let theirs = server_of(
+        ctx,
+        &local.metadata.annotations,
+        local.spec.queue.as_deref(),
+    );
     if !same_endpoint(&theirs, &endpoint) {
         // Another server's task with the same id: mirror names are `tt-<id>`, so this one
         // cannot be mirrored beside it. Taking the mirror over would move it, and its result,
@@ -1241,7 +1265,17 @@ async fn claim(ctx: &Ctx, lease_name: &str) -> Result<Action, Error> {
         return Ok(Action::await_change());
     }
     let queue = task.spec.queue.as_deref().and_then(|q| ctx.queues.get(q));
-    let endpoint = endpoint_of(ctx, queue.as_deref());
+    let Some(queue) = queue else {
+        // Its Queue, which says how the task may be taken (remote queue, blocking), is gone.
+        let why = format!(
+            "its Queue queue/{} no longer exists",
+            task.spec.queue.as_deref().unwrap_or_default()
+        );
+        refuse(ctx, &lease, &task, id, &why)?;
+        return Ok(Action::await_change());
+    };
+    let queue = Some(queue);
+    let endpoint = server_of(ctx, &task.metadata.annotations, task.spec.queue.as_deref());
     let respect = respects_blocking(ctx, queue.as_deref());
     let from = queue.as_deref().map(remote_queue);
     let target = Target {
@@ -1254,7 +1288,7 @@ async fn claim(ctx: &Ctx, lease_name: &str) -> Result<Action, Error> {
             if let Some(q) = &queue {
                 set_health(ctx, &q.metadata.name, Ok(()));
             }
-            mark_claimed(ctx, &lease, task.spec.queue.as_deref())?;
+            mark_claimed(ctx, &lease, task.spec.queue.as_deref(), &endpoint)?;
             ctx.event(
                 &task,
                 EventType::Normal,
@@ -1359,7 +1393,12 @@ async fn claim_on_server(
     Ok(())
 }
 
-fn mark_claimed(ctx: &Ctx, lease: &Lease, queue: Option<&str>) -> Result<(), Error> {
+fn mark_claimed(
+    ctx: &Ctx,
+    lease: &Lease,
+    queue: Option<&str>,
+    endpoint: &str,
+) -> Result<(), Error> {
     let name = &lease.metadata.name;
     loop {
         let Some(mut l) = ctx.store.try_get::<Lease>(name)? else {
@@ -1376,6 +1415,9 @@ fn mark_claimed(ctx: &Ctx, lease: &Lease, queue: Option<&str>) -> Result<(), Err
                 .annotations
                 .insert(QUEUE_ANNOTATION.into(), q.into());
         }
+        l.metadata
+            .annotations
+            .insert(ENDPOINT_ANNOTATION.into(), endpoint.into());
         match ctx.store.update(&l) {
             Ok(u) => {
                 ctx.leases.observe(u);
@@ -1465,8 +1507,7 @@ async fn write_back(ctx: &Ctx, name: &str) -> Result<Action, Error> {
         ack(ctx, name, None)?;
         return Ok(Action::await_change());
     };
-    let queue = task.spec.queue.as_deref().and_then(|q| ctx.queues.get(q));
-    let endpoint = endpoint_of(ctx, queue.as_deref());
+    let endpoint = server_of(ctx, &task.metadata.annotations, task.spec.queue.as_deref());
     let client = ctx
         .tinytask
         .client(&endpoint)
