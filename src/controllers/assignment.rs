@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::lease::{mirror_assignment, shows_lease};
+use super::lease::{mirror_assignment, shows_assignment_next};
 use super::plan::{self, PlanOptions};
 use super::{tinytask_sync, Ctx, Error, Summary};
 use crate::resources::event::EventType;
@@ -175,9 +175,11 @@ fn commit(ctx: &Ctx, task_name: &str, agent_name: &str) -> Result<(), Error> {
     // A tinytask task is claimed on its server only once its Task shows the Lease.
     let mirror_now = ctx.settings.mirror_delay.is_zero() || tinytask_sync::is_tinytask(&task);
     let shown = if mirror_now {
-        // The lease controller may already have seen the run start; never step back from Running.
+        // The Lease is in the store already: the lease controller may have seen the run start
+        // (never step back from Running), or even end, its outcome recorded (never write the
+        // assignment over it: the Task would show a Lease that is gone).
         ctx.patch_task(task_name, |t| {
-            if !shows_lease(t, &lease.metadata.name) {
+            if shows_assignment_next(t, &lease) {
                 mirror_assignment(t, &lease);
             }
         })?

@@ -96,7 +96,7 @@ async fn start(ctx: &Ctx, lease: &Lease) -> Result<Action, Error> {
                 "kill process groups {orphans:?} of lease/{name}: agents its shim never recorded"
             ));
         } else {
-            let task = ctx.store.try_get::<Task>(&lease.spec.task)?;
+            let task = ctx.stored_task_of(lease)?;
             let unrecorded = super::reclaim::UNRECORDED;
             super::reclaim::kill_groups(ctx, name, &orphans, unrecorded, task.as_ref()).await?;
         }
@@ -205,16 +205,21 @@ pub(crate) fn mirror_assignment(t: &mut Task, lease: &Lease) {
     t.status.message = Some(format!("assigned to agent/{agent} at {at}"));
 }
 
+/// Whether `t` is to be made to show `lease` as Assigned: it is the Lease's Task, does not show it
+/// yet, and this attempt is not over already (its outcome recorded while the assignment was still
+/// being written, say: showing the Lease then would leave the Task pointing at a deleted Lease).
+pub(crate) fn shows_assignment_next(t: &Task, lease: &Lease) -> bool {
+    lease.spec.runs(t)
+        && !shows_lease(t, &lease.metadata.name)
+        && !past_attempt(t, lease.spec.attempt)
+}
+
 /// Mirrors a Lease whose shim has not started the agent yet onto its Task (phase Assigned), once.
 fn mark_task_assigned(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
-    let name = &lease.metadata.name;
     let Some(task) = ctx.tasks.get(&lease.spec.task) else {
         return Ok(());
     };
-    if !lease.spec.runs(&task)
-        || shows_lease(&task, name)
-        || past_attempt(&task, lease.spec.attempt)
-    {
+    if !shows_assignment_next(&task, lease) {
         return Ok(());
     }
     if ctx.settings.dry_run {
@@ -222,7 +227,7 @@ fn mark_task_assigned(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
         return Ok(());
     }
     ctx.patch_task(&lease.spec.task, |t| {
-        if lease.spec.runs(t) && !shows_lease(t, name) && !past_attempt(t, lease.spec.attempt) {
+        if shows_assignment_next(t, lease) {
             mirror_assignment(t, lease);
         }
     })?;
@@ -325,6 +330,31 @@ mod tests {
             t.status.message.as_deref(),
             Some("assigned to agent/a at 2026-12-01T10:00:00Z")
         );
+    }
+
+    #[test]
+    fn an_assignment_is_shown_only_on_its_own_task_and_never_after_its_outcome() {
+        let mut l = lease(2);
+        l.spec.task_uid = "task-uid".into();
+        let mut t = task();
+        t.metadata.uid = "task-uid".into();
+        t.status.attempts = 1;
+        assert!(
+            shows_assignment_next(&t, &l),
+            "a retry waiting for attempt 2"
+        );
+        mirror_assignment(&mut t, &l);
+        assert!(!shows_assignment_next(&t, &l), "shown already");
+        // Attempt 2 ran and its outcome is recorded: the Lease is deleted, the Task shows none.
+        t.status.lease = None;
+        t.status.phase = TaskPhase::Pending;
+        assert!(
+            !shows_assignment_next(&t, &l),
+            "a late assignment write must not point the Task at the deleted Lease"
+        );
+        let mut other = task();
+        other.metadata.uid = "another-uid".into();
+        assert!(!shows_assignment_next(&other, &l), "a new Task of the name");
     }
 
     #[test]
