@@ -116,3 +116,28 @@ fn with_stderr_on_the_journal_each_line_carries_its_priority_and_otherwise_none(
     assert!(!elsewhere.is_empty());
     json_lines(elsewhere.as_bytes());
 }
+
+#[test]
+fn an_error_that_ends_the_program_is_marked_an_error_on_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr");
+    let err = std::fs::File::create(&log).unwrap();
+    let st = err.metadata().unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_tinyscheduler"))
+        .args(["--state-dir"])
+        .arg(dir.path().join("state"))
+        .args(["get", "nosuchkind"])
+        .env("JOURNAL_STREAM", format!("{}:{}", st.dev(), st.ino()))
+        .env_remove("TINYSCHEDULER_LOG_LEVEL")
+        .stdout(std::process::Stdio::null())
+        .stderr(err)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.is_empty());
+    for line in text.lines() {
+        assert!(line.starts_with("<3>error: "), "{text:?}");
+    }
+}

@@ -43,7 +43,7 @@ pub fn main() -> ExitCode {
     let cli = match crate::config::parse_cli() {
         Ok(cli) => cli,
         Err(e) => {
-            eprintln!("error: {e}");
+            crate::daemon::logging::print_error(&format!("error: {e}"));
             return ExitCode::from(1);
         }
     };
@@ -55,7 +55,7 @@ pub fn main() -> ExitCode {
     };
     let level = g.log_level.as_deref().unwrap_or(default_level);
     if let Err(e) = crate::daemon::logging::init_logging(g.log_format, Some(level)) {
-        eprintln!("error: {e}");
+        crate::daemon::logging::print_error(&format!("error: {e}"));
         return ExitCode::from(1);
     }
     tracing::debug!(
@@ -67,7 +67,7 @@ pub fn main() -> ExitCode {
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("{e}");
+            crate::daemon::logging::print_error(&e.to_string());
             ExitCode::from(1)
         }
     }

@@ -6,7 +6,8 @@
 //!   with its syslog priority (`<3>` error, `<4>` warn, `<6>` info, `<7>` debug and trace), which
 //!   journald takes for the entry's priority and strips (`SyslogLevelPrefix=`, on by default): so
 //!   `journalctl -p warning -u tinyscheduler` shows the warnings and errors.
-//! * Level: `--log-level` / `TINYSCHEDULER_LOG_LEVEL`, default `info`. Accepts `RUST_LOG`-style
+//! * Level: `--log-level` / `TINYSCHEDULER_LOG_LEVEL`, default `info` for `run --daemon` and
+//!   `warn` for every other command (see `cli::main`). Accepts `RUST_LOG`-style
 //!   filters (`info,tinyscheduler::controllers=debug`) and the Python-era names `DEBUG`, `INFO`,
 //!   `WARNING`, `ERROR`, `CRITICAL` in any case (`WARNING` → `warn`, `CRITICAL` → `error`).
 //!
@@ -128,7 +129,7 @@ where
 }
 
 /// Installs the process-wide logger: `format` (default: [`LogFormat::detect`]) at `level`
-/// (default `info`) on stderr, each line prefixed with its priority when stderr is the journal.
+/// (default `info`; `cli::main` passes `warn` for commands other than `run --daemon`) on stderr, each line prefixed with its priority when stderr is the journal.
 /// Fails on an invalid level, or when a logger is already installed.
 pub fn init_logging(format: Option<LogFormat>, level: Option<&str>) -> Result<(), String> {
     let filter = parse_filter(level.unwrap_or(DEFAULT_LEVEL))?;
@@ -141,6 +142,25 @@ pub fn init_logging(format: Option<LogFormat>, level: Option<&str>) -> Result<()
     };
     tracing::subscriber::set_global_default(sub)
         .map_err(|e| format!("could not install the logger: {e}"))
+}
+
+/// Prints the error that ends the program on stderr; on the journal each line is marked an error
+/// (`<3>`), so that `journalctl -p err` finds a scheduler that could not start.
+pub fn print_error(text: &str) {
+    let journal = stderr_is_journal(std::env::var("JOURNAL_STREAM").ok().as_deref());
+    eprintln!("{}", with_priority_lines(text, journal.then_some("<3>")));
+}
+
+/// `text` with `prefix` before each of its lines.
+fn with_priority_lines(text: &str, prefix: Option<&str>) -> String {
+    match prefix {
+        None => text.to_string(),
+        Some(p) => text
+            .lines()
+            .map(|l| format!("{p}{l}"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    }
 }
 
 /// Whether stderr is the journal stream systemd names in `JOURNAL_STREAM` (`DEVICE:INODE`, as
