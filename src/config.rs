@@ -466,6 +466,11 @@ fn check_endpoint(name: &str, v: &str) -> Result<(), ConfigError> {
     crate::tinytask::Client::new(v)
         .map(|_| ())
         .map_err(|e| match e {
+            // Never repeat a password.
+            _ if crate::resources::validate::has_credentials(v.trim()) => ConfigError(format!(
+                "{name}: {}",
+                crate::resources::validate::CREDENTIALS
+            )),
             crate::tinytask::Error::InvalidEndpoint { message, .. } => ConfigError(format!(
                 "{name}: expected an http:// or https:// URL, got {v:?} ({message})"
             )),

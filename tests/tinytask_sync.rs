@@ -1428,3 +1428,54 @@ async fn a_result_goes_to_the_server_its_task_came_from_after_its_queue_moved_el
         "the other server's task of the same id was left alone"
     );
 }
+
+/// A waiting mirror (nothing claimed, nothing to write back) follows its Queue when the Queue's
+/// endpoint is spelled anew or the server moves: it is not taken for another server's task, and
+/// it goes on taking the server's changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_mirror_follows_its_queue_to_the_servers_new_address() {
+    let w = World::new().await;
+    // Queue dev has no agents, so only the blocked task is mirrored.
+    let blocker = queued(&w.server, "first", "dev");
+    let blocked = w.server.insert("second", |t| {
+        t.queue_name = Some("dev".into());
+        t.blocked_by_task_id = Some(blocker);
+    });
+    w.tinytask_queue("dev", json!({}));
+    let name = format!("tt-{blocked}");
+    let mut d = daemon(&w, &[]);
+    wait_until(
+        "the blocked task to be mirrored",
+        Duration::from_secs(30),
+        || {
+            w.task_json(&name)
+                .is_some_and(|t| t["status"]["phase"] == "Blocked")
+        },
+    )
+    .await;
+    // The same server, its address written another way; then a change there that the next
+    // poll lists: a new task, and the mirrored one's priority.
+    let respelled = format!("{}/api/v1", w.server.url());
+    w.tinytask_queue("dev", json!({"endpoint": respelled}));
+    // Time for the daemon to see the Queue change (its requests look the same: the spellings
+    // name one URL). Were the change seen late, the mirror would not follow and the test fail.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    w.server.mutate_task(blocked, |t| t.priority = 7.0);
+    queued(&w.server, "third", "dev");
+    let annotation =
+        |t: &Value| t["metadata"]["annotations"]["tinyscheduler.io/tinytask-endpoint"].clone();
+    wait_until(
+        "the mirror to follow, or a collision",
+        Duration::from_secs(30),
+        || {
+            w.task_json(&name)
+                .is_some_and(|t| t["spec"]["priority"] == 7)
+                || w.events().contains("NameCollision")
+        },
+    )
+    .await;
+    d.kill().await.ok();
+    assert!(!w.events().contains("NameCollision"), "{}", w.events());
+    let mirror = w.task_json(&name).unwrap();
+    assert_eq!(annotation(&mirror), respelled.as_str(), "{mirror}");
+}

@@ -232,6 +232,22 @@ impl Ctx {
         Ok(t)
     }
 
+    /// The Task `lease` runs, from the cache, else the store. `None` when it is gone, also when a
+    /// new Task has its name (another uid; see [`crate::resources::LeaseSpec::runs`]).
+    pub fn task_of(&self, lease: &Lease) -> Result<Option<Arc<Task>>, Error> {
+        let task = match self.tasks.get(&lease.spec.task) {
+            Some(t) => Some(t),
+            None => self.store.try_get::<Task>(&lease.spec.task)?.map(Arc::new),
+        };
+        Ok(task.filter(|t| lease.spec.runs(t)))
+    }
+
+    /// [`Ctx::task_of`] read from the store, for a decision that must rest on the newest version.
+    pub fn stored_task_of(&self, lease: &Lease) -> Result<Option<Task>, Error> {
+        let task = self.store.try_get::<Task>(&lease.spec.task)?;
+        Ok(task.filter(|t| lease.spec.runs(t)))
+    }
+
     /// Updates a Lease's status with `f` and puts the result into the cache.
     pub fn patch_lease(
         &self,

@@ -284,11 +284,7 @@ pub fn hold_claim(state_dir: &Path, lease: &Lease, local: bool) -> io::Result<Cl
 /// Says on the Task that its run is over and reclaim waits for the shim to record the result.
 /// The message stays the same while it waits, so the Event is aggregated (its count grows).
 fn await_shim(ctx: &Ctx, lease: &Lease) {
-    let Some(task) = ctx
-        .tasks
-        .get(&lease.spec.task)
-        .filter(|t| lease.spec.runs(t))
-    else {
+    let Ok(Some(task)) = ctx.task_of(lease) else {
         return;
     };
     let shim = lease.status.shim_pid.unwrap_or_default();
@@ -325,13 +321,7 @@ fn facts(ctx: &Ctx, lease: &Lease, ask_claim: bool) -> Result<Facts, Error> {
         .as_deref()
         .is_none_or(|h| h == ctx.settings.host);
     // A Task of the same name with another uid is a new Task: the one this run was for is gone.
-    let task_exists = match ctx.tasks.get(&lease.spec.task) {
-        Some(t) => lease.spec.runs(&t),
-        None => ctx
-            .store
-            .try_get::<Task>(&lease.spec.task)?
-            .is_some_and(|t| lease.spec.runs(&t)),
-    };
+    let task_exists = ctx.task_of(lease)?.is_some();
     let claimed = ask_claim
         && lease.status.phase == LeasePhase::Pending
         && task_exists
@@ -364,10 +354,7 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
     else {
         return Ok(());
     };
-    let task = ctx
-        .store
-        .try_get::<Task>(&lease.spec.task)?
-        .filter(|t| lease.spec.runs(t));
+    let task = ctx.stored_task_of(&lease)?;
     if let Some(t) = &task {
         ctx.event(
             t,

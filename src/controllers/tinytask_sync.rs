@@ -254,11 +254,7 @@ pub fn awaits_claim(ctx: &Ctx, lease: &Lease) -> Result<bool, Error> {
     if is_claimed(lease) {
         return Ok(false);
     }
-    let task = match ctx.tasks.get(&lease.spec.task) {
-        Some(t) => Some(t),
-        None => ctx.store.try_get::<Task>(&lease.spec.task)?.map(Arc::new),
-    };
-    Ok(task.is_some_and(|t| is_tinytask(&t)))
+    Ok(ctx.task_of(lease)?.is_some_and(|t| is_tinytask(&t)))
 }
 
 /// What `outcome::record` queues for a tinytask task whose attempt `attempt` just ended, given
@@ -356,7 +352,14 @@ pub fn orphan_write_back(
     let task = &lease.spec.task;
     let agent = &lease.spec.agent;
     let attempt = lease.spec.attempt;
-    let at = now_rfc3339();
+    // A time of the run's own, so that the same write-back queued again (a crash before the Lease
+    // was deleted) carries the same words and is commented once.
+    let at = lease
+        .status
+        .finish_time
+        .clone()
+        .or_else(|| lease.metadata.creation_timestamp.clone())
+        .unwrap_or_else(now_rfc3339);
     let (op, message) = if succeeded {
         (WriteBackOp::Complete, None)
     } else {
@@ -1126,7 +1129,17 @@ fn refresh(
         &local.metadata.annotations,
         local.spec.queue.as_deref(),
     );
-    if !same_endpoint(&theirs, &endpoint) {
+    // A mirror of this Queue that nothing has claimed yet follows the Queue to the server it
+    // names now (an endpoint spelled anew, a server moved): there is nothing of it on the old one.
+    // A claimed or finished one keeps its server, where its run and result belong.
+    let follows = local.spec.queue.as_deref() == Some(queue.metadata.name.as_str())
+        && matches!(local.status.phase, TaskPhase::Pending | TaskPhase::Blocked)
+        && local.status.attempts == 0
+        && local.status.lease.is_none()
+        && local.status.remote_assignee.is_none()
+        && local.status.write_backs.is_empty()
+        && ctx.leases.get(&local.metadata.name).is_none();
+    if !same_endpoint(&theirs, &endpoint) && !follows {
         // Another server's task with the same id: mirror names are `tt-<id>`, so this one
         // cannot be mirrored beside it. Taking the mirror over would move it, and its result,
         // to the wrong server.
@@ -1156,11 +1169,15 @@ fn refresh(
     spec.max_retries = local.spec.max_retries;
     spec.timeout_seconds = local.spec.timeout_seconds;
     spec.ttl_seconds_after_finished = local.spec.ttl_seconds_after_finished;
-    if spec == local.spec {
+    let moved = !same_endpoint(&theirs, &endpoint);
+    if spec == local.spec && !moved {
         return;
     }
     let mut next = local.clone();
     next.spec = spec;
+    next.metadata
+        .annotations
+        .insert(ENDPOINT_ANNOTATION.into(), endpoint.clone());
     match ctx.store.update(&next) {
         Ok(u) => ctx.tasks.observe(u),
         Err(e) if e.is_conflict() || e.is_not_found() => {}
@@ -1247,11 +1264,7 @@ async fn claim(ctx: &Ctx, lease_name: &str) -> Result<Action, Error> {
     if lease.status.phase != LeasePhase::Pending || is_claimed(&lease) {
         return Ok(Action::await_change());
     }
-    let Some(task) = ctx
-        .store
-        .try_get::<Task>(&lease.spec.task)?
-        .filter(|t| lease.spec.runs(t))
-    else {
+    let Some(task) = ctx.stored_task_of(&lease)? else {
         return Ok(Action::await_change());
     };
     let Some(id) = remote_id(&task) else {

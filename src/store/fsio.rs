@@ -49,8 +49,9 @@ fn create_durably(dir: &Path) -> io::Result<()> {
         }
     }
     match fs::DirBuilder::new().mode(0o700).create(dir) {
-        // Made by another writer meanwhile, which syncs its parent itself.
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        // Made by another writer meanwhile, which may not have synced its parent yet: this
+        // writer's object must not be durable before its directory is.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         other => other?,
     }
     fsync_dir(parent.unwrap_or(Path::new(".")))

@@ -42,8 +42,10 @@ impl Error {
                 message,
                 ..
             } => {
-                let m = message.to_ascii_lowercase();
-                m.contains("task") && m.contains("not found")
+                // `Task 7 not found`, `Task not found: 7`; not a route's 404 that quotes the
+                // path (`Route PATCH /api/v1/tasks/7 not found`).
+                let m = message.trim().to_ascii_lowercase();
+                m.starts_with("task ") && m.contains("not found")
             }
             _ => false,
         }
@@ -119,6 +121,7 @@ mod tests {
         assert!(status(404, "Task not found: 7").is_not_found());
         assert!(!status(404, "Cannot PATCH /tinytask/api/v1/tasks/7").is_not_found());
         assert!(!status(404, "Not Found").is_not_found());
+        assert!(!status(404, "Route PATCH /api/v1/tasks/7 not found").is_not_found());
         assert!(!status(400, "Task 7 not found").is_not_found());
     }
 }
