@@ -198,13 +198,24 @@ fn run_environ(lease: &str, attempt: i64) -> [String; 2] {
 /// Whether process group `pgid` still has a member of one run: a process with the run's Lease and
 /// attempt in its environment (what the shim gave the agent; its children inherit it). Asked of a
 /// run whose agent has exited, so that what it left in its group is found, and a group number
-/// that something else has taken since is not.
-pub fn group_has_run(pgid: i32, lease: &str, attempt: i64) -> bool {
+/// that something else has taken since is not. An error: `/proc` could not be read (out of file
+/// descriptors, say), so nothing can be said.
+pub fn group_has_run(pgid: i32, lease: &str, attempt: i64) -> io::Result<bool> {
+    if pgid <= 1 {
+        return Ok(false);
+    }
     let wanted = run_environ(lease, attempt);
-    pgid > 1
-        && group_members(pgid)
-            .into_iter()
-            .any(|pid| environ_has(pid, &wanted))
+    let members = scan_group(pgid).ok_or_else(unreadable_proc)?;
+    for pid in members {
+        if environ_has(pid, &wanted)? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn unreadable_proc() -> io::Error {
+    io::Error::other("/proc could not be read whole")
 }
 
 /// The process groups of the agents of one run that no Lease names: a shim killed before its
@@ -213,32 +224,42 @@ pub fn group_has_run(pgid: i32, lease: &str, attempt: i64) -> bool {
 /// `TINYSCHEDULER_ATTEMPT`, which its children inherit too) and the run's log file as its stdout or
 /// stderr — the log's path names the state directory, so another scheduler's run of a task with the
 /// same name is never taken for it. A process that closed both, or whose `/proc` entries this
-/// process may not read, is not found; zombies and the caller's own group are left out.
-pub fn groups_of_unrecorded_run(lease: &str, attempt: i64, log: &Path) -> Vec<i32> {
+/// process may not read, is not found; zombies and the caller's own group are left out. An
+/// error: `/proc` could not be read (out of file descriptors, say), so none can be ruled out.
+pub fn groups_of_unrecorded_run(lease: &str, attempt: i64, log: &Path) -> io::Result<Vec<i32>> {
     // The path the kernel shows for the open file: symlinks resolved. No log file, no agent.
-    let Ok(log) = fs::canonicalize(log) else {
-        return Vec::new();
+    let log = match fs::canonicalize(log) {
+        Ok(l) => l,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
     };
     let wanted = run_environ(lease, attempt);
     let own = nix::unistd::getpgrp().as_raw();
-    let mut groups: Vec<i32> = proc_pids()
-        .filter(|&pid| writes_to(pid, &log) && environ_has(pid, &wanted))
-        .filter_map(|pid| read_stat(pid).ok())
-        .filter(|s| !s.is_zombie_or_dead() && s.pgrp > 1 && s.pgrp != own)
-        .map(|s| s.pgrp)
-        .collect();
+    let mut groups = Vec::new();
+    for pid in proc_pids()? {
+        if !writes_to(pid, &log) || !environ_has(pid, &wanted)? {
+            continue;
+        }
+        if let Ok(s) = read_stat(pid) {
+            if !s.is_zombie_or_dead() && s.pgrp > 1 && s.pgrp != own {
+                groups.push(s.pgrp);
+            }
+        }
+    }
     groups.sort_unstable();
     groups.dedup();
-    groups
+    Ok(groups)
 }
 
-/// The pids `/proc` lists (none when it cannot be read).
-fn proc_pids() -> impl Iterator<Item = i32> {
-    fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+/// The pids `/proc` lists.
+fn proc_pids() -> io::Result<Vec<i32>> {
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc")? {
+        if let Some(pid) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) {
+            pids.push(pid);
+        }
+    }
+    Ok(pids)
 }
 
 /// Whether `pid`'s stdout or stderr is the file at `path`.
@@ -248,14 +269,25 @@ fn writes_to(pid: i32, path: &Path) -> bool {
         .any(|fd| fs::read_link(format!("/proc/{pid}/fd/{fd}")).is_ok_and(|p| p == path))
 }
 
-/// Whether every one of `entries` (`NAME=value`) is in the environment `pid` started with.
-fn environ_has(pid: i32, entries: &[String]) -> bool {
-    let Ok(env) = fs::read(format!("/proc/{pid}/environ")) else {
-        return false;
+/// Whether every one of `entries` (`NAME=value`) is in the environment `pid` started with. A
+/// process gone meanwhile, or whose environment this process may not read, has not; any other
+/// failure is an error.
+fn environ_has(pid: i32, entries: &[String]) -> io::Result<bool> {
+    let env = match fs::read(format!("/proc/{pid}/environ")) {
+        Ok(env) => env,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied
+            ) || e.raw_os_error() == Some(nix::libc::ESRCH) =>
+        {
+            return Ok(false)
+        }
+        Err(e) => return Err(e),
     };
-    entries
+    Ok(entries
         .iter()
-        .all(|e| env.split(|b| *b == 0).any(|v| v == e.as_bytes()))
+        .all(|e| env.split(|b| *b == 0).any(|v| v == e.as_bytes())))
 }
 
 fn proc_is_mounted() -> bool {
@@ -320,6 +352,9 @@ mod tests {
         let parent = std::process::id() as i32;
         let st = start_time_of(parent).unwrap();
         let pgid = nix::unistd::getpgrp().as_raw();
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("1.log");
+        fs::write(&log, "").unwrap();
         // SAFETY: the child only sets a limit, asks, and `_exit`s; glibc's fork leaves malloc
         // usable in the child.
         match unsafe { nix::unistd::fork() }.unwrap() {
@@ -338,7 +373,10 @@ mod tests {
                     {
                         nix::libc::_exit(100)
                     }
-                    let code = i32::from(is_alive(parent, st)) | i32::from(group_alive(pgid)) << 1;
+                    let code = i32::from(is_alive(parent, st))
+                        | i32::from(group_alive(pgid)) << 1
+                        | i32::from(groups_of_unrecorded_run("t", 1, &log).is_err()) << 2
+                        | i32::from(group_has_run(pgid, "t", 1).is_err()) << 3;
                     nix::libc::_exit(code)
                 }
             }
@@ -346,8 +384,9 @@ mod tests {
                 let status = nix::sys::wait::waitpid(child, None).unwrap();
                 assert_eq!(
                     status,
-                    nix::sys::wait::WaitStatus::Exited(child, 0b11),
-                    "bit 0: the process, bit 1: its group were judged alive (100: no limit)"
+                    nix::sys::wait::WaitStatus::Exited(child, 0b1111),
+                    "bit 0: the process, bit 1: its group were judged alive; bits 2 and 3: the \
+                     searches for a run's processes failed rather than find none (100: no limit)"
                 );
             }
         }

@@ -89,7 +89,8 @@ async fn start(ctx: &Ctx, lease: &Lease) -> Result<Action, Error> {
     }
     // A shim of this run that died before it recorded its agent may have left that agent running
     // (the Lease names no pid): it goes before another one starts (invariant 1).
-    let orphans = super::reclaim::unrecorded_groups(ctx, lease);
+    let orphans = super::reclaim::unrecorded_groups(ctx, lease)
+        .map_err(|e| Error(format!("lease/{name}: cannot look for its processes: {e}")))?;
     if !orphans.is_empty() {
         if ctx.settings.dry_run {
             ctx.would(&format!(

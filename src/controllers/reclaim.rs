@@ -370,15 +370,25 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
         let s = &lease.status;
         let agent_alive =
             matches!((s.pid, s.process_start_time), (Some(p), Some(t)) if is_alive(p, t));
+        // What cannot be looked at (an unreadable /proc) is an error: the reclaim is tried again
+        // later rather than requeue the task beside a run it could not see.
+        let proc_err =
+            |e: std::io::Error| Error(format!("lease/{name}: cannot look for its processes: {e}"));
+        let left_behind = match (s.pid, s.pgid.filter(|g| *g > 1)) {
+            (Some(_), Some(pgid)) if !agent_alive => {
+                group_has_run(pgid, &name, lease.spec.attempt).map_err(proc_err)?
+            }
+            _ => false,
+        };
         match (s.pid, s.pgid.filter(|g| *g > 1)) {
             (None, _) => {
-                let groups = unrecorded_groups(ctx, &lease);
+                let groups = unrecorded_groups(ctx, &lease).map_err(proc_err)?;
                 kill_groups(ctx, &name, &groups, UNRECORDED, task.as_ref()).await?;
             }
             (Some(_), Some(pgid)) if agent_alive => {
                 kill_groups(ctx, &name, &[pgid], "", task.as_ref()).await?;
             }
-            (Some(_), Some(pgid)) if group_has_run(pgid, &name, lease.spec.attempt) => {
+            (Some(_), Some(pgid)) if left_behind => {
                 kill_groups(ctx, &name, &[pgid], LEFT_BEHIND, task.as_ref()).await?;
             }
             _ => {}
@@ -418,11 +428,11 @@ pub const LEFT_BEHIND: &str = "left behind by the exited agent ";
 /// The process groups of agents this Lease's run started that its Lease does not name: a shim
 /// killed before its first write leaves one running. Looked for only when the run's log file
 /// exists (the shim opens it before it starts the agent), so a Lease that never got that far
-/// costs one `lstat`.
-pub fn unrecorded_groups(ctx: &Ctx, lease: &Lease) -> Vec<i32> {
+/// costs one `lstat`. An error: `/proc` could not be read.
+pub fn unrecorded_groups(ctx: &Ctx, lease: &Lease) -> std::io::Result<Vec<i32>> {
     let log = log_path(&ctx.state_dir, &lease.spec.task, lease.spec.attempt);
     if std::fs::symlink_metadata(&log).is_err() {
-        return Vec::new();
+        return Ok(Vec::new());
     }
     groups_of_unrecorded_run(&lease.metadata.name, lease.spec.attempt, &log)
 }
