@@ -680,6 +680,45 @@ fn a_daemon_whose_binary_an_upgrade_replaced_still_starts_runs_with_its_own_code
 }
 
 #[test]
+fn a_run_whose_lease_is_deleted_by_hand_is_killed_and_its_task_retried() {
+    let s = Sched::new();
+    s.queue("default");
+    // Attempt 1 runs until it is killed; attempt 2 succeeds at once.
+    s.agent(
+        "w",
+        1,
+        "echo \"$TINYSCHEDULER_ATTEMPT\" >> \"$OUT/ran\"
+if [ \"$TINYSCHEDULER_ATTEMPT\" = 1 ]; then while [ -d \"$OUT\" ]; do sleep 0.05; done; fi",
+    );
+    s.task_with("job", |t| t.max_retries = 1);
+    assert_eq!(s.run(&["run", "--once"]).code, 0);
+    wait_for("attempt 1 to be recorded running", LONG, || {
+        s.leases()
+            .iter()
+            .any(|l| l.status.phase == LeasePhase::Running)
+    });
+    let agent = pids_in(&s.out("pids"))[0];
+    let r = s.run(&["delete", "lease", "job"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    // The Task still shows the Lease: the next passes must not wait for it for good.
+    let mut passes = 0;
+    while s.phase("job") != TaskPhase::Succeeded && passes < 20 {
+        assert_eq!(s.run(&["run", "--once"]).code, 0);
+        std::thread::sleep(Duration::from_millis(300));
+        passes += 1;
+    }
+    let t = s.get_task("job");
+    assert_eq!(t.status.phase, TaskPhase::Succeeded, "{:?}", t.status);
+    assert_eq!(t.status.attempts, 2);
+    assert_eq!(s.lines("ran"), ["1", "2"]);
+    wait_for("attempt 1's agent to end", LONG, || !running(agent));
+    let story = story(&s, "job");
+    for reason in ["Killed", "Reclaimed", "Retrying"] {
+        assert!(story.iter().any(|r| r == reason), "{reason}: {story:?}");
+    }
+}
+
+#[test]
 fn a_second_scheduler_exits_1_naming_the_daemon_that_holds_the_lock() {
     let mut s = Sched::new();
     s.queue("default");

@@ -16,7 +16,7 @@ use crate::agent::liveness::{group_has_run, groups_of_unrecorded_run, is_alive};
 use crate::agent::shim::{log_path, RECORD_GIVE_UP};
 use crate::resources::event::EventType;
 use crate::resources::meta::parse_time;
-use crate::resources::{Lease, LeasePhase, Task};
+use crate::resources::{Lease, LeasePhase, LeaseSpec, Task, TaskPhase};
 use crate::runtime::controller::Action;
 
 /// Why a run is being reclaimed.
@@ -182,6 +182,7 @@ pub const REASONS: &[&str] = &[
     "lost",
     "task-deleted",
     "never-started",
+    "lease-deleted",
 ];
 
 /// The short `reason` label of a stale verdict (or of a Terminating Lease's message, which is the
@@ -197,6 +198,8 @@ pub fn reason_label(reason: &str) -> &'static str {
         "task-deleted"
     } else if reason.starts_with("never started") {
         "never-started"
+    } else if reason.starts_with(LEASE_DELETED) {
+        "lease-deleted"
     } else {
         "other"
     }
@@ -215,7 +218,7 @@ pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
     // claim (which only ever makes a starting Lease healthy) is not asked here, so a Lease that
     // needs it goes on to the store.
     let Some(cached) = ctx.leases.get(&name) else {
-        return Ok(Action::await_change());
+        return without_lease(&ctx, &name).await;
     };
     if let Verdict::Healthy(after) = judge(&cached, &facts(&ctx, &cached, false)?) {
         return Ok(look_again(after));
@@ -279,6 +282,75 @@ pub fn hold_claim(state_dir: &Path, lease: &Lease, local: bool) -> io::Result<Cl
         Some(c) => ClaimHold::Held(c),
         None => ClaimHold::Starting,
     })
+}
+
+/// Why a run is reclaimed whose Lease was deleted by hand.
+const LEASE_DELETED: &str = "its Lease was deleted";
+
+/// A Task that shows a Lease that is gone (deleted by hand, `delete lease NAME`) would wait for
+/// its run's result for good (invariant 3). Its run is reclaimed as a Lease's would be: the
+/// agents of the attempt, found by their environment and log, are killed, then the attempt is
+/// failed and retried. Only on the store's word: the cache may be a moment behind a new Lease.
+async fn without_lease(ctx: &Ctx, name: &str) -> Result<Action, Error> {
+    let shows = |t: &Task| {
+        t.status.lease.as_deref() == Some(name)
+            && matches!(t.status.phase, TaskPhase::Assigned | TaskPhase::Running)
+    };
+    if !ctx.tasks.get(name).is_some_and(|t| shows(&t)) {
+        return Ok(Action::await_change());
+    }
+    let Some(task) = ctx.store.try_get::<Task>(name)?.filter(|t| shows(t)) else {
+        return Ok(Action::await_change());
+    };
+    if ctx.store.try_get::<Lease>(name)?.is_some() {
+        return Ok(Action::await_change());
+    }
+    // The run as the Task knows it: its name, agent, attempt and Task.
+    let mut lease = Lease::new(
+        "Lease",
+        name,
+        LeaseSpec {
+            task: name.to_string(),
+            agent: task.status.agent.clone().unwrap_or_default(),
+            attempt: task.status.attempts,
+            task_uid: task.metadata.uid.clone(),
+            ..Default::default()
+        },
+    );
+    lease.status.acquire_time = task.status.start_time.clone();
+    if ctx.settings.dry_run {
+        ctx.would(&format!("reclaim the run of task/{name}: {LEASE_DELETED}"));
+        Summary::bump(&ctx.summary.reclaimed);
+        return Ok(Action::await_change());
+    }
+    let groups = unrecorded_groups(ctx, &lease)
+        .map_err(|e| Error(format!("task/{name}: cannot look for its processes: {e}")))?;
+    kill_groups(ctx, name, &groups, WITHOUT_LEASE, Some(&task)).await?;
+    let ending = Ending {
+        exit_code: None,
+        signal: None,
+        reclaimed: Some(LEASE_DELETED.to_string()),
+        message: None,
+    };
+    outcome::record(ctx, &lease, &ending)?;
+    Summary::bump(&ctx.summary.reclaimed);
+    ctx.metrics
+        .counter(
+            RECLAIMS_METRIC,
+            RECLAIMS_HELP,
+            &[("reason", "lease-deleted")],
+        )
+        .inc();
+    ctx.event(
+        &task,
+        EventType::Warning,
+        "Reclaimed",
+        &format!(
+            "lease/{name} (attempt {}): {LEASE_DELETED}",
+            lease.spec.attempt
+        ),
+    );
+    Ok(Action::await_change())
 }
 
 /// Says on the Task that its run is over and reclaim waits for the shim to record the result.
@@ -422,6 +494,8 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
 
 /// How a Killed event names the group of an agent found by [`unrecorded_groups`].
 pub const UNRECORDED: &str = "of an agent its shim never recorded ";
+/// How a Killed event names the group of an agent whose Lease was deleted by hand.
+pub const WITHOUT_LEASE: &str = "of an agent whose Lease was deleted ";
 /// How a Killed event names a group whose agent had exited, leaving other processes in it.
 pub const LEFT_BEHIND: &str = "left behind by the exited agent ";
 
@@ -668,6 +742,7 @@ mod tests {
             "lost",
             "task-deleted",
             "never-started",
+            "lease-deleted",
         ] {
             assert!(REASONS.contains(&r));
         }
