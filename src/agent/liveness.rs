@@ -132,6 +132,12 @@ pub fn is_alive(pid: i32, start_time: u64) -> bool {
     }
 }
 
+/// Whether a process `pid` may exist (`kill(pid, 0)`; EPERM and an unknown answer count as yes).
+/// Says nothing about which process it is: see [`is_alive`] for that.
+pub fn may_exist(pid: i32) -> bool {
+    pid > 0 && signal_probe(pid).unwrap_or(true)
+}
+
 /// True while the process group `pgid` has a member that is not a zombie. A group whose members
 /// are all zombies (ended, not yet reaped by their parent) runs nothing and counts as empty.
 pub fn group_alive(pgid: i32) -> bool {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::outcome::{self, Ending};
 use super::{Ctx, Error, SpawnedShim, Summary};
 use crate::agent::claim::Claim;
-use crate::agent::liveness::{is_alive, start_time_of};
+use crate::agent::liveness::may_exist;
 use crate::agent::spawn::spawn_shim;
 use crate::resources::event::EventType;
 use crate::resources::{Lease, LeasePhase, Task, TaskPhase};
@@ -16,6 +16,8 @@ use crate::runtime::controller::Action;
 
 /// How long a started shim has to claim its Lease before the controller looks again.
 const START_CHECK: Duration = Duration::from_secs(2);
+/// How long a started shim that has not claimed its Lease is waited for before another is started.
+const SPAWN_PATIENCE: Duration = Duration::from_secs(10);
 
 pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
     // The cache, not the store: each Lease change wakes this key once the cache has it, and
@@ -71,14 +73,14 @@ async fn start(ctx: &Ctx, lease: &Lease) -> Result<Action, Error> {
     }
     {
         let spawned = ctx.spawned.lock().unwrap_or_else(|p| p.into_inner());
-        // Still the shim that was started: a pid reused since by another process does not count.
-        if let Some(SpawnedShim {
-            lease_uid,
-            pid,
-            start_time: Some(started),
-        }) = spawned.get(name)
-        {
-            if *lease_uid == lease.metadata.uid && is_alive(*pid as i32, *started) {
+        // A shim takes its claim within milliseconds of its start; one that has not after
+        // SPAWN_PATIENCE is gone or stuck, and its pid, if it exists, may be another process's by
+        // then. Another shim for the Lease is safe: the claim lets only one run it.
+        if let Some(SpawnedShim { lease_uid, pid, at }) = spawned.get(name) {
+            if *lease_uid == lease.metadata.uid
+                && at.elapsed() < SPAWN_PATIENCE
+                && may_exist(*pid as i32)
+            {
                 return Ok(Action::requeue_after(START_CHECK));
             }
         }
@@ -119,7 +121,7 @@ async fn start(ctx: &Ctx, lease: &Lease) -> Result<Action, Error> {
             SpawnedShim {
                 lease_uid: lease.metadata.uid.clone(),
                 pid,
-                start_time: start_time_of(pid as i32),
+                at: std::time::Instant::now(),
             },
         );
     if let Some(waited) = ctx.runnable_since.take(&lease.spec.task) {

@@ -126,8 +126,8 @@ pub struct SpawnedShim {
     /// The uid of the Lease it was started for.
     pub lease_uid: String,
     pub pid: u32,
-    /// Its start time, read right after the spawn; `None` when it had ended by then.
-    pub start_time: Option<u64>,
+    /// When it was started.
+    pub at: std::time::Instant,
 }
 
 /// Everything a reconciler needs: the store, the shared informers, the event recorder, settings.

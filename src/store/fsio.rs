@@ -30,11 +30,14 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
 /// ext4 without a journal. An existing directory costs one `lstat`, as before.
 pub fn ensure_durable_dir(dir: &Path) -> io::Result<()> {
     match fs::symlink_metadata(dir) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => create_durably(dir)?,
-        _ => {}
+        Ok(m) if m.file_type().is_dir() => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            create_durably(dir)?;
+            // Judges what a concurrent writer may have made there meanwhile.
+            ensure_private_dir(dir)
+        }
+        _ => ensure_private_dir(dir),
     }
-    // Also judges what a concurrent writer may have made there meanwhile.
-    ensure_private_dir(dir)
 }
 
 /// Creates the missing `dir` and its missing ancestors (mode 0700), each followed by an fsync of
