@@ -326,30 +326,7 @@ async fn without_lease(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     let groups = unrecorded_groups(ctx, &lease)
         .map_err(|e| Error(format!("task/{name}: cannot look for its processes: {e}")))?;
     kill_groups(ctx, name, &groups, WITHOUT_LEASE, Some(&task)).await?;
-    let ending = Ending {
-        exit_code: None,
-        signal: None,
-        reclaimed: Some(LEASE_DELETED.to_string()),
-        message: None,
-    };
-    outcome::record(ctx, &lease, &ending)?;
-    Summary::bump(&ctx.summary.reclaimed);
-    ctx.metrics
-        .counter(
-            RECLAIMS_METRIC,
-            RECLAIMS_HELP,
-            &[("reason", "lease-deleted")],
-        )
-        .inc();
-    ctx.event(
-        &task,
-        EventType::Warning,
-        "Reclaimed",
-        &format!(
-            "lease/{name} (attempt {}): {LEASE_DELETED}",
-            lease.spec.attempt
-        ),
-    );
+    record_reclaimed(ctx, &lease, LEASE_DELETED, Some(&task))?;
     Ok(Action::await_change())
 }
 
@@ -466,13 +443,24 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
             _ => {}
         }
     }
+    record_reclaimed(ctx, &lease, reason, task.as_ref())
+}
+
+/// Fails the attempt of `lease` as reclaimed for `reason` (after its kill: invariant 4), counts it
+/// under its reason and says so on its Task.
+fn record_reclaimed(
+    ctx: &Ctx,
+    lease: &Lease,
+    reason: &str,
+    task: Option<&Task>,
+) -> Result<(), Error> {
     let ending = Ending {
         exit_code: None,
         signal: None,
         reclaimed: Some(reason.to_string()),
         message: None,
     };
-    outcome::record(ctx, &lease, &ending)?;
+    outcome::record(ctx, lease, &ending)?;
     Summary::bump(&ctx.summary.reclaimed);
     ctx.metrics
         .counter(
@@ -481,13 +469,12 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
             &[("reason", reason_label(reason))],
         )
         .inc();
-    if let Some(t) = &task {
-        ctx.event(
-            t,
-            EventType::Warning,
-            "Reclaimed",
-            &format!("lease/{name} (attempt {}): {reason}", lease.spec.attempt),
+    if let Some(t) = task {
+        let message = format!(
+            "lease/{} (attempt {}): {reason}",
+            lease.metadata.name, lease.spec.attempt
         );
+        ctx.event(t, EventType::Warning, "Reclaimed", &message);
     }
     Ok(())
 }
@@ -736,6 +723,7 @@ mod tests {
             "never-started"
         );
         assert_eq!(reason_label("being reclaimed"), "other");
+        assert_eq!(reason_label(LEASE_DELETED), "lease-deleted");
         for r in [
             "heartbeat",
             "max-runtime",
