@@ -1082,7 +1082,21 @@ fn a_daemon_whose_state_directory_is_removed_stops_with_1_rather_than_run_beside
     let mut d = Daemon::start(w.path(), Some(&systemd), &[]);
     let mut systemd = systemd;
     systemd.wait_for(0, "READY=1", |m| m == "READY=1");
-    std::fs::remove_dir_all(w.path().join("state")).unwrap();
+    // The daemon may write into the directory while it is being removed (a file appearing in a
+    // directory being emptied fails the removal with ENOTEMPTY): remove until it is gone.
+    let state = w.path().join("state");
+    let deadline = Instant::now() + LONG;
+    loop {
+        match std::fs::remove_dir_all(&state) {
+            Ok(()) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("removing {}: {e}; again", state.display());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("cannot remove {}: {e}", state.display()),
+        }
+    }
     let status = d.wait_exit();
     assert_eq!(status.code(), Some(1), "{}", d.stderr());
     assert!(
