@@ -598,21 +598,35 @@ fn a_lease_reclaimed_as_never_started_never_has_its_agent_started_as_well() {
     while !started() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let runs = s.lines("runs");
-    let events = s
-        .store
-        .list::<tinyscheduler::resources::Event>(None)
-        .unwrap()
-        .items;
+    let list_events = || {
+        s.store
+            .list::<tinyscheduler::resources::Event>(None)
+            .unwrap()
+            .items
+    };
+    let reclaimed = |events: &[tinyscheduler::resources::Event], n: &str| {
+        events.iter().any(|e| {
+            e.spec.involved_object.name == n
+                && e.spec.reason == "Reclaimed"
+                && e.spec.message.contains("(attempt 1): never started")
+        })
+    };
+    // A Lease recorded Running has an agent that may not have written its line yet: wait (to the
+    // deadline) until each attempt ran or was reclaimed.
+    let (mut runs, mut events) = (s.lines("runs"), list_events());
+    while std::time::Instant::now() < deadline
+        && !names
+            .iter()
+            .all(|n| runs.contains(&format!("{n} 1")) || reclaimed(&events, n))
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        (runs, events) = (s.lines("runs"), list_events());
+    }
     let mut both = Vec::new();
     for n in &names {
         let ran = runs.iter().filter(|l| **l == format!("{n} 1")).count();
         assert!(ran <= 1, "{n}'s attempt 1 ran {ran} times");
-        let reclaimed = events.iter().any(|e| {
-            e.spec.involved_object.name == *n
-                && e.spec.reason == "Reclaimed"
-                && e.spec.message.contains("(attempt 1): never started")
-        });
+        let reclaimed = reclaimed(&events, n);
         if ran == 1 && reclaimed {
             both.push(n.clone());
         }
