@@ -414,34 +414,119 @@ fn of_shims_started_together_for_one_pending_lease_exactly_one_runs_it() {
     );
 }
 
+/// Starts a shim for a run whose agent ignores SIGTERM and loops until the test's directory is
+/// gone, and waits until it runs. Returns the shim.
+fn stubborn_run(s: &State, name: &str) -> std::process::Child {
+    let cmd = format!(
+        "trap '' TERM; echo ready; while [ -d {} ]; do sleep 0.05; done",
+        s.dir.path().display()
+    );
+    s.agent(name, &["sh", "-c", &cmd], 1);
+    s.task(name, &[]);
+    s.lease(name, name, 1);
+    let child = s
+        .shim_cmd(name)
+        .env("TINYSCHEDULER_KILL_GRACE_SEC", "0.3")
+        .spawn()
+        .unwrap();
+    wait_for("the run", LONG, || {
+        s.get_lease(name).unwrap().status.phase == LeasePhase::Running
+            && s.log(name, 1).contains("ready")
+    });
+    child
+}
+
+/// Waits for the shim to exit by itself.
+fn exits(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let mut status = None;
+    wait_for("the shim to exit", LONG, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    status.unwrap()
+}
+
 #[test]
-fn the_shim_keeps_supervising_when_its_lease_is_deleted() {
+fn the_shim_ends_its_agent_when_its_lease_is_deleted() {
+    let s = State::new();
+    let mut child = stubborn_run(&s, "gone");
+    let pgid = s.get_lease("gone").unwrap().status.pgid.unwrap();
+    s.store
+        .delete::<tinyscheduler::resources::Lease>("gone", None)
+        .unwrap();
+    assert!(exits(&mut child).success());
+    assert!(
+        !tinyscheduler::agent::group_alive(pgid),
+        "the agent's group ended"
+    );
+    let log = s.log("gone", 1);
+    assert!(
+        log.contains("[tinyscheduler] lease/gone was deleted: terminating the agent"),
+        "{log}"
+    );
+    assert!(log.ends_with("exited with signal 9 (SIGKILL)\n"), "{log}");
+    assert!(
+        s.get_lease("gone").is_none(),
+        "nothing wrote the Lease again"
+    );
+}
+
+#[test]
+fn the_shim_ends_its_agent_and_leaves_a_new_lease_of_its_name_alone() {
+    let s = State::new();
+    let mut child = stubborn_run(&s, "next");
+    let pgid = s.get_lease("next").unwrap().status.pgid.unwrap();
+    s.store
+        .delete::<tinyscheduler::resources::Lease>("next", None)
+        .unwrap();
+    // The next attempt's Lease, created before the old shim's next write.
+    let fresh = s.lease("next", "next", 2);
+    assert!(exits(&mut child).success());
+    assert!(
+        !tinyscheduler::agent::group_alive(pgid),
+        "the agent's group ended"
+    );
+    assert!(
+        s.log("next", 1)
+            .contains("lease/next was replaced by a new Lease of its name: terminating the agent"),
+        "{}",
+        s.log("next", 1)
+    );
+    let now = s.get_lease("next").unwrap();
+    assert_eq!(now.metadata, fresh.metadata, "not written at all");
+    assert_eq!(now.status, fresh.status);
+}
+
+#[test]
+fn the_shim_keeps_supervising_when_the_whole_state_directory_is_gone() {
     let s = State::new();
     let go = s.dir.path().join("go");
     let cmd = format!(
-        "while [ ! -e {} ] && [ -d {} ]; do sleep 0.05; done; exit 4",
-        go.display(),
-        s.dir.path().display()
+        "while [ ! -e {} ]; do sleep 0.05; done; exit 4",
+        go.display()
     );
-    s.agent("orphan", &["sh", "-c", &cmd], 1);
-    s.task("orphan", &[]);
-    s.lease("orphan", "orphan", 1);
-    let mut child = s.shim_cmd("orphan").spawn().unwrap();
+    s.agent("lost", &["sh", "-c", &cmd], 1);
+    s.task("lost", &[]);
+    s.lease("lost", "lost", 1);
+    let mut child = s.shim_cmd("lost").spawn().unwrap();
     wait_for("the run", LONG, || {
-        s.get_lease("orphan").unwrap().status.phase == LeasePhase::Running
+        s.get_lease("lost").unwrap().status.phase == LeasePhase::Running
     });
-    s.store
-        .delete::<tinyscheduler::resources::Lease>("orphan", None)
-        .unwrap();
-    // A new lease of the same name (the next attempt) must not be written by the old shim.
-    let fresh = s.lease("orphan", "orphan", 2);
+    let pgid = s.get_lease("lost").unwrap().status.pgid.unwrap();
+    // As a lost mount would look: not a Lease deleted, but the objects beside it gone too.
+    std::fs::rename(s.path().join("objects"), s.dir.path().join("objects-away")).unwrap();
     std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the shim still supervises"
+    );
+    assert!(
+        tinyscheduler::agent::group_alive(pgid),
+        "the agent still runs"
+    );
     std::fs::write(&go, "").unwrap();
-    assert!(child.wait().unwrap().success());
-    assert!(s.log("orphan", 1).ends_with("exited with code 4\n"));
-    let now = s.get_lease("orphan").unwrap();
-    assert_eq!(now.metadata.uid, fresh.metadata.uid);
-    assert_eq!(now.status, fresh.status);
+    assert!(exits(&mut child).success());
+    assert!(s.log("lost", 1).ends_with("exited with code 4\n"));
 }
 
 #[test]

@@ -16,10 +16,15 @@
 //!    code or signal and `finishTime`.
 //!
 //! A program that cannot be started is recorded as Completed with exit code 127 (126 when it is
-//! not executable) and a message. If the Lease is deleted while the agent runs, the shim keeps
-//! supervising and exits with the agent; it never writes into a different Lease of the same name
-//! (compared by uid). SIGHUP and SIGPIPE are ignored; SIGTERM or SIGINT to the shim terminates the
-//! agent's group (SIGTERM, grace, SIGKILL) and the result is recorded.
+//! not executable) and a message. SIGHUP and SIGPIPE are ignored; SIGTERM or SIGINT to the shim
+//! terminates the agent's group (SIGTERM, grace, SIGKILL) and the result is recorded.
+//!
+//! A run belongs to its Lease. When a write finds the Lease deleted (`delete lease NAME`), or
+//! replaced by a new Lease of the same name (compared by uid), the shim terminates the agent's
+//! group the same way, never writes into the new Lease, and exits: a run without its Lease must
+//! not go on beside the task's next attempt (invariant 1), also when the Lease went before the
+//! agent started, or while no scheduler runs. A state directory that is gone altogether (a
+//! lost mount) is not a deletion: the shim keeps supervising.
 //!
 //! A relative `workingDir` is resolved against the state directory's parent (for the default
 //! `./state` that is the directory the scheduler runs in), so it does not depend on where the
@@ -226,9 +231,9 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
     // then is recorded once, as Completed with everything Running would have said.
     let mut running_recorded = false;
     let mut next_write = Instant::now() + quick_exit().min(period);
-    // A SIGTERM or SIGINT to the shim terminates the agent's group: which signal, and how far
-    // that has got. Only the first one counts.
-    let mut forwarded: Option<(&'static str, Termination)> = None;
+    // A SIGTERM or SIGINT to the shim, or the Lease gone, terminates the agent's group: why, and
+    // how far that has got. Only the first cause counts.
+    let mut forwarded: Option<(Stop, Termination)> = None;
 
     let status: io::Result<ExitStatus> = loop {
         match child.try_wait() {
@@ -238,7 +243,15 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
         }
         let now = Instant::now();
         if now >= next_write {
-            record_running(&store, &lease_name, &info, &mut running_recorded);
+            let held = record_running(&store, &lease_name, &info, &mut running_recorded);
+            if let (Held::Lost(why), None) = (held, &forwarded) {
+                let _ = writeln!(
+                    log,
+                    "[tinyscheduler] lease/{lease_name} {why}: terminating the agent"
+                );
+                tracing::warn!(lease = %lease_name, "{why}: terminating the agent's group");
+                forwarded = Some((Stop::LeaseLost(why), Termination::start(pid, grace)));
+            }
             next_write = Instant::now() + period;
         }
         let mut wake = next_write;
@@ -249,14 +262,16 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
         }
         if let Some(sig) = signals.wait(wake) {
             if forwarded.is_none() {
-                forwarded = Some((sig, Termination::start(pid, grace)));
+                forwarded = Some((Stop::Signal(sig), Termination::start(pid, grace)));
             }
         }
     };
 
     // Whatever the agent left behind in its group goes with it. The Lease is renewed meanwhile:
     // a group that takes its grace to end must not get a finished run reclaimed as silent.
-    let mut renew = || record_running(&store, &lease_name, &info, &mut running_recorded);
+    let mut renew = || {
+        record_running(&store, &lease_name, &info, &mut running_recorded);
+    };
     let forwarded =
         forwarded.map(|(sig, t)| (sig, finish_termination(t, next_write, period, &mut renew)));
     let leftovers = if forwarded.is_none() && super::liveness::group_alive(pid) {
@@ -294,12 +309,8 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
     // power loss — the exit status — is recorded durably in the Lease next. An fsync here cost a
     // flush and about five disk writes per run (the new file and its new directory).
     let _ = writeln!(log, "[tinyscheduler] {}", outcome.message);
-    if let Some((sig, k)) = forwarded {
-        outcome.message = format!(
-            "{}; the shim received {sig} and {}",
-            outcome.message,
-            describe_kill(&k)
-        );
+    if let Some((stop, k)) = forwarded {
+        outcome.message = format!("{}; {stop}, and {}", outcome.message, describe_kill(&k));
     } else if let Some(k) = leftovers {
         outcome.message = format!(
             "{}; processes left in its group were {}",
@@ -340,9 +351,29 @@ fn finish_termination(
 
 fn describe_kill(k: &KillOutcome) -> &'static str {
     match (k.terminated, k.killed) {
-        (true, false) => "terminated the agent's process group (SIGTERM)",
-        (true, true) => "killed the agent's process group (SIGKILL after the grace period)",
-        (false, _) => "could not empty the agent's process group",
+        (true, false) => "the shim terminated the agent's process group (SIGTERM)",
+        (true, true) => {
+            "the shim killed the agent's process group (SIGKILL after the grace period)"
+        }
+        (false, _) => "the shim could not empty the agent's process group",
+    }
+}
+
+/// Why the shim ended its agent before the agent ended by itself.
+#[derive(Clone, Copy)]
+enum Stop {
+    /// The shim received this signal (SIGTERM or SIGINT).
+    Signal(&'static str),
+    /// The run's Lease was deleted or replaced (says which).
+    LeaseLost(&'static str),
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stop::Signal(sig) => write!(f, "the shim received {sig}"),
+            Stop::LeaseLost(why) => write!(f, "its Lease {why}"),
+        }
     }
 }
 
@@ -587,18 +618,35 @@ fn find_in_path(name: &str, path: &str) -> Option<PathBuf> {
     None
 }
 
+/// Whether the run's Lease was there for a write.
+enum Held {
+    /// The write went into the run's Lease, or could not be made (the next heartbeat tries again).
+    Kept,
+    /// The Lease is gone: deleted, or replaced by a new Lease of its name (says which).
+    Lost(&'static str),
+}
+
 /// Writes the Running status, or renews it once `recorded`; a failure is logged (the next
-/// heartbeat tries again).
-fn record_running(store: &Store, lease: &str, info: &RunInfo, recorded: &mut bool) {
-    if let Err(e) = store.patch_status::<Lease>(lease, |l| mark_running(l, info)) {
-        let what = if *recorded {
-            "renew"
-        } else {
-            "record the running agent"
-        };
-        tracing::warn!(lease, "cannot {what}: {e}");
+/// heartbeat tries again). A Lease missing from a Lease directory that is there was deleted; one
+/// missing with its directory is a state directory that is gone, which says nothing of the run.
+fn record_running(store: &Store, lease: &str, info: &RunInfo, recorded: &mut bool) -> Held {
+    let written = store.patch_status::<Lease>(lease, |l| mark_running(l, info));
+    let renewing = std::mem::replace(recorded, true);
+    match written {
+        Ok(Some(l)) if l.metadata.uid == info.uid => Held::Kept,
+        Ok(Some(_)) => Held::Lost("was replaced by a new Lease of its name"),
+        Ok(None) if store.kind_dir(Lease::PLURAL).is_dir() => Held::Lost("was deleted"),
+        Ok(None) => Held::Kept,
+        Err(e) => {
+            let what = if renewing {
+                "renew"
+            } else {
+                "record the running agent"
+            };
+            tracing::warn!(lease, "cannot {what}: {e}");
+            Held::Kept
+        }
     }
-    *recorded = true;
 }
 
 /// Fills in the Running status (idempotent: also used to renew). Never touches a different Lease
