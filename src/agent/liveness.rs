@@ -243,13 +243,18 @@ pub fn groups_of_unrecorded_run(lease: &str, attempt: i64, log: &Path) -> io::Re
     let own = nix::unistd::getpgrp().as_raw();
     let mut groups = Vec::new();
     for pid in proc_pids()? {
-        if !writes_to(pid, &log) || !environ_has(pid, &wanted)? {
+        if !writes_to(pid, &log)? || !environ_has(pid, &wanted)? {
             continue;
         }
-        if let Ok(s) = read_stat(pid) {
-            if !s.is_zombie_or_dead() && s.pgrp > 1 && s.pgrp != own {
-                groups.push(s.pgrp);
-            }
+        // A process that matched and then went is gone; any other failure (out of file
+        // descriptors) would drop a live agent's group from the answer.
+        let s = match read_stat(pid) {
+            Ok(s) => s,
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        if !s.is_zombie_or_dead() && s.pgrp > 1 && s.pgrp != own {
+            groups.push(s.pgrp);
         }
     }
     groups.sort_unstable();
@@ -268,11 +273,23 @@ fn proc_pids() -> io::Result<Vec<i32>> {
     Ok(pids)
 }
 
-/// Whether `pid`'s stdout or stderr is the file at `path`.
-fn writes_to(pid: i32, path: &Path) -> bool {
-    [1, 2]
-        .iter()
-        .any(|fd| fs::read_link(format!("/proc/{pid}/fd/{fd}")).is_ok_and(|p| p == path))
+/// Whether `pid`'s stdout or stderr is the file at `path`. A process gone meanwhile, a closed
+/// descriptor, or one this process may not read, is not; any other failure is an error.
+fn writes_to(pid: i32, path: &Path) -> io::Result<bool> {
+    for fd in [1, 2] {
+        match fs::read_link(format!("/proc/{pid}/fd/{fd}")) {
+            Ok(p) if p == path => return Ok(true),
+            Ok(_) => {}
+            Err(e) if gone(&e) || e.kind() == io::ErrorKind::PermissionDenied => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(false)
+}
+
+/// Whether a failure to read a process's `/proc` entry says that it (or the entry) is gone.
+fn gone(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(nix::libc::ESRCH)
 }
 
 /// Whether every one of `entries` (`NAME=value`) is in the environment `pid` started with. A
@@ -281,14 +298,7 @@ fn writes_to(pid: i32, path: &Path) -> bool {
 fn environ_has(pid: i32, entries: &[String]) -> io::Result<bool> {
     let env = match fs::read(format!("/proc/{pid}/environ")) {
         Ok(env) => env,
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied
-            ) || e.raw_os_error() == Some(nix::libc::ESRCH) =>
-        {
-            return Ok(false)
-        }
+        Err(e) if gone(&e) || e.kind() == io::ErrorKind::PermissionDenied => return Ok(false),
         Err(e) => return Err(e),
     };
     Ok(entries

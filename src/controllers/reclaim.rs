@@ -489,11 +489,25 @@ pub const LEFT_BEHIND: &str = "left behind by the exited agent ";
 /// The process groups of agents this Lease's run started that its Lease does not name: a shim
 /// killed before its first write leaves one running. Looked for only when the run's log file
 /// exists (the shim opens it before it starts the agent), so a Lease that never got that far
-/// costs one `lstat`. An error: `/proc` could not be read.
+/// costs one `lstat`. An error: the log or `/proc` could not be looked at, so no agent can be
+/// ruled out.
 pub fn unrecorded_groups(ctx: &Ctx, lease: &Lease) -> std::io::Result<Vec<i32>> {
     let log = log_path(&ctx.state_dir, &lease.spec.task, lease.spec.attempt);
-    if std::fs::symlink_metadata(&log).is_err() {
-        return Ok(Vec::new());
+    match std::fs::symlink_metadata(&log) {
+        Ok(_) => {}
+        // No log (or no directory it could be in): the shim started no agent.
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                || e.raw_os_error() == Some(nix::libc::ENOTDIR) =>
+        {
+            return Ok(Vec::new())
+        }
+        Err(e) => {
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("{}: {e}", log.display()),
+            ))
+        }
     }
     groups_of_unrecorded_run(&lease.metadata.name, lease.spec.attempt, &log)
 }
