@@ -1312,6 +1312,47 @@ async fn deleted_while_running(outage: bool) {
     assert!(q.status.write_backs.is_empty(), "{:?}", q.status);
 }
 
+/// A Lease deleted by hand on a run's last attempt fails the task for good, as any failed last
+/// attempt does: the run started, so the server's task is tagged failed, not released as a run
+/// that never started (which would have it run again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_deleted_on_the_last_attempt_tags_the_task_failed_on_the_server() {
+    let w = World::new().await;
+    let id = queued(&w.server, "last", "dev");
+    w.tinytask_queue("dev", json!({}));
+    let script = format!(
+        "{RECORD}\n[ \"$TINYSCHEDULER_ATTEMPT\" -lt 4 ] && exit 3\nwhile [ -d {} ]; do sleep 0.05; done",
+        w.env.tmp.path().display()
+    );
+    w.agent("alice", Some("dev"), 1, &script);
+    let mut d = daemon(&w, &[]);
+    let name = format!("tt-{id}");
+    wait_until("the last attempt to run", Duration::from_secs(60), || {
+        w.ran().len() == 4 && w.running() == 1
+    })
+    .await;
+    let r = w.env.run(&["delete", "lease", &name]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let failed = |w: &World| {
+        w.server
+            .task(id)
+            .and_then(|t| t.tags)
+            .is_some_and(|tags| tags.iter().any(|t| t == "tinyscheduler-failed"))
+    };
+    wait_until(
+        "the task to be tagged failed",
+        Duration::from_secs(60),
+        || failed(&w),
+    )
+    .await;
+    d.kill().await.ok();
+    assert_eq!(w.status(id), ("idle".to_string(), None));
+    let last = w.server.comments(id).pop().unwrap().content;
+    assert!(last.contains("its Lease was deleted"), "{last}");
+    assert!(!last.contains("never started"), "{last}");
+    assert_eq!(w.ran().len(), 4, "{:?}", w.ran());
+}
+
 /// A crash between queueing a deleted mirror's release on its Queue and deleting its Lease gets
 /// that run recorded, and released, twice. By the second flush the task may be mirrored and
 /// running here again: the stale release must not take it from under the new run.

@@ -94,8 +94,9 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
     // gets its assignment and start recorded here, and its Started event before the
     // outcome's.
     let mut started_here = false;
-    // Whether this attempt's agent was started (the shim records its pid with the start).
-    let started = lease.status.pid.is_some();
+    // Whether this attempt's agent was started (the shim records its pid and acquireTime with the
+    // start; a run reclaimed without its Lease has what its Task and its search showed).
+    let started = lease.status.pid.is_some() || lease.status.acquire_time.is_some();
     // A Task deleted and created again under its name while this run went on is another Task.
     let mut replaced = false;
     let updated = ctx.patch_task(task_name, |t| {

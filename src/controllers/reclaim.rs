@@ -325,6 +325,12 @@ async fn without_lease(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     }
     let groups = unrecorded_groups(ctx, &lease)
         .map_err(|e| Error(format!("task/{name}: cannot look for its processes: {e}")))?;
+    // An agent found is one that started (the shim makes it its group's leader): the attempt is
+    // recorded as a run that started, as a Task showing it Running (`acquireTime`) says already.
+    if let Some(&agent) = groups.first() {
+        lease.status.pid = Some(agent);
+        lease.status.pgid = Some(agent);
+    }
     kill_groups(ctx, name, &groups, WITHOUT_LEASE, Some(&task)).await?;
     record_reclaimed(ctx, &lease, LEASE_DELETED, Some(&task))?;
     Ok(Action::await_change())
