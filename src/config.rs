@@ -86,6 +86,12 @@ pub struct Settings {
     pub log_level: Setting<String>,
     pub dry_run: Setting<bool>,
     pub disable_blocking: Setting<bool>,
+    /// Delay before a failed attempt's first retry; it doubles per attempt.
+    pub retry_base: Setting<Duration>,
+    /// Longest delay between attempts.
+    pub retry_max: Setting<Duration>,
+    /// Time between SIGTERM and SIGKILL when a run's process group is ended.
+    pub kill_grace: Setting<Duration>,
     pub agent_limits: Setting<BTreeMap<String, u32>>,
     pub agent_control_file: Setting<Option<PathBuf>>,
     /// The `.env` file that was read, if any.
@@ -420,6 +426,32 @@ pub fn resolve(
     )?;
     let disable_blocking = boolean("TINYSCHEDULER_DISABLE_BLOCKING", None, None)?;
 
+    // A number of seconds, fractions allowed (tests and impatient operators use 0.1).
+    let seconds =
+        |name: &'static str, default: Duration| -> Result<Setting<Duration>, ConfigError> {
+            match lookup(name) {
+                None => Ok(setting(default, Source::Default, name, None)),
+                Some((v, s)) => match parse_seconds(&v) {
+                    Some(d) => Ok(setting(d, s, name, None)),
+                    None => Err(ConfigError(format!(
+                        "{name}: expected a number of seconds, got {v:?}"
+                    ))),
+                },
+            }
+        };
+    let retry_base = seconds(
+        "TINYSCHEDULER_RETRY_BASE_SEC",
+        crate::controllers::DEFAULT_RETRY_BASE,
+    )?;
+    let retry_max = seconds(
+        "TINYSCHEDULER_RETRY_MAX_SEC",
+        crate::controllers::DEFAULT_RETRY_CAP,
+    )?;
+    let kill_grace = seconds(
+        crate::agent::shim::KILL_GRACE_ENV,
+        crate::agent::shim::DEFAULT_KILL_GRACE,
+    )?;
+
     const LIMITS: &str = "TINYSCHEDULER_AGENT_LIMITS";
     let agent_limits = match lookup(LIMITS) {
         None => setting(BTreeMap::new(), Source::Default, LIMITS, None),
@@ -455,11 +487,35 @@ pub fn resolve(
         log_level,
         dry_run,
         disable_blocking,
+        retry_base,
+        retry_max,
+        kill_grace,
         agent_limits,
         agent_control_file,
         env_file: dotenv.map(|d| d.path.clone()),
         ignored,
     })
+}
+
+/// The most seconds a duration setting takes (a year): more is a typo, and would overflow.
+const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// A number of seconds (`10`, `0.5`), from none up to a year; `None` for anything else.
+pub fn parse_seconds(v: &str) -> Option<Duration> {
+    v.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|n| n.is_finite() && (0.0..=MAX_SECONDS).contains(n))
+        .map(Duration::from_secs_f64)
+}
+
+/// A duration as seconds: whole ones as an integer, others with their fraction.
+fn seconds_json(d: Duration) -> Value {
+    if d.subsec_nanos() == 0 {
+        json!(d.as_secs())
+    } else {
+        json!(d.as_secs_f64())
+    }
 }
 
 fn check_endpoint(name: &str, v: &str) -> Result<(), ConfigError> {
@@ -584,6 +640,21 @@ impl Settings {
                 "disable_blocking",
                 &self.disable_blocking,
                 json!(self.disable_blocking.value),
+            ),
+            row(
+                "retry_base_sec",
+                &self.retry_base,
+                seconds_json(self.retry_base.value),
+            ),
+            row(
+                "retry_max_sec",
+                &self.retry_max,
+                seconds_json(self.retry_max.value),
+            ),
+            row(
+                "kill_grace_sec",
+                &self.kill_grace,
+                seconds_json(self.kill_grace.value),
             ),
             row(
                 "agent_limits",

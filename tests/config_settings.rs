@@ -241,3 +241,47 @@ fn dry_run_from_the_environment_takes_every_spelling_of_a_boolean() {
         );
     }
 }
+
+#[test]
+fn the_retry_delays_and_kill_grace_are_listed_with_their_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        "TINYSCHEDULER_KILL_GRACE_SEC=2.5\n",
+    )
+    .unwrap();
+    let s = config_json(
+        cmd(dir.path())
+            .args(["config", "--json"])
+            .env("TINYSCHEDULER_RETRY_BASE_SEC", "0.5")
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(setting(&s, "retry_base_sec"), (0.5.into(), "env".into()));
+    assert_eq!(setting(&s, "retry_max_sec"), (600.into(), "default".into()));
+    assert_eq!(setting(&s, "kill_grace_sec"), (2.5.into(), ".env".into()));
+    assert_eq!(
+        s["kill_grace_sec"]["env"].as_str(),
+        Some("TINYSCHEDULER_KILL_GRACE_SEC")
+    );
+}
+
+#[test]
+fn a_bad_kill_grace_stops_run_with_an_error_naming_it_and_creates_nothing() {
+    for bad in ["soon", "-1", "1e30", "NaN"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = cmd(dir.path())
+            .args(["run", "--once"])
+            .env("TINYSCHEDULER_KILL_GRACE_SEC", bad)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{bad}: {out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).trim(),
+            format!(
+                "error: TINYSCHEDULER_KILL_GRACE_SEC: expected a number of seconds, got {bad:?}"
+            )
+        );
+        assert!(!dir.path().join("state").exists(), "{bad}: nothing created");
+    }
+}

@@ -104,13 +104,12 @@ pub fn remove_logs(state_dir: &Path, task: &str) -> io::Result<()> {
     }
 }
 
-/// The kill grace from `TINYSCHEDULER_KILL_GRACE_SEC` (default 10 s).
+/// The kill grace from `TINYSCHEDULER_KILL_GRACE_SEC` (default 10 s). The scheduler checked the
+/// value before it started this shim; a shim started by hand with a bad one uses the default.
 pub fn kill_grace() -> Duration {
     std::env::var(KILL_GRACE_ENV)
         .ok()
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
+        .and_then(|s| crate::config::parse_seconds(&s))
         .unwrap_or(DEFAULT_KILL_GRACE)
 }
 

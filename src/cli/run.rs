@@ -28,7 +28,7 @@ pub fn run(g: &Globals, args: RunArgs) -> CliResult {
                 .into(),
         ));
     }
-    let settings = settings_from_env(args.dry_run)?;
+    let settings = controller_settings(g, args.dry_run)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -41,53 +41,19 @@ pub fn run(g: &Globals, args: RunArgs) -> CliResult {
     }
 }
 
-fn env_secs(name: &str) -> Result<Option<Duration>, CliError> {
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(|s| Some(Duration::from_secs_f64(s)))
-            .ok_or_else(|| {
-                CliError(format!(
-                    "error: {name}: expected a number of seconds, got {v:?}"
-                ))
-            }),
-        _ => Ok(None),
-    }
-}
-
-fn env_flag(name: &str) -> bool {
-    std::env::var(name)
-        .map(|v| {
-            matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "1" | "true" | "yes" | "on"
-            )
-        })
-        .unwrap_or(false)
-}
-
-/// Controller settings from the environment (`TINYSCHEDULER_DISABLE_BLOCKING`,
-/// `TINYSCHEDULER_RETRY_BASE_SEC`, `TINYSCHEDULER_RETRY_MAX_SEC`, `TINYSCHEDULER_KILL_GRACE_SEC`).
-fn settings_from_env(dry_run: bool) -> Result<Settings, CliError> {
-    let mut s = Settings {
+/// Controller settings from the resolved settings (flags, environment, `.env`; checked there, so
+/// a bad value has already stopped the program with an error naming it).
+fn controller_settings(g: &Globals, dry_run: bool) -> Result<Settings, CliError> {
+    let c = crate::config::settings_for(g).map_err(|e| CliError(format!("error: {e}")))?;
+    Ok(Settings {
         dry_run,
-        disable_blocking: env_flag("TINYSCHEDULER_DISABLE_BLOCKING"),
-        kill_grace: crate::agent::shim::kill_grace(),
+        disable_blocking: c.disable_blocking.value,
+        retry_base: c.retry_base.value,
+        retry_cap: c.retry_max.value,
+        kill_grace: c.kill_grace.value,
+        tinytask_endpoint: c.tinytask_endpoint.value,
         ..Settings::default()
-    };
-    if let Some(d) = env_secs("TINYSCHEDULER_RETRY_BASE_SEC")? {
-        s.retry_base = d;
-    }
-    if let Some(d) = env_secs("TINYSCHEDULER_RETRY_MAX_SEC")? {
-        s.retry_cap = d;
-    }
-    if let Some(c) = crate::config::current() {
-        s.tinytask_endpoint = c.tinytask_endpoint.value.clone();
-    }
-    Ok(s)
+    })
 }
 
 /// Opens the store and takes the lock — or, in a dry run, opens it read-only and takes nothing, so

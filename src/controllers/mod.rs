@@ -55,6 +55,11 @@ pub struct Settings {
     pub mirror_delay: Duration,
 }
 
+/// Default [`Settings::retry_base`] (`TINYSCHEDULER_RETRY_BASE_SEC`).
+pub const DEFAULT_RETRY_BASE: Duration = Duration::from_secs(10);
+/// Default [`Settings::retry_cap`] (`TINYSCHEDULER_RETRY_MAX_SEC`).
+pub const DEFAULT_RETRY_CAP: Duration = Duration::from_secs(600);
+
 /// The daemon's [`Settings::mirror_delay`].
 pub const MIRROR_DELAY: Duration = Duration::from_millis(50);
 
@@ -63,9 +68,9 @@ impl Default for Settings {
         Settings {
             dry_run: false,
             disable_blocking: false,
-            retry_base: Duration::from_secs(10),
-            retry_cap: Duration::from_secs(600),
-            kill_grace: Duration::from_secs(10),
+            retry_base: DEFAULT_RETRY_BASE,
+            retry_cap: DEFAULT_RETRY_CAP,
+            kill_grace: crate::agent::shim::DEFAULT_KILL_GRACE,
             holder: format!("{}/{}", crate::agent::hostname(), std::process::id()),
             host: crate::agent::hostname(),
             tinytask_endpoint: crate::tinytask::DEFAULT_ENDPOINT.to_string(),
