@@ -1312,6 +1312,152 @@ async fn deleted_while_running(outage: bool) {
     assert!(q.status.write_backs.is_empty(), "{:?}", q.status);
 }
 
+/// A mirror deleted while it waits to run again holds the claim of its failed attempt: the
+/// server shows the task `working` for our agent, and no poll lists a working task. Deleting it
+/// releases the task on the server, so it is mirrored again and runs, instead of being lost. With
+/// `timer`, no daemon runs when it is deleted: the next `run --once` sends the release.
+async fn deleted_while_waiting_to_retry(timer: bool) {
+    let w = World::new().await;
+    let id = queued(&w.server, "flaky", "dev");
+    w.tinytask_queue("dev", json!({}));
+    // The first run fails; every later one succeeds.
+    let script = format!("{RECORD}\n[ \"$(wc -l < \"$RAN\")\" -gt 1 ] || exit 3");
+    w.agent("alice", Some("dev"), 1, &script);
+    let slow_retry = [("TINYSCHEDULER_RETRY_BASE_SEC", "300")];
+    let mut d = daemon(&w, &slow_retry);
+    let name = format!("tt-{id}");
+    wait_until("the first attempt to fail", Duration::from_secs(60), || {
+        w.task_json(&name)
+            .is_some_and(|t| t["status"]["reason"] == "Retrying" && t["status"]["attempts"] == 1)
+            && w.server
+                .comments(id)
+                .iter()
+                .any(|c| c.content.contains("attempt 1"))
+    })
+    .await;
+    assert_eq!(w.status(id), ("working".to_string(), Some("alice".into())));
+    if timer {
+        d.kill().await.ok();
+    }
+    let r = w.env.run(&["delete", "task", &name]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stderr, "", "{r:?}");
+    if timer {
+        let r = w.run_once(Duration::from_secs(60)).await;
+        assert_eq!(r.code, 0, "{r:?}");
+    }
+    wait_until(
+        "the task, released and mirrored again, to complete",
+        Duration::from_secs(60),
+        || w.status(id).0 == "complete",
+    )
+    .await;
+    d.kill().await.ok();
+    assert!(
+        w.server
+            .comments(id)
+            .iter()
+            .any(|c| c.content.contains(&format!(
+                "task/{name} was deleted from the scheduler while it waited"
+            ))),
+        "{:#?}",
+        w.server.comments(id)
+    );
+    assert_eq!(w.ran().len(), 2, "{:?}", w.ran());
+    let q = w
+        .store()
+        .get::<tinyscheduler::resources::Queue>("dev")
+        .unwrap();
+    assert!(q.status.write_backs.is_empty(), "{:?}", q.status);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_deleted_while_it_waits_to_retry_has_its_task_released_on_the_server() {
+    deleted_while_waiting_to_retry(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_deleted_between_timer_runs_has_its_task_released_by_the_next_run() {
+    deleted_while_waiting_to_retry(true).await;
+}
+
+/// A finished mirror deleted by hand before its result reached the server (down meanwhile): the
+/// result goes to its Queue and is written once the server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_mirror_deleted_before_its_result_was_sent_still_completes_its_task() {
+    let mut w = World::new().await;
+    let id = queued(&w.server, "quick", "dev");
+    w.tinytask_queue("dev", json!({}));
+    let go = w.env.tmp.path().join("go");
+    let script = format!(
+        "{RECORD}\nwhile [ ! -e {} ] && [ -d {} ]; do sleep 0.05; done",
+        go.display(),
+        w.env.tmp.path().display()
+    );
+    w.agent("alice", Some("dev"), 1, &script);
+    let mut d = daemon(&w, &[]);
+    let name = format!("tt-{id}");
+    wait_until("the run to start", Duration::from_secs(60), || {
+        w.running() == 1
+    })
+    .await;
+    w.server.stop().await;
+    std::fs::write(&go, "").unwrap();
+    wait_until(
+        "the success to wait for the server",
+        Duration::from_secs(60),
+        || {
+            w.task_json(&name).is_some_and(|t| {
+                t["status"]["phase"] == "Succeeded"
+                    && t["status"]["writeBacks"][0]["op"] == "complete"
+            })
+        },
+    )
+    .await;
+    let r = w.env.run(&["delete", "task", &name]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let q = w
+        .store()
+        .get::<tinyscheduler::resources::Queue>("dev")
+        .unwrap();
+    assert_eq!(q.status.write_backs.len(), 1, "{:?}", q.status);
+    assert_eq!(q.status.write_backs[0].task_id, id);
+    w.server.restart().await;
+    wait_until("the task to complete", Duration::from_secs(60), || {
+        w.status(id).0 == "complete"
+    })
+    .await;
+    d.kill().await.ok();
+    assert_eq!(w.ran().len(), 1, "{:?}", w.ran());
+}
+
+/// A waiting mirror whose Queue is gone has nobody to send its release: deleting it says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_waiting_mirror_whose_queue_is_gone_warns_that_the_server_task_is_left() {
+    let w = World::new().await;
+    let store = Store::open(w.env.state()).unwrap();
+    let mut t = Task::new("Task", "tt-41", Default::default());
+    t.spec.queue = Some("gone".into());
+    t.metadata.annotations.insert(
+        tinyscheduler::resources::task::TINYTASK_ID_ANNOTATION.into(),
+        "41".into(),
+    );
+    let mut t = store.create(&t).unwrap();
+    t.status.phase = tinyscheduler::resources::TaskPhase::Pending;
+    t.status.attempts = 1;
+    t.status.remote_assignee = Some("alice".into());
+    store.update_status(&t).unwrap();
+    let r = w.env.run(&["delete", "task", "tt-41"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("\"tt-41\" deleted"), "{r:?}");
+    assert_eq!(
+        r.stderr.trim(),
+        "warning: task/tt-41 mirrors tinytask task 41, whose results and claim its Queue \"gone\" \
+         would send to the server, but that Queue is gone: the server's task is left as it is"
+    );
+    assert!(w.task_json("tt-41").is_none());
+}
+
 /// A Lease deleted by hand on a run's last attempt fails the task for good, as any failed last
 /// attempt does: the run started, so the server's task is tagged failed, not released as a run
 /// that never started (which would have it run again).

@@ -6,8 +6,9 @@ use super::args::DeleteArgs;
 use super::get::{resolve_kind, slash_targets};
 use super::input;
 use super::{CliError, CliResult, Globals};
+use crate::controllers::tinytask_sync::{queue_owed_before_delete, remote_id, Owed};
 use crate::resources::meta::GROUP;
-use crate::resources::Kind;
+use crate::resources::{Kind, Resource, Task};
 use crate::store::{Store, StoreError};
 
 /// Resolves the targets: `KIND NAME...`, `KIND/NAME...`, or the objects a manifest names.
@@ -64,6 +65,7 @@ pub fn delete(g: &Globals, a: DeleteArgs) -> CliResult {
     for (kind, name) in targets {
         let exists = store.get_raw(kind.plural(), &name);
         let r = match exists {
+            Ok(_) if kind == Kind::Task => owed_then_delete(g, &store, &name),
             Ok(_) => store.delete_raw(kind.plural(), &name, None).map(|_| ()),
             Err(e) => Err(e),
         };
@@ -96,4 +98,26 @@ pub fn delete(g: &Globals, a: DeleteArgs) -> CliResult {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Deletes Task `name`; a tinytask mirror first has what it still owes its server queued on its
+/// Queue (`tinytask_sync::queue_owed_before_delete`), so that deleting it loses no result and
+/// leaves no task `working` on the server. A Task that cannot be read as a Task (torn, foreign)
+/// owes nothing that can be known, and is deleted as any object.
+fn owed_then_delete(g: &Globals, store: &Store, name: &str) -> Result<(), StoreError> {
+    if let Ok(task) = store.get::<Task>(name) {
+        let endpoint = crate::config::settings_for(g)
+            .map(|s| s.tinytask_endpoint.value)
+            .unwrap_or_else(|_| crate::tinytask::DEFAULT_ENDPOINT.to_string());
+        match queue_owed_before_delete(store, &task, &endpoint)? {
+            Owed::Nothing | Owed::Queued(..) => {}
+            Owed::QueueGone(queue) => eprintln!(
+                "warning: task/{name} mirrors tinytask task {}, whose results and claim its \
+                 Queue {queue:?} would send to the server, but that Queue is gone: the server's \
+                 task is left as it is",
+                remote_id(&task).unwrap_or_default()
+            ),
+        }
+    }
+    store.delete_raw(Task::PLURAL, name, None).map(|_| ())
 }

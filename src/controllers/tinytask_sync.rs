@@ -405,6 +405,91 @@ pub fn orphan_write_back(
     Ok(())
 }
 
+/// What deleting a mirror by hand left for its Queue to write to the server.
+#[derive(Debug, PartialEq)]
+pub enum Owed {
+    /// Not a mirror, or it owed its server nothing.
+    Nothing,
+    /// This many write-backs were queued on the named Queue.
+    Queued(String, usize),
+    /// It owed its server write-backs, but its Queue is gone: nothing can send them.
+    QueueGone(String),
+}
+
+/// Before a mirror is deleted by hand (`delete task tt-<id>`): what it still owes its server goes
+/// to its Queue, durably, for the Queue's poll to write (as for a mirror deleted while it ran, see
+/// [`orphan_write_back`]). That is its write-backs not sent yet and, if it waits to run again
+/// while holding the claim of its last attempt (the server shows the task `working` for our
+/// agent, which no poll lists), a release: without it, the task would stay `working` on the
+/// server for good. A mirror with a Lease is left to its run's reclaim. `default_endpoint`: the
+/// server of mirrors and Queues that name none.
+pub fn queue_owed_before_delete(
+    store: &crate::store::Store,
+    task: &Task,
+    default_endpoint: &str,
+) -> Result<Owed, crate::store::StoreError> {
+    let Some(id) = remote_id(task) else {
+        return Ok(Owed::Nothing);
+    };
+    let name = &task.metadata.name;
+    let mut owed: Vec<WriteBack> = task.status.write_backs.clone();
+    let waiting = matches!(task.status.phase, TaskPhase::Pending | TaskPhase::Blocked)
+        && task.status.lease.is_none();
+    if let (true, Some(agent)) = (waiting, &task.status.remote_assignee) {
+        let at = now_rfc3339();
+        owed.push(WriteBack {
+            op: WriteBackOp::Release,
+            attempt: task.status.attempts,
+            message: Some(format!(
+                "[tinyscheduler {at}] task/{name} was deleted from the scheduler while it waited to run again (after attempt {} on agent {agent}). Released: idle and unassigned.",
+                task.status.attempts
+            )),
+            agent: Some(agent.clone()),
+            created: Some(at),
+        });
+    }
+    if owed.is_empty() {
+        return Ok(Owed::Nothing);
+    }
+    let Some(queue) = task.spec.queue.clone() else {
+        return Ok(Owed::QueueGone(String::new()));
+    };
+    let mut endpoint = task
+        .metadata
+        .annotations
+        .get(ENDPOINT_ANNOTATION)
+        .filter(|e| !e.trim().is_empty())
+        .cloned();
+    let written = store.patch_status::<Queue>(&queue, |q| {
+        let ep = endpoint.get_or_insert_with(|| {
+            q.spec
+                .endpoint
+                .clone()
+                .filter(|e| !e.trim().is_empty())
+                .unwrap_or_else(|| default_endpoint.to_string())
+        });
+        for wb in &owed {
+            let queued = q
+                .status
+                .write_backs
+                .iter()
+                .any(|o| o.task_id == id && o.write_back == *wb);
+            if !queued {
+                q.status.write_backs.push(OrphanWriteBack {
+                    task_id: id,
+                    endpoint: ep.clone(),
+                    lease_uid: String::new(),
+                    write_back: wb.clone(),
+                });
+            }
+        }
+    })?;
+    Ok(match written {
+        Some(_) => Owed::Queued(queue, owed.len()),
+        None => Owed::QueueGone(queue),
+    })
+}
+
 /// Writes the Queue's write-backs for deleted mirrors, oldest first, each to the server it was
 /// queued for, removing each once the server took it (or the task is gone there). A release is
 /// dropped instead when another run of the task holds a Lease here: it was released already (a
