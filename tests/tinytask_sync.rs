@@ -1431,6 +1431,111 @@ async fn a_finished_mirror_deleted_before_its_result_was_sent_still_completes_it
     assert_eq!(w.ran().len(), 1, "{:?}", w.ran());
 }
 
+/// Timer mode: a pass left a mirror's last attempt Assigned and exited; its Lease is deleted by
+/// hand, and the shim, finding it gone, ends the agent before any scheduler looks. The next pass
+/// finds no agent and no Lease, but the run's log says the shim ended a started agent: the task
+/// failed for good (tagged), not "never started" (released, to run again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_its_shim_ended_for_a_deleted_lease_counts_as_started_in_the_next_pass() {
+    let w = World::new().await;
+    let id = queued(&w.server, "ended", "dev");
+    w.server.mutate_task(id, |t| {
+        t.status = "working".into();
+        t.assigned_to = Some("alice".into());
+    });
+    w.tinytask_queue("dev", json!({}));
+    w.agent("alice", Some("dev"), 1, RECORD);
+    let name = format!("tt-{id}");
+    let store = Store::open(w.env.state()).unwrap();
+    let mut t = Task::new("Task", &name, Default::default());
+    t.spec.queue = Some("dev".into());
+    t.spec.max_retries = 0;
+    t.metadata.annotations.insert(
+        tinyscheduler::resources::task::TINYTASK_ID_ANNOTATION.into(),
+        id.to_string(),
+    );
+    t.metadata
+        .annotations
+        .insert("tinyscheduler.io/tinytask-endpoint".into(), w.server.url());
+    let mut t = store.create(&t).unwrap();
+    t.status.phase = tinyscheduler::resources::TaskPhase::Assigned;
+    t.status.attempts = 1;
+    t.status.agent = Some("alice".into());
+    t.status.lease = Some(name.clone());
+    t.status.remote_assignee = Some("alice".into());
+    store.update_status(&t).unwrap();
+    let logs = w.env.state().join("logs").join(&name);
+    std::fs::create_dir_all(&logs).unwrap();
+    std::fs::write(
+        logs.join("1.log"),
+        format!(
+            "working\n[tinyscheduler] lease/{name} was deleted: terminating the agent\n\
+             [tinyscheduler] exited with signal 15 (SIGTERM)\n"
+        ),
+    )
+    .unwrap();
+    let r = w.run_once(Duration::from_secs(60)).await;
+    assert_eq!(r.code, 0, "{r:?}");
+    let t = w.server.task(id).unwrap();
+    assert_eq!(
+        (t.status.as_str(), t.assigned_to.as_deref()),
+        ("idle", None)
+    );
+    assert!(
+        t.tags
+            .unwrap_or_default()
+            .iter()
+            .any(|t| t == "tinyscheduler-failed"),
+        "tagged failed"
+    );
+    let last = w.server.comments(id).pop().unwrap().content;
+    assert!(last.contains("its Lease was deleted"), "{last}");
+    assert!(!last.contains("never started"), "{last}");
+    assert!(w.ran().is_empty(), "{:?}", w.ran());
+}
+
+/// A mirror deleted while its claim had not landed (the server never set the task working): the
+/// release it queued finds the task idle and leaves its assignee alone, which here pins it to bob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_leaves_a_task_that_is_not_working_with_its_assignee() {
+    let w = World::new().await;
+    let id = w.server.insert("pinned", |t| {
+        t.queue_name = Some("dev".into());
+        t.assigned_to = Some("bob".into());
+    });
+    w.tinytask_queue("dev", json!({}));
+    w.agent("alice", Some("dev"), 1, RECORD);
+    w.agent("bob", Some("dev"), 1, RECORD);
+    let name = format!("tt-{id}");
+    let store = Store::open(w.env.state()).unwrap();
+    let mut t = Task::new("Task", &name, Default::default());
+    t.spec.queue = Some("dev".into());
+    t.metadata.annotations.insert(
+        tinyscheduler::resources::task::TINYTASK_ID_ANNOTATION.into(),
+        id.to_string(),
+    );
+    let mut t = store.create(&t).unwrap();
+    // Waiting to run again, with the intent of a claim for bob that the server never got.
+    t.status.phase = tinyscheduler::resources::TaskPhase::Pending;
+    t.status.attempts = 1;
+    t.status.remote_assignee = Some("bob".into());
+    t.status.next_attempt_after = Some("2099-01-01T00:00:00Z".into());
+    store.update_status(&t).unwrap();
+    let r = w.env.run(&["delete", "task", &name]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = w.run_once(Duration::from_secs(60)).await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(w.ran(), [(name.clone(), "bob".to_string())]);
+    assert_eq!(w.status(id), ("complete".to_string(), Some("bob".into())));
+    assert!(
+        w.server.comments(id).iter().any(|c| c
+            .content
+            .contains("was deleted from the scheduler while it waited")),
+        "{:#?}",
+        w.server.comments(id)
+    );
+}
+
 /// A waiting mirror whose Queue is gone has nobody to send its release: deleting it says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_waiting_mirror_whose_queue_is_gone_warns_that_the_server_task_is_left() {

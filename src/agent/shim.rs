@@ -244,10 +244,7 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
         if now >= next_write {
             let held = record_running(&store, &lease_name, &info, &mut running_recorded);
             if let (Held::Lost(why), None) = (held, &forwarded) {
-                let _ = writeln!(
-                    log,
-                    "[tinyscheduler] lease/{lease_name} {why}: terminating the agent"
-                );
+                let _ = writeln!(log, "{}", lease_lost_line(&lease_name, why));
                 tracing::warn!(lease = %lease_name, "{why}: terminating the agent's group");
                 forwarded = Some((Stop::LeaseLost(why), Termination::start(pid, grace)));
             }
@@ -321,8 +318,9 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
             }
         );
     }
-    let started = (!running_recorded).then_some(&info);
-    record_completed(&store, &lease_name, &info.uid, started, &outcome);
+    // The run's pid, times and log go in with the result even when a Running write was made: that
+    // write may have failed (a passing store error), and rewriting them changes nothing.
+    record_completed(&store, &lease_name, &info.uid, Some(&info), &outcome);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -617,6 +615,35 @@ fn find_in_path(name: &str, path: &str) -> Option<PathBuf> {
     None
 }
 
+/// The line a shim appends to its run's log when it ends the agent because its Lease is gone.
+fn lease_lost_line(lease: &str, why: &str) -> String {
+    format!("[tinyscheduler] lease/{lease} {why}{LEASE_LOST_END}")
+}
+
+const LEASE_LOST_END: &str = ": terminating the agent";
+
+/// Whether the run log at `path` says that its shim ended the agent of Lease `lease` because the
+/// Lease was gone: that run started. Only the log's end is read (the line is among the last).
+pub fn log_says_lease_lost(path: &Path, lease: &str) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = File::open(path) else {
+        return false;
+    };
+    let tail = 16 * 1024;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if f.seek(SeekFrom::Start(len.saturating_sub(tail))).is_err() {
+        return false;
+    }
+    let mut buf = Vec::new();
+    if f.take(tail).read_to_end(&mut buf).is_err() {
+        return false;
+    }
+    let start = format!("[tinyscheduler] lease/{lease} ");
+    String::from_utf8_lossy(&buf)
+        .lines()
+        .any(|l| l.starts_with(&start) && l.ends_with(LEASE_LOST_END))
+}
+
 /// Whether the run's Lease was there for a write.
 enum Held {
     /// The write went into the run's Lease, or could not be made (the next heartbeat tries again).
@@ -699,8 +726,8 @@ pub const RECORD_GIVE_UP: Duration = Duration::from_secs(120);
 
 /// Writes `phase: Completed` durably, retrying store errors for [`RECORD_GIVE_UP`]: the exit
 /// status must not be lost (invariant 7). A Lease that is gone (or replaced) is left alone.
-/// `started`: the run that was never recorded as Running, whose pid, times and log go into the
-/// same write.
+/// `started`: the agent that ran, whose pid, times and log go into the same write (`None`: none
+/// was started).
 fn record_completed(
     store: &Store,
     lease: &str,
@@ -753,7 +780,73 @@ fn record_completed(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::resources::lease::test_lease;
     use std::os::unix::fs::PermissionsExt;
+
+    fn run_info(uid: &str) -> RunInfo {
+        RunInfo {
+            uid: uid.to_string(),
+            pid: 1,
+            start_time: None,
+            shim_pid: 1,
+            shim_start_time: None,
+            host: "here".into(),
+            acquire_time: now_rfc3339(),
+            log_path: "/dev/null".into(),
+        }
+    }
+
+    #[test]
+    fn a_write_tells_a_deleted_or_replaced_lease_from_a_state_directory_that_is_gone() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path().join("state")).unwrap();
+        let ours = store.create(&test_lease("t", "a", 1)).unwrap();
+        let info = run_info(&ours.metadata.uid);
+        let mut recorded = false;
+        let held = record_running(&store, "t", &info, &mut recorded);
+        assert!(matches!(held, Held::Kept) && recorded);
+
+        store.delete::<Lease>("t", None).unwrap();
+        let fresh = store.create(&test_lease("t", "a", 2)).unwrap();
+        let held = record_running(&store, "t", &info, &mut recorded);
+        assert!(
+            matches!(held, Held::Lost(why) if why.contains("replaced")),
+            "a new Lease of the name"
+        );
+        assert_eq!(store.get::<Lease>("t").unwrap(), fresh, "left untouched");
+
+        store.delete::<Lease>("t", None).unwrap();
+        let held = record_running(&store, "t", &info, &mut recorded);
+        assert!(matches!(held, Held::Lost("was deleted")));
+
+        std::fs::rename(d.path().join("state/objects"), d.path().join("away")).unwrap();
+        let held = record_running(&store, "t", &info, &mut recorded);
+        assert!(
+            matches!(held, Held::Kept),
+            "no Lease directory: not a deletion"
+        );
+    }
+
+    #[test]
+    fn the_log_says_a_lease_was_lost_only_by_the_shims_line_for_that_lease_at_its_end() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("1.log");
+        assert!(!log_says_lease_lost(&log, "t"), "no log");
+        let mut text = "agent output\n".repeat(5000);
+        text.push_str("[tinyscheduler] lease/other was deleted: terminating the agent\n");
+        std::fs::write(&log, &text).unwrap();
+        assert!(!log_says_lease_lost(&log, "t"), "another lease's line");
+        text.push_str(&lease_lost_line("t", "was deleted"));
+        text.push_str("\n[tinyscheduler] exited with signal 15 (SIGTERM)\n");
+        std::fs::write(&log, &text).unwrap();
+        assert!(text.len() > 16 * 1024);
+        assert!(log_says_lease_lost(&log, "t"));
+        std::fs::write(&log, "echo [tinyscheduler] lease/t was deleted\n").unwrap();
+        assert!(
+            !log_says_lease_lost(&log, "t"),
+            "agent output that only looks alike"
+        );
+    }
 
     fn file(dir: &Path, name: &str, mode: u32) -> PathBuf {
         let p = dir.join(name);

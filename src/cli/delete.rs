@@ -102,13 +102,21 @@ pub fn delete(g: &Globals, a: DeleteArgs) -> CliResult {
 
 /// Deletes Task `name`; a tinytask mirror first has what it still owes its server queued on its
 /// Queue (`tinytask_sync::queue_owed_before_delete`), so that deleting it loses no result and
-/// leaves no task `working` on the server. A Task that cannot be read as a Task (torn, foreign)
-/// owes nothing that can be known, and is deleted as any object.
+/// leaves no task `working` on the server. The delete is of the version read: a Task that changed
+/// meanwhile (a running daemon recorded an outcome) is read again, so what it owes now is queued
+/// too. A Task that cannot be read as a Task (torn, foreign) owes nothing that can be known, and
+/// is deleted as any object.
 fn owed_then_delete(g: &Globals, store: &Store, name: &str) -> Result<(), StoreError> {
-    if let Ok(task) = store.get::<Task>(name) {
-        let endpoint = crate::config::settings_for(g)
-            .map(|s| s.tinytask_endpoint.value)
-            .unwrap_or_else(|_| crate::tinytask::DEFAULT_ENDPOINT.to_string());
+    let endpoint = crate::config::settings_for(g)
+        .map(|s| s.tinytask_endpoint.value)
+        .unwrap_or_else(|_| crate::tinytask::DEFAULT_ENDPOINT.to_string());
+    // A Task that changes all the time (it never does) is deleted as last read after a while.
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let Ok(task) = store.get::<Task>(name) else {
+            return store.delete_raw(Task::PLURAL, name, None).map(|_| ());
+        };
         match queue_owed_before_delete(store, &task, &endpoint)? {
             Owed::Nothing | Owed::Queued(..) => {}
             Owed::QueueGone(queue) => eprintln!(
@@ -118,6 +126,11 @@ fn owed_then_delete(g: &Globals, store: &Store, name: &str) -> Result<(), StoreE
                 remote_id(&task).unwrap_or_default()
             ),
         }
+        let rv =
+            Some(task.metadata.resource_version.as_str()).filter(|v| !v.is_empty() && tries < 20);
+        match store.delete_raw(Task::PLURAL, name, rv) {
+            Err(e) if e.is_conflict() => continue,
+            r => return r.map(|_| ()),
+        }
     }
-    store.delete_raw(Task::PLURAL, name, None).map(|_| ())
 }

@@ -17,6 +17,9 @@ pub struct Ending {
     /// Set when the run was reclaimed (killed or lost) rather than ending by itself.
     pub reclaimed: Option<String>,
     pub message: Option<String>,
+    /// An agent of the attempt is known to have started though the Lease records none (reclaim
+    /// found one, or its log says its shim ended it).
+    pub started: bool,
 }
 
 impl Ending {
@@ -27,6 +30,7 @@ impl Ending {
             signal: l.status.signal,
             reclaimed: None,
             message: l.status.message.as_deref().and_then(beyond_status),
+            started: false,
         }
     }
 
@@ -94,9 +98,10 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
     // gets its assignment and start recorded here, and its Started event before the
     // outcome's.
     let mut started_here = false;
-    // Whether this attempt's agent was started (the shim records its pid and acquireTime with the
-    // start; a run reclaimed without its Lease has what its Task and its search showed).
-    let started = lease.status.pid.is_some() || lease.status.acquire_time.is_some();
+    // Whether this attempt's agent was started: the shim records its pid and acquireTime with the
+    // start (a run reclaimed without its Lease has the Task's start time), or reclaim knows.
+    let started =
+        lease.status.pid.is_some() || lease.status.acquire_time.is_some() || ending.started;
     // A Task deleted and created again under its name while this run went on is another Task.
     let mut replaced = false;
     let updated = ctx.patch_task(task_name, |t| {

@@ -325,14 +325,15 @@ async fn without_lease(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     }
     let groups = unrecorded_groups(ctx, &lease)
         .map_err(|e| Error(format!("task/{name}: cannot look for its processes: {e}")))?;
-    // An agent found is one that started (the shim makes it its group's leader): the attempt is
-    // recorded as a run that started, as a Task showing it Running (`acquireTime`) says already.
-    if let Some(&agent) = groups.first() {
-        lease.status.pid = Some(agent);
-        lease.status.pgid = Some(agent);
-    }
+    // The run started if an agent of it was found, or if its shim, finding the Lease gone, ended
+    // the agent itself (its log says so); a Task showing it Running (`acquireTime`) says so too.
+    let started = !groups.is_empty()
+        || crate::agent::shim::log_says_lease_lost(
+            &log_path(&ctx.state_dir, name, lease.spec.attempt),
+            name,
+        );
     kill_groups(ctx, name, &groups, WITHOUT_LEASE, Some(&task)).await?;
-    record_reclaimed(ctx, &lease, LEASE_DELETED, Some(&task))?;
+    record_reclaimed(ctx, &lease, LEASE_DELETED, Some(&task), started)?;
     Ok(Action::await_change())
 }
 
@@ -421,6 +422,7 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
     // Kill first (invariant 4): the group of a process that is still the one we started, or of
     // what an exited agent left behind in it, or, for a run the shim never recorded, the groups
     // of its unrecorded agents.
+    let mut started = false;
     if local {
         let s = &lease.status;
         let agent_alive =
@@ -439,6 +441,8 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
             (None, _) => {
                 let groups = unrecorded_groups(ctx, &lease).map_err(proc_err)?;
                 kill_groups(ctx, &name, &groups, UNRECORDED, task.as_ref()).await?;
+                // An agent found is one that started: the attempt is recorded as such.
+                started = !groups.is_empty();
             }
             (Some(_), Some(pgid)) if agent_alive => {
                 kill_groups(ctx, &name, &[pgid], "", task.as_ref()).await?;
@@ -449,22 +453,25 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
             _ => {}
         }
     }
-    record_reclaimed(ctx, &lease, reason, task.as_ref())
+    record_reclaimed(ctx, &lease, reason, task.as_ref(), started)
 }
 
 /// Fails the attempt of `lease` as reclaimed for `reason` (after its kill: invariant 4), counts it
-/// under its reason and says so on its Task.
+/// under its reason and says so on its Task. `started`: an agent of the attempt is known to have
+/// started, though the Lease records none.
 fn record_reclaimed(
     ctx: &Ctx,
     lease: &Lease,
     reason: &str,
     task: Option<&Task>,
+    started: bool,
 ) -> Result<(), Error> {
     let ending = Ending {
         exit_code: None,
         signal: None,
         reclaimed: Some(reason.to_string()),
         message: None,
+        started,
     };
     outcome::record(ctx, lease, &ending)?;
     Summary::bump(&ctx.summary.reclaimed);

@@ -469,11 +469,11 @@ pub fn queue_owed_before_delete(
                 .unwrap_or_else(|| default_endpoint.to_string())
         });
         for wb in &owed {
-            let queued = q
-                .status
-                .write_backs
-                .iter()
-                .any(|o| o.task_id == id && o.write_back == *wb);
+            // Once per attempt and kind: a delete that read the Task again (it changed) queues
+            // its release again with another time in its words.
+            let queued = q.status.write_backs.iter().any(|o| {
+                o.task_id == id && o.write_back.op == wb.op && o.write_back.attempt == wb.attempt
+            });
             if !queued {
                 q.status.write_backs.push(OrphanWriteBack {
                     task_id: id,
@@ -1688,7 +1688,11 @@ async fn perform(client: &Remote, id: TaskId, wb: &WriteBack) -> Result<(), tiny
             if matches!(wb.op, WriteBackOp::Release | WriteBackOp::Fail) {
                 let assignee = current.assignee();
                 let still_ours = assignee.is_none() || assignee == wb.agent.as_deref();
-                if current.status != TaskStatus::Complete && still_ours {
+                // A release gives back the claim that set the task working; a task that is not
+                // (the claim never landed, or was given back already) keeps its assignee, which
+                // may be a pin to one of our agents.
+                let held = wb.op == WriteBackOp::Fail || current.status == TaskStatus::Working;
+                if current.status != TaskStatus::Complete && still_ours && held {
                     let mut patch = TaskPatch::new().status(TaskStatus::Idle).unassign();
                     if wb.op == WriteBackOp::Fail && !current.failed_for_good() {
                         let mut tags = current.tags.clone();
