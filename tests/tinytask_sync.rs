@@ -1431,6 +1431,34 @@ async fn a_finished_mirror_deleted_before_its_result_was_sent_still_completes_it
     assert_eq!(w.ran().len(), 1, "{:?}", w.ran());
 }
 
+/// A mirror of tinytask task `id` in Queue `queue`, written straight into the store as a
+/// scheduler would have left it after its first attempt held a claim for `agent`: `status` then
+/// sets the rest of its status. Returns its name.
+fn hand_made_mirror(
+    w: &World,
+    id: i64,
+    queue: &str,
+    agent: &str,
+    spec: impl FnOnce(&mut tinyscheduler::resources::TaskSpec),
+    status: impl FnOnce(&mut tinyscheduler::resources::TaskStatus),
+) -> String {
+    let name = format!("tt-{id}");
+    let store = Store::open(w.env.state()).unwrap();
+    let mut t = Task::new("Task", &name, Default::default());
+    t.spec.queue = Some(queue.into());
+    spec(&mut t.spec);
+    t.metadata.annotations.insert(
+        tinyscheduler::resources::task::TINYTASK_ID_ANNOTATION.into(),
+        id.to_string(),
+    );
+    let mut t = store.create(&t).unwrap();
+    t.status.attempts = 1;
+    t.status.remote_assignee = Some(agent.into());
+    status(&mut t.status);
+    store.update_status(&t).unwrap();
+    name
+}
+
 /// Timer mode: a pass left a mirror's last attempt Assigned and exited; its Lease is deleted by
 /// hand, and the shim, finding it gone, ends the agent before any scheduler looks. The next pass
 /// finds no agent and no Lease, but the run's log says the shim ended a started agent: the task
@@ -1445,25 +1473,18 @@ async fn a_run_its_shim_ended_for_a_deleted_lease_counts_as_started_in_the_next_
     });
     w.tinytask_queue("dev", json!({}));
     w.agent("alice", Some("dev"), 1, RECORD);
-    let name = format!("tt-{id}");
-    let store = Store::open(w.env.state()).unwrap();
-    let mut t = Task::new("Task", &name, Default::default());
-    t.spec.queue = Some("dev".into());
-    t.spec.max_retries = 0;
-    t.metadata.annotations.insert(
-        tinyscheduler::resources::task::TINYTASK_ID_ANNOTATION.into(),
-        id.to_string(),
+    let name = hand_made_mirror(
+        &w,
+        id,
+        "dev",
+        "alice",
+        |spec| spec.max_retries = 0,
+        |status| {
+            status.phase = tinyscheduler::resources::TaskPhase::Assigned;
+            status.agent = Some("alice".into());
+            status.lease = Some(format!("tt-{id}"));
+        },
     );
-    t.metadata
-        .annotations
-        .insert("tinyscheduler.io/tinytask-endpoint".into(), w.server.url());
-    let mut t = store.create(&t).unwrap();
-    t.status.phase = tinyscheduler::resources::TaskPhase::Assigned;
-    t.status.attempts = 1;
-    t.status.agent = Some("alice".into());
-    t.status.lease = Some(name.clone());
-    t.status.remote_assignee = Some("alice".into());
-    store.update_status(&t).unwrap();
     let logs = w.env.state().join("logs").join(&name);
     std::fs::create_dir_all(&logs).unwrap();
     std::fs::write(
@@ -1506,21 +1527,18 @@ async fn a_release_leaves_a_task_that_is_not_working_with_its_assignee() {
     w.tinytask_queue("dev", json!({}));
     w.agent("alice", Some("dev"), 1, RECORD);
     w.agent("bob", Some("dev"), 1, RECORD);
-    let name = format!("tt-{id}");
-    let store = Store::open(w.env.state()).unwrap();
-    let mut t = Task::new("Task", &name, Default::default());
-    t.spec.queue = Some("dev".into());
-    t.metadata.annotations.insert(
-        tinyscheduler::resources::task::TINYTASK_ID_ANNOTATION.into(),
-        id.to_string(),
-    );
-    let mut t = store.create(&t).unwrap();
     // Waiting to run again, with the intent of a claim for bob that the server never got.
-    t.status.phase = tinyscheduler::resources::TaskPhase::Pending;
-    t.status.attempts = 1;
-    t.status.remote_assignee = Some("bob".into());
-    t.status.next_attempt_after = Some("2099-01-01T00:00:00Z".into());
-    store.update_status(&t).unwrap();
+    let name = hand_made_mirror(
+        &w,
+        id,
+        "dev",
+        "bob",
+        |_| {},
+        |status| {
+            status.phase = tinyscheduler::resources::TaskPhase::Pending;
+            status.next_attempt_after = Some("2099-01-01T00:00:00Z".into());
+        },
+    );
     let r = w.env.run(&["delete", "task", &name]);
     assert_eq!(r.code, 0, "{r:?}");
     let r = w.run_once(Duration::from_secs(60)).await;
@@ -1540,18 +1558,16 @@ async fn a_release_leaves_a_task_that_is_not_working_with_its_assignee() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_waiting_mirror_whose_queue_is_gone_warns_that_the_server_task_is_left() {
     let w = World::new().await;
-    let store = Store::open(w.env.state()).unwrap();
-    let mut t = Task::new("Task", "tt-41", Default::default());
-    t.spec.queue = Some("gone".into());
-    t.metadata.annotations.insert(
-        tinyscheduler::resources::task::TINYTASK_ID_ANNOTATION.into(),
-        "41".into(),
+    hand_made_mirror(
+        &w,
+        41,
+        "gone",
+        "alice",
+        |_| {},
+        |status| {
+            status.phase = tinyscheduler::resources::TaskPhase::Pending;
+        },
     );
-    let mut t = store.create(&t).unwrap();
-    t.status.phase = tinyscheduler::resources::TaskPhase::Pending;
-    t.status.attempts = 1;
-    t.status.remote_assignee = Some("alice".into());
-    store.update_status(&t).unwrap();
     let r = w.env.run(&["delete", "task", "tt-41"]);
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stdout.contains("\"tt-41\" deleted"), "{r:?}");
