@@ -1323,7 +1323,11 @@ async fn deleted_while_waiting_to_retry(timer: bool) {
     // The first run fails; every later one succeeds.
     let script = format!("{RECORD}\n[ \"$(wc -l < \"$RAN\")\" -gt 1 ] || exit 3");
     w.agent("alice", Some("dev"), 1, &script);
-    let slow_retry = [("TINYSCHEDULER_RETRY_BASE_SEC", "300")];
+    // World::cmd caps retry delays at 0.5 s: this retry must wait for the delete.
+    let slow_retry = [
+        ("TINYSCHEDULER_RETRY_BASE_SEC", "300"),
+        ("TINYSCHEDULER_RETRY_MAX_SEC", "600"),
+    ];
     let mut d = daemon(&w, &slow_retry);
     let name = format!("tt-{id}");
     wait_until("the first attempt to fail", Duration::from_secs(60), || {
@@ -1379,6 +1383,49 @@ async fn a_mirror_deleted_while_it_waits_to_retry_has_its_task_released_on_the_s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mirror_deleted_between_timer_runs_has_its_task_released_by_the_next_run() {
     deleted_while_waiting_to_retry(true).await;
+}
+
+/// A retry's claim refused while the server still shows the task working for the failed
+/// attempt's agent (here: moved to another queue meanwhile) gives that claim back: dropping the
+/// mirror alone would leave the task working for good, in a queue where nobody runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_retry_gives_back_the_claim_of_the_attempt_before() {
+    let w = World::new().await;
+    let id = queued(&w.server, "moves", "dev");
+    w.tinytask_queue("dev", json!({}));
+    w.agent("alice", Some("dev"), 1, &format!("{RECORD}; exit 3"));
+    // The retry waits 2 s (World::cmd caps delays at 0.5 s): the task moves before it.
+    let slow_retry = [
+        ("TINYSCHEDULER_RETRY_BASE_SEC", "2"),
+        ("TINYSCHEDULER_RETRY_MAX_SEC", "600"),
+    ];
+    let mut d = daemon(&w, &slow_retry);
+    let name = format!("tt-{id}");
+    wait_until("the first attempt to fail", Duration::from_secs(60), || {
+        w.task_json(&name)
+            .is_some_and(|t| t["status"]["reason"] == "Retrying")
+    })
+    .await;
+    assert_eq!(w.status(id), ("working".to_string(), Some("alice".into())));
+    w.server
+        .mutate_task(id, |t| t.queue_name = Some("elsewhere".into()));
+    wait_until(
+        "the claim to be given back",
+        Duration::from_secs(60),
+        || w.status(id) == ("idle".to_string(), None),
+    )
+    .await;
+    d.kill().await.ok();
+    assert!(w.events().contains("ClaimRefused"), "{}", w.events());
+    let last = w.server.comments(id).pop().unwrap().content;
+    assert!(
+        last.contains(&format!(
+            "task/{name} was not run again: it moved from queue dev to elsewhere"
+        )),
+        "{last}"
+    );
+    assert_eq!(w.ran().len(), 1, "{:?}", w.ran());
+    assert!(w.task_json(&name).is_none(), "the mirror is dropped");
 }
 
 /// A finished mirror deleted by hand before its result reached the server (down meanwhile): the

@@ -11,7 +11,9 @@
 //! - `tinytask-claim/<lease>` — a Lease for a mirrored Task is not spawned until it is claimed
 //!   here: re-read the task, assign it (PATCH) only if it is still ours to take, check that nobody
 //!   wrote in between, set it `working`, then annotate the Lease `tinyscheduler.io/claimed`. A
-//!   refused claim deletes the mirror and the Lease (nothing runs); an unreachable server puts the
+//!   refused claim deletes the mirror and the Lease (nothing runs), once what the mirror owed the
+//!   server (unsent write-backs, a claim held for an earlier attempt) is queued on its Queue; an
+//!   unreachable server puts the
 //!   Task back to Pending (the attempt does not count) with a delay.
 //! - `tinytask-wb/<task>` — write the outcomes queued in `status.writeBacks` (by
 //!   `outcome::record`, in the same write as the outcome) back to the server, in order, removing
@@ -428,24 +430,39 @@ pub fn queue_owed_before_delete(
     task: &Task,
     default_endpoint: &str,
 ) -> Result<Owed, crate::store::StoreError> {
+    let name = &task.metadata.name;
+    let waiting = matches!(task.status.phase, TaskPhase::Pending | TaskPhase::Blocked)
+        && task.status.lease.is_none();
+    let release = match (waiting, &task.status.remote_assignee) {
+        (true, Some(agent)) => Some(format!(
+            "[tinyscheduler {}] task/{name} was deleted from the scheduler while it waited to run again (after attempt {} on agent {agent}). Released: idle and unassigned.",
+            now_rfc3339(),
+            task.status.attempts
+        )),
+        _ => None,
+    };
+    queue_owed(store, task, default_endpoint, release)
+}
+
+/// Queues on the mirror's Queue its write-backs not sent yet and, with `release` (its comment),
+/// the release of the claim its agent (`remote_assignee`) holds for its last attempt.
+fn queue_owed(
+    store: &crate::store::Store,
+    task: &Task,
+    default_endpoint: &str,
+    release: Option<String>,
+) -> Result<Owed, crate::store::StoreError> {
     let Some(id) = remote_id(task) else {
         return Ok(Owed::Nothing);
     };
-    let name = &task.metadata.name;
     let mut owed: Vec<WriteBack> = task.status.write_backs.clone();
-    let waiting = matches!(task.status.phase, TaskPhase::Pending | TaskPhase::Blocked)
-        && task.status.lease.is_none();
-    if let (true, Some(agent)) = (waiting, &task.status.remote_assignee) {
-        let at = now_rfc3339();
+    if let (Some(message), Some(agent)) = (release, &task.status.remote_assignee) {
         owed.push(WriteBack {
             op: WriteBackOp::Release,
             attempt: task.status.attempts,
-            message: Some(format!(
-                "[tinyscheduler {at}] task/{name} was deleted from the scheduler while it waited to run again (after attempt {} on agent {agent}). Released: idle and unassigned.",
-                task.status.attempts
-            )),
+            message: Some(message),
             agent: Some(agent.clone()),
-            created: Some(at),
+            created: Some(now_rfc3339()),
         });
     }
     if owed.is_empty() {
@@ -1326,8 +1343,9 @@ pub fn refusal(
 }
 
 enum ClaimError {
-    /// The task is not ours to run (any more).
-    Refused(String),
+    /// The task is not ours to run (any more). `held`: the server shows it working for the agent
+    /// of an earlier attempt here, a claim that only this scheduler can give back.
+    Refused { why: String, held: bool },
     /// The server could not be asked; try later.
     Unreachable(String),
 }
@@ -1335,7 +1353,10 @@ enum ClaimError {
 impl From<tinytask::Error> for ClaimError {
     fn from(e: tinytask::Error) -> Self {
         if e.is_not_found() {
-            ClaimError::Refused("it no longer exists on the server".into())
+            ClaimError::Refused {
+                why: "it no longer exists on the server".into(),
+                held: false,
+            }
         } else {
             ClaimError::Unreachable(e.to_string())
         }
@@ -1369,7 +1390,7 @@ async fn claim(ctx: &Ctx, lease_name: &str) -> Result<Action, Error> {
             "its Queue queue/{} no longer exists",
             task.spec.queue.as_deref().unwrap_or_default()
         );
-        refuse(ctx, &lease, &task, id, &why)?;
+        refuse(ctx, &lease, &task, id, &why, false)?;
         return Ok(Action::await_change());
     };
     let queue = Some(queue);
@@ -1395,8 +1416,8 @@ async fn claim(ctx: &Ctx, lease_name: &str) -> Result<Action, Error> {
             );
             Ok(Action::await_change())
         }
-        Err(ClaimError::Refused(why)) => {
-            refuse(ctx, &lease, &task, id, &why)?;
+        Err(ClaimError::Refused { why, held }) => {
+            refuse(ctx, &lease, &task, id, &why, held)?;
             Ok(Action::await_change())
         }
         Err(ClaimError::Unreachable(e)) => {
@@ -1435,8 +1456,14 @@ async fn claim_on_server(
         .map_err(|e| ClaimError::Unreachable(e.to_string()))?;
     let before = client.get_task(id).await?;
     let ours = task.status.remote_assignee.as_deref();
+    // Still working for an earlier attempt's agent here (and not archived, tinytask's delete):
+    // refused, it must be given back, or it stays working for good.
+    let held = before.status == TaskStatus::Working
+        && ours.is_some()
+        && before.assignee() == ours
+        && before.archived_at.as_deref().is_none_or(str::is_empty);
     if let Some(why) = refusal(&before, agent, ours, target.respect, target.queue) {
-        return Err(ClaimError::Refused(why));
+        return Err(ClaimError::Refused { why, held });
     }
     // Durable intent first: a claim whose answer is lost is recognised as ours next time.
     ctx.patch_task(&task.metadata.name, |t| {
@@ -1462,11 +1489,14 @@ async fn claim_on_server(
                 tracing::warn!("tinytask task {id}: cannot restore the assignee: {e}");
             }
         }
-        return Err(ClaimError::Refused(format!(
-            "it changed on the server while being claimed (assignee {}, status {})",
-            was.as_deref().unwrap_or("none"),
-            after.status
-        )));
+        return Err(ClaimError::Refused {
+            why: format!(
+                "it changed on the server while being claimed (assignee {}, status {})",
+                was.as_deref().unwrap_or("none"),
+                after.status
+            ),
+            held: false,
+        });
     }
     // A claim slower than the Lease's duration may find the run reclaimed meanwhile ("never
     // started"): then nothing will run it, so the task goes back as it was instead of working.
@@ -1479,9 +1509,10 @@ async fn claim_on_server(
         if let Err(e) = client.patch_task(id, &undo).await {
             tracing::warn!("tinytask task {id}: cannot give back the claim: {e}");
         }
-        return Err(ClaimError::Refused(
-            "its run was reclaimed while the claim was under way".into(),
-        ));
+        return Err(ClaimError::Refused {
+            why: "its run was reclaimed while the claim was under way".into(),
+            held,
+        });
     }
     if after.status != TaskStatus::Working {
         client
@@ -1528,18 +1559,50 @@ fn mark_claimed(
     }
 }
 
-/// The task is no longer ours: nothing runs. The mirror is deleted first (a crash in between
-/// leaves a Lease whose Task is gone, which the reclaim controller removes), then the Lease.
-fn refuse(ctx: &Ctx, lease: &Lease, task: &Task, id: TaskId, why: &str) -> Result<(), Error> {
+/// The task is no longer ours: nothing runs. What the mirror still owes the server — write-backs
+/// not sent yet and, when an earlier attempt's claim is `held` there, its release — goes to its
+/// Queue first ([`queue_owed`]); then the mirror is deleted (a crash in between leaves a Lease
+/// whose Task is gone, which the reclaim controller removes), then the Lease.
+fn refuse(
+    ctx: &Ctx,
+    lease: &Lease,
+    task: &Task,
+    id: TaskId,
+    why: &str,
+    held: bool,
+) -> Result<(), Error> {
     let message = format!(
         "not running tinytask task {id} on agent/{}: {why}; dropped the mirror",
         lease.spec.agent
     );
     ctx.event(task, EventType::Warning, "ClaimRefused", &message);
-    match ctx.store.delete::<Task>(&task.metadata.name, None) {
-        Ok(_) => ctx.tasks.observe_deleted(&task.metadata.name),
-        Err(e) if e.is_not_found() => ctx.tasks.observe_deleted(&task.metadata.name),
-        Err(e) => return Err(e.into()),
+    let release = held.then(|| {
+        format!(
+            "[tinyscheduler {}] task/{} was not run again: {why}. Released: idle and unassigned.",
+            now_rfc3339(),
+            task.metadata.name
+        )
+    });
+    // The mirror as stored, deleted at that version: an outcome recorded meanwhile (a reclaim of
+    // a slow claim's run) is read again, so that what it owes goes to the Queue too.
+    let name = &task.metadata.name;
+    loop {
+        let Some(current) = ctx.stored_task_of(lease)? else {
+            ctx.tasks.observe_deleted(name);
+            break;
+        };
+        let endpoint = &ctx.settings.tinytask_endpoint;
+        if let Owed::QueueGone(q) = queue_owed(&ctx.store, &current, endpoint, release.clone())? {
+            tracing::warn!(kind = "Task", name = %name, "queue/{q} is gone: what the mirror owed tinytask task {id} is not written back");
+        }
+        let rv = Some(current.metadata.resource_version.as_str()).filter(|v| !v.is_empty());
+        match ctx.store.delete::<Task>(name, rv) {
+            Ok(_) => ctx.tasks.observe_deleted(name),
+            Err(e) if e.is_not_found() => ctx.tasks.observe_deleted(name),
+            Err(e) if e.is_conflict() => continue,
+            Err(e) => return Err(e.into()),
+        }
+        break;
     }
     // The task may be runnable on the server again (given back) with nothing in the queue's
     // stats to show it: the next poll with room lists.
