@@ -13,8 +13,7 @@
 //!   wrote in between, set it `working`, then annotate the Lease `tinyscheduler.io/claimed`. A
 //!   refused claim deletes the mirror and the Lease (nothing runs), once what the mirror owed the
 //!   server (unsent write-backs, a claim held for an earlier attempt) is queued on its Queue; an
-//!   unreachable server puts the
-//!   Task back to Pending (the attempt does not count) with a delay.
+//!   unreachable server puts the Task back to Pending (the attempt does not count) with a delay.
 //! - `tinytask-wb/<task>` — write the outcomes queued in `status.writeBacks` (by
 //!   `outcome::record`, in the same write as the outcome) back to the server, in order, removing
 //!   each only once the server acknowledged it; failures back off and are retried, also across
