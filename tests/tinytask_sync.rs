@@ -1362,7 +1362,7 @@ async fn deleted_while_waiting_to_retry(timer: bool) {
             .comments(id)
             .iter()
             .any(|c| c.content.contains(&format!(
-                "task/{name} was deleted from the scheduler while it waited"
+                "task/{name} was deleted from the scheduler with no run of it holding its claim"
             ))),
         "{:#?}",
         w.server.comments(id)
@@ -1393,22 +1393,24 @@ async fn a_refused_retry_gives_back_the_claim_of_the_attempt_before() {
     let w = World::new().await;
     let id = queued(&w.server, "moves", "dev");
     w.tinytask_queue("dev", json!({}));
-    w.agent("alice", Some("dev"), 1, &format!("{RECORD}; exit 3"));
-    // The retry waits 2 s (World::cmd caps delays at 0.5 s): the task moves before it.
-    let slow_retry = [
-        ("TINYSCHEDULER_RETRY_BASE_SEC", "2"),
-        ("TINYSCHEDULER_RETRY_MAX_SEC", "600"),
-    ];
-    let mut d = daemon(&w, &slow_retry);
+    // The first attempt fails once the test has moved the task; its retry's claim sees the move.
+    let gate = w.env.tmp.path().join("gate");
+    let script = format!(
+        "{RECORD}\nwhile [ ! -e {} ] && [ -d {} ]; do sleep 0.05; done; exit 3",
+        gate.display(),
+        w.env.tmp.path().display()
+    );
+    w.agent("alice", Some("dev"), 1, &script);
+    let mut d = daemon(&w, &[]);
     let name = format!("tt-{id}");
-    wait_until("the first attempt to fail", Duration::from_secs(60), || {
-        w.task_json(&name)
-            .is_some_and(|t| t["status"]["reason"] == "Retrying")
+    wait_until("the first attempt to run", Duration::from_secs(60), || {
+        w.running() == 1
     })
     .await;
     assert_eq!(w.status(id), ("working".to_string(), Some("alice".into())));
     w.server
         .mutate_task(id, |t| t.queue_name = Some("elsewhere".into()));
+    std::fs::write(&gate, "").unwrap();
     wait_until(
         "the claim to be given back",
         Duration::from_secs(60),
@@ -1426,6 +1428,45 @@ async fn a_refused_retry_gives_back_the_claim_of_the_attempt_before() {
     );
     assert_eq!(w.ran().len(), 1, "{:?}", w.ran());
     assert!(w.task_json(&name).is_none(), "the mirror is dropped");
+}
+
+/// A retry whose claim for bob was recorded but never reached the server finds the task still
+/// working for alice, the agent of the attempt before: not bob's to claim, but ours to give back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_retry_gives_back_a_claim_another_of_our_agents_holds() {
+    let w = World::new().await;
+    let id = queued(&w.server, "held by alice", "dev");
+    w.server.mutate_task(id, |t| {
+        t.status = "working".into();
+        t.assigned_to = Some("alice".into());
+    });
+    w.tinytask_queue("dev", json!({}));
+    w.agent("alice", Some("dev"), 1, RECORD);
+    w.agent("bob", Some("dev"), 1, RECORD);
+    let name = hand_made_mirror(
+        &w,
+        id,
+        "dev",
+        "bob",
+        |_| {},
+        |status| {
+            status.phase = tinyscheduler::resources::TaskPhase::Pending;
+        },
+    );
+    let r = w.run_once(Duration::from_secs(60)).await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(w.status(id).0, "complete");
+    assert_eq!(w.ran().len(), 1, "{:?}", w.ran());
+    assert!(
+        w.server
+            .comments(id)
+            .iter()
+            .any(|c| c.content.contains(&format!(
+                "task/{name} was not run again: it is being worked on by alice"
+            ))),
+        "{:#?}",
+        w.server.comments(id)
+    );
 }
 
 /// A finished mirror deleted by hand before its result reached the server (down meanwhile): the
@@ -1595,7 +1636,48 @@ async fn a_release_leaves_a_task_that_is_not_working_with_its_assignee() {
     assert!(
         w.server.comments(id).iter().any(|c| c
             .content
-            .contains("was deleted from the scheduler while it waited")),
+            .contains("was deleted from the scheduler with no run of it holding its claim")),
+        "{:#?}",
+        w.server.comments(id)
+    );
+}
+
+/// Timer mode: a running mirror's Lease is deleted by hand, then the mirror, before any scheduler
+/// looks. No run of it holds its claim any more, so the delete gives the claim back: the task is
+/// mirrored again and runs, instead of staying working for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_deleted_after_its_lease_has_its_task_released_by_the_next_run() {
+    let w = World::new().await;
+    let id = queued(&w.server, "twice deleted", "dev");
+    w.tinytask_queue("dev", json!({}));
+    let gate = w.env.tmp.path().join("gate");
+    let script = format!(
+        "{RECORD}\nwhile [ ! -e {} ] && [ -d {} ]; do sleep 0.05; done",
+        gate.display(),
+        w.env.tmp.path().display()
+    );
+    w.agent("alice", Some("dev"), 1, &script);
+    let name = format!("tt-{id}");
+    let out = w.cmd(&["run", "--once"]).output().await.unwrap();
+    assert!(out.status.success(), "{out:?}");
+    wait_until("the run to start", Duration::from_secs(60), || {
+        w.running() == 1
+    })
+    .await;
+    assert_eq!(w.status(id), ("working".to_string(), Some("alice".into())));
+    let r = w.env.run(&["delete", "lease", &name]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = w.env.run(&["delete", "task", &name]);
+    assert_eq!(r.code, 0, "{r:?}");
+    std::fs::write(&gate, "").unwrap();
+    let r = w.run_once(Duration::from_secs(60)).await;
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(w.status(id).0, "complete");
+    assert_eq!(w.ran().len(), 2, "{:?}", w.ran());
+    assert!(
+        w.server.comments(id).iter().any(|c| c
+            .content
+            .contains("was deleted from the scheduler with no run of it holding its claim")),
         "{:#?}",
         w.server.comments(id)
     );
@@ -1620,8 +1702,8 @@ async fn deleting_a_waiting_mirror_whose_queue_is_gone_warns_that_the_server_tas
     assert!(r.stdout.contains("\"tt-41\" deleted"), "{r:?}");
     assert_eq!(
         r.stderr.trim(),
-        "warning: task/tt-41 mirrors tinytask task 41, whose results and claim its Queue \"gone\" \
-         would send to the server, but that Queue is gone: the server's task is left as it is"
+        "warning: task/tt-41 mirrors tinytask task 41, whose results and claim its Queue would \
+         send to the server, but its Queue \"gone\" is gone: the server's task is left as it is"
     );
     assert!(w.task_json("tt-41").is_none());
 }

@@ -119,12 +119,19 @@ fn owed_then_delete(g: &Globals, store: &Store, name: &str) -> Result<(), StoreE
         };
         match queue_owed_before_delete(store, &task, &endpoint)? {
             Owed::Nothing | Owed::Queued(..) => {}
-            Owed::QueueGone(queue) => eprintln!(
-                "warning: task/{name} mirrors tinytask task {}, whose results and claim its \
-                 Queue {queue:?} would send to the server, but that Queue is gone: the server's \
-                 task is left as it is",
-                remote_id(&task).unwrap_or_default()
-            ),
+            Owed::QueueGone(queue) => {
+                let queue = if queue.is_empty() {
+                    "it names no Queue".to_string()
+                } else {
+                    format!("its Queue {queue:?} is gone")
+                };
+                eprintln!(
+                    "warning: task/{name} mirrors tinytask task {}, whose results and claim its \
+                     Queue would send to the server, but {queue}: the server's task is left as \
+                     it is",
+                    remote_id(&task).unwrap_or_default()
+                )
+            }
         }
         let rv =
             Some(task.metadata.resource_version.as_str()).filter(|v| !v.is_empty() && tries < 20);

@@ -430,44 +430,59 @@ pub fn queue_owed_before_delete(
     default_endpoint: &str,
 ) -> Result<Owed, crate::store::StoreError> {
     let name = &task.metadata.name;
-    let waiting = matches!(task.status.phase, TaskPhase::Pending | TaskPhase::Blocked)
-        && task.status.lease.is_none();
-    let release = match (waiting, &task.status.remote_assignee) {
-        (true, Some(agent)) => Some(format!(
-            "[tinyscheduler {}] task/{name} was deleted from the scheduler while it waited to run again (after attempt {} on agent {agent}). Released: idle and unassigned.",
-            now_rfc3339(),
-            task.status.attempts
-        )),
+    // A claimed run of it is reclaimed once its Task is gone, and that reclaim releases the task
+    // ([`orphan_write_back`]); without one (waiting to retry, a claim still in flight, a Lease
+    // deleted by hand) nothing else would.
+    let claimed_run = store
+        .try_get::<Lease>(name)?
+        .is_some_and(|l| l.spec.runs(task) && is_claimed(&l));
+    let release = match (
+        &task.status.remote_assignee,
+        task.status.phase.is_finished(),
+    ) {
+        (Some(agent), false) if !claimed_run => {
+            let when = match task.status.attempts {
+                0 => "before it ran".to_string(),
+                n => format!("after attempt {n}"),
+            };
+            Some((
+                agent.clone(),
+                format!(
+                    "[tinyscheduler {}] task/{name} was deleted from the scheduler with no run of it holding its claim ({when}, claimed for agent {agent}). Released: idle and unassigned.",
+                    now_rfc3339()
+                ),
+            ))
+        }
         _ => None,
     };
     queue_owed(store, task, default_endpoint, release)
 }
 
-/// Queues on the mirror's Queue its write-backs not sent yet and, with `release` (its comment),
-/// the release of the claim its agent (`remote_assignee`) holds for its last attempt.
+/// Queues on the mirror's Queue its write-backs not sent yet and, with `release` (the agent the
+/// server shows holding the task, and the comment), the release of that claim.
 fn queue_owed(
     store: &crate::store::Store,
     task: &Task,
     default_endpoint: &str,
-    release: Option<String>,
+    release: Option<(String, String)>,
 ) -> Result<Owed, crate::store::StoreError> {
     let Some(id) = remote_id(task) else {
         return Ok(Owed::Nothing);
     };
     let mut owed: Vec<WriteBack> = task.status.write_backs.clone();
-    if let (Some(message), Some(agent)) = (release, &task.status.remote_assignee) {
+    if let Some((agent, message)) = release {
         owed.push(WriteBack {
             op: WriteBackOp::Release,
             attempt: task.status.attempts,
             message: Some(message),
-            agent: Some(agent.clone()),
+            agent: Some(agent),
             created: Some(now_rfc3339()),
         });
     }
     if owed.is_empty() {
         return Ok(Owed::Nothing);
     }
-    let Some(queue) = task.spec.queue.clone() else {
+    let Some(queue) = task.spec.queue.clone().filter(|q| !q.is_empty()) else {
         return Ok(Owed::QueueGone(String::new()));
     };
     let mut endpoint = task
@@ -1342,9 +1357,9 @@ pub fn refusal(
 }
 
 enum ClaimError {
-    /// The task is not ours to run (any more). `held`: the server shows it working for the agent
-    /// of an earlier attempt here, a claim that only this scheduler can give back.
-    Refused { why: String, held: bool },
+    /// The task is not ours to run (any more). `held`: the agent of ours the server shows it
+    /// working for, from an earlier attempt here: a claim that only this scheduler can give back.
+    Refused { why: String, held: Option<String> },
     /// The server could not be asked; try later.
     Unreachable(String),
 }
@@ -1354,7 +1369,7 @@ impl From<tinytask::Error> for ClaimError {
         if e.is_not_found() {
             ClaimError::Refused {
                 why: "it no longer exists on the server".into(),
-                held: false,
+                held: None,
             }
         } else {
             ClaimError::Unreachable(e.to_string())
@@ -1389,7 +1404,7 @@ async fn claim(ctx: &Ctx, lease_name: &str) -> Result<Action, Error> {
             "its Queue queue/{} no longer exists",
             task.spec.queue.as_deref().unwrap_or_default()
         );
-        refuse(ctx, &lease, &task, id, &why, false)?;
+        refuse(ctx, &lease, &task, id, &why, None)?;
         return Ok(Action::await_change());
     };
     let queue = Some(queue);
@@ -1455,12 +1470,18 @@ async fn claim_on_server(
         .map_err(|e| ClaimError::Unreachable(e.to_string()))?;
     let before = client.get_task(id).await?;
     let ours = task.status.remote_assignee.as_deref();
-    // Still working for an earlier attempt's agent here (and not archived, tinytask's delete):
-    // refused, it must be given back, or it stays working for good.
-    let held = before.status == TaskStatus::Working
-        && ours.is_some()
-        && before.assignee() == ours
-        && before.archived_at.as_deref().is_none_or(str::is_empty);
+    // Still working for an earlier attempt here (and not archived, tinytask's delete): refused,
+    // it must be given back, or it stays working for good. The agent it shows is the one claimed
+    // last, or another of ours when a later claim's intent was recorded but never landed.
+    let held = before
+        .assignee()
+        .filter(|a| Some(*a) == ours || ctx.agents.get(a).is_some())
+        .filter(|_| {
+            before.status == TaskStatus::Working
+                && ours.is_some()
+                && before.archived_at.as_deref().is_none_or(str::is_empty)
+        })
+        .map(str::to_string);
     if let Some(why) = refusal(&before, agent, ours, target.respect, target.queue) {
         return Err(ClaimError::Refused { why, held });
     }
@@ -1494,7 +1515,7 @@ async fn claim_on_server(
                 was.as_deref().unwrap_or("none"),
                 after.status
             ),
-            held: false,
+            held: None,
         });
     }
     // A claim slower than the Lease's duration may find the run reclaimed meanwhile ("never
@@ -1568,19 +1589,20 @@ fn refuse(
     task: &Task,
     id: TaskId,
     why: &str,
-    held: bool,
+    held: Option<String>,
 ) -> Result<(), Error> {
     let message = format!(
         "not running tinytask task {id} on agent/{}: {why}; dropped the mirror",
         lease.spec.agent
     );
     ctx.event(task, EventType::Warning, "ClaimRefused", &message);
-    let release = held.then(|| {
-        format!(
+    let release = held.map(|agent| {
+        let message = format!(
             "[tinyscheduler {}] task/{} was not run again: {why}. Released: idle and unassigned.",
             now_rfc3339(),
             task.metadata.name
-        )
+        );
+        (agent, message)
     });
     // The mirror as stored, deleted at that version: an outcome recorded meanwhile (a reclaim of
     // a slow claim's run) is read again, so that what it owes goes to the Queue too.
@@ -1600,6 +1622,11 @@ fn refuse(
             Err(e) if e.is_not_found() => ctx.tasks.observe_deleted(name),
             Err(e) if e.is_conflict() => continue,
             Err(e) => return Err(e.into()),
+        }
+        // As its TTL would: a later mirror of the id starts with no logs (a log's end says how
+        // a run ended, see `shim::log_says_lease_lost`).
+        if let Err(e) = crate::agent::shim::remove_logs(&ctx.state_dir, name) {
+            tracing::warn!(kind = "Task", name = %name, "cannot remove {e}");
         }
         break;
     }
