@@ -419,11 +419,11 @@ pub enum Owed {
 
 /// Before a mirror is deleted by hand (`delete task tt-<id>`): what it still owes its server goes
 /// to its Queue, durably, for the Queue's poll to write (as for a mirror deleted while it ran, see
-/// [`orphan_write_back`]). That is its write-backs not sent yet and, if it waits to run again
-/// while holding the claim of its last attempt (the server shows the task `working` for our
-/// agent, which no poll lists), a release: without it, the task would stay `working` on the
-/// server for good. A mirror with a Lease is left to its run's reclaim. `default_endpoint`: the
-/// server of mirrors and Queues that name none.
+/// [`orphan_write_back`]). That is its write-backs not sent yet and, if it holds a claim with no
+/// claimed run of it here (waiting to retry, a retry's claim in flight, its Lease deleted by
+/// hand: the server shows the task `working` for our agent, which no poll lists), a release:
+/// without it, the task would stay `working` on the server for good. A claimed run's release is
+/// left to its reclaim. `default_endpoint`: the server of mirrors and Queues that name none.
 pub fn queue_owed_before_delete(
     store: &crate::store::Store,
     task: &Task,
@@ -1609,7 +1609,10 @@ fn refuse(
     let name = &task.metadata.name;
     loop {
         let Some(current) = ctx.stored_task_of(lease)? else {
-            ctx.tasks.observe_deleted(name);
+            // Gone already (or replaced by a new Task of the name, which stays).
+            if ctx.store.try_get::<Task>(name)?.is_none() {
+                ctx.tasks.observe_deleted(name);
+            }
             break;
         };
         let endpoint = &ctx.settings.tinytask_endpoint;
