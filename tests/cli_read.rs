@@ -356,16 +356,19 @@ fn wait_returns_when_the_jsonpath_matches() {
     assert_eq!(r.stdout, "task.tinyscheduler.io/t-a condition met\n");
 }
 
-#[test]
-fn wait_for_delete_returns_when_the_object_is_gone() {
-    let env = with_tasks();
+/// `wait task/t-b --for=delete`, started and given time to look.
+fn waiting_for_delete_of_t_b(env: &Env) -> std::process::Child {
     let child = env
         .cmd(&["wait", "task/t-b", "--for=delete", "--timeout", "20s"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(env.run(&["delete", "task", "t-b"]).code, 0);
+    child
+}
+
+/// The wait ended 0 with kubectl's line for t-b.
+fn assert_wait_met(child: std::process::Child) {
     let r: Run = child.wait_with_output().unwrap().into();
     assert_eq!(
         (r.code, r.stdout.as_str()),
@@ -374,14 +377,17 @@ fn wait_for_delete_returns_when_the_object_is_gone() {
 }
 
 #[test]
+fn wait_for_delete_returns_when_the_object_is_gone() {
+    let env = with_tasks();
+    let child = waiting_for_delete_of_t_b(&env);
+    assert_eq!(env.run(&["delete", "task", "t-b"]).code, 0);
+    assert_wait_met(child);
+}
+
+#[test]
 fn wait_for_delete_returns_when_the_object_is_replaced_by_a_new_one_of_its_name() {
     let env = with_tasks();
-    let child = env
-        .cmd(&["wait", "task/t-b", "--for=delete", "--timeout", "20s"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let child = waiting_for_delete_of_t_b(&env);
     // Deleted and created again faster than the watch looks: one rename puts another object
     // (another uid) where t-b was.
     let path = env.state().join("objects/tasks/t-b.json");
@@ -392,11 +398,7 @@ fn wait_for_delete_returns_when_the_object_is_replaced_by_a_new_one_of_its_name(
     let staged = env.state().join("tmp/replacement.json");
     std::fs::write(&staged, serde_json::to_vec(&v).unwrap()).unwrap();
     std::fs::rename(&staged, &path).unwrap();
-    let r: Run = child.wait_with_output().unwrap().into();
-    assert_eq!(
-        (r.code, r.stdout.as_str()),
-        (0, "task.tinyscheduler.io/t-b condition met\n")
-    );
+    assert_wait_met(child);
 }
 
 #[test]

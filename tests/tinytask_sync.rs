@@ -1146,15 +1146,9 @@ async fn a_task_reassigned_on_the_server_while_it_ran_is_not_completed_over_the_
     assert_eq!(w.status(id), ("working".into(), Some("bob".into())));
 }
 
-/// Task ids repeat across servers and mirror names (`tt-<id>`) do not tell servers apart: a task
-/// of a second server with the id of a waiting mirror must not take that mirror over, which would
-/// move it to the other Queue and send its result to the wrong server.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_task_of_another_server_with_a_mirrored_id_leaves_that_mirror_alone() {
-    let w = World::new().await;
-    let other = TinytaskServer::start().await;
-    // The first server: "second" waits for "first". Queue dev has no agents, so only the blocked
-    // task is mirrored.
+/// A daemon whose Queue dev (no agents) holds "second", blocked by "first": only the blocked task
+/// is mirrored, and waits. Returns (blocker id, blocked id, the mirror's name, the daemon).
+async fn one_blocked_mirror(w: &World) -> (i64, i64, String, tokio::process::Child) {
     let blocker = queued(&w.server, "first", "dev");
     let blocked = w.server.insert("second", |t| {
         t.queue_name = Some("dev".into());
@@ -1162,7 +1156,7 @@ async fn a_task_of_another_server_with_a_mirrored_id_leaves_that_mirror_alone() 
     });
     w.tinytask_queue("dev", json!({}));
     let name = format!("tt-{blocked}");
-    let mut d = daemon(&w, &[]);
+    let d = daemon(w, &[]);
     wait_until(
         "the blocked task to be mirrored",
         Duration::from_secs(30),
@@ -1172,6 +1166,18 @@ async fn a_task_of_another_server_with_a_mirrored_id_leaves_that_mirror_alone() 
         },
     )
     .await;
+    (blocker, blocked, name, d)
+}
+
+/// Task ids repeat across servers and mirror names (`tt-<id>`) do not tell servers apart: a task
+/// of a second server with the id of a waiting mirror must not take that mirror over, which would
+/// move it to the other Queue and send its result to the wrong server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_of_another_server_with_a_mirrored_id_leaves_that_mirror_alone() {
+    let w = World::new().await;
+    let other = TinytaskServer::start().await;
+    // The first server: "second" waits for "first".
+    let (blocker, blocked, name, mut d) = one_blocked_mirror(&w).await;
 
     // The second server has runnable tasks with the same ids.
     let free_id = queued(&other, "elsewhere-1", "ops");
@@ -1872,24 +1878,7 @@ async fn a_result_goes_to_the_server_its_task_came_from_after_its_queue_moved_el
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_mirror_follows_its_queue_to_the_servers_new_address() {
     let w = World::new().await;
-    // Queue dev has no agents, so only the blocked task is mirrored.
-    let blocker = queued(&w.server, "first", "dev");
-    let blocked = w.server.insert("second", |t| {
-        t.queue_name = Some("dev".into());
-        t.blocked_by_task_id = Some(blocker);
-    });
-    w.tinytask_queue("dev", json!({}));
-    let name = format!("tt-{blocked}");
-    let mut d = daemon(&w, &[]);
-    wait_until(
-        "the blocked task to be mirrored",
-        Duration::from_secs(30),
-        || {
-            w.task_json(&name)
-                .is_some_and(|t| t["status"]["phase"] == "Blocked")
-        },
-    )
-    .await;
+    let (_, blocked, name, mut d) = one_blocked_mirror(&w).await;
     // The same server, its address written another way; then a change there that the next
     // poll lists: a new task, and the mirrored one's priority.
     let respelled = format!("{}/api/v1", w.server.url());
