@@ -168,23 +168,12 @@ pub fn group_members(pgid: i32) -> Vec<i32> {
 /// process that ended meanwhile is no gap).
 fn scan_group(pgid: i32) -> Option<Vec<i32>> {
     let mut pids = Vec::new();
-    for entry in fs::read_dir("/proc").ok()? {
-        let Some(pid) = entry
-            .ok()?
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse().ok())
-        else {
-            continue;
-        };
+    for pid in proc_pids().ok()? {
         match read_stat(pid) {
             Ok(s) if s.pgrp == pgid && !s.is_zombie_or_dead() => pids.push(pid),
             Ok(_) => {}
             // Ended between the listing and the read (or while being read).
-            Err(e)
-                if e.kind() == io::ErrorKind::NotFound
-                    || e.kind() == io::ErrorKind::InvalidData
-                    || e.raw_os_error() == Some(nix::libc::ESRCH) => {}
+            Err(e) if gone(&e) || e.kind() == io::ErrorKind::InvalidData => {}
             Err(_) => return None,
         }
     }

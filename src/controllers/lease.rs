@@ -217,6 +217,14 @@ pub(crate) fn shows_assignment_next(t: &Task, lease: &Lease) -> bool {
         && !past_attempt(t, lease.spec.attempt)
 }
 
+/// Whether `t` is to be made to show `lease` Running: it is the Lease's Task, does not show it
+/// Running yet, and this attempt is not over already.
+fn shows_running_next(t: &Task, lease: &Lease) -> bool {
+    lease.spec.runs(t)
+        && !shows_running(t, &lease.metadata.name)
+        && !past_attempt(t, lease.spec.attempt)
+}
+
 /// Mirrors a Lease whose shim has not started the agent yet onto its Task (phase Assigned), once.
 fn mark_task_assigned(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
     let Some(task) = ctx.tasks.get(&lease.spec.task) else {
@@ -259,10 +267,7 @@ fn mark_task_running(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
         return Ok(());
     };
     let name = &lease.metadata.name;
-    if !lease.spec.runs(&task)
-        || shows_running(&task, name)
-        || past_attempt(&task, lease.spec.attempt)
-    {
+    if !shows_running_next(&task, lease) {
         return Ok(());
     }
     if ctx.settings.dry_run {
@@ -272,8 +277,7 @@ fn mark_task_running(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
     let message = started_message(lease);
     let mut changed = false;
     let t = ctx.patch_task(&lease.spec.task, |t| {
-        changed =
-            lease.spec.runs(t) && !shows_running(t, name) && !past_attempt(t, lease.spec.attempt);
+        changed = shows_running_next(t, lease);
         if changed {
             if !shows_lease(t, name) {
                 mirror_assignment(t, lease);

@@ -240,11 +240,10 @@ impl Ctx {
     /// The Task `lease` runs, from the cache, else the store. `None` when it is gone, also when a
     /// new Task has its name (another uid; see [`crate::resources::LeaseSpec::runs`]).
     pub fn task_of(&self, lease: &Lease) -> Result<Option<Arc<Task>>, Error> {
-        let task = match self.tasks.get(&lease.spec.task) {
-            Some(t) => Some(t),
-            None => self.store.try_get::<Task>(&lease.spec.task)?.map(Arc::new),
-        };
-        Ok(task.filter(|t| lease.spec.runs(t)))
+        match self.tasks.get(&lease.spec.task) {
+            Some(t) => Ok(Some(t).filter(|t| lease.spec.runs(t))),
+            None => Ok(self.stored_task_of(lease)?.map(Arc::new)),
+        }
     }
 
     /// [`Ctx::task_of`] read from the store, for a decision that must rest on the newest version.
