@@ -135,7 +135,7 @@ pub fn init_logging(format: Option<LogFormat>, level: Option<&str>) -> Result<()
     let filter = parse_filter(level.unwrap_or(DEFAULT_LEVEL))?;
     let format = format.unwrap_or_else(LogFormat::detect);
     let ansi = format == LogFormat::Human && std::io::stderr().is_terminal();
-    let sub = if stderr_is_journal(std::env::var("JOURNAL_STREAM").ok().as_deref()) {
+    let sub = if on_journal() {
         subscriber(format, filter, WithPriority(std::io::stderr), ansi)
     } else {
         subscriber(format, filter, std::io::stderr, ansi)
@@ -147,8 +147,16 @@ pub fn init_logging(format: Option<LogFormat>, level: Option<&str>) -> Result<()
 /// Prints the error that ends the program on stderr; on the journal each line is marked an error
 /// (`<3>`), so that `journalctl -p err` finds a scheduler that could not start.
 pub fn print_error(text: &str) {
-    let journal = stderr_is_journal(std::env::var("JOURNAL_STREAM").ok().as_deref());
-    eprintln!("{}", with_priority_lines(text, journal.then_some("<3>")));
+    let error = String::from_utf8_lossy(priority(&Level::ERROR));
+    eprintln!(
+        "{}",
+        with_priority_lines(text, on_journal().then_some(&error))
+    );
+}
+
+/// Whether this process's stderr is the journal (see [`stderr_is_journal`]).
+fn on_journal() -> bool {
+    stderr_is_journal(std::env::var("JOURNAL_STREAM").ok().as_deref())
 }
 
 /// `text` with `prefix` before each of its lines.
