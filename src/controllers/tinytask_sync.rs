@@ -485,20 +485,9 @@ fn queue_owed(
     let Some(queue) = task.spec.queue.clone().filter(|q| !q.is_empty()) else {
         return Ok(Owed::QueueGone(String::new()));
     };
-    let mut endpoint = task
-        .metadata
-        .annotations
-        .get(ENDPOINT_ANNOTATION)
-        .filter(|e| !e.trim().is_empty())
-        .cloned();
+    let mut endpoint = recorded_endpoint(&task.metadata.annotations);
     let written = store.patch_status::<Queue>(&queue, |q| {
-        let ep = endpoint.get_or_insert_with(|| {
-            q.spec
-                .endpoint
-                .clone()
-                .filter(|e| !e.trim().is_empty())
-                .unwrap_or_else(|| default_endpoint.to_string())
-        });
+        let ep = endpoint.get_or_insert_with(|| queue_endpoint(Some(q), default_endpoint));
         for wb in &owed {
             // Once per attempt and kind: a delete that read the Task again (it changed) queues
             // its release again with another time in its words.
@@ -747,10 +736,23 @@ pub async fn reconcile(key: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
 }
 
 fn endpoint_of(ctx: &Ctx, queue: Option<&Queue>) -> String {
+    queue_endpoint(queue, &ctx.settings.tinytask_endpoint)
+}
+
+/// The server `queue` names, else `default` (also without a Queue).
+fn queue_endpoint(queue: Option<&Queue>, default: &str) -> String {
     queue
         .and_then(|q| q.spec.endpoint.clone())
         .filter(|e| !e.trim().is_empty())
-        .unwrap_or_else(|| ctx.settings.tinytask_endpoint.clone())
+        .unwrap_or_else(|| default.to_string())
+}
+
+/// The server recorded on an object with these annotations (a mirror, a claimed Lease), if any.
+fn recorded_endpoint(annotations: &BTreeMap<String, String>) -> Option<String> {
+    annotations
+        .get(ENDPOINT_ANNOTATION)
+        .filter(|e| !e.trim().is_empty())
+        .cloned()
 }
 
 /// The endpoint of the Queue named `queue` (the default one when there is no such Queue).
@@ -761,11 +763,7 @@ fn endpoint_named(ctx: &Ctx, queue: Option<&str>) -> String {
 /// The server of the object with these annotations: the one recorded on it, else (a mirror made
 /// by an earlier version) its Queue's.
 fn server_of(ctx: &Ctx, annotations: &BTreeMap<String, String>, queue: Option<&str>) -> String {
-    annotations
-        .get(ENDPOINT_ANNOTATION)
-        .filter(|e| !e.trim().is_empty())
-        .cloned()
-        .unwrap_or_else(|| endpoint_named(ctx, queue))
+    recorded_endpoint(annotations).unwrap_or_else(|| endpoint_named(ctx, queue))
 }
 
 /// Whether two endpoints name the same server as written (a trailing `/` aside).
