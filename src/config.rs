@@ -83,7 +83,12 @@ pub struct Settings {
     pub max_runtime_sec: Setting<u64>,
     pub goose_bin: Setting<String>,
     pub tinytask_endpoint: Setting<String>,
-    pub log_level: Setting<String>,
+    /// The log filter; `None`: warn, or info for `run --daemon` (chosen per command).
+    pub log_level: Setting<Option<String>>,
+    /// `human` or `json`; `None`: human on a terminal, json otherwise (decided at start).
+    pub log_format: Setting<Option<String>>,
+    /// Where `run --daemon` serves /metrics and the health endpoints; `None`: nowhere.
+    pub http_addr: Setting<Option<String>>,
     pub dry_run: Setting<bool>,
     pub disable_blocking: Setting<bool>,
     /// Delay before a failed attempt's first retry; it doubles per attempt.
@@ -118,6 +123,9 @@ pub struct Flags {
     pub state_dir: Option<PathBuf>,
     pub tinytask_endpoint: Option<String>,
     pub dry_run: Option<bool>,
+    pub log_level: Option<String>,
+    pub log_format: Option<String>,
+    pub http_addr: Option<String>,
 }
 
 /// A parsed `.env` file.
@@ -394,16 +402,40 @@ pub fn resolve(
         )
     };
 
-    const LOG: &str = "TINYSCHEDULER_LOG_LEVEL";
-    let log_level = match lookup(LOG) {
-        None => setting("info".to_string(), Source::Default, LOG, None),
-        Some((v, s)) => {
-            // The same grammar as `--log-level` (levels, Python-era names, RUST_LOG-style filters).
-            let level = crate::daemon::logging::normalize_level(&v)
-                .map_err(|e| ConfigError(format!("{LOG}: {e}")))?;
-            setting(level, s, LOG, None)
-        }
+    // A flag, else the environment or .env, else the default (`None`), as a string.
+    let text = |name: &'static str, flag_name: &'static str, flag: &Option<String>| match (
+        flag,
+        lookup(name),
+    ) {
+        (Some(v), _) => setting(Some(v.clone()), Source::Flag, name, Some(flag_name)),
+        (None, Some((v, s))) => setting(Some(v), s, name, Some(flag_name)),
+        (None, None) => setting(None, Source::Default, name, Some(flag_name)),
     };
+    const LOG: &str = "TINYSCHEDULER_LOG_LEVEL";
+    let mut log_level = text(LOG, "--log-level", &flags.log_level);
+    if let Some(v) = &log_level.value {
+        // The same grammar as `--log-level` (levels, Python-era names, RUST_LOG-style filters).
+        let what = if log_level.source == Source::Flag {
+            "--log-level"
+        } else {
+            LOG
+        };
+        let level = crate::daemon::logging::normalize_level(v)
+            .map_err(|e| ConfigError(format!("{what}: {e}")))?;
+        log_level.value = Some(level);
+    }
+    const FORMAT: &str = "TINYSCHEDULER_LOG_FORMAT";
+    let log_format = text(FORMAT, "--log-format", &flags.log_format);
+    if let Some(v) = log_format
+        .value
+        .as_deref()
+        .filter(|v| !["human", "json"].contains(v))
+    {
+        return Err(ConfigError(format!(
+            "{FORMAT}: expected human or json, got {v:?}"
+        )));
+    }
+    let http_addr = text("TINYSCHEDULER_HTTP_ADDR", "run --http", &flags.http_addr);
 
     let boolean = |name: &'static str, flag_name: Option<&'static str>, flag: Option<bool>| {
         if let Some(b) = flag {
@@ -485,6 +517,8 @@ pub fn resolve(
         goose_bin,
         tinytask_endpoint,
         log_level,
+        log_format,
+        http_addr,
         dry_run,
         disable_blocking,
         retry_base,
@@ -635,6 +669,8 @@ impl Settings {
                 json!(self.tinytask_endpoint.value),
             ),
             row("log_level", &self.log_level, json!(self.log_level.value)),
+            row("log_format", &self.log_format, json!(self.log_format.value)),
+            row("http_addr", &self.http_addr, json!(self.http_addr.value)),
             row("dry_run", &self.dry_run, json!(self.dry_run.value)),
             row(
                 "disable_blocking",
@@ -778,6 +814,19 @@ pub fn parse_cli() -> Result<crate::cli::Cli, ConfigError> {
             .subcommand_matches("run")
             .filter(|m| given(m, "dry_run"))
             .map(|_| true),
+        log_level: given(&matches, "log_level")
+            .then(|| cli.globals.log_level.clone())
+            .flatten(),
+        log_format: given(&matches, "log_format")
+            .then(|| cli.globals.log_format.map(|f| f.name().to_string()))
+            .flatten(),
+        http_addr: match &cli.command {
+            Command::Run(r) => matches
+                .subcommand_matches("run")
+                .filter(|m| given(m, "http"))
+                .and(r.http.clone()),
+            _ => None,
+        },
     };
     let env = |k: &str| {
         if injected.contains(k) {
@@ -802,7 +851,7 @@ pub fn settings_for(g: &crate::cli::Globals) -> Result<Settings, ConfigError> {
     let flags = Flags {
         state_dir: Some(g.state_dir.clone()),
         tinytask_endpoint: g.tinytask_endpoint.clone(),
-        dry_run: None,
+        ..Flags::default()
     };
     resolve(&flags, &|k| std::env::var(k).ok(), dotenv.as_ref())
 }

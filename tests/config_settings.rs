@@ -191,6 +191,39 @@ fn the_config_table_lists_every_setting_with_its_source() {
 }
 
 #[test]
+fn config_shows_the_log_and_http_settings_with_the_flag_or_file_that_set_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let unset = config_json(cmd(dir.path()).args(["config", "--json"]).output().unwrap());
+    for name in ["log_level", "log_format", "http_addr"] {
+        assert_eq!(
+            setting(&unset, name),
+            (Value::Null, "default".into()),
+            "{name}"
+        );
+    }
+    std::fs::write(
+        dir.path().join(".env"),
+        "TINYSCHEDULER_HTTP_ADDR=127.0.0.1:9464\n\
+         TINYSCHEDULER_LOG_FORMAT=json\n\
+         TINYSCHEDULER_LOG_LEVEL=debug\n",
+    )
+    .unwrap();
+    let s = config_json(
+        cmd(dir.path())
+            .args(["--log-level", "WARNING", "config", "--json"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(setting(&s, "log_level"), ("warn".into(), "flag".into()));
+    assert_eq!(setting(&s, "log_format"), ("json".into(), ".env".into()));
+    assert_eq!(
+        setting(&s, "http_addr"),
+        ("127.0.0.1:9464".into(), ".env".into())
+    );
+    assert_eq!(s["http_addr"]["flag"], "run --http");
+}
+
+#[test]
 fn an_empty_variable_counts_as_unset_also_for_the_flags_it_backs() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join(".env"), "TINYSCHEDULER_LOG_LEVEL=\n").unwrap();

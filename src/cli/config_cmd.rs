@@ -34,7 +34,7 @@ fn render_table(s: &Settings) -> String {
         .map(|(name, value, source, env, flag)| {
             let value = match value {
                 serde_json::Value::String(v) => v,
-                serde_json::Value::Null => "<none>".to_string(),
+                serde_json::Value::Null => unset(name).to_string(),
                 v => v.to_string(),
             };
             let how = match flag {
@@ -69,6 +69,16 @@ fn render_table(s: &Settings) -> String {
         None => out.push_str("env file: none\n"),
     }
     out
+}
+
+/// What an unset setting means, for the table.
+fn unset(name: &str) -> &'static str {
+    match name {
+        "log_level" => "<warn; info for run --daemon>",
+        "log_format" => "<human on a terminal, else json>",
+        "http_addr" => "<off>",
+        _ => "<none>",
+    }
 }
 
 /// Accumulates `[+]` / `[-]` lines.

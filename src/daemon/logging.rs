@@ -39,6 +39,14 @@ pub enum LogFormat {
 }
 
 impl LogFormat {
+    /// The name `--log-format` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Human => "human",
+            LogFormat::Json => "json",
+        }
+    }
+
     /// Human on a terminal, JSON otherwise.
     pub fn detect() -> LogFormat {
         if std::io::stderr().is_terminal() {
