@@ -549,14 +549,15 @@ impl Store {
                 }
             }
             self.next_revision(w)?;
-            w.spares
-                .remove(&path)
+            let held = w
+                .spares
+                .remove(&path, self.durable)
                 .map_err(|e| StoreError::io(&path, e))?;
-            Ok(current)
+            Ok((current, held))
         })
-        .and_then(|current| {
+        .and_then(|(current, held)| {
             if self.durable {
-                self.sync_kind_dir(plural)?;
+                self.sync_kind_dir_then(plural, held)?;
             }
             Ok(current)
         })
@@ -654,20 +655,44 @@ impl Store {
             // An update replaces only the version it read; a create's rename refuses a taken name.
             if base.is_some() && fsio::FileId::at(path).map_err(io_err)? != base {
                 w.spares.abandon(staged);
-                return Ok(false);
+                return Ok(None);
             }
-            match w.spares.commit(staged, path, base.is_some()) {
-                Ok(()) => Ok(true),
+            match w.spares.commit(staged, path, base.is_some(), self.durable) {
+                Ok(held) => Ok(Some(held)),
                 Err(e) if base.is_none() && e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    Ok(false)
+                    Ok(None)
                 }
                 Err(e) => Err(io_err(e)),
             }
         })?;
-        if placed && self.durable {
-            self.sync_kind_dir(plural)?;
+        let Some(held) = placed else {
+            return Ok(false);
+        };
+        if self.durable {
+            self.sync_kind_dir_then(plural, held)?;
         }
-        Ok(placed)
+        Ok(true)
+    }
+
+    /// [`Store::sync_kind_dir`], then lets the inode the write took out of the namespace rest as
+    /// a spare (or, if the fsync failed, gives it up): see `spares`' module docs.
+    fn sync_kind_dir_then(
+        &self,
+        plural: &str,
+        held: Option<spares::Held>,
+    ) -> Result<(), StoreError> {
+        let synced = self.sync_kind_dir(plural);
+        if let Some(h) = held {
+            self.with_lock(|w| {
+                if synced.is_ok() {
+                    w.spares.rest(h);
+                } else {
+                    w.spares.forget(h);
+                }
+                Ok(())
+            })?;
+        }
+        synced
     }
 
     /// Makes the renames into a kind's directory durable (shared with this process's other

@@ -15,6 +15,14 @@
 //! (`fsio::read_regular`): rewriting a spare changes its ctime, so a reader that still held the old
 //! version open reads the path again instead of returning a mix of two versions.
 //!
+//! Reuse is safe across a power loss because an inode becomes a spare only once the directory
+//! change that took it out of the namespace is durable: a durable write keeps its slot [`Held`]
+//! until its directory fsync is done ([`Pool::rest`]), and an inode that a non-durable write
+//! replaced is unlinked, never kept. Otherwise a spare rewritten (and fdatasynced) before that
+//! fsync could, after a crash, be what the old name still points to: an object lost, its file
+//! holding another object. ext4 without a journal guards unlinked inodes the same way (its
+//! allocator skips recently deleted ones); a pool that recycles them itself has to as well.
+//!
 //! The slot table is the file `<state>/spares`, read and written under the store lock, so every
 //! process (daemon, shims, CLI) shares one pool. It is advisory and never fsynced: a slot that
 //! names a missing file is simply refilled. It carries the boot id; after a machine crash the table
@@ -82,6 +90,12 @@ impl Staged {
         self.file.sync_data()
     }
 }
+
+/// A slot whose file left the object namespace by a durable write whose directory fsync is still
+/// to come: it stays in use until [`Pool::rest`] (or [`Pool::forget`]) takes it.
+#[must_use = "a held spare stays in use until it is rested or forgotten"]
+#[derive(Debug)]
+pub struct Held(usize);
 
 fn slot_free(s: u64) -> bool {
     s == 0 || (s & IN_USE != 0 && !fsio::pid_alive((s & !IN_USE) as i32))
@@ -160,11 +174,14 @@ impl Pool {
                 return Err(e);
             }
         }
-        self.commit(staged, target, exists)?;
+        let held = self.commit(staged, target, exists, durable)?;
         if durable {
             if let Some(parent) = target.parent() {
                 fsio::fsync_dir(parent)?;
             }
+        }
+        if let Some(h) = held {
+            self.rest(h);
         }
         Ok(())
     }
@@ -206,11 +223,19 @@ impl Pool {
         })
     }
 
-    /// Puts staged content in place: exchanges it with `target` (whose old inode becomes the slot's
-    /// spare, resting from now on), or, when `exists` is false, renames it there unless something
-    /// is there already (`AlreadyExists`, and the staged content is given up): a create needs no
-    /// look beforehand. Under the store lock; the caller fsyncs the directory for durability.
-    pub fn commit(&self, staged: Staged, target: &Path, exists: bool) -> io::Result<()> {
+    /// Puts staged content in place: exchanges it with `target`, or, when `exists` is false,
+    /// renames it there unless something is there already (`AlreadyExists`, and the staged content
+    /// is given up): a create needs no look beforehand. Under the store lock.
+    ///
+    /// An exchanged-out old version stays in its slot, [`Held`] for the `durable` caller to
+    /// [`Pool::rest`] once it fsynced the directory; a non-durable write removes it.
+    pub fn commit(
+        &self,
+        staged: Staged,
+        target: &Path,
+        exists: bool,
+        durable: bool,
+    ) -> io::Result<Option<Held>> {
         let Staged { path, slot, file } = staged;
         drop(file);
         let exchanged = exists && !NO_EXCHANGE.load(Ordering::Relaxed) && {
@@ -229,8 +254,13 @@ impl Pool {
             }
         };
         if exchanged {
-            self.release(&path, slot, true);
-            return Ok(());
+            return Ok(match slot {
+                Some(k) if durable => Some(Held(k)),
+                _ => {
+                    self.release(&path, slot, false);
+                    None
+                }
+            });
         }
         let renamed = if exists {
             fs::rename(&path, target)
@@ -244,7 +274,19 @@ impl Pool {
         }
         // The file is the object now; the slot is empty (and there is nothing at `path` to remove).
         self.mark(slot, false);
-        Ok(())
+        Ok(None)
+    }
+
+    /// Lets a held spare rest from now on: the directory fsync that took it out of the object
+    /// namespace is done. Under the store lock.
+    pub fn rest(&self, held: Held) {
+        self.mark(Some(held.0), true);
+    }
+
+    /// Gives up a held spare whose directory fsync failed: its file is unlinked (which the file
+    /// system guards) rather than rewritten. Under the store lock.
+    pub fn forget(&self, held: Held) {
+        self.release(&self.spare_path(held.0), Some(held.0), false);
     }
 
     /// Gives staged content up (the target changed meanwhile, or its sync failed). Under the
@@ -273,20 +315,22 @@ impl Pool {
         }
     }
 
-    /// Removes `target`, keeping its inode as a spare when a slot is free. Under the store lock;
-    /// the caller fsyncs the directory for durability.
-    pub fn remove(&self, target: &Path) -> io::Result<()> {
-        if self.boot.is_empty() {
-            return fs::remove_file(target);
+    /// Removes `target`. A `durable` caller's inode is kept as a spare when a slot is free,
+    /// [`Held`] until the caller fsynced the directory and calls [`Pool::rest`]. Under the store
+    /// lock.
+    pub fn remove(&self, target: &Path, durable: bool) -> io::Result<Option<Held>> {
+        if self.boot.is_empty() || !durable {
+            return fs::remove_file(target).map(|()| None);
         }
         let mut table = self.load()?;
         match table.slots.iter().position(|s| slot_free(*s)) {
             Some(k) => {
                 fs::rename(target, self.spare_path(k))?;
-                table.slots[k] = boottime_ms() + 1;
-                self.save(&table)
+                table.slots[k] = IN_USE | u64::from(std::process::id());
+                self.save(&table)?;
+                Ok(Some(Held(k)))
             }
-            None => fs::remove_file(target),
+            None => fs::remove_file(target).map(|()| None),
         }
     }
 }
@@ -465,10 +509,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = pool(d.path());
         let target = d.path().join("x.json");
-        p.write(&target, b"one", false, false).unwrap();
+        p.write(&target, b"one", true, false).unwrap();
         let mut held = File::open(&target).unwrap();
-        p.write(&target, b"two", false, true).unwrap();
-        p.write(&target, b"three", false, true).unwrap();
+        p.write(&target, b"two", true, true).unwrap();
+        p.write(&target, b"three", true, true).unwrap();
         let mut s = String::new();
         io::Read::read_to_string(&mut held, &mut s).unwrap();
         assert_eq!(s, "one", "a reader of the old version still sees it whole");
@@ -482,12 +526,101 @@ mod tests {
         let b = d.path().join("b.json");
         p.write(&a, b"a", true, false).unwrap();
         let ino = fs::metadata(&a).unwrap().ino();
-        p.remove(&a).unwrap();
+        let held = p.remove(&a, true).unwrap().expect("kept as a spare");
         assert!(!a.exists());
+        p.rest(held);
         rest();
         p.write(&b, b"b", true, false).unwrap();
         assert_eq!(fs::metadata(&b).unwrap().ino(), ino);
         assert_eq!(fs::read(&b).unwrap(), b"b");
+    }
+
+    fn inode(p: &Path) -> u64 {
+        fs::metadata(p).unwrap().ino()
+    }
+
+    fn temp_files(d: &Path) -> Vec<String> {
+        fs::read_dir(d.join("tmp"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect()
+    }
+
+    #[test]
+    fn an_old_version_is_not_reused_before_the_directory_fsync_that_replaced_it() {
+        let d = tempfile::tempdir().unwrap();
+        let p = pool(d.path());
+        let (a, b) = (d.path().join("a.json"), d.path().join("b.json"));
+        p.write(&a, b"a0", true, false).unwrap();
+        let old = inode(&a);
+        let staged = p.stage(b"a1").unwrap();
+        staged.sync().unwrap();
+        let held = p.commit(staged, &a, true, true).unwrap().expect("held");
+        rest();
+        // The replacing write has not synced its directory yet: a power loss now could leave
+        // a.json naming the old inode, so nobody may write into it.
+        p.write(&b, b"b0", true, false).unwrap();
+        assert_ne!(inode(&b), old, "a held spare was rewritten");
+        p.rest(held);
+        rest();
+        p.write(&b, b"b1", true, true).unwrap();
+        assert_eq!(inode(&b), old, "a rested spare is reused");
+        assert_eq!(fs::read(&b).unwrap(), b"b1");
+    }
+
+    #[test]
+    fn a_deleted_file_is_not_reused_before_the_directory_fsync_of_the_delete() {
+        let d = tempfile::tempdir().unwrap();
+        let p = pool(d.path());
+        let (a, b) = (d.path().join("a.json"), d.path().join("b.json"));
+        p.write(&a, b"a", true, false).unwrap();
+        let old = inode(&a);
+        let held = p.remove(&a, true).unwrap().expect("held");
+        rest();
+        p.write(&b, b"b", true, false).unwrap();
+        assert_ne!(inode(&b), old, "a held spare was rewritten");
+        // Given up after a failed fsync: unlinked, never rewritten.
+        p.forget(held);
+        assert!(!d.path().join("tmp/spare-0").exists());
+    }
+
+    #[test]
+    fn what_a_write_without_a_durable_directory_replaces_or_deletes_is_unlinked() {
+        let d = tempfile::tempdir().unwrap();
+        let p = pool(d.path());
+        let a = d.path().join("a.json");
+        p.write(&a, b"a0", false, false).unwrap();
+        let held = File::open(&a).unwrap();
+        p.write(&a, b"a1", false, true).unwrap();
+        assert_eq!(
+            held.metadata().unwrap().nlink(),
+            0,
+            "the old version is gone"
+        );
+        let held = File::open(&a).unwrap();
+        assert!(p.remove(&a, false).unwrap().is_none());
+        assert_eq!(
+            held.metadata().unwrap().nlink(),
+            0,
+            "the deleted file is gone"
+        );
+    }
+
+    #[test]
+    fn an_update_made_without_a_free_slot_leaves_no_old_version_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let p = pool(d.path());
+        let a = d.path().join("a.json");
+        p.write(&a, b"a0", true, false).unwrap();
+        let mut t = p.load().unwrap();
+        // Every slot in use by a live writer (this process): the write goes through a temp file.
+        t.slots = [IN_USE | u64::from(std::process::id()); SLOTS];
+        p.save(&t).unwrap();
+        p.write(&a, b"a1", true, true).unwrap();
+        p.write(&a, b"a2", true, true).unwrap();
+        assert_eq!(fs::read(&a).unwrap(), b"a2");
+        assert_eq!(temp_files(d.path()), Vec::<String>::new());
     }
 
     #[test]
@@ -496,15 +629,15 @@ mod tests {
         let p = pool(d.path());
         let a = d.path().join("a.json");
         let b = d.path().join("b.json");
-        p.write(&a, b"a0", false, false).unwrap();
-        p.write(&a, b"a1", false, true).unwrap();
+        p.write(&a, b"a0", true, false).unwrap();
+        p.write(&a, b"a1", true, true).unwrap();
         rest();
         // One writer stages (and would sync outside the lock); another writes meanwhile.
         let staged = p.stage(b"a2").unwrap();
-        p.write(&b, b"b0", false, false).unwrap();
-        p.write(&b, b"b1", false, true).unwrap();
+        p.write(&b, b"b0", true, false).unwrap();
+        p.write(&b, b"b1", true, true).unwrap();
         staged.sync().unwrap();
-        p.commit(staged, &a, true).unwrap();
+        let _ = p.commit(staged, &a, true, false).unwrap();
         assert_eq!(fs::read(&a).unwrap(), b"a2");
         assert_eq!(fs::read(&b).unwrap(), b"b1");
     }
@@ -518,7 +651,7 @@ mod tests {
         t.slots = [IN_USE | 4_194_305; SLOTS];
         p.save(&t).unwrap();
         let target = d.path().join("x.json");
-        p.write(&target, b"one", false, false).unwrap();
+        p.write(&target, b"one", true, false).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"one");
         assert!(
             !fs::read_dir(d.path().join("tmp")).unwrap().any(|e| e
@@ -536,8 +669,8 @@ mod tests {
         let target = d.path().join("x.json");
         {
             let p = pool(d.path());
-            p.write(&target, b"one", false, false).unwrap();
-            p.write(&target, b"two", false, true).unwrap();
+            p.write(&target, b"one", true, false).unwrap();
+            p.write(&target, b"two", true, true).unwrap();
         }
         let spares = || {
             fs::read_dir(d.path().join("tmp"))
@@ -547,7 +680,7 @@ mod tests {
         };
         assert_eq!(spares(), 1);
         let p = Pool::open(&d.path().join("spares"), &d.path().join("tmp"), "boot-b").unwrap();
-        p.write(&target, b"three", false, true).unwrap();
+        p.write(&target, b"three", true, true).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"three");
         assert_eq!(
             spares(),
@@ -563,13 +696,13 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = pool(d.path());
         let target = d.path().join("x.json");
-        p.write(&target, b"one", false, false).unwrap();
-        p.write(&target, b"two", false, true).unwrap();
+        p.write(&target, b"one", true, false).unwrap();
+        p.write(&target, b"two", true, true).unwrap();
         // As an unfinished rename before a crash might leave it: the spare also linked elsewhere.
         let other = d.path().join("other.json");
         fs::hard_link(d.path().join("tmp").join("spare-0"), &other).unwrap();
         rest();
-        p.write(&target, b"three", false, true).unwrap();
+        p.write(&target, b"three", true, true).unwrap();
         assert_eq!(fs::read(&other).unwrap(), b"one");
         assert_eq!(fs::read(&target).unwrap(), b"three");
     }
@@ -584,7 +717,7 @@ mod tests {
         let other = d.path().join("other.json");
         fs::hard_link(&leftover, &other).unwrap();
         let target = d.path().join("x.json");
-        p.write(&target, b"new", false, false).unwrap();
+        p.write(&target, b"new", true, false).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"new");
         assert_eq!(fs::read(&other).unwrap(), b"left over");
     }
