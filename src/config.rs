@@ -352,7 +352,10 @@ pub fn resolve(
         match lookup(name) {
             None => Ok(setting(default, Source::Default, name, None)),
             Some((v, s)) => match v.trim().parse::<u64>() {
-                Ok(n) if n > 0 => Ok(setting(n, s, name, None)),
+                Ok(n) if n > 0 && n as f64 <= MAX_SECONDS => Ok(setting(n, s, name, None)),
+                Ok(n) if n > 0 => Err(ConfigError(format!(
+                    "{name}: {n} seconds is more than a year ({MAX_SECONDS} s), the most it takes"
+                ))),
                 _ => Err(ConfigError(format!(
                     "{name}: expected a positive integer, got {v:?}"
                 ))),
@@ -532,7 +535,7 @@ pub fn resolve(
 }
 
 /// The most seconds a duration setting takes (a year): more is a typo, and would overflow.
-const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
 
 /// A number of seconds (`10`, `0.5`), from none up to a year; `None` for anything else.
 pub fn parse_seconds(v: &str) -> Option<Duration> {

@@ -217,18 +217,32 @@ impl Scheduler {
             shutdown.wait(),
         ));
 
-        for h in [
-            ctx.tasks.start(),
-            ctx.agents.start(),
-            ctx.queues.start(),
-            ctx.leases.start(),
+        for (kind, h) in [
+            ("Task", ctx.tasks.start()),
+            ("Agent", ctx.agents.start()),
+            ("Queue", ctx.queues.start()),
+            ("Lease", ctx.leases.start()),
         ] {
             let stop = shutdown.wait();
             let mut h = h;
             tasks.spawn(async move {
                 tokio::select! {
                     _ = stop => h.abort(),
-                    _ = &mut h => {}
+                    ended = &mut h => {
+                        // An informer runs until it is stopped. One that died (a panic) leaves its
+                        // cache frozen, and `wait_synced` waiting for ever: a scheduler that sees no
+                        // more changes must not go on as if it did. Exit; a restart (systemd's, or
+                        // the next timer tick) starts over from the store, which is consistent at
+                        // every step.
+                        let why = match ended {
+                            Err(e) if e.is_panic() => "panicked",
+                            _ => "ended",
+                        };
+                        crate::daemon::logging::print_error(&format!(
+                            "error: the {kind} informer {why}; exiting so that a restart rebuilds it"
+                        ));
+                        std::process::exit(1);
+                    }
                 }
             });
         }

@@ -144,6 +144,18 @@ fn an_invalid_value_is_an_error_naming_the_variable() {
         "error: TINYSCHEDULER_LOOP_INTERVAL_SEC: expected a positive integer, got \"abc\""
     );
     let out = cmd(dir.path())
+        .args(["run", "--once"])
+        .env("TINYSCHEDULER_LOOP_INTERVAL_SEC", "18446744073709551615")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "error: TINYSCHEDULER_LOOP_INTERVAL_SEC: 18446744073709551615 seconds is more than a \
+         year (31536000 s), the most it takes"
+    );
+    assert!(!dir.path().join("state").exists(), "nothing was created");
+    let out = cmd(dir.path())
         .args(["config"])
         .env("TINYSCHEDULER_AGENT_LIMITS", "{\"vaela\": \"two\"}")
         .output()

@@ -72,7 +72,7 @@ impl InformerOptions {
             .ok()
             .and_then(|v| v.trim().parse::<f64>().ok())
             .filter(|s| s.is_finite() && *s > 0.0)
-            .map(Duration::from_secs_f64)
+            .map(|s| Duration::from_secs_f64(s.min(crate::config::MAX_SECONDS)))
             .unwrap_or(Duration::from_secs(30));
         InformerOptions {
             resync,
@@ -426,7 +426,11 @@ impl<K: Resource> Informer<K> {
         const RETRY_BASE: Duration = Duration::from_millis(800);
         const RETRY_CAP: Duration = Duration::from_secs(30);
         let mut retry = RETRY_BASE;
-        let period = self.inner.opts.resync.max(Duration::from_millis(1));
+        // At least a millisecond, and at most a year: `now + period` must not overflow.
+        let period = self.inner.opts.resync.clamp(
+            Duration::from_millis(1),
+            Duration::from_secs(365 * 24 * 3600),
+        );
         let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
