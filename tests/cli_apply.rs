@@ -113,6 +113,40 @@ fn a_field_of_the_wrong_type_is_named_with_its_path() {
 }
 
 #[test]
+fn a_list_where_a_mapping_belongs_is_refused_not_read_field_by_field() {
+    // A good first document, then metadata and spec given as lists (which serde would otherwise
+    // read positionally: a Queue named "default", taken for an update of the seeded one).
+    let content = format!(
+        "{}---\n{API}\nkind: Queue\nmetadata: [default]\nspec: [local, ignore]\n",
+        queue("fresh")
+    );
+    refused(
+        "q.yaml",
+        &content,
+        &[
+            "q.yaml: document 2 (Queue): metadata: expected a mapping, got a list",
+            "q.yaml: document 2 (Queue): spec: expected a mapping, got a list",
+        ],
+    );
+}
+
+#[test]
+fn a_document_over_a_torn_object_file_keeps_the_others_from_being_written() {
+    let env = seeded();
+    std::fs::write(env.state().join("objects/queues/default.json"), "{not json").unwrap();
+    let content = format!("{}---\n{}", queue("fresh"), queue("default"));
+    refused_in(
+        &env,
+        "q.yaml",
+        &content,
+        &[
+            "q.yaml: document 2 (Queue \"default\")",
+            "not a valid object",
+        ],
+    );
+}
+
+#[test]
 fn a_name_with_a_slash_is_refused() {
     refused(
         "n.yaml",

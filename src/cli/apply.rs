@@ -113,7 +113,12 @@ fn plan(store: &Store, docs: &[Document]) -> Result<Vec<Planned>, Vec<String>> {
                 continue;
             }
         };
-        let name = d.name().unwrap_or_default().to_string();
+        // The name as admitted, the one the store will write (not a guess from the raw document).
+        let name = object
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
         if let Some(first) = seen.insert((kind, name.clone()), d.origin()) {
             errors.push(format!(
                 "error: {label}: metadata.name: {} {name:?} is also defined in {first}",

@@ -123,6 +123,18 @@ pub fn admit(kind: Kind, doc: &Value) -> Result<Value, Vec<FieldError>> {
     }
 }
 
+/// What a JSON value is, in the words of an error message.
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
+}
+
 fn admit_typed<K: Resource>(
     doc: Value,
     rules: impl Fn(&K) -> Vec<FieldError>,
@@ -144,6 +156,20 @@ fn admit_typed<K: Resource>(
             path: "spec".into(),
             message: "required".into(),
         });
+        return Err(errors);
+    }
+    // serde fills a struct from a list too, field by field in order (`metadata: [x]` would be
+    // named "x"): where a mapping belongs, only a mapping is taken.
+    for field in ["metadata", "spec"] {
+        match doc.get(field) {
+            Some(v) if !v.is_object() => errors.push(FieldError {
+                path: field.into(),
+                message: format!("expected a mapping, got {}", json_type(v)),
+            }),
+            _ => {}
+        }
+    }
+    if !errors.is_empty() {
         return Err(errors);
     }
     let obj: K = match serde_path_to_error::deserialize(doc) {
