@@ -485,7 +485,8 @@ pub fn render_metrics(ctx: &Ctx, metrics: &Metrics) -> String {
     let mut out = metrics.render();
     out.push_str(&tinytask_sync::render_metrics(ctx));
     let mut by_phase: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
-    for t in ctx.tasks.snapshot() {
+    let tasks = ctx.tasks.snapshot();
+    for t in &tasks {
         let q = t.spec.queue.clone().unwrap_or_default();
         *by_phase.entry((q, t.status.phase.as_str())).or_default() += 1;
     }
@@ -500,7 +501,7 @@ pub fn render_metrics(ctx: &Ctx, metrics: &Metrics) -> String {
     }
     let leases = ctx.leases.list();
     let agents = ctx.agents.list();
-    let free = crate::controllers::plan::free_slots(&agents, &leases);
+    let free = crate::controllers::plan::free_slots(&agents, &leases, &tasks);
     out.push_str("# HELP tinyscheduler_agent_leases Live leases held by each agent.\n# TYPE tinyscheduler_agent_leases gauge\n");
     for a in &agents {
         let n = leases

@@ -733,6 +733,54 @@ if [ \"$TINYSCHEDULER_ATTEMPT\" = 1 ]; then while [ -d \"$OUT\" ]; do sleep 0.05
 }
 
 #[test]
+fn a_run_whose_lease_is_deleted_keeps_its_agents_slot_until_its_agent_is_gone() {
+    let mut s = Sched::new();
+    // Long enough that a second run started in the grace would surely overlap the first.
+    s.extra_env
+        .push(("TINYSCHEDULER_KILL_GRACE_SEC".into(), "3".into()));
+    s.queue("default");
+    // `ta` outlives SIGTERM until the grace ends; `tb` notes whether `ta`'s shell (the first pid
+    // in `pids`) was still alive, and not a zombie, when it started.
+    s.agent(
+        "solo",
+        1,
+        "if [ \"$TINYSCHEDULER_TASK\" = ta ]; then
+  trap '' TERM
+  while [ -d \"$OUT\" ]; do sleep 0.05; done
+else
+  st=$(cut -d' ' -f3 \"/proc/$(head -n1 \"$OUT/pids\")/stat\" 2>/dev/null)
+  if [ -n \"$st\" ] && [ \"$st\" != Z ]; then echo overlap; else echo alone; fi >> \"$OUT/tb\"
+fi",
+    );
+    s.task_with("ta", |t| t.max_retries = 0);
+    s.task("tb");
+    assert_eq!(s.run(&["run", "--once"]).code, 0);
+    wait_for("ta to be recorded running", LONG, || {
+        s.leases()
+            .iter()
+            .any(|l| l.spec.task == "ta" && l.status.phase == LeasePhase::Running)
+    });
+    assert_eq!(s.phase("tb"), TaskPhase::Pending, "one slot, taken by ta");
+    let ta = pids_in(&s.out("pids"))[0];
+    let r = s.run(&["delete", "lease", "ta"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let mut passes = 0;
+    while s.phase("tb") != TaskPhase::Succeeded && passes < 20 {
+        assert_eq!(s.run(&["run", "--once"]).code, 0);
+        std::thread::sleep(Duration::from_millis(300));
+        passes += 1;
+    }
+    assert_eq!(s.phase("tb"), TaskPhase::Succeeded);
+    assert_eq!(
+        s.lines("tb"),
+        ["alone"],
+        "tb started while ta's agent lived"
+    );
+    assert!(!running(ta));
+    assert_eq!(s.phase("ta"), TaskPhase::Failed);
+}
+
+#[test]
 fn a_second_scheduler_exits_1_naming_the_daemon_that_holds_the_lock() {
     let mut s = Sched::new();
     s.queue("default");

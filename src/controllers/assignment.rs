@@ -135,6 +135,16 @@ fn commit(ctx: &Ctx, task_name: &str, agent_name: &str) -> Result<(), Error> {
     if !matches!(task.status.phase, TaskPhase::Pending | TaskPhase::Blocked) {
         return Ok(());
     }
+    // Nor is a retry started early: the attempt before may have failed since the plan's read,
+    // and the Task's update (with its retry time) wakes the loop again.
+    let due = task
+        .status
+        .next_attempt_after
+        .as_deref()
+        .and_then(crate::resources::meta::parse_time);
+    if due.is_some_and(|at| at > SystemTime::now()) {
+        return Ok(());
+    }
     let Some(agent) = ctx.agents.get(agent_name) else {
         return Ok(());
     };

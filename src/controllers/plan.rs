@@ -36,11 +36,31 @@ pub struct PlanOptions {
     pub max_assignments: Option<usize>,
 }
 
-/// Free slots per agent: `maxConcurrency` minus every live Lease it holds; paused agents have none.
-pub fn free_slots(agents: &[Arc<Agent>], leases: &[Arc<Lease>]) -> BTreeMap<String, i64> {
+/// Free slots per agent: `maxConcurrency` minus every live Lease it holds, and minus every run
+/// whose Lease was deleted while its Task still shows it (its agent may live on until reclaim has
+/// ended it and recorded the attempt, invariant 2); paused agents have none.
+pub fn free_slots(
+    agents: &[Arc<Agent>],
+    leases: &[Arc<Lease>],
+    tasks: &[Arc<Task>],
+) -> BTreeMap<String, i64> {
     let mut used: HashMap<&str, i64> = HashMap::new();
     for l in leases {
         *used.entry(l.spec.agent.as_str()).or_default() += 1;
+    }
+    let mut lease_names: Option<HashSet<&str>> = None;
+    for t in tasks {
+        if !matches!(t.status.phase, TaskPhase::Assigned | TaskPhase::Running) {
+            continue;
+        }
+        let (Some(lease), Some(agent)) = (&t.status.lease, &t.status.agent) else {
+            continue;
+        };
+        let names = lease_names
+            .get_or_insert_with(|| leases.iter().map(|l| l.metadata.name.as_str()).collect());
+        if !names.contains(lease.as_str()) {
+            *used.entry(agent.as_str()).or_default() += 1;
+        }
     }
     agents
         .iter()
@@ -170,7 +190,7 @@ pub fn plan(
         runnable.push(t);
     }
 
-    let mut free = free_slots(agents, leases);
+    let mut free = free_slots(agents, leases, tasks);
     let mut total_free: i64 = free.values().sum();
     let pool: HashMap<&str, Vec<&str>> = agents.iter().fold(HashMap::new(), |mut m, a| {
         if let Some(q) = &a.spec.queue {
@@ -394,6 +414,28 @@ mod tests {
             Default::default(),
         );
         assert!(p.assignments.is_empty());
+    }
+
+    #[test]
+    fn a_run_whose_lease_was_deleted_holds_its_slot_until_its_task_lets_go() {
+        let agents = vec![agent("x", "q", 2)];
+        let mut orphan = task("orphan", "q", 0, 0);
+        orphan.status.phase = TaskPhase::Running;
+        orphan.status.lease = Some("orphan".into());
+        orphan.status.agent = Some("x".into());
+        let mut shown = task("shown", "q", 0, 0);
+        shown.status.phase = TaskPhase::Assigned;
+        shown.status.lease = Some("shown".into());
+        shown.status.agent = Some("x".into());
+        let tasks = arcs(vec![orphan.clone(), shown]);
+        // `shown` has its Lease (counted once), `orphan` lost its own (counted by its Task).
+        let leases = vec![lease("shown", "x")];
+        assert_eq!(free_slots(&agents, &leases, &tasks)["x"], 0);
+        // Once reclaim recorded the attempt, the Task shows no Lease and the slot is free.
+        orphan.status.phase = TaskPhase::Pending;
+        orphan.status.lease = None;
+        let tasks = arcs(vec![orphan]);
+        assert_eq!(free_slots(&agents, &leases, &tasks)["x"], 1);
     }
 
     #[test]

@@ -969,7 +969,7 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
     let agents = ctx.agents.list();
     let leases = ctx.leases.list();
     let tasks = ctx.tasks.list();
-    let free = plan::free_slots(&agents, &leases);
+    let free = plan::free_slots(&agents, &leases, &tasks);
     let local = Local {
         by_name: tasks
             .iter()
