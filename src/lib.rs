@@ -9,5 +9,6 @@ pub mod daemon;
 pub mod resources;
 pub mod runtime;
 pub mod scheduler;
+pub mod stdout;
 pub mod store;
 pub mod tinytask;

@@ -560,6 +560,6 @@ pub fn print_progress(tasks: &Informer<Task>) {
                 .map(|m| format!(": {m}"))
                 .unwrap_or_default(),
         };
-        println!("task/{} {}{detail}", t.metadata.name, phase.as_str());
+        crate::outln!("task/{} {}{detail}", t.metadata.name, phase.as_str());
     });
 }

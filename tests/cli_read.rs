@@ -498,6 +498,58 @@ fn completion_into_a_closed_pipe_exits_quietly_as_head_expects() {
     assert!(!r.stderr.contains("panicked"), "{r:?}");
 }
 
+/// Runs `args` with stdout a pipe whose reader is gone, as `| head -0` leaves it.
+fn into_closed_pipe(env: &Env, args: &[&str]) -> Run {
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read);
+    env.cmd(args)
+        .stdout(std::process::Stdio::from(write))
+        .output()
+        .unwrap()
+        .into()
+}
+
+#[test]
+fn a_delete_whose_reader_left_still_deletes_every_object_it_names() {
+    let env = Env::new();
+    env.apply_ok(
+        "t.yaml",
+        &format!(
+            "{}---\n{}---\n{}---\n{}",
+            queue("q"),
+            task("a", "q"),
+            task("b", "q"),
+            task("c", "q")
+        ),
+    );
+    let r = into_closed_pipe(&env, &["delete", "task", "a", "b", "c"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(!r.stderr.contains("panicked"), "{r:?}");
+    let left = env.run(&["get", "tasks", "-o", "name"]);
+    assert_eq!(left.stdout, "", "{left:?}");
+    for args in [&["version"][..], &["config"], &["validate-config"]] {
+        let r = into_closed_pipe(&env, args);
+        assert!(!r.stderr.contains("panicked"), "{args:?}: {r:?}");
+    }
+}
+
+#[test]
+fn output_that_cannot_be_written_is_an_error() {
+    let env = Env::new();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let r: Run = env
+        .cmd(&["version"])
+        .stdout(std::process::Stdio::from(full))
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("error: writing output"), "{r:?}");
+}
+
 #[test]
 fn completion_bash_prints_a_script_that_completes_subcommands_and_hides_the_shim() {
     let env = Env::new();

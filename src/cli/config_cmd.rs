@@ -17,9 +17,9 @@ use crate::store::Store;
 pub fn config(g: &Globals, a: ConfigArgs) -> CliResult {
     let s = settings_for(g).map_err(|e| CliError(format!("error: {e}")))?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&s.to_json()).unwrap());
+        crate::outln!("{:#}", s.to_json());
     } else {
-        print!("{}", render_table(&s));
+        crate::stdout::write(render_table(&s).as_bytes());
     }
     for (var, why) in &s.ignored {
         eprintln!("warning: {var} is set but has no effect: {why}");
@@ -88,11 +88,11 @@ struct Report {
 
 impl Report {
     fn ok(&mut self, what: impl std::fmt::Display) {
-        println!("[+] {what}");
+        crate::outln!("[+] {what}");
     }
     fn fail(&mut self, what: impl std::fmt::Display, why: impl std::fmt::Display) {
         self.failed += 1;
-        println!("[-] {what} failed: {why}");
+        crate::outln!("[-] {what} failed: {why}");
     }
 }
 
@@ -227,7 +227,7 @@ pub fn validate(g: &Globals, a: ValidateConfigArgs) -> CliResult {
     }
 
     if r.failed > 0 {
-        println!("{} check(s) failed", r.failed);
+        crate::outln!("{} check(s) failed", r.failed);
         Ok(ExitCode::from(1))
     } else {
         Ok(ExitCode::SUCCESS)

@@ -71,7 +71,7 @@ pub fn delete(g: &Globals, a: DeleteArgs) -> CliResult {
         };
         match r {
             Ok(()) => {
-                println!("{}.{GROUP} {name:?} deleted", kind.singular());
+                crate::outln!("{}.{GROUP} {name:?} deleted", kind.singular());
                 // As its TTL would, so that a Task created again under the name starts with none.
                 if kind == Kind::Task {
                     if let Err(e) = crate::agent::shim::remove_logs(&g.state_dir, &name) {

@@ -484,9 +484,9 @@ pub fn import(g: &Globals, a: ImportArgs) -> CliResult {
     if a.output == "-" {
         let yaml = serde_saphyr::to_string_multiple(&docs)
             .map_err(|e| CliError(format!("error: cannot write YAML: {e}")))?;
-        print!("{yaml}");
+        crate::stdout::write(yaml.as_bytes());
         if !yaml.ends_with('\n') {
-            println!();
+            crate::outln!();
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -503,7 +503,7 @@ pub fn import(g: &Globals, a: ImportArgs) -> CliResult {
             .map_err(|e| CliError(format!("error: cannot write YAML: {e}")))?;
         std::fs::write(&path, yaml)
             .map_err(|e| CliError(format!("error: cannot write {}: {e}", path.display())))?;
-        println!(
+        crate::outln!(
             "{}.{}/{name} written to {}",
             kind.singular(),
             crate::resources::meta::GROUP,

@@ -65,6 +65,8 @@ pub fn main() -> ExitCode {
         "starting"
     );
     match dispatch(cli) {
+        // Output that could not be written (not a closed pipe: a full disk) is a failure too.
+        Ok(_) if crate::stdout::failed() => ExitCode::from(1),
         Ok(code) => code,
         Err(e) => {
             crate::daemon::logging::print_error(&e.to_string());
@@ -111,7 +113,7 @@ fn dispatch(cli: Cli) -> CliResult {
             Ok(ExitCode::SUCCESS)
         }
         Command::Version => {
-            println!("tinyscheduler {}", env!("CARGO_PKG_VERSION"));
+            crate::outln!("tinyscheduler {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
         }
     }

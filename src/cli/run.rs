@@ -144,7 +144,7 @@ async fn once(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
         eprintln!("error: queue/{queue}: tinytask source unreachable: {e}");
     }
     let errors = ctx.summary.errors.load(Ordering::Relaxed);
-    println!("{}", ctx.summary);
+    crate::outln!("{}", ctx.summary);
     Ok(if errors > 0 {
         ExitCode::from(1)
     } else {

@@ -171,7 +171,7 @@ pub fn wait(g: &Globals, a: WaitArgs) -> CliResult {
         }
     })?;
     if met {
-        println!("{} condition met", resource_name(kind, name));
+        crate::outln!("{} condition met", resource_name(kind, name));
         Ok(ExitCode::SUCCESS)
     } else {
         Err(CliError(format!(

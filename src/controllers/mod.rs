@@ -224,7 +224,7 @@ impl Ctx {
 
     /// Prints a dry-run decision (`would assign task/x to agent/y`).
     pub fn would(&self, decision: &str) {
-        println!("would {decision}");
+        crate::outln!("would {decision}");
     }
 
     /// Updates a Task's status with `f` (re-reading on conflict) and puts the result into the cache.
