@@ -189,6 +189,84 @@ fn run_once_dry_run_prints_its_decisions_and_changes_no_byte() {
 }
 
 #[test]
+fn run_once_wait_dry_run_prints_one_pass_and_ends() {
+    let mut s = Sched::new();
+    s.queue("default");
+    s.agent("y", 2, "echo ran >> \"$OUT/ran\"");
+    s.task("x");
+    let before = s.env.snapshot();
+    let mut child = s
+        .cmd(&["run", "--once", "--wait", "--dry-run"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Nothing a dry run would start ever finishes: waiting for it would be a hang.
+    let mut status = None;
+    let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for("run --once --wait --dry-run to end", LONG, || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        })
+    }));
+    if waited.is_err() {
+        s.keep(child);
+        panic!("run --once --wait --dry-run waited for a task that a dry run never starts");
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(status.and_then(|st| st.code()), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("would assign task/x to agent/y"),
+        "{stdout}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("a dry run ends after one pass"),
+        "{out:?}"
+    );
+    assert_eq!(s.env.snapshot(), before);
+}
+
+#[test]
+fn wait_without_once_and_http_without_daemon_are_refused() {
+    let mut s = Sched::new();
+    // Spawned: a daemon that took `--wait` silently would not end.
+    let mut child = s
+        .cmd(&["run", "--daemon", "--wait"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for("run --daemon --wait to be refused", LONG, || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        })
+    }));
+    if ended.is_err() {
+        s.keep(child);
+        panic!("run --daemon --wait started a daemon");
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(status.and_then(|st| st.code()), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--wait goes with --once"),
+        "{out:?}"
+    );
+    let r = s.run(&["run", "--once", "--http", "127.0.0.1:0"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("use it with --daemon"), "{r:?}");
+    // From the environment (the env file both units read) it is for the daemon and left alone.
+    let r = s
+        .cmd(&["run", "--once"])
+        .env("TINYSCHEDULER_HTTP_ADDR", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{r:?}");
+}
+
+#[test]
 fn run_daemon_dry_run_prints_its_decisions_and_changes_no_byte() {
     let mut s = Sched::new();
     s.queue("default");

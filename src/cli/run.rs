@@ -28,6 +28,19 @@ pub fn run(g: &Globals, args: RunArgs) -> CliResult {
                 .into(),
         ));
     }
+    // clap's `requires = "once"` does not hold once `--daemon` conflicts with `--once`.
+    if args.wait && !args.once {
+        return Err(CliError(
+            "error: --wait goes with --once (a daemon never finishes)".into(),
+        ));
+    }
+    let http_flag =
+        crate::config::current().is_some_and(|s| s.http_addr.source == crate::config::Source::Flag);
+    if args.once && http_flag {
+        return Err(CliError(
+            "error: --http serves a daemon's metrics and health: use it with --daemon".into(),
+        ));
+    }
     let settings = controller_settings(g, args.dry_run)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -90,9 +103,14 @@ fn start(
 
 async fn once(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
     let (store, _lock) = open(g, args.dry_run)?;
-    let sched = start(g, store, settings, None, args.wait);
+    // A dry run changes nothing, so nothing it would start ever finishes: one pass is all.
+    let wait = args.wait && !args.dry_run;
+    if args.wait && args.dry_run {
+        eprintln!("note: a dry run ends after one pass; --wait would wait for ever");
+    }
+    let sched = start(g, store, settings, None, wait);
     sched.wait_synced().await;
-    if args.wait {
+    if wait {
         let sig = signals::install().map_err(|e| CliError(format!("error: signals: {e}")))?;
         let wait = async {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
