@@ -36,6 +36,23 @@ fn logs_prints_the_latest_attempt_by_default_in_numeric_order() {
 }
 
 #[test]
+fn logs_takes_the_task_in_kind_slash_name_form_too() {
+    let s = State::new();
+    write_log(&s, "t", 1, "first\n");
+    for arg in ["task/t", "tk/t", "tasks/t"] {
+        let out = logs(&s.path(), &[arg]);
+        assert!(out.status.success(), "{arg}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "first\n", "{arg}");
+    }
+    let out = logs(&s.path(), &["agent/t"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "error: logs are a task's: got \"agent/t\"\n"
+    );
+}
+
+#[test]
 fn logs_prints_the_attempt_asked_for() {
     let s = State::new();
     write_log(&s, "t", 1, "first\n");

@@ -419,6 +419,36 @@ fn wait_times_out_with_kubectls_message() {
 }
 
 #[test]
+fn get_watch_of_a_name_that_is_not_there_ends_with_not_found() {
+    let env = with_tasks();
+    let mut child = env
+        .cmd(&["get", "queue", "ghost", "-w"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("get -w of a missing name kept watching");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(
+        err,
+        "Error from server (NotFound): queues \"ghost\" not found\n"
+    );
+}
+
+#[test]
 fn get_watch_prints_a_row_per_change() {
     let env = with_tasks();
     let s = Streaming::spawn(env.cmd(&["get", "agents", "-w"]));

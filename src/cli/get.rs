@@ -158,7 +158,9 @@ fn get_kind<K: Printable>(store: &Store, o: &Opts) -> CliResult {
     for e in errors {
         eprintln!("{e}");
     }
-    if o.watch {
+    // As kubectl: a name that is not there ends the watch before it starts (`wait` waits for
+    // an object to appear).
+    if o.watch && !failed {
         let headers_printed = !table.rows.is_empty() && !o.no_headers;
         watch(store, o, items, table, headers_printed)?;
     }

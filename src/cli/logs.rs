@@ -17,7 +17,17 @@ use crate::store::Store;
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
 
 /// Entry point of `tinyscheduler logs`.
-pub fn logs(g: &Globals, a: LogsArgs) -> CliResult {
+pub fn logs(g: &Globals, mut a: LogsArgs) -> CliResult {
+    // `task/NAME`, as get, describe and kubectl take it.
+    if let Some((kind, name)) = a.task.split_once('/') {
+        if super::get::resolve_kind(kind)? != crate::resources::Kind::Task {
+            return Err(CliError(format!(
+                "error: logs are a task's: got {:?}",
+                a.task
+            )));
+        }
+        a.task = name.to_string();
+    }
     validate_name(&a.task)
         .map_err(|e| CliError(format!("error: invalid task name {:?}: {e}", a.task)))?;
     let dir = g.state_dir.join("logs").join(&a.task);
