@@ -131,6 +131,16 @@ fn an_over_time_run_is_failed_as_reclaimed_after_its_kill_not_as_the_signal_that
     s.task_with("late", |t| t.max_retries = 0);
     let r = s.run(&["run", "--once", "--wait"]);
     assert_eq!(r.code, 0, "{r:?}");
+    // The summary counts the one Lease once, however often it was looked at, and its run as
+    // reclaimed, not as completed.
+    assert!(
+        r.stdout.ends_with(
+            "leases scanned: 1, reclaimed: 1, completed: 0, assigned: 1, started: 1, \
+             blocked: 0, errors: 0\n"
+        ),
+        "{}",
+        r.stdout
+    );
 
     let t = s.get_task("late");
     assert_eq!(t.status.phase, TaskPhase::Failed);

@@ -55,21 +55,23 @@ pub async fn reconcile(_key: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
     );
 
     let mut first_error = None;
-    for (name, message) in &p.newly_blocked {
-        if let Err(e) = block(&ctx, name, message) {
+    let mut note = |r: Result<(), Error>| {
+        if let Err(e) = r {
+            // Every failed step counts; the first is returned, and counted by the runtime.
+            if first_error.is_some() {
+                Summary::bump(&ctx.summary.errors);
+            }
             first_error.get_or_insert(e);
         }
+    };
+    for (name, message) in &p.newly_blocked {
+        note(block(&ctx, name, message));
     }
     for (name, why) in &p.unblocked {
-        if let Err(e) = unblock(&ctx, name, why) {
-            first_error.get_or_insert(e);
-        }
+        note(unblock(&ctx, name, why));
     }
     for (task, agent) in &p.assignments {
-        if let Err(e) = commit(&ctx, task, agent) {
-            Summary::bump(&ctx.summary.errors);
-            first_error.get_or_insert(e);
-        }
+        note(commit(&ctx, task, agent));
     }
     if let Some(e) = first_error {
         return Err(e);
@@ -83,14 +85,22 @@ pub async fn reconcile(_key: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
 /// Shows `Blocked` with `message` on a Pending task, or the new message on a Blocked one.
 fn block(ctx: &Ctx, name: &str, message: &str) -> Result<(), Error> {
     let message = message.to_string();
-    Summary::bump(&ctx.summary.blocked);
     if ctx.settings.dry_run {
+        if ctx
+            .tasks
+            .get(name)
+            .is_some_and(|t| t.status.phase == TaskPhase::Pending)
+        {
+            Summary::bump(&ctx.summary.blocked);
+        }
         ctx.would(&format!("mark task/{name} Blocked: {message}"));
         return Ok(());
     }
     let mut changed = false;
+    let mut newly = false;
     let t = ctx.patch_task(name, |t| {
-        changed = t.status.phase == TaskPhase::Pending
+        newly = t.status.phase == TaskPhase::Pending;
+        changed = newly
             || (t.status.phase == TaskPhase::Blocked
                 && t.status.message.as_deref() != Some(message.as_str()));
         if changed {
@@ -100,6 +110,10 @@ fn block(ctx: &Ctx, name: &str, message: &str) -> Result<(), Error> {
         }
     })?;
     if let (Some(t), true) = (t, changed) {
+        // Counted once per task that became Blocked, not per new message of a blocked one.
+        if newly {
+            Summary::bump(&ctx.summary.blocked);
+        }
         ctx.event(&t, EventType::Normal, "Blocked", &message);
     }
     Ok(())

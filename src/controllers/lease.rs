@@ -32,7 +32,7 @@ pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
         settled(&ctx, &name);
         return Ok(Action::await_change());
     };
-    Summary::bump(&ctx.summary.leases_scanned);
+    ctx.summary.scanned(&lease.metadata.uid);
     match lease.status.phase {
         LeasePhase::Pending => {
             let action = start(&ctx, &lease).await?;

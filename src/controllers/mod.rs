@@ -11,7 +11,7 @@ pub mod reclaim;
 pub mod status;
 pub mod tinytask_sync;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -93,7 +93,8 @@ impl Settings {
 /// What one `run --once` did, printed as its summary.
 #[derive(Debug, Default)]
 pub struct Summary {
-    pub leases_scanned: AtomicU64,
+    /// The Leases (by uid) the lease controller looked at: each once, however often it did.
+    scanned: Mutex<HashSet<String>>,
     pub reclaimed: AtomicU64,
     pub completed: AtomicU64,
     pub assigned: AtomicU64,
@@ -106,6 +107,19 @@ impl Summary {
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Counts the Lease with this uid as scanned (once).
+    pub fn scanned(&self, uid: &str) {
+        let mut seen = self.scanned.lock().unwrap_or_else(|p| p.into_inner());
+        if !seen.contains(uid) {
+            seen.insert(uid.to_string());
+        }
+    }
+
+    /// How many distinct Leases were scanned.
+    pub fn leases_scanned(&self) -> usize {
+        self.scanned.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
 }
 
 impl fmt::Display for Summary {
@@ -114,7 +128,7 @@ impl fmt::Display for Summary {
         write!(
             f,
             "leases scanned: {}, reclaimed: {}, completed: {}, assigned: {}, started: {}, blocked: {}, errors: {}",
-            g(&self.leases_scanned),
+            self.leases_scanned(),
             g(&self.reclaimed),
             g(&self.completed),
             g(&self.assigned),

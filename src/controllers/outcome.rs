@@ -80,7 +80,9 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
         ctx.would(&format!(
             "record task/{task_name} attempt {attempt} {verdict}: {what}, then delete lease/{name}"
         ));
-        Summary::bump(&ctx.summary.completed);
+        if ending.reclaimed.is_none() {
+            Summary::bump(&ctx.summary.completed);
+        }
         return Ok(());
     }
 
@@ -204,7 +206,10 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
             );
         }
         ctx.event(&t, verdict.2, verdict.0, &verdict.1);
-        Summary::bump(&ctx.summary.completed);
+        // A run that ended by itself; a reclaimed one is counted as that.
+        if ending.reclaimed.is_none() {
+            Summary::bump(&ctx.summary.completed);
+        }
     }
     ctx.delete_lease(name, &lease.metadata.uid)
 }
