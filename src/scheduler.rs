@@ -399,15 +399,8 @@ impl Scheduler {
 /// or in a `blockedBy` cycle, can never run (and `run --once --wait` does not wait for it).
 /// Worked out like a topological sort, without recursion, for chains of any length.
 fn can_still_run<'a>(tasks: &'a [Arc<Task>], agents: &[Arc<Agent>]) -> HashSet<&'a str> {
-    let served = |t: &Task| match (&t.spec.assigned_to, &t.spec.queue) {
-        (Some(a), _) => agents
-            .iter()
-            .any(|x| &x.metadata.name == a && !x.spec.paused),
-        (None, Some(q)) => agents
-            .iter()
-            .any(|x| x.spec.queue.as_deref() == Some(q) && !x.spec.paused),
-        _ => false,
-    };
+    let servers = crate::controllers::plan::Servers::new(agents);
+    let served = |t: &Task| servers.unschedulable(t).is_none();
     let mut can_run: HashSet<&str> = HashSet::new();
     // Names whose dependents may count one more blocker as satisfied.
     let mut settled: Vec<&str> = Vec::new();

@@ -189,6 +189,32 @@ fn run_once_dry_run_prints_its_decisions_and_changes_no_byte() {
 }
 
 #[test]
+fn a_task_no_agent_serves_says_why_once_and_runs_when_an_agent_comes() {
+    let s = Sched::new();
+    s.queue("default");
+    s.task("x");
+    for _ in 0..2 {
+        assert_eq!(s.run(&["run", "--once", "--wait"]).code, 0);
+    }
+    let t = s.get_task("x");
+    assert_eq!(t.status.phase, TaskPhase::Pending);
+    assert_eq!(t.status.reason.as_deref(), Some("Unschedulable"));
+    assert_eq!(
+        t.status.message.as_deref(),
+        Some("no agent serves queue/default")
+    );
+    assert_eq!(story(&s, "x"), ["Unschedulable"], "said once");
+    s.agent("w", 1, "true");
+    assert_eq!(s.run(&["run", "--once", "--wait"]).code, 0);
+    let t = s.get_task("x");
+    assert_eq!(t.status.phase, TaskPhase::Succeeded);
+    assert_eq!(
+        story(&s, "x"),
+        ["Unschedulable", "Assigned", "Started", "Succeeded"]
+    );
+}
+
+#[test]
 fn run_once_wait_dry_run_prints_one_pass_and_ends() {
     let mut s = Sched::new();
     s.queue("default");

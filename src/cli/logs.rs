@@ -19,14 +19,18 @@ const FOLLOW_POLL: Duration = Duration::from_millis(200);
 /// Entry point of `tinyscheduler logs`.
 pub fn logs(g: &Globals, mut a: LogsArgs) -> CliResult {
     // `task/NAME`, as get, describe and kubectl take it.
+    // Anything else with a slash is no name at all, and the name check below says so.
     if let Some((kind, name)) = a.task.split_once('/') {
-        if super::get::resolve_kind(kind)? != crate::resources::Kind::Task {
-            return Err(CliError(format!(
-                "error: logs are a task's: got {:?}",
-                a.task
-            )));
+        match crate::resources::Kind::from_cli(kind) {
+            Some(crate::resources::Kind::Task) => a.task = name.to_string(),
+            Some(_) => {
+                return Err(CliError(format!(
+                    "error: logs are a task's: got {:?}",
+                    a.task
+                )))
+            }
+            None => {}
         }
-        a.task = name.to_string();
     }
     validate_name(&a.task)
         .map_err(|e| CliError(format!("error: invalid task name {:?}: {e}", a.task)))?;

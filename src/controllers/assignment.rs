@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::lease::{mirror_assignment, shows_assignment_next};
-use super::plan::{self, PlanOptions};
+use super::plan::{self, PlanOptions, UNSCHEDULABLE};
 use super::{tinytask_sync, Ctx, Error, Summary};
 use crate::resources::event::EventType;
 use crate::resources::{Lease, LeasePhase, LeaseSpec, Task, TaskPhase};
@@ -70,6 +70,12 @@ pub async fn reconcile(_key: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
     for (name, why) in &p.unblocked {
         note(unblock(&ctx, name, why));
     }
+    for (name, why) in &p.unschedulable {
+        note(unschedulable(&ctx, name, Some(why)));
+    }
+    for name in &p.schedulable {
+        note(unschedulable(&ctx, name, None));
+    }
     for (task, agent) in &p.assignments {
         note(commit(&ctx, task, agent));
     }
@@ -115,6 +121,34 @@ fn block(ctx: &Ctx, name: &str, message: &str) -> Result<(), Error> {
             Summary::bump(&ctx.summary.blocked);
         }
         ctx.event(&t, EventType::Normal, "Blocked", &message);
+    }
+    Ok(())
+}
+
+/// Shows on a Pending task that no agent can take it, and why (`Some`), with a Warning Event;
+/// or (`None`) takes that back once an agent can.
+fn unschedulable(ctx: &Ctx, name: &str, why: Option<&str>) -> Result<(), Error> {
+    if ctx.settings.dry_run {
+        if let Some(why) = why {
+            ctx.would(&format!("mark task/{name} {UNSCHEDULABLE}: {why}"));
+        }
+        return Ok(());
+    }
+    let mut changed = false;
+    let t = ctx.patch_task(name, |t| {
+        let shows = t.status.reason.as_deref() == Some(UNSCHEDULABLE);
+        changed = t.status.phase == TaskPhase::Pending
+            && match why {
+                Some(why) => !shows || t.status.message.as_deref() != Some(why),
+                None => shows,
+            };
+        if changed {
+            t.status.reason = why.map(|_| UNSCHEDULABLE.to_string());
+            t.status.message = why.map(str::to_string);
+        }
+    })?;
+    if let (Some(t), true, Some(why)) = (t, changed, why) {
+        ctx.event(&t, EventType::Warning, UNSCHEDULABLE, why);
     }
     Ok(())
 }

@@ -21,8 +21,59 @@ pub struct Plan {
     /// Blocked tasks that may run now, and why (every blocker succeeded, or blocking is ignored
     /// by their queue or everywhere): back to `Pending`.
     pub unblocked: Vec<(String, String)>,
+    /// Pending tasks no agent can take as things stand, and why (`no agent serves queue/q`): they
+    /// must show reason `Unschedulable` with this message. Listed only when the Task does not
+    /// say so already.
+    pub unschedulable: Vec<(String, String)>,
+    /// Pending tasks that show `Unschedulable` but an agent can take them now: the reason goes.
+    pub schedulable: Vec<String>,
     /// The earliest `nextAttemptAfter` still in the future, if any (when to look again).
     pub next_wakeup: Option<SystemTime>,
+}
+
+/// The reason a Task shows while no agent can take it.
+pub const UNSCHEDULABLE: &str = "Unschedulable";
+
+/// The agents as the question "who could run this task" needs them.
+pub struct Servers<'a> {
+    /// Agent name → paused.
+    by_name: HashMap<&'a str, bool>,
+    /// Queue name → whether any of its agents is not paused.
+    by_queue: HashMap<&'a str, bool>,
+}
+
+impl<'a> Servers<'a> {
+    pub fn new(agents: &'a [Arc<Agent>]) -> Servers<'a> {
+        let mut s = Servers {
+            by_name: HashMap::new(),
+            by_queue: HashMap::new(),
+        };
+        for a in agents {
+            s.by_name.insert(a.metadata.name.as_str(), a.spec.paused);
+            if let Some(q) = &a.spec.queue {
+                *s.by_queue.entry(q.as_str()).or_default() |= !a.spec.paused;
+            }
+        }
+        s
+    }
+
+    /// Why no agent can ever take `t` as the agents are now (`None`: some agent can, when it has
+    /// a free slot).
+    pub fn unschedulable(&self, t: &Task) -> Option<String> {
+        match (&t.spec.assigned_to, &t.spec.queue) {
+            (Some(a), _) => match self.by_name.get(a.as_str()) {
+                None => Some(format!("agent/{a} (spec.assignedTo) does not exist")),
+                Some(true) => Some(format!("agent/{a} (spec.assignedTo) is paused")),
+                Some(false) => None,
+            },
+            (None, Some(q)) => match self.by_queue.get(q.as_str()) {
+                None => Some(format!("no agent serves queue/{q}")),
+                Some(false) => Some(format!("every agent of queue/{q} is paused")),
+                Some(true) => None,
+            },
+            (None, None) => Some("it names no queue and no agent".into()),
+        }
+    }
 }
 
 /// Inputs that are not objects.
@@ -142,6 +193,7 @@ pub fn plan(
         }
     }
 
+    let servers = Servers::new(agents);
     let mut runnable: Vec<&Arc<Task>> = Vec::new();
     for t in tasks {
         let phase = t.status.phase;
@@ -186,6 +238,17 @@ pub fn plan(
                 out.next_wakeup = Some(out.next_wakeup.map_or(after, |w| w.min(after)));
                 continue;
             }
+        }
+        let shows = t.status.reason.as_deref() == Some(UNSCHEDULABLE);
+        match servers.unschedulable(t) {
+            Some(why) => {
+                if !shows || t.status.message.as_deref() != Some(why.as_str()) {
+                    out.unschedulable.push((t.metadata.name.clone(), why));
+                }
+                continue;
+            }
+            None if shows => out.schedulable.push(t.metadata.name.clone()),
+            None => {}
         }
         runnable.push(t);
     }
@@ -269,6 +332,8 @@ pub fn plan(
     // The input may come in any order; the output does not depend on it.
     out.newly_blocked.sort();
     out.unblocked.sort();
+    out.unschedulable.sort();
+    out.schedulable.sort();
     out
 }
 
@@ -436,6 +501,48 @@ mod tests {
         orphan.status.lease = None;
         let tasks = arcs(vec![orphan]);
         assert_eq!(free_slots(&agents, &leases, &tasks)["x"], 1);
+    }
+
+    #[test]
+    fn a_task_no_agent_can_take_is_unschedulable_and_says_why_once() {
+        let mut paused = (*agent("sleepy", "napping", 1)).clone();
+        paused.spec.paused = true;
+        let agents = vec![agent("x", "q", 1), Arc::new(paused)];
+        let mut ghost = task("ghost-pin", "q", 0, 0);
+        ghost.spec.assigned_to = Some("ghost".into());
+        let mut shown = task("shown", "nobody", 0, 0);
+        shown.status.reason = Some(UNSCHEDULABLE.into());
+        shown.status.message = Some("no agent serves queue/nobody".into());
+        let mut fixed = task("fixed", "q", 0, 0);
+        fixed.status.reason = Some(UNSCHEDULABLE.into());
+        fixed.status.message = Some("no agent serves queue/q".into());
+        let tasks = arcs(vec![
+            ghost,
+            task("lonely", "nobody", 0, 0),
+            task("resting", "napping", 0, 0),
+            shown,
+            fixed,
+        ]);
+        let p = plan(
+            &tasks,
+            &agents,
+            &[queue("q")],
+            &[],
+            now(),
+            Default::default(),
+        );
+        let s = |a: &str, b: &str| (a.to_string(), b.to_string());
+        assert_eq!(
+            p.unschedulable,
+            vec![
+                s("ghost-pin", "agent/ghost (spec.assignedTo) does not exist"),
+                s("lonely", "no agent serves queue/nobody"),
+                s("resting", "every agent of queue/napping is paused"),
+            ],
+            "`shown` says so already"
+        );
+        assert_eq!(p.schedulable, ["fixed"]);
+        assert_eq!(p.assignments, vec![s("fixed", "x")]);
     }
 
     #[test]
