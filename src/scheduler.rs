@@ -167,10 +167,21 @@ impl Scheduler {
             move |keys: Vec<String>| status::due_now(&ctx.status_writes, &queue, keys)
         };
         let due_too = due.clone();
+        let all_queues = ctx.queues.clone();
         let c = c
-            .watches(&ctx.agents, |a: &Agent| {
-                let mut k = vec![format!("agent/{}", a.metadata.name)];
+            .watches(&ctx.agents, move |a: &Agent| {
+                let name = &a.metadata.name;
+                let mut k = vec![format!("agent/{name}")];
                 k.extend(a.spec.queue.iter().map(|q| format!("queue/{q}")));
+                // A queue that still lists the agent (it moved to another queue, or is gone)
+                // must drop it and its capacity now, not at the next resync.
+                for q in all_queues.list() {
+                    if q.status.agents.contains(name)
+                        && a.spec.queue.as_deref() != Some(q.metadata.name.as_str())
+                    {
+                        k.push(format!("queue/{}", q.metadata.name));
+                    }
+                }
                 k
             })
             .watches(&ctx.queues, |q: &Queue| {

@@ -477,6 +477,38 @@ fn a_finished_task_is_deleted_after_its_ttl_without_waiting_for_a_resync() {
     );
 }
 
+/// An agent that moves to another queue leaves its old queue's status at once, not at the next
+/// resync (an hour away here).
+#[test]
+fn an_agent_moved_to_another_queue_leaves_the_old_queues_status_without_a_resync() {
+    let mut s = Sched::new();
+    s.extra_env
+        .push(("TINYSCHEDULER_LOOP_INTERVAL_SEC".into(), "3600".into()));
+    s.queue("default");
+    s.queue("other");
+    s.agent("w", 3, "true");
+    s.daemon(&[]);
+    let queue = |name: &str| {
+        s.store
+            .get::<tinyscheduler::resources::Queue>(name)
+            .unwrap()
+    };
+    wait_for("queue/default to list agent/w", LONG, || {
+        queue("default").status.agents == ["w"]
+    });
+    // Past the start-up's writes: a status key is written at most once a second, and a write
+    // held back by that (which would recompute the queue anyway) must not be what the test sees.
+    std::thread::sleep(Duration::from_secs(2));
+    support::update_retrying::<Agent>(&s.store, "w", |a| a.spec.queue = Some("other".into()));
+    wait_for("queue/other to list agent/w", LONG, || {
+        queue("other").status.agents == ["w"]
+    });
+    wait_for("queue/default to drop agent/w", LONG, || {
+        let q = queue("default");
+        q.status.agents.is_empty() && q.status.capacity == 0
+    });
+}
+
 /// A blocker deleted by its TTL would count as unfinished and hold its dependent back for good;
 /// so it stays until the tasks it blocks have finished, and goes then.
 #[test]
