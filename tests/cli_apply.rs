@@ -147,6 +147,45 @@ fn a_document_over_a_torn_object_file_keeps_the_others_from_being_written() {
 }
 
 #[test]
+fn the_yaml_readers_own_terms_are_put_in_a_users_words() {
+    refused(
+        "dup.yaml",
+        &format!(
+            "{API}\nkind: Queue\nmetadata:\n  name: q\nspec:\n  source: local\n  source: local\n"
+        ),
+        &["dup.yaml: document 1", "line 7", "duplicate key \"source\""],
+    );
+    let deep = format!(
+        "{API}\nkind: Queue\nmetadata: {}{}\n",
+        "[".repeat(70),
+        "]".repeat(70)
+    );
+    refused(
+        "deep.yaml",
+        &deep,
+        &["nested too deeply (more than 64 levels)"],
+    );
+    refused(
+        "big.yaml",
+        &format!("{API}\nkind: Task\nmetadata:\n  name: t\nspec:\n  queue: default\n  priority: 99999999999999999999\n"),
+        &["spec.priority", "expected a whole number (at most 9223372036854775807)"],
+    );
+    for shown in [
+        refused(
+            "dup.yaml",
+            &format!("{API}\nkind: Queue\nmetadata: {{name: q, name: r}}\nspec: {{}}\n"),
+            &[],
+        ),
+        refused("deep.yaml", &deep, &[]),
+    ] {
+        assert!(
+            !shown.contains("DuplicateKeyPolicy") && !shown.contains("budget"),
+            "{shown}"
+        );
+    }
+}
+
+#[test]
 fn a_name_with_a_slash_is_refused() {
     refused(
         "n.yaml",

@@ -439,6 +439,22 @@ fn parse_yaml(source: &str, text: &str) -> Result<Vec<Document>, Vec<InputError>
     Ok(docs)
 }
 
+/// The YAML reader's messages that speak of its own options and types, said for a user.
+fn in_our_words(msg: &str) -> String {
+    if let Some(key) = msg.strip_prefix("duplicate mapping key: ") {
+        let key = key.split(", set DuplicateKeyPolicy").next().unwrap_or(key);
+        return format!("duplicate key {key:?}: a key may appear once in a mapping");
+    }
+    if let Some(what) = msg.strip_prefix("budget breached: ") {
+        return if what.starts_with("Depth") {
+            "nested too deeply (more than 64 levels)".into()
+        } else {
+            format!("too large to read ({what})")
+        };
+    }
+    msg.to_string()
+}
+
 /// ` at line L, column C: message`, with L counted from the start of the whole file.
 fn yaml_error(e: &serde_saphyr::Error, first_line: usize) -> String {
     let plain = serde_saphyr::render_options! {
@@ -451,7 +467,7 @@ fn yaml_error(e: &serde_saphyr::Error, first_line: usize) -> String {
             msg.truncate(i);
         }
     }
-    let msg = msg.trim().to_string();
+    let msg = in_our_words(msg.trim());
     match loc {
         Some(l) => format!(
             " at line {}, column {}: {msg}",

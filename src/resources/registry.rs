@@ -123,6 +123,30 @@ pub fn admit(kind: Kind, doc: &Value) -> Result<Value, Vec<FieldError>> {
     }
 }
 
+/// serde's `expected i64` (and kin), said as the range a user may write.
+fn integer_words(msg: &str) -> String {
+    [
+        (
+            "expected i64",
+            "expected a whole number (at most 9223372036854775807)",
+        ),
+        (
+            "expected i32",
+            "expected a whole number (at most 2147483647)",
+        ),
+        (
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
+        (
+            "expected u64",
+            "expected a whole number from 0 to 18446744073709551615",
+        ),
+    ]
+    .iter()
+    .fold(msg.to_string(), |m, (from, to)| m.replace(from, to))
+}
+
 /// What a JSON value is, in the words of an error message.
 fn json_type(v: &Value) -> &'static str {
     match v {
@@ -178,7 +202,7 @@ fn admit_typed<K: Resource>(
             let path = e.path().to_string();
             errors.push(FieldError {
                 path: if path == "." { "(root)".into() } else { path },
-                message: e.into_inner().to_string(),
+                message: integer_words(&e.into_inner().to_string()),
             });
             return Err(errors);
         }
