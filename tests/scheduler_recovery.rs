@@ -791,6 +791,46 @@ fi",
 }
 
 #[test]
+fn an_agents_status_counts_a_run_whose_lease_was_deleted_until_it_is_recorded() {
+    let mut s = Sched::new();
+    s.extra_env
+        .push(("TINYSCHEDULER_KILL_GRACE_SEC".into(), "3".into()));
+    s.queue("default");
+    s.agent(
+        "solo",
+        1,
+        "trap '' TERM\nwhile [ -d \"$OUT\" ]; do sleep 0.05; done",
+    );
+    s.task_with("ta", |t| t.max_retries = 0);
+    s.daemon(&[]);
+    let free = || {
+        s.store
+            .get::<tinyscheduler::resources::Agent>("solo")
+            .unwrap()
+            .status
+            .free_slots
+    };
+    wait_for("ta to run and hold the slot", LONG, || {
+        !s.lines("pids").is_empty() && free() == 0
+    });
+    let ta = pids_in(&s.out("pids"))[0];
+    assert_eq!(s.run(&["delete", "lease", "ta"]).code, 0);
+    // While ta's agent lives (it ignores SIGTERM for the grace), its slot is not free.
+    while running(ta) {
+        let f = free();
+        assert!(
+            !(f == 1 && running(ta)),
+            "a free slot shown beside a live run"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_for("ta to be recorded", LONG, || {
+        s.phase("ta") == TaskPhase::Failed
+    });
+    wait_for("the slot to be free again", LONG, || free() == 1);
+}
+
+#[test]
 fn a_second_scheduler_exits_1_naming_the_daemon_that_holds_the_lock() {
     let mut s = Sched::new();
     s.queue("default");

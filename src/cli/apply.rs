@@ -6,7 +6,6 @@
 //! therefore changes nothing, and a dry run opens the store read-only.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::process::ExitCode;
 
 use serde_json::Value;
@@ -253,13 +252,10 @@ pub fn apply(g: &Globals, a: ApplyArgs) -> CliResult {
     let mut planned = plan(&checker, &docs).map_err(|e| CliError(e.join("\n")))?;
     planned.sort_by_key(|p| Kind::ALL.iter().position(|k| *k == p.kind));
 
-    let stdout = std::io::stdout();
     if a.dry_run {
-        let mut out = stdout.lock();
         for p in &planned {
             let o = predict(&p.object, p.current.as_ref());
-            let _ = writeln!(
-                out,
+            crate::outln!(
                 "{} {} (dry run)",
                 resource_name(p.kind, &p.name),
                 o.as_str()
@@ -272,11 +268,7 @@ pub fn apply(g: &Globals, a: ApplyArgs) -> CliResult {
     let mut failed = false;
     for p in &planned {
         match write(&store, p) {
-            Ok(o) => {
-                let mut out = stdout.lock();
-                let _ = writeln!(out, "{} {}", resource_name(p.kind, &p.name), o.as_str());
-                let _ = out.flush();
-            }
+            Ok(o) => crate::outln!("{} {}", resource_name(p.kind, &p.name), o.as_str()),
             Err(e) => {
                 failed = true;
                 let field = if e.is_conflict() {

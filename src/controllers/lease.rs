@@ -30,9 +30,10 @@ pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&name);
         settled(&ctx, &name);
+        ctx.summary.gone(&name);
         return Ok(Action::await_change());
     };
-    ctx.summary.scanned(&lease.metadata.uid);
+    ctx.summary.scanned(&name, &lease.metadata.uid);
     match lease.status.phase {
         LeasePhase::Pending => {
             let action = start(&ctx, &lease).await?;

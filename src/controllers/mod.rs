@@ -11,7 +11,7 @@ pub mod reclaim;
 pub mod status;
 pub mod tinytask_sync;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -93,8 +93,11 @@ impl Settings {
 /// What one `run --once` did, printed as its summary.
 #[derive(Debug, Default)]
 pub struct Summary {
-    /// The Leases (by uid) the lease controller looked at: each once, however often it did.
-    scanned: Mutex<HashSet<String>>,
+    /// How many Leases the lease controller looked at: each once, however often it did.
+    leases_scanned: AtomicU64,
+    /// The uid of each live Lease counted in `leases_scanned`, by name (a Lease that is gone
+    /// leaves, so that a daemon remembers only the runs it has now).
+    scanned: Mutex<HashMap<String, String>>,
     pub reclaimed: AtomicU64,
     pub completed: AtomicU64,
     pub assigned: AtomicU64,
@@ -108,17 +111,21 @@ impl Summary {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts the Lease with this uid as scanned (once).
-    pub fn scanned(&self, uid: &str) {
+    /// Counts Lease `name` with this uid as scanned (once per uid).
+    pub fn scanned(&self, name: &str, uid: &str) {
         let mut seen = self.scanned.lock().unwrap_or_else(|p| p.into_inner());
-        if !seen.contains(uid) {
-            seen.insert(uid.to_string());
+        if seen.get(name).map(String::as_str) != Some(uid) {
+            seen.insert(name.to_string(), uid.to_string());
+            Summary::bump(&self.leases_scanned);
         }
     }
 
-    /// How many distinct Leases were scanned.
-    pub fn leases_scanned(&self) -> usize {
-        self.scanned.lock().unwrap_or_else(|p| p.into_inner()).len()
+    /// Forgets Lease `name`, which is gone (it stays counted).
+    pub fn gone(&self, name: &str) {
+        self.scanned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
     }
 }
 
@@ -128,7 +135,7 @@ impl fmt::Display for Summary {
         write!(
             f,
             "leases scanned: {}, reclaimed: {}, completed: {}, assigned: {}, started: {}, blocked: {}, errors: {}",
-            self.leases_scanned(),
+            g(&self.leases_scanned),
             g(&self.reclaimed),
             g(&self.completed),
             g(&self.assigned),

@@ -95,6 +95,23 @@ pub fn free_slots(
     leases: &[Arc<Lease>],
     tasks: &[Arc<Task>],
 ) -> BTreeMap<String, i64> {
+    let used = slots_held(leases, tasks);
+    agents
+        .iter()
+        .map(|a| {
+            let free = if a.spec.paused {
+                0
+            } else {
+                a.spec.max_concurrency - used.get(a.metadata.name.as_str()).copied().unwrap_or(0)
+            };
+            (a.metadata.name.clone(), free.max(0))
+        })
+        .collect()
+}
+
+/// The slots each agent's runs hold: one per live Lease, and one per run whose Lease was deleted
+/// while its Task still shows it (see [`free_slots`]).
+pub fn slots_held<'a>(leases: &'a [Arc<Lease>], tasks: &'a [Arc<Task>]) -> HashMap<&'a str, i64> {
     let mut used: HashMap<&str, i64> = HashMap::new();
     for l in leases {
         *used.entry(l.spec.agent.as_str()).or_default() += 1;
@@ -113,17 +130,7 @@ pub fn free_slots(
             *used.entry(agent.as_str()).or_default() += 1;
         }
     }
-    agents
-        .iter()
-        .map(|a| {
-            let free = if a.spec.paused {
-                0
-            } else {
-                a.spec.max_concurrency - used.get(a.metadata.name.as_str()).copied().unwrap_or(0)
-            };
-            (a.metadata.name.clone(), free.max(0))
-        })
-        .collect()
+    used
 }
 
 /// The blockers of `task` that have not succeeded (missing ones count as unfinished).

@@ -115,12 +115,13 @@ fn agent_status(ctx: &Ctx, name: &str) -> Result<(), Error> {
     let Some(agent) = ctx.agents.get(name) else {
         return Ok(());
     };
-    let active = ctx
-        .leases
-        .list()
-        .iter()
-        .filter(|l| l.spec.agent == name)
-        .count() as i64;
+    // The assignment loop's count: live Leases, and runs whose Lease was deleted until reclaim has
+    // recorded them (their agents may still be alive).
+    let (leases, tasks) = (ctx.leases.list(), ctx.tasks.snapshot());
+    let active = super::plan::slots_held(&leases, &tasks)
+        .get(name)
+        .copied()
+        .unwrap_or(0);
     let free = if agent.spec.paused {
         0
     } else {
@@ -265,12 +266,16 @@ pub fn ttl_of(task: &Task) -> Duration {
     }
 }
 
-/// The status keys a Task change affects: its own, its queue's, and its blockers' (whose TTL
+/// The status keys a Task change affects: its own, its queue's, its agent's, and its blockers' (whose TTL
 /// waits for the tasks they block).
 pub fn keys_for_task(t: &Task) -> Vec<String> {
     let mut keys = vec![format!("task/{}", t.metadata.name)];
     if let Some(q) = &t.spec.queue {
         keys.push(format!("queue/{q}"));
+    }
+    // A run whose Lease was deleted holds its agent's slot until its Task lets go of it.
+    if let Some(a) = &t.status.agent {
+        keys.push(format!("agent/{a}"));
     }
     keys.extend(t.spec.blocked_by.iter().map(|b| format!("task/{b}")));
     keys

@@ -95,10 +95,11 @@ pub fn default_goose_command(goose_bin: &str) -> Vec<String> {
 pub struct AgentStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Live Leases held by this agent.
+    /// Runs holding a slot of this agent: live Leases, and runs whose Lease was deleted until
+    /// reclaim has ended and recorded them.
     #[serde(default)]
     pub active_leases: i64,
-    /// `maxConcurrency` minus live Leases (0 when paused).
+    /// `maxConcurrency` minus those runs (0 when paused).
     #[serde(default)]
     pub free_slots: i64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
