@@ -204,6 +204,69 @@ fn the_agent_gets_exactly_the_documented_environment() {
 }
 
 #[test]
+fn the_program_is_found_in_the_path_the_agent_gets_not_the_schedulers() {
+    let s = State::new();
+    let dir = s.path().parent().unwrap().to_path_buf();
+    for (sub, says) in [("schedbin", "scheduler"), ("agentbin", "agent")] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+        script(&dir.join(sub), "mytool", &format!("echo {says}"));
+    }
+    let agent_path = format!("{}:/usr/bin:/bin", dir.join("agentbin").display());
+    let mut spec = tinyscheduler::resources::AgentSpec {
+        command: vec!["mytool".into()],
+        ..Default::default()
+    };
+    spec.env.insert("PATH".into(), agent_path);
+    s.agent_with("tool", spec);
+    s.task("tool", &[]);
+    s.lease("tool", "tool", 1);
+    let out = s
+        .shim_cmd("tool")
+        .env(
+            "PATH",
+            format!("{}:/usr/bin:/bin", dir.join("schedbin").display()),
+        )
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(s.log("tool", 1).lines().next(), Some("agent"));
+}
+
+#[test]
+fn the_shim_renews_as_often_as_its_leases_duration_needs_whatever_the_agent_says_now() {
+    let s = State::new();
+    // The Agent's heartbeat was raised to a minute after the Lease was made for a 1 s one (a
+    // 3 s duration): renewing every minute would let the Lease expire.
+    s.agent("slow-beat", &["sleep", "4"], 60);
+    s.task("slow-beat", &[]);
+    let mut lease = tinyscheduler::resources::Lease::new(
+        "Lease",
+        "slow-beat",
+        tinyscheduler::resources::LeaseSpec {
+            task: "slow-beat".into(),
+            agent: "slow-beat".into(),
+            lease_duration_seconds: 3,
+            max_runtime_seconds: 3600,
+            attempt: 1,
+            ..Default::default()
+        },
+    );
+    lease = s.store.create(&lease).unwrap();
+    let mut shim = s.shim_cmd(&lease.metadata.name).spawn().unwrap();
+    let mut renewals = std::collections::BTreeSet::new();
+    while shim.try_wait().unwrap().is_none() {
+        if let Some(t) = s.get_lease("slow-beat").and_then(|l| l.status.renew_time) {
+            renewals.insert(t);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        renewals.len() >= 3,
+        "renewed at {renewals:?} during a 4 s run of a 3 s Lease"
+    );
+}
+
+#[test]
 fn template_variables_reach_the_agent_as_separate_arguments_without_a_shell() {
     let s = State::new();
     s.agent(

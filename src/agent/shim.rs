@@ -224,6 +224,12 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
         acquire_time: now_rfc3339(),
         log_path: path.display().to_string(),
     };
+    // The Lease's duration was set from the Agent's heartbeat when it was made; an Agent changed
+    // since must not make this shim renew less often than that duration needs.
+    let heartbeat = match lease.spec.lease_duration_seconds / 3 {
+        from_lease if from_lease > 0 => heartbeat.min(from_lease),
+        _ => heartbeat,
+    };
     let period = Duration::from_secs(heartbeat.max(1) as u64);
     let grace = kill_grace();
     // The Running record waits for [`quick_exit`] (at most a heartbeat): a run that has ended by
@@ -464,7 +470,9 @@ fn prepare(store: &Store, state_dir: &Path, lease: &Lease) -> Result<Prepared, S
         return Err("the command is empty".into());
     }
 
-    let mut env: Vec<(String, String)> = vec![
+    // One value per name, so that the program is looked up in the PATH the agent gets; the
+    // Agent's env is set last and overrides the rest (docs/manifests.md).
+    let mut env: BTreeMap<String, String> = BTreeMap::from([
         (
             "PATH".into(),
             std::env::var("PATH")
@@ -473,6 +481,8 @@ fn prepare(store: &Store, state_dir: &Path, lease: &Lease) -> Result<Prepared, S
                 .unwrap_or_else(|| DEFAULT_PATH.into()),
         ),
         ("HOME".into(), home_dir()),
+    ]);
+    let own: Vec<(String, String)> = vec![
         ("TINYSCHEDULER_TASK".into(), task.name().to_string()),
         ("TINYSCHEDULER_LEASE".into(), lease.name().to_string()),
         (
@@ -481,12 +491,14 @@ fn prepare(store: &Store, state_dir: &Path, lease: &Lease) -> Result<Prepared, S
         ),
         ("TINYSCHEDULER_AGENT".into(), agent.name().to_string()),
     ];
+    env.extend(own);
     for (k, v) in &params {
-        env.push((format!("TINYSCHEDULER_PARAM_{}", env_key(k)), v.clone()));
+        env.insert(format!("TINYSCHEDULER_PARAM_{}", env_key(k)), v.clone());
     }
     for (k, v) in &agent.spec.env {
-        env.push((k.clone(), v.clone()));
+        env.insert(k.clone(), v.clone());
     }
+    let env: Vec<(String, String)> = env.into_iter().collect();
 
     let workdir = match agent.spec.working_dir.as_deref().filter(|w| !w.is_empty()) {
         None => None,
