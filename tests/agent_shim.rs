@@ -118,13 +118,21 @@ fn the_agent_starts_in_its_own_group_with_default_signals_and_an_empty_mask() {
     let s = State::new();
     // The agent's own status as it starts (`exec`: the same process, no shell in between).
     s.run_of("sigs", &["sh", "-c", "exec cat /proc/self/status"]);
-    // A shim that inherits blocked signals must not hand them on.
+    // A shim that inherits blocked or ignored signals must not hand them on.
     let mut shim = s.shim_cmd("sigs");
-    // SAFETY: only sigprocmask runs between fork and exec.
+    // SAFETY: only sigprocmask and signal run between fork and exec.
     unsafe {
         shim.pre_exec(|| {
             let mut mask = nix::sys::signal::SigSet::empty();
             mask.add(nix::sys::signal::Signal::SIGUSR1);
+            for sig in [
+                nix::sys::signal::Signal::SIGQUIT,
+                nix::sys::signal::Signal::SIGINT,
+                nix::sys::signal::Signal::SIGUSR2,
+            ] {
+                nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn)
+                    .map_err(std::io::Error::from)?;
+            }
             mask.thread_block().map_err(std::io::Error::from)
         });
     }
@@ -145,11 +153,52 @@ fn the_agent_starts_in_its_own_group_with_default_signals_and_an_empty_mask() {
         0,
         "SIGPIPE ignored in the agent: {log}"
     );
+    // SIGINT 2, SIGQUIT 3, SIGUSR2 12: ignored by whoever started the shim, not by the agent.
+    // (Of the standard signals 1-31; the C library keeps two real-time ones for itself.)
+    assert_eq!(
+        ignored & 0x7fff_ffff,
+        0,
+        "signals ignored in the agent: {log}"
+    );
     assert_eq!(field("SigBlk:"), 0, "signals blocked in the agent: {log}");
     let (pgrp, pid) = (text("NSpgid:"), text("Pid:"));
     assert_eq!(pgrp, pid, "the agent leads its own group: {log}");
     let l = s.get_lease("sigs").unwrap();
     assert_eq!(l.status.pgid.map(|g| g.to_string()), Some(pgrp));
+}
+
+#[test]
+fn the_agent_gets_no_descriptor_but_stdin_stdout_and_stderr() {
+    let s = State::new();
+    // The agent lists its own descriptors (`exec`: no shell in between).
+    s.run_of("fds", &["sh", "-c", "exec ls /proc/self/fd"]);
+    let held = std::fs::File::create(s.path().join("held")).unwrap();
+    let mut shim = s.shim_cmd("fds");
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&held);
+    // SAFETY: only dup2 runs between fork and exec. Descriptor 7 is inherited without
+    // close-on-exec, as a cron job's `flock 7>lock` would hand it on.
+    unsafe {
+        shim.pre_exec(move || {
+            if nix::libc::dup2(raw, 7) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    assert!(shim.output().unwrap().status.success());
+    let log = s.log("fds", 1);
+    let mut fds: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.starts_with("[tinyscheduler]"))
+        .collect();
+    fds.sort_unstable();
+    // `ls` opens one descriptor of its own to read the directory.
+    assert_eq!(fds.len(), 4, "{log}");
+    assert_eq!(&fds[..3], ["0", "1", "2"], "{log}");
+    assert_ne!(
+        fds[3], "7",
+        "an inherited descriptor reached the agent: {log}"
+    );
 }
 
 #[test]

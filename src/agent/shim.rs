@@ -120,6 +120,15 @@ pub fn main(g: &Globals, args: ShimArgs) -> CliResult {
     // scheduler does not do this between fork and exec so that it can spawn without forking. It
     // fails only for a process-group leader, which a shim started by hand may be: then it stays.
     let _ = nix::unistd::setsid();
+    // Every disposition back to its default: one ignored by whoever started the scheduler (a
+    // shell's background job ignores SIGINT and SIGQUIT, `nohup` SIGHUP) would stay ignored in
+    // the agent across exec. The handlers the shim needs are installed below.
+    for sig in Signal::iterator() {
+        if !matches!(sig, Signal::SIGKILL | Signal::SIGSTOP) {
+            // SAFETY: the default disposition, before any other thread exists.
+            let _ = unsafe { nix::sys::signal::signal(sig, SigHandler::SigDfl) };
+        }
+    }
     // A vanished parent or terminal must not take the run down with it. SIGHUP gets a handler
     // that does nothing rather than SIG_IGN: a handled signal is back to its default in the agent
     // after exec, an ignored one would stay ignored there. (SIGPIPE is ignored by the Rust runtime

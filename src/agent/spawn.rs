@@ -11,6 +11,40 @@ use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
+/// Marks every descriptor this process inherited above stderr close-on-exec, so that none reaches
+/// a shim or an agent: a cron job's `flock` descriptor held by a day-long agent would keep the
+/// next tick out, and an inherited pipe's reader would never see its end. The process itself keeps
+/// them (that lock is its own to hold). Called first thing at start; the standard library opens
+/// everything close-on-exec already.
+pub fn keep_inherited_descriptors_from_children() {
+    // SAFETY: close_range only changes descriptor flags; no memory is touched.
+    let r = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            nix::libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r == 0 {
+        return;
+    }
+    // Kernels before 5.11: each open descriptor, as /proc lists them.
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: setting a flag on a descriptor number; one that closed meanwhile gives EBADF.
+        unsafe {
+            nix::libc::fcntl(fd, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC);
+        }
+    }
+}
+
 /// Environment variable naming the binary to run as the shim (default: the current executable).
 pub const SHIM_EXE_ENV: &str = "TINYSCHEDULER_SHIM_EXE";
 

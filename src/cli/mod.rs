@@ -40,6 +40,7 @@ pub type CliResult = Result<ExitCode, CliError>;
 
 /// Parses the command line, runs the command, prints any error and returns the exit status.
 pub fn main() -> ExitCode {
+    crate::agent::spawn::keep_inherited_descriptors_from_children();
     let cli = match crate::config::parse_cli() {
         Ok(cli) => cli,
         Err(e) => {
