@@ -93,6 +93,7 @@ impl Scheduler {
         }
 
         let c = Controller::new("assignment", ctx.clone(), metrics.clone())
+            .grace_period(STOP_GRACE)
             .watches_filtered(&ctx.tasks, one::<Task>, task_needs_resync)
             .watches(&ctx.agents, one::<Agent>)
             .watches(&ctx.queues, one::<Queue>)
@@ -122,6 +123,7 @@ impl Scheduler {
 
         let by_name = |l: &Lease| vec![l.metadata.name.clone()];
         let c = Controller::new("lease", ctx.clone(), metrics.clone())
+            .grace_period(STOP_GRACE)
             .watches(&ctx.leases, by_name)
             // It mirrors a Lease onto its Task from the cache: a Task not listed yet would be
             // left unmarked until the Lease changed again.
@@ -140,6 +142,7 @@ impl Scheduler {
 
         let leases = ctx.leases.clone();
         let c = Controller::new("reclaim", ctx.clone(), metrics.clone())
+            .grace_period(STOP_GRACE)
             .watches(&ctx.leases, reclaim::keys_for_lease)
             // A deleted Task's run must be reclaimed. (A finished Task has no run, so a resync
             // costs nothing here.)
@@ -159,7 +162,7 @@ impl Scheduler {
             shutdown.wait(),
         ));
 
-        let c = Controller::new("status", ctx.clone(), metrics.clone());
+        let c = Controller::new("status", ctx.clone(), metrics.clone()).grace_period(STOP_GRACE);
         // Runs change an agent's and a queue's counts many times a second in a burst; a key whose
         // write is not due yet waits for it on the queue instead of waking the worker each time.
         let due = {
@@ -207,6 +210,7 @@ impl Scheduler {
 
         // Only this controller talks to tinytask servers: polls, claims and write-backs.
         let c = Controller::new("tinytask-sync", ctx.clone(), metrics.clone())
+            .grace_period(STOP_GRACE)
             .watches(&ctx.queues, tinytask_sync::keys_for_queue)
             .watches(&ctx.agents, tinytask_sync::keys_for_agent)
             .watches(
@@ -532,6 +536,11 @@ fn escape(s: &str) -> String {
         .replace('"', "\\\"")
         .replace('\n', "\\n")
 }
+
+/// How long a stopping scheduler lets in-flight reconciles finish: well within systemd's
+/// `TimeoutStopSec=30s` (deploy/tinyscheduler.service), so that a stop that has to give up on a
+/// stuck reconcile still ends as a clean exit, not as systemd's SIGKILL.
+pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Runs `fut` and returns early with `None` if `shutdown` fires first.
 pub async fn until<T>(shutdown: &Shutdown, fut: impl Future<Output = T>) -> Option<T> {

@@ -1053,6 +1053,41 @@ fn an_invalid_log_level_exits_1_with_a_clear_error_and_creates_nothing() {
 }
 
 #[test]
+fn sigterm_while_the_caches_cannot_load_stops_the_daemon_with_0() {
+    let w = World::new();
+    // The Task informer's list fails for as long as this is a file, not a directory.
+    let tasks = w.path().join("state/objects/tasks");
+    let _ = std::fs::remove_dir_all(&tasks);
+    std::fs::write(&tasks, "not a directory").unwrap();
+    let mut systemd = Systemd::new();
+    let mut d = Daemon::start(w.path(), Some(&systemd), &[]);
+    // Up (the lock held, the Task list failing) but never ready.
+    let holder = w.path().join("state/scheduler.holder");
+    let pid = format!("pid {}", d.pid());
+    let deadline = Instant::now() + LONG;
+    while !(std::fs::read_to_string(&holder).is_ok_and(|h| h.contains(&pid))
+        && d.stderr().contains("informer"))
+    {
+        assert!(Instant::now() < deadline, "no failing list: {}", d.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.signal(Signal::SIGTERM);
+    let status = d.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", d.stderr());
+    systemd.collect_for(Duration::from_millis(200));
+    assert!(
+        systemd.seen.iter().any(|m| m.contains("STOPPING=1")),
+        "{:?}",
+        systemd.seen
+    );
+    assert!(
+        !systemd.seen.iter().any(|m| m.contains("READY=1")),
+        "READY=1 from a daemon that never loaded its caches: {:?}",
+        systemd.seen
+    );
+}
+
+#[test]
 fn a_taken_http_port_stops_the_daemon_with_1_before_it_starts_anything() {
     let w = World::new();
     w.gated_agent("worker", 1);

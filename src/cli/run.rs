@@ -151,7 +151,7 @@ async fn once(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
     }
     sched.stop().await;
     if let Err(e) = crate::controllers::status::flush_all(&ctx) {
-        eprintln!("warning: cannot write agent and queue status: {e}");
+        tracing::warn!("cannot write agent and queue status: {e}");
     }
     if !args.dry_run {
         if let Err(e) = ctx.recorder.gc() {
@@ -159,7 +159,9 @@ async fn once(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
         }
     }
     for (queue, e) in tinytask_sync::unreachable_sources(&ctx) {
-        eprintln!("error: queue/{queue}: tinytask source unreachable: {e}");
+        crate::daemon::logging::print_error(&format!(
+            "error: queue/{queue}: tinytask source unreachable: {e}"
+        ));
     }
     let errors = ctx.summary.errors.load(Ordering::Relaxed);
     crate::outln!("{}", ctx.summary);
@@ -275,7 +277,18 @@ async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
         });
     }
 
-    sched.wait_synced().await;
+    // A stop asked for while the caches still load (a huge or unreadable store) is obeyed now,
+    // not after them: systemd would otherwise wait out TimeoutStopSec and SIGKILL.
+    tokio::select! {
+        _ = sched.wait_synced() => {}
+        _ = sig.shutdown.wait() => {
+            notify(notifier.stopping(), "STOPPING=1");
+            tracing::info!("stopping before the caches were loaded; running agents are left running");
+            sched.stop().await;
+            background.abort_all();
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
     // The heartbeat key goes through the assignment queue, so a wedged loop stops the beats.
     // Poke twice per watchdog check: at the same period the poke and the check race, and a
     // healthy loop would miss pings (two misses in a row are a systemd restart).
