@@ -276,3 +276,34 @@ async fn a_taken_port_is_a_clear_bind_error() {
         "{bad}"
     );
 }
+
+fn open_descriptors() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[tokio::test]
+async fn idle_connections_beyond_the_cap_wait_and_take_no_descriptor_of_the_server() {
+    use tinyscheduler::daemon::http::MAX_CONNECTIONS;
+    let r = start().await;
+    let before = open_descriptors();
+    let mut idle = Vec::new();
+    for _ in 0..(MAX_CONNECTIONS * 3) {
+        idle.push(TcpStream::connect(r.addr).await.unwrap());
+    }
+    // Ours (one per client socket) plus the server's, which may not exceed the cap. Watched for a
+    // while, as the server accepts in the background.
+    let bound = before + idle.len() + MAX_CONNECTIONS + 8;
+    for _ in 0..40 {
+        let now = open_descriptors();
+        assert!(
+            now <= bound,
+            "{now} descriptors open, at most {bound} expected"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // Once the idle clients leave, the server answers again.
+    drop(idle);
+    assert_eq!(get(r.addr, "/healthz").await.status, 200);
+    r.shutdown.trigger("test");
+    r.task.await.unwrap().unwrap();
+}

@@ -27,6 +27,10 @@ pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8
 /// How long open connections get to finish after shutdown begins.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// Connections served at once; more wait in the listen backlog. A scraper and a health probe or
+/// two need a handful.
+pub const MAX_CONNECTIONS: usize = 64;
+
 /// Renders the metrics page on each scrape (e.g. `move || metrics.render()`).
 pub type MetricsFn = Arc<dyn Fn() -> String + Send + Sync>;
 
@@ -109,7 +113,18 @@ impl HttpServer {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tracing::info!(address = %self.listener.local_addr()?, "serving /metrics, /healthz, /livez and /readyz");
         tokio::pin!(shutdown);
+        // Each connection is a descriptor until it ends (an idle one after the header timeout):
+        // without a cap, anyone who can connect could take every descriptor the scheduler has
+        // and stop it from reading its store. Past the cap, connections wait in the backlog.
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let mut last_warning: Option<std::time::Instant> = None;
         loop {
+            let slot = tokio::select! {
+                slot = slots.clone().acquire_owned() => slot,
+                _ = &mut shutdown => break,
+            };
+            // The semaphore is never closed.
+            let Ok(slot) = slot else { break };
             tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
@@ -124,11 +139,16 @@ impl HttpServer {
                             if let Err(e) = conn.await {
                                 tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
                             }
+                            drop(slot);
                         });
                     }
                     Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(error = %e, "HTTP accept failed");
+                        // EMFILE and friends: back off instead of spinning, and say so once a
+                        // minute rather than ten times a second.
+                        if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                            tracing::warn!(error = %e, "HTTP accept failed");
+                            last_warning = Some(std::time::Instant::now());
+                        }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
