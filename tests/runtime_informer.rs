@@ -139,6 +139,32 @@ async fn observe_shows_a_write_at_once_and_the_later_watch_event_does_not_fire_a
 }
 
 #[tokio::test]
+async fn a_write_observed_after_another_process_deleted_it_does_not_come_back_as_a_ghost() {
+    let (_dir, store) = temp_store();
+    let inf = informer(&store, 3600, 3600);
+    let _h = inf.start();
+    inf.wait_synced().await;
+    let mut rx = inf.subscribe();
+
+    // Written here, deleted "elsewhere" before this process got round to observing its write.
+    let written = store.create(&queue("brief", "a")).unwrap();
+    store.delete::<Queue>("brief", None).unwrap();
+    store.create(&queue("marker", "a")).unwrap();
+    // Once the marker is in, the watch has dealt with `brief`: seen and gone, or never seen.
+    loop {
+        if applied_name(&next_change(&mut rx).await) == "applied marker" {
+            break;
+        }
+    }
+    inf.observe(written.clone());
+    assert!(inf.get("brief").is_none(), "a deleted object came back");
+    // A new object of the name is another matter.
+    let again = store.create(&queue("brief", "b")).unwrap();
+    inf.observe(again);
+    assert_eq!(inf.get("brief").unwrap().metadata.labels["team"], "b");
+}
+
+#[tokio::test]
 async fn secondary_indexes_follow_the_objects() {
     let (_dir, store) = temp_store();
     store.create(&queue("a1", "a")).unwrap();

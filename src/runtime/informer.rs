@@ -93,7 +93,15 @@ struct Index<K> {
 struct Cache<K> {
     objects: HashMap<String, Arc<K>>,
     indexes: HashMap<&'static str, Index<K>>,
+    /// Names deleted lately, with the newest version the deletion covers: a read-your-writes
+    /// `observe` of that version or an older one, arriving after the deletion (another process
+    /// deleted the object a moment after this one wrote it), must not bring it back as a ghost
+    /// that no later event would ever remove.
+    gone: HashMap<String, (u64, std::time::Instant)>,
 }
+
+/// How long a deletion is remembered against a late read-your-writes `observe`.
+const GONE_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl<K: Resource> Cache<K> {
     fn unindex(&mut self, obj: &K) {
@@ -121,7 +129,15 @@ impl<K: Resource> Cache<K> {
     }
 
     /// Puts `obj` in unless the cache already has this revision or a newer one.
-    fn apply(&mut self, obj: K) -> Option<Arc<K>> {
+    /// `read`: the object was just read from the store (a list, a watch event), so it exists;
+    /// otherwise it is this process's own write, which a deletion may have overtaken.
+    fn apply(&mut self, obj: K, read: bool) -> Option<Arc<K>> {
+        if let Some((revision, _)) = self.gone.get(obj.name()) {
+            if !read && obj.revision() <= *revision {
+                return None;
+            }
+            self.gone.remove(obj.name());
+        }
         if let Some(old) = self.objects.get(obj.name()) {
             if old.revision() >= obj.revision() {
                 return None;
@@ -138,7 +154,19 @@ impl<K: Resource> Cache<K> {
     fn remove(&mut self, name: &str) -> Option<Arc<K>> {
         let old = self.objects.remove(name)?;
         self.unindex(&old);
+        self.forget(name, old.revision());
         Some(old)
+    }
+
+    /// Remembers that `name` is gone up to `revision` (for a while: see [`Cache::gone`]).
+    fn forget(&mut self, name: &str, revision: u64) {
+        let now = std::time::Instant::now();
+        if self.gone.len() >= 1024 {
+            self.gone
+                .retain(|_, (_, at)| now.duration_since(*at) < GONE_FOR);
+        }
+        let entry = self.gone.entry(name.to_string()).or_insert((revision, now));
+        *entry = (entry.0.max(revision), now);
     }
 }
 
@@ -173,6 +201,7 @@ impl<K: Resource> Informer<K> {
                 cache: RwLock::new(Cache {
                     objects: HashMap::new(),
                     indexes: HashMap::new(),
+                    gone: HashMap::new(),
                 }),
                 synced: watch::channel(false).0,
                 started: AtomicBool::new(false),
@@ -277,7 +306,12 @@ impl<K: Resource> Informer<K> {
     /// Read-your-writes: puts an object this process just wrote into the cache (only if its
     /// revision is newer than the cached one) and notifies subscribers before returning.
     pub fn observe(&self, obj: K) {
-        let applied = self.write().apply(obj);
+        self.take(obj, false);
+    }
+
+    /// Puts an object in the cache (see [`Cache::apply`]) and notifies subscribers.
+    fn take(&self, obj: K, read: bool) {
+        let applied = self.write().apply(obj, read);
         if let Some(obj) = applied {
             self.dispatch(InformerEvent::Applied(obj));
         }
@@ -369,7 +403,7 @@ impl<K: Resource> Informer<K> {
                 }
             }
             for obj in items {
-                if let Some(o) = cache.apply(obj.clone()) {
+                if let Some(o) = cache.apply(obj.clone(), true) {
                     applied.push(o);
                 }
             }
@@ -384,12 +418,15 @@ impl<K: Resource> Informer<K> {
 
     fn on_watch_deleted(&self, name: &str, resource_version: u64) {
         let cached = self.get(name);
-        let Some(cached) = cached else { return };
+        let Some(cached) = cached else {
+            self.write().forget(name, resource_version);
+            return;
+        };
         if cached.revision() > resource_version {
             // We observed a newer write the watcher had not seen; the file may be back. Ask the
             // store rather than guess.
             match self.inner.store.try_get::<K>(name) {
-                Ok(Some(obj)) => return self.observe(obj),
+                Ok(Some(obj)) => return self.take(obj, true),
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(kind = K::KIND, name, error = %e, "informer re-read failed");
@@ -465,7 +502,7 @@ impl<K: Resource> Informer<K> {
                     ev = watch.next() => match ev {
                         Some(WatchEvent::Added(o)) | Some(WatchEvent::Modified(o)) => {
                             retry = RETRY_BASE;
-                            self.observe(o);
+                            self.take(o, true);
                         }
                         Some(WatchEvent::Deleted { name, resource_version }) => {
                             retry = RETRY_BASE;

@@ -74,6 +74,8 @@ struct Watcher_<K> {
     /// Files already reported as unreadable, with the version seen, so each is reported once.
     reported: HashMap<String, FileId>,
     tx: mpsc::UnboundedSender<WatchEvent<K>>,
+    /// For the store's revision when a file the watcher never read is gone already.
+    store: Store,
     _k: PhantomData<K>,
 }
 
@@ -108,6 +110,7 @@ impl Store {
                 })
                 .collect(),
             reported: HashMap::new(),
+            store: self.clone(),
             tx,
             _k: PhantomData,
         };
@@ -182,11 +185,24 @@ impl<K: Resource> Watcher_<K> {
         let path = self.dir.join(format!("{name}.json"));
         let Some(file) = file else {
             self.reported.remove(name);
-            if let Some(k) = self.known.remove(name) {
-                self.send(WatchEvent::Deleted {
+            match self.known.remove(name) {
+                Some(k) => self.send(WatchEvent::Deleted {
                     name: name.to_string(),
                     resource_version: k.revision,
-                });
+                }),
+                // Made and removed before it could be read: no version of it is known, but every
+                // version there was is at most the store's revision now. A process that put the
+                // object in its cache by itself (read-your-writes) learns it is gone. (A create
+                // still in flight may hold a revision below this one: its file, once in place,
+                // comes as an event of its own, which the informer takes as read.)
+                None => {
+                    if let Ok(revision) = self.store.revision() {
+                        self.send(WatchEvent::Deleted {
+                            name: name.to_string(),
+                            resource_version: revision,
+                        });
+                    }
+                }
             }
             return;
         };
