@@ -791,6 +791,83 @@ fi",
 }
 
 #[test]
+fn a_run_whose_lease_is_deleted_is_not_retried_beside_an_agent_that_reclaim_cannot_see() {
+    let mut s = Sched::new();
+    s.queue("default");
+    // The agent sends its output elsewhere, so no process of the run has the run's log open:
+    // reclaim cannot find it by its log. Attempt 2 notes whether attempt 1's shell still lived.
+    s.agent_with(
+        "hidden",
+        1,
+        "exec >>\"$OUT/own.log\" 2>&1
+if [ \"$TINYSCHEDULER_ATTEMPT\" = 1 ]; then
+  while [ -d \"$OUT\" ]; do sleep 0.05; done
+else
+  st=$(cut -d' ' -f3 \"/proc/$(head -n1 \"$OUT/pids\")/stat\" 2>/dev/null)
+  if [ -n \"$st\" ] && [ \"$st\" != Z ]; then echo overlap; else echo alone; fi >> \"$OUT/second\"
+fi",
+        // A heartbeat far away: the shim must see its Lease gone long before its next renewal.
+        |a| a.heartbeat_seconds = 60,
+    );
+    s.task_with("job", |t| t.max_retries = 1);
+    s.daemon(&[]);
+    // The Task shows the run (it does once its Lease has lasted a moment).
+    s.wait_phase("job", TaskPhase::Running, LONG);
+    let first = pids_in(&s.out("pids"))[0];
+    assert_eq!(s.run(&["delete", "lease", "job"]).code, 0);
+    s.wait_phase("job", TaskPhase::Succeeded, LONG);
+    assert_eq!(
+        s.lines("second"),
+        ["alone"],
+        "attempt 2 ran beside attempt 1"
+    );
+    assert!(!running(first));
+    let story = story(&s, "job");
+    for reason in ["Killed", "Reclaimed", "Retrying"] {
+        assert!(story.iter().any(|r| r == reason), "{reason}: {story:?}");
+    }
+}
+
+#[test]
+fn a_lease_deleted_before_its_task_shows_it_does_not_start_the_same_attempt_beside_its_run() {
+    let mut s = Sched::new();
+    s.queue("default");
+    // Every run notes whether an earlier run of the task still lived when it started.
+    s.agent_with(
+        "w",
+        1,
+        "for p in $(grep -v \"^$$\\$\" \"$OUT/pids\"); do
+  st=$(cut -d' ' -f3 \"/proc/$p/stat\" 2>/dev/null)
+  if [ -n \"$st\" ] && [ \"$st\" != Z ]; then echo overlap >> \"$OUT/runs\"; fi
+done
+echo run >> \"$OUT/runs\"
+sleep 1",
+        |a| a.heartbeat_seconds = 60,
+    );
+    s.task("job");
+    s.daemon(&[]);
+    // Deleted the moment it exists: the daemon's Task shows a Lease only once it has lasted
+    // 50 ms, so the Task is still Pending at the same attempt.
+    let lease = s.env.state().join("objects/leases/job.json");
+    let deadline = std::time::Instant::now() + LONG;
+    while !lease.exists() {
+        assert!(std::time::Instant::now() < deadline, "no Lease");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    s.store
+        .delete::<tinyscheduler::resources::Lease>("job", None)
+        .unwrap();
+    assert_eq!(
+        s.phase("job"),
+        TaskPhase::Pending,
+        "deleted before the Task showed it"
+    );
+    s.wait_phase("job", TaskPhase::Succeeded, LONG);
+    let runs = s.lines("runs");
+    assert!(!runs.iter().any(|l| l == "overlap"), "{runs:?}");
+}
+
+#[test]
 fn an_agents_status_counts_a_run_whose_lease_was_deleted_until_it_is_recorded() {
     let mut s = Sched::new();
     s.extra_env
@@ -810,7 +887,9 @@ fn an_agents_status_counts_a_run_whose_lease_was_deleted_until_it_is_recorded() 
             .status
             .free_slots
     };
-    wait_for("ta to run and hold the slot", LONG, || {
+    // The Task shows the run (once its Lease has lasted a moment), and the slot is taken.
+    s.wait_phase("ta", TaskPhase::Running, LONG);
+    wait_for("ta to hold the slot", LONG, || {
         !s.lines("pids").is_empty() && free() == 0
     });
     let ta = pids_in(&s.out("pids"))[0];

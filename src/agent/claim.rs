@@ -23,6 +23,14 @@ pub fn claims_path(state_dir: &Path) -> PathBuf {
     state_dir.join("claims.lock")
 }
 
+/// The claim a shim holds on its run for as long as it lives, beside the one on its Lease: the
+/// run is one attempt of one Task, and outlasts a Lease deleted by hand, which takes the Lease's
+/// uid with it. Reclaim asks it before it requeues such a run.
+pub fn run_key(task: &str, task_uid: &str, attempt: i64) -> String {
+    let task = if task_uid.is_empty() { task } else { task_uid };
+    format!("run/{task}/{attempt}")
+}
+
 /// A held claim; dropping it (or the process ending) releases it.
 #[derive(Debug)]
 pub struct Claim {

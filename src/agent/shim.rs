@@ -179,6 +179,22 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
     };
     let uid = lease.metadata.uid.clone();
     let attempt = lease.spec.attempt;
+    // Held until this shim exits: while it is, reclaim does not requeue the run even when its
+    // Lease is deleted (this shim ends the agent itself then), and the assignment loop does not
+    // make the same attempt again. Already held: a shim of this attempt under an earlier Lease
+    // (deleted before its Task showed it) still runs; nothing starts beside it, and the Lease
+    // stays Pending for a later shim.
+    let run_key = super::claim::run_key(&lease.spec.task, &lease.spec.task_uid, attempt);
+    let run_claim = Claim::acquire(&state_dir, &run_key).map_err(|e| {
+        CliError(format!(
+            "error: {}: {e}",
+            super::claim::claims_path(&state_dir).display()
+        ))
+    })?;
+    let Some(_run_claim) = run_claim else {
+        tracing::warn!(lease = %lease_name, attempt, "a shim of this attempt still runs; starting nothing");
+        return Ok(ExitCode::SUCCESS);
+    };
 
     // The log first, so that a failure to start can be written into it.
     let log = match validate_name(&lease.spec.task) {
@@ -245,6 +261,10 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
     // then is recorded once, as Completed with everything Running would have said.
     let mut running_recorded = false;
     let mut next_write = Instant::now() + quick_exit().min(period);
+    // Between writes, a look every second whether the Lease was deleted (one `lstat`), so that a
+    // run whose Lease is gone ends soon, not at the next heartbeat.
+    let lease_file = store.object_path(Lease::PLURAL, &lease_name);
+    let mut next_look = Instant::now() + LEASE_LOOK;
     // A SIGTERM or SIGINT to the shim, or the Lease gone, terminates the agent's group: why, and
     // how far that has got. Only the first cause counts.
     let mut forwarded: Option<(Stop, Termination)> = None;
@@ -264,8 +284,16 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
                 forwarded = Some((Stop::LeaseLost(why), Termination::start(pid, grace)));
             }
             next_write = Instant::now() + period;
+        } else if now >= next_look {
+            if forwarded.is_none() && lease_deleted(&store, &lease_file) {
+                let why = "was deleted";
+                let _ = writeln!(log, "{}", lease_lost_line(&lease_name, why));
+                tracing::warn!(lease = %lease_name, "{why}: terminating the agent's group");
+                forwarded = Some((Stop::LeaseLost(why), Termination::start(pid, grace)));
+            }
+            next_look = Instant::now() + LEASE_LOOK;
         }
-        let mut wake = next_write;
+        let mut wake = next_write.min(next_look);
         if let Some((_, t)) = &mut forwarded {
             if let Step::CheckAt(at) = t.step(now) {
                 wake = wake.min(at);
@@ -663,6 +691,16 @@ pub fn log_says_lease_lost(path: &Path, lease: &str) -> bool {
     String::from_utf8_lossy(&buf)
         .lines()
         .any(|l| l.starts_with(&start) && l.ends_with(LEASE_LOST_END))
+}
+
+/// How often a shim looks whether its Lease was deleted between heartbeats.
+const LEASE_LOOK: Duration = Duration::from_secs(1);
+
+/// Whether the Lease's file is gone while its kind's directory is there (a state directory that
+/// vanished whole is a lost mount, and the run goes on, as in [`record_running`]).
+fn lease_deleted(store: &Store, file: &Path) -> bool {
+    matches!(crate::store::fsio::entry_kind(file), Ok(None))
+        && store.kind_dir(Lease::PLURAL).is_dir()
 }
 
 /// Whether the run's Lease was there for a write.

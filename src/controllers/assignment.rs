@@ -76,15 +76,21 @@ pub async fn reconcile(_key: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
     for name in &p.schedulable {
         note(unschedulable(&ctx, name, None));
     }
+    let mut deferred = false;
     for (task, agent) in &p.assignments {
-        note(commit(&ctx, task, agent));
+        note(commit(&ctx, task, agent).map(|d| deferred |= d == Commit::Deferred));
     }
     if let Some(e) = first_error {
         return Err(e);
     }
-    Ok(match p.next_wakeup {
-        Some(t) => Action::requeue_after(t.duration_since(now).unwrap_or_default()),
-        None => Action::await_change(),
+    let wakeup = p
+        .next_wakeup
+        .map(|t| t.duration_since(now).unwrap_or_default());
+    Ok(match (wakeup, deferred) {
+        (Some(w), true) => Action::requeue_after(w.min(RUN_ENDING_LOOK)),
+        (None, true) => Action::requeue_after(RUN_ENDING_LOOK),
+        (Some(w), false) => Action::requeue_after(w),
+        (None, false) => Action::await_change(),
     })
 }
 
@@ -173,15 +179,29 @@ fn unblock(ctx: &Ctx, name: &str, why: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// What became of one planned assignment.
+#[derive(Debug, PartialEq)]
+enum Commit {
+    /// Committed, or nothing to do (the Task moved on, its Lease exists already).
+    Done,
+    /// A shim of the same attempt still lives: its Lease was deleted before the Task showed it.
+    /// The assignment waits for that shim to end its agent (it finds its Lease gone within a
+    /// second) and exit.
+    Deferred,
+}
+
+/// How soon a deferred assignment is looked at again.
+const RUN_ENDING_LOOK: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Creates the Lease (the commit point), then records the assignment on the Task.
-fn commit(ctx: &Ctx, task_name: &str, agent_name: &str) -> Result<(), Error> {
+fn commit(ctx: &Ctx, task_name: &str, agent_name: &str) -> Result<Commit, Error> {
     // The plan came from the cache; the commit re-reads the Task so that a task finished a moment
     // ago is never started again.
     let Some(task) = ctx.store.try_get::<Task>(task_name)? else {
-        return Ok(());
+        return Ok(Commit::Done);
     };
     if !matches!(task.status.phase, TaskPhase::Pending | TaskPhase::Blocked) {
-        return Ok(());
+        return Ok(Commit::Done);
     }
     // Nor is a retry started early: the attempt before may have failed since the plan's read,
     // and the Task's update (with its retry time) wakes the loop again.
@@ -191,18 +211,31 @@ fn commit(ctx: &Ctx, task_name: &str, agent_name: &str) -> Result<(), Error> {
         .as_deref()
         .and_then(crate::resources::meta::parse_time);
     if due.is_some_and(|at| at > SystemTime::now()) {
-        return Ok(());
+        return Ok(Commit::Done);
     }
     let Some(agent) = ctx.agents.get(agent_name) else {
-        return Ok(());
+        return Ok(Commit::Done);
     };
     let attempt = task.status.attempts + 1;
+    // A Lease deleted before its Task showed it leaves the Task Pending at the same attempt, while
+    // that attempt's shim may still run its agent: the same attempt again would run beside it
+    // (invariant 1). The shim holds the attempt's run claim for as long as it lives.
+    let run = crate::agent::claim::run_key(task_name, &task.metadata.uid, attempt);
+    let held = !ctx.settings.dry_run
+        && crate::agent::claim::Claim::is_held(&ctx.state_dir, &run).map_err(|e| {
+            Error(format!(
+                "task/{task_name}: cannot ask whether a shim runs it: {e}"
+            ))
+        })?;
+    if held {
+        return Ok(Commit::Deferred);
+    }
     if ctx.settings.dry_run {
         ctx.would(&format!(
             "assign task/{task_name} to agent/{agent_name} (attempt {attempt})"
         ));
         Summary::bump(&ctx.summary.assigned);
-        return Ok(());
+        return Ok(Commit::Done);
     }
     let mut lease = Lease::new(
         "Lease",
@@ -227,7 +260,7 @@ fn commit(ctx: &Ctx, task_name: &str, agent_name: &str) -> Result<(), Error> {
     let lease = match ctx.store.create(&lease) {
         Ok(l) => l,
         // Someone holds this task's run already: invariant 1 says we must not start another.
-        Err(e) if e.is_already_exists() => return Ok(()),
+        Err(e) if e.is_already_exists() => return Ok(Commit::Done),
         Err(e) => return Err(e.into()),
     };
     // A tinytask task is claimed on its server only once its Task shows the Lease.
@@ -254,5 +287,5 @@ fn commit(ctx: &Ctx, task_name: &str, agent_name: &str) -> Result<(), Error> {
         "Assigned",
         &format!("assigned to agent/{agent_name} (attempt {attempt})"),
     );
-    Ok(())
+    Ok(Commit::Done)
 }

@@ -284,6 +284,9 @@ pub fn hold_claim(state_dir: &Path, lease: &Lease, local: bool) -> io::Result<Cl
     })
 }
 
+/// How often reclaim looks whether the shim of a run whose Lease was deleted has ended.
+const SHIM_ENDING_LOOK: Duration = Duration::from_millis(500);
+
 /// Why a run is reclaimed whose Lease was deleted by hand.
 const LEASE_DELETED: &str = "its Lease was deleted";
 
@@ -323,15 +326,39 @@ async fn without_lease(ctx: &Ctx, name: &str) -> Result<Action, Error> {
         Summary::bump(&ctx.summary.reclaimed);
         return Ok(Action::await_change());
     }
+    // Its shim, while it lives, holds the run: it finds the Lease gone within a second and ends
+    // the agent's group itself, however the agent's processes look (one that redirected its
+    // output is not found by its log below). Requeueing before then would start the next attempt
+    // beside it (invariants 1 and 4).
+    let run = crate::agent::claim::run_key(name, &task.metadata.uid, lease.spec.attempt);
+    if crate::agent::claim::Claim::is_held(&ctx.state_dir, &run).map_err(|e| {
+        Error(format!(
+            "task/{name}: cannot ask whether its shim lives: {e}"
+        ))
+    })? {
+        return Ok(Action::requeue_after(SHIM_ENDING_LOOK));
+    }
     let groups = unrecorded_groups(ctx, &lease)
         .map_err(|e| Error(format!("task/{name}: cannot look for its processes: {e}")))?;
     // The run started if an agent of it was found, or if its shim, finding the Lease gone, ended
     // the agent itself (its log says so); a Task showing it Running (`acquireTime`) says so too.
-    let started = !groups.is_empty()
-        || crate::agent::shim::log_says_lease_lost(
-            &log_path(&ctx.state_dir, name, lease.spec.attempt),
-            name,
+    let shim_ended_it = crate::agent::shim::log_says_lease_lost(
+        &log_path(&ctx.state_dir, name, lease.spec.attempt),
+        name,
+    );
+    let started = !groups.is_empty() || shim_ended_it;
+    if shim_ended_it && groups.is_empty() {
+        ctx.event(
+            &task,
+            EventType::Warning,
+            "Killed",
+            &format!(
+                "the agent's process group was ended by its shim (attempt {}), which found its \
+                 Lease deleted",
+                lease.spec.attempt
+            ),
         );
+    }
     kill_groups(ctx, name, &groups, WITHOUT_LEASE, Some(&task)).await?;
     record_reclaimed(ctx, &lease, LEASE_DELETED, Some(&task), started)?;
     Ok(Action::await_change())

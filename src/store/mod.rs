@@ -254,7 +254,8 @@ impl Store {
         self.inner.objects.join(plural)
     }
 
-    fn object_path(&self, plural: &str, name: &str) -> PathBuf {
+    /// The file holding object `name` of kind `plural` (whether or not it exists).
+    pub fn object_path(&self, plural: &str, name: &str) -> PathBuf {
         self.kind_dir(plural).join(format!("{name}.json"))
     }
 
