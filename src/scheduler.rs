@@ -77,6 +77,7 @@ impl Scheduler {
         ctx.tasks.add_index(status::BLOCKED_BY_INDEX, |t: &Task| {
             t.spec.blocked_by.clone()
         });
+        ctx.tasks.add_index(status::RUNS_ON_INDEX, status::runs_on);
         let since = ctx.runnable_since.clone();
         ctx.tasks.on_event(move |ev, _| since.on_task_event(ev));
         // Before anything starts: registered later, it could miss the first pass's changes.

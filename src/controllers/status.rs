@@ -22,6 +22,18 @@ pub const DEFAULT_TINYTASK_TTL: Duration = Duration::from_secs(3600);
 /// The tasks informer's index of Tasks by the blockers they name (`spec.blockedBy`), which a
 /// blocker's TTL asks; registered by `Scheduler::start`.
 pub const BLOCKED_BY_INDEX: &str = "blockedBy";
+
+/// Index of the Task cache: the agent a Task shows a run on (Assigned or Running with a Lease), so
+/// that an agent's status counts its runs without a scan of every task.
+pub const RUNS_ON_INDEX: &str = "runsOn";
+
+/// The [`RUNS_ON_INDEX`] values of `t`.
+pub fn runs_on(t: &Task) -> Vec<String> {
+    match (&t.status.phase, &t.status.lease, &t.status.agent) {
+        (TaskPhase::Assigned | TaskPhase::Running, Some(_), Some(agent)) => vec![agent.clone()],
+        _ => Vec::new(),
+    }
+}
 /// Longest wait before a finished task's TTL is looked at again. The TTL runs on the wall clock,
 /// the requeue on the monotonic one, which stops while the machine sleeps; and resyncs skip
 /// finished tasks, so nothing else would correct a wait that a suspend made too long.
@@ -117,7 +129,7 @@ fn agent_status(ctx: &Ctx, name: &str) -> Result<(), Error> {
     };
     // The assignment loop's count: live Leases, and runs whose Lease was deleted until reclaim has
     // recorded them (their agents may still be alive).
-    let (leases, tasks) = (ctx.leases.list(), ctx.tasks.snapshot());
+    let (leases, tasks) = (ctx.leases.list(), ctx.tasks.by_index(RUNS_ON_INDEX, name));
     let active = super::plan::slots_held(&leases, &tasks)
         .get(name)
         .copied()
