@@ -160,8 +160,23 @@ async fn a_write_observed_after_another_process_deleted_it_does_not_come_back_as
     assert!(inf.get("brief").is_none(), "a deleted object came back");
     // A new object of the name is another matter.
     let again = store.create(&queue("brief", "b")).unwrap();
-    inf.observe(again);
+    inf.observe(again.clone());
     assert_eq!(inf.get("brief").unwrap().metadata.labels["team"], "b");
+
+    // An update of it that the watch never read (deleted right after), observed late: its
+    // version is newer than any the watch reported, and still it stays deleted.
+    let mut changed = again;
+    changed.metadata.labels.insert("team".into(), "c".into());
+    let updated = store.update(&changed).unwrap();
+    store.delete::<Queue>("brief", None).unwrap();
+    store.create(&queue("marker-2", "a")).unwrap();
+    loop {
+        if applied_name(&next_change(&mut rx).await) == "applied marker-2" {
+            break;
+        }
+    }
+    inf.observe(updated);
+    assert!(inf.get("brief").is_none(), "a deleted object came back");
 }
 
 #[tokio::test]

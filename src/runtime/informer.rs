@@ -93,11 +93,14 @@ struct Index<K> {
 struct Cache<K> {
     objects: HashMap<String, Arc<K>>,
     indexes: HashMap<&'static str, Index<K>>,
-    /// Names deleted lately, with the newest version the deletion covers: a read-your-writes
-    /// `observe` of that version or an older one, arriving after the deletion (another process
-    /// deleted the object a moment after this one wrote it), must not bring it back as a ghost
-    /// that no later event would ever remove.
-    gone: HashMap<String, (u64, std::time::Instant)>,
+    /// Names deleted lately, and when. A read-your-writes `observe` of such a name may come
+    /// after the deletion (another process deleted the object a moment after this one wrote it,
+    /// and the watch may never have read that version): it asks the store instead of trusting
+    /// the write, so that no ghost that no later event would remove comes back.
+    gone: HashMap<String, std::time::Instant>,
+    /// When `gone` is swept of old names next (by size, so that a burst of deletions costs
+    /// amortized constant time).
+    sweep_at: usize,
 }
 
 /// How long a deletion is remembered against a late read-your-writes `observe`.
@@ -132,10 +135,7 @@ impl<K: Resource> Cache<K> {
     /// `read`: the object was just read from the store (a list, a watch event), so it exists;
     /// otherwise it is this process's own write, which a deletion may have overtaken.
     fn apply(&mut self, obj: K, read: bool) -> Option<Arc<K>> {
-        if let Some((revision, _)) = self.gone.get(obj.name()) {
-            if !read && obj.revision() <= *revision {
-                return None;
-            }
+        if read {
             self.gone.remove(obj.name());
         }
         if let Some(old) = self.objects.get(obj.name()) {
@@ -154,19 +154,18 @@ impl<K: Resource> Cache<K> {
     fn remove(&mut self, name: &str) -> Option<Arc<K>> {
         let old = self.objects.remove(name)?;
         self.unindex(&old);
-        self.forget(name, old.revision());
+        self.forget(name);
         Some(old)
     }
 
-    /// Remembers that `name` is gone up to `revision` (for a while: see [`Cache::gone`]).
-    fn forget(&mut self, name: &str, revision: u64) {
+    /// Remembers that `name` was deleted (for a while: see [`Cache::gone`]).
+    fn forget(&mut self, name: &str) {
         let now = std::time::Instant::now();
-        if self.gone.len() >= 1024 {
-            self.gone
-                .retain(|_, (_, at)| now.duration_since(*at) < GONE_FOR);
+        if self.gone.len() >= self.sweep_at.max(1024) {
+            self.gone.retain(|_, at| now.duration_since(*at) < GONE_FOR);
+            self.sweep_at = 2 * self.gone.len();
         }
-        let entry = self.gone.entry(name.to_string()).or_insert((revision, now));
-        *entry = (entry.0.max(revision), now);
+        self.gone.insert(name.to_string(), now);
     }
 }
 
@@ -202,6 +201,7 @@ impl<K: Resource> Informer<K> {
                     objects: HashMap::new(),
                     indexes: HashMap::new(),
                     gone: HashMap::new(),
+                    sweep_at: 0,
                 }),
                 synced: watch::channel(false).0,
                 started: AtomicBool::new(false),
@@ -311,6 +311,16 @@ impl<K: Resource> Informer<K> {
 
     /// Puts an object in the cache (see [`Cache::apply`]) and notifies subscribers.
     fn take(&self, obj: K, read: bool) {
+        if !read && self.read().gone.contains_key(obj.name()) {
+            // Deleted lately: the store says whether this write outlived the deletion.
+            return match self.inner.store.try_get::<K>(obj.name()) {
+                Ok(Some(current)) => self.take(current, true),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(kind = K::KIND, name = obj.name(), error = %e, "informer re-read failed");
+                }
+            };
+        }
         let applied = self.write().apply(obj, read);
         if let Some(obj) = applied {
             self.dispatch(InformerEvent::Applied(obj));
@@ -419,7 +429,7 @@ impl<K: Resource> Informer<K> {
     fn on_watch_deleted(&self, name: &str, resource_version: u64) {
         let cached = self.get(name);
         let Some(cached) = cached else {
-            self.write().forget(name, resource_version);
+            self.write().forget(name);
             return;
         };
         if cached.revision() > resource_version {

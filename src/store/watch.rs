@@ -74,8 +74,6 @@ struct Watcher_<K> {
     /// Files already reported as unreadable, with the version seen, so each is reported once.
     reported: HashMap<String, FileId>,
     tx: mpsc::UnboundedSender<WatchEvent<K>>,
-    /// For the store's revision when a file the watcher never read is gone already.
-    store: Store,
     _k: PhantomData<K>,
 }
 
@@ -110,7 +108,6 @@ impl Store {
                 })
                 .collect(),
             reported: HashMap::new(),
-            store: self.clone(),
             tx,
             _k: PhantomData,
         };
@@ -190,19 +187,13 @@ impl<K: Resource> Watcher_<K> {
                     name: name.to_string(),
                     resource_version: k.revision,
                 }),
-                // Made and removed before it could be read: no version of it is known, but every
-                // version there was is at most the store's revision now. A process that put the
-                // object in its cache by itself (read-your-writes) learns it is gone. (A create
-                // still in flight may hold a revision below this one: its file, once in place,
-                // comes as an event of its own, which the informer takes as read.)
-                None => {
-                    if let Ok(revision) = self.store.revision() {
-                        self.send(WatchEvent::Deleted {
-                            name: name.to_string(),
-                            resource_version: revision,
-                        });
-                    }
-                }
+                // Made and removed before it could be read: no version of it is known (0). A
+                // process that put the object in its cache by itself (read-your-writes) learns
+                // it is gone, after asking the store (any version it has is newer than 0).
+                None => self.send(WatchEvent::Deleted {
+                    name: name.to_string(),
+                    resource_version: 0,
+                }),
             }
             return;
         };
