@@ -316,6 +316,54 @@ fn the_shim_renews_as_often_as_its_leases_duration_needs_whatever_the_agent_says
 }
 
 #[test]
+fn a_shim_whose_lease_is_deleted_and_made_anew_ends_its_agent_long_before_its_heartbeat() {
+    let s = State::new();
+    s.agent("redo", &["sleep", "120"], 60);
+    s.task("redo", &[]);
+    // Renewed once a minute: far later than the test waits.
+    let first = s
+        .store
+        .create(&tinyscheduler::resources::Lease::new(
+            "Lease",
+            "redo",
+            tinyscheduler::resources::LeaseSpec {
+                task: "redo".into(),
+                agent: "redo".into(),
+                lease_duration_seconds: 180,
+                max_runtime_seconds: 3600,
+                attempt: 1,
+                ..Default::default()
+            },
+        ))
+        .unwrap();
+    let mut shim = s.shim_cmd("redo").spawn().unwrap();
+    wait_for("the agent to run", LONG, || {
+        s.get_lease("redo")
+            .is_some_and(|l| l.status.phase == LeasePhase::Running)
+    });
+    // Deleted and made anew at once: the path is never missing when the shim looks.
+    s.store
+        .delete::<tinyscheduler::resources::Lease>("redo", None)
+        .unwrap();
+    let second = s.lease("redo", "redo", 2);
+    assert_ne!(first.metadata.uid, second.metadata.uid);
+    wait_for("the shim to end its agent and exit", LONG, || {
+        shim.try_wait().unwrap().is_some()
+    });
+    assert!(
+        s.log("redo", 1)
+            .contains("was replaced by a new Lease of its name"),
+        "{}",
+        s.log("redo", 1)
+    );
+    assert_eq!(
+        s.get_lease("redo").unwrap(),
+        second,
+        "the new Lease left alone"
+    );
+}
+
+#[test]
 fn template_variables_reach_the_agent_as_separate_arguments_without_a_shell() {
     let s = State::new();
     s.agent(

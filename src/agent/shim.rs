@@ -264,6 +264,7 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
     // Between writes, a look every second whether the Lease was deleted (one `lstat`), so that a
     // run whose Lease is gone ends soon, not at the next heartbeat.
     let lease_file = store.object_path(Lease::PLURAL, &lease_name);
+    let mut lease_seen = None;
     let mut next_look = Instant::now() + LEASE_LOOK;
     // A SIGTERM or SIGINT to the shim, or the Lease gone, terminates the agent's group: why, and
     // how far that has got. Only the first cause counts.
@@ -285,8 +286,11 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
             }
             next_write = Instant::now() + period;
         } else if now >= next_look {
-            if forwarded.is_none() && lease_deleted(&store, &lease_file) {
-                let why = "was deleted";
+            let lost = forwarded
+                .is_none()
+                .then(|| lease_lost(&store, &lease_file, &info.uid, &mut lease_seen))
+                .flatten();
+            if let Some(why) = lost {
                 let _ = writeln!(log, "{}", lease_lost_line(&lease_name, why));
                 tracing::warn!(lease = %lease_name, "{why}: terminating the agent's group");
                 forwarded = Some((Stop::LeaseLost(why), Termination::start(pid, grace)));
@@ -696,11 +700,33 @@ pub fn log_says_lease_lost(path: &Path, lease: &str) -> bool {
 /// How often a shim looks whether its Lease was deleted between heartbeats.
 const LEASE_LOOK: Duration = Duration::from_secs(1);
 
-/// Whether the Lease's file is gone while its kind's directory is there (a state directory that
-/// vanished whole is a lost mount, and the run goes on, as in [`record_running`]).
-fn lease_deleted(store: &Store, file: &Path) -> bool {
-    matches!(crate::store::fsio::entry_kind(file), Ok(None))
-        && store.kind_dir(Lease::PLURAL).is_dir()
+/// Why the run's Lease is no longer there, from a look at its file: gone while its kind's
+/// directory is there (a state directory that vanished whole is a lost mount, and the run goes
+/// on, as in [`record_running`]), or, when the file changed since the last look (`seen`), read
+/// and found to be another Lease of the name (deleted and made anew meanwhile).
+fn lease_lost(
+    store: &Store,
+    file: &Path,
+    uid: &str,
+    seen: &mut Option<crate::store::fsio::FileId>,
+) -> Option<&'static str> {
+    let now = crate::store::fsio::FileId::at(file).ok()?;
+    let Some(now) = now else {
+        return store
+            .kind_dir(Lease::PLURAL)
+            .is_dir()
+            .then_some("was deleted");
+    };
+    if *seen == Some(now) {
+        return None;
+    }
+    *seen = Some(now);
+    let name = file.file_stem()?.to_str()?;
+    match store.try_get::<Lease>(name) {
+        Ok(Some(l)) if l.metadata.uid != uid => Some("was replaced by a new Lease of its name"),
+        Ok(None) if store.kind_dir(Lease::PLURAL).is_dir() => Some("was deleted"),
+        _ => None,
+    }
 }
 
 /// Whether the run's Lease was there for a write.
