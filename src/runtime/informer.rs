@@ -313,13 +313,8 @@ impl<K: Resource> Informer<K> {
     fn take(&self, obj: K, read: bool) {
         if !read && self.read().gone.contains_key(obj.name()) {
             // Deleted lately: the store says whether this write outlived the deletion.
-            return match self.inner.store.try_get::<K>(obj.name()) {
-                Ok(Some(current)) => self.take(current, true),
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(kind = K::KIND, name = obj.name(), error = %e, "informer re-read failed");
-                }
-            };
+            let _ = self.reread(obj.name());
+            return;
         }
         let applied = self.write().apply(obj, read);
         if let Some(obj) = applied {
@@ -432,19 +427,28 @@ impl<K: Resource> Informer<K> {
             self.write().forget(name);
             return;
         };
-        if cached.revision() > resource_version {
-            // We observed a newer write the watcher had not seen; the file may be back. Ask the
-            // store rather than guess.
-            match self.inner.store.try_get::<K>(name) {
-                Ok(Some(obj)) => return self.take(obj, true),
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(kind = K::KIND, name, error = %e, "informer re-read failed");
-                    return;
-                }
-            }
+        // We observed a newer write the watcher had not seen; the file may be back. Ask the
+        // store rather than guess (a failed read keeps what the cache has).
+        if cached.revision() > resource_version && self.reread(name) != Some(false) {
+            return;
         }
         self.observe_deleted(name);
+    }
+
+    /// Takes object `name` as the store has it now: `Some(true)` when it is there (and in the
+    /// cache now), `Some(false)` when it is not, `None` when the read failed (logged).
+    fn reread(&self, name: &str) -> Option<bool> {
+        match self.inner.store.try_get::<K>(name) {
+            Ok(Some(obj)) => {
+                self.take(obj, true);
+                Some(true)
+            }
+            Ok(None) => Some(false),
+            Err(e) => {
+                tracing::warn!(kind = K::KIND, name, error = %e, "informer re-read failed");
+                None
+            }
+        }
     }
 
     /// Lists the store into the cache; `Some(revision, items)` on success.
