@@ -263,7 +263,6 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
     let mut next_write = Instant::now() + quick_exit().min(period);
     // Between writes, a look every second whether the Lease was deleted (one `lstat`), so that a
     // run whose Lease is gone ends soon, not at the next heartbeat.
-    let lease_file = store.object_path(Lease::PLURAL, &lease_name);
     let mut lease_seen = None;
     let mut next_look = Instant::now() + LEASE_LOOK;
     // A SIGTERM or SIGINT to the shim, or the Lease gone, terminates the agent's group: why, and
@@ -288,7 +287,7 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
         } else if now >= next_look {
             let lost = forwarded
                 .is_none()
-                .then(|| lease_lost(&store, &lease_file, &info.uid, &mut lease_seen))
+                .then(|| lease_lost(&store, &lease_name, &info.uid, &mut lease_seen))
                 .flatten();
             if let Some(why) = lost {
                 let _ = writeln!(log, "{}", lease_lost_line(&lease_name, why));
@@ -700,32 +699,27 @@ pub fn log_says_lease_lost(path: &Path, lease: &str) -> bool {
 /// How often a shim looks whether its Lease was deleted between heartbeats.
 const LEASE_LOOK: Duration = Duration::from_secs(1);
 
-/// Why the run's Lease is no longer there, from a look at its file: gone while its kind's
-/// directory is there (a state directory that vanished whole is a lost mount, and the run goes
-/// on, as in [`record_running`]), or, when the file changed since the last look (`seen`), read
-/// and found to be another Lease of the name (deleted and made anew meanwhile).
+/// Why the run's Lease is no longer there, from a look at its file (see [`held`]): gone, or,
+/// when the file changed since the last look (`seen`), read and found to be another Lease of the
+/// name (deleted and made anew meanwhile).
 fn lease_lost(
     store: &Store,
-    file: &Path,
+    name: &str,
     uid: &str,
     seen: &mut Option<crate::store::fsio::FileId>,
 ) -> Option<&'static str> {
-    let now = crate::store::fsio::FileId::at(file).ok()?;
-    let Some(now) = now else {
-        return store
-            .kind_dir(Lease::PLURAL)
-            .is_dir()
-            .then_some("was deleted");
-    };
-    if *seen == Some(now) {
-        return None;
-    }
-    *seen = Some(now);
-    let name = file.file_stem()?.to_str()?;
-    match store.try_get::<Lease>(name) {
-        Ok(Some(l)) if l.metadata.uid != uid => Some("was replaced by a new Lease of its name"),
-        Ok(None) if store.kind_dir(Lease::PLURAL).is_dir() => Some("was deleted"),
-        _ => None,
+    let found =
+        match crate::store::fsio::FileId::at(&store.object_path(Lease::PLURAL, name)).ok()? {
+            None => None,
+            Some(id) if *seen == Some(id) => return None,
+            Some(id) => {
+                *seen = Some(id);
+                store.try_get::<Lease>(name).ok()?
+            }
+        };
+    match held(store, found.as_ref(), uid) {
+        Held::Lost(why) => Some(why),
+        Held::Kept => None,
     }
 }
 
@@ -744,10 +738,7 @@ fn record_running(store: &Store, lease: &str, info: &RunInfo, recorded: &mut boo
     let written = store.patch_status::<Lease>(lease, |l| mark_running(l, info));
     let renewing = std::mem::replace(recorded, true);
     match written {
-        Ok(Some(l)) if l.metadata.uid == info.uid => Held::Kept,
-        Ok(Some(_)) => Held::Lost("was replaced by a new Lease of its name"),
-        Ok(None) if store.kind_dir(Lease::PLURAL).is_dir() => Held::Lost("was deleted"),
-        Ok(None) => Held::Kept,
+        Ok(found) => held(store, found.as_ref(), &info.uid),
         Err(e) => {
             let what = if renewing {
                 "renew"
@@ -757,6 +748,18 @@ fn record_running(store: &Store, lease: &str, info: &RunInfo, recorded: &mut boo
             tracing::warn!(lease, "cannot {what}: {e}");
             Held::Kept
         }
+    }
+}
+
+/// Whether `found`, what the store has under the run's Lease name, is still the run's Lease (uid
+/// `uid`). Nothing there counts as deleted only while the kind's directory is there: a state
+/// directory gone whole is a lost mount, and the run goes on.
+fn held(store: &Store, found: Option<&Lease>, uid: &str) -> Held {
+    match found {
+        Some(l) if l.metadata.uid == uid => Held::Kept,
+        Some(_) => Held::Lost("was replaced by a new Lease of its name"),
+        None if store.kind_dir(Lease::PLURAL).is_dir() => Held::Lost("was deleted"),
+        None => Held::Kept,
     }
 }
 
