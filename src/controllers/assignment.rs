@@ -220,14 +220,7 @@ fn commit(ctx: &Ctx, task_name: &str, agent_name: &str) -> Result<Commit, Error>
     // A Lease deleted before its Task showed it leaves the Task Pending at the same attempt, while
     // that attempt's shim may still run its agent: the same attempt again would run beside it
     // (invariant 1). The shim holds the attempt's run claim for as long as it lives.
-    let run = crate::agent::claim::run_key(task_name, &task.metadata.uid, attempt);
-    let held = !ctx.settings.dry_run
-        && crate::agent::claim::Claim::is_held(&ctx.state_dir, &run).map_err(|e| {
-            Error(format!(
-                "task/{task_name}: cannot ask whether a shim runs it: {e}"
-            ))
-        })?;
-    if held {
+    if !ctx.settings.dry_run && ctx.shim_runs(&task, attempt)? {
         return Ok(Commit::Deferred);
     }
     if ctx.settings.dry_run {

@@ -243,6 +243,18 @@ impl Ctx {
         }
     }
 
+    /// Whether a shim of `task`'s attempt `attempt` still lives on this host: it holds the run's
+    /// claim (`agent::claim::run_key`) for as long as it does, with or without its Lease.
+    pub fn shim_runs(&self, task: &Task, attempt: i64) -> Result<bool, Error> {
+        let name = &task.metadata.name;
+        let run = crate::agent::claim::run_key(name, &task.metadata.uid, attempt);
+        crate::agent::claim::Claim::is_held(&self.state_dir, &run).map_err(|e| {
+            Error(format!(
+                "task/{name}: cannot ask whether a shim runs it: {e}"
+            ))
+        })
+    }
+
     /// Prints a dry-run decision (`would assign task/x to agent/y`).
     pub fn would(&self, decision: &str) {
         crate::outln!("would {decision}");

@@ -330,12 +330,7 @@ async fn without_lease(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     // the agent's group itself, however the agent's processes look (one that redirected its
     // output is not found by its log below). Requeueing before then would start the next attempt
     // beside it (invariants 1 and 4).
-    let run = crate::agent::claim::run_key(name, &task.metadata.uid, lease.spec.attempt);
-    if crate::agent::claim::Claim::is_held(&ctx.state_dir, &run).map_err(|e| {
-        Error(format!(
-            "task/{name}: cannot ask whether its shim lives: {e}"
-        ))
-    })? {
+    if ctx.shim_runs(&task, lease.spec.attempt)? {
         return Ok(Action::requeue_after(SHIM_ENDING_LOOK));
     }
     let groups = unrecorded_groups(ctx, &lease)
