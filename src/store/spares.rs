@@ -97,6 +97,11 @@ impl Staged {
 #[derive(Debug)]
 pub struct Held(usize);
 
+/// The slot value of a spare this process has in use (staged, or held until an fsync).
+fn in_use_by_me() -> u64 {
+    IN_USE | u64::from(std::process::id())
+}
+
 fn slot_free(s: u64) -> bool {
     s == 0 || (s & IN_USE != 0 && !fsio::pid_alive((s & !IN_USE) as i32))
 }
@@ -195,7 +200,7 @@ impl Pool {
         }
         let mut table = self.load()?;
         let now = boottime_ms();
-        let mine = IN_USE | u64::from(std::process::id());
+        let mine = in_use_by_me();
         let (path, slot, file) =
             if let Some(k) = table.slots.iter().position(|s| slot_rested(*s, now)) {
                 let path = self.spare_path(k);
@@ -326,7 +331,7 @@ impl Pool {
         match table.slots.iter().position(|s| slot_free(*s)) {
             Some(k) => {
                 fs::rename(target, self.spare_path(k))?;
-                table.slots[k] = IN_USE | u64::from(std::process::id());
+                table.slots[k] = in_use_by_me();
                 self.save(&table)?;
                 Ok(Some(Held(k)))
             }
@@ -615,7 +620,7 @@ mod tests {
         p.write(&a, b"a0", true, false).unwrap();
         let mut t = p.load().unwrap();
         // Every slot in use by a live writer (this process): the write goes through a temp file.
-        t.slots = [IN_USE | u64::from(std::process::id()); SLOTS];
+        t.slots = [in_use_by_me(); SLOTS];
         p.save(&t).unwrap();
         p.write(&a, b"a1", true, true).unwrap();
         p.write(&a, b"a2", true, true).unwrap();
