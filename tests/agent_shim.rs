@@ -288,20 +288,8 @@ fn the_shim_renews_as_often_as_its_leases_duration_needs_whatever_the_agent_says
     // 3 s duration): renewing every minute would let the Lease expire.
     s.agent("slow-beat", &["sleep", "4"], 60);
     s.task("slow-beat", &[]);
-    let mut lease = tinyscheduler::resources::Lease::new(
-        "Lease",
-        "slow-beat",
-        tinyscheduler::resources::LeaseSpec {
-            task: "slow-beat".into(),
-            agent: "slow-beat".into(),
-            lease_duration_seconds: 3,
-            max_runtime_seconds: 3600,
-            attempt: 1,
-            ..Default::default()
-        },
-    );
-    lease = s.store.create(&lease).unwrap();
-    let mut shim = s.shim_cmd(&lease.metadata.name).spawn().unwrap();
+    s.lease_lasting("slow-beat", "slow-beat", 1, 3);
+    let mut shim = s.shim_cmd("slow-beat").spawn().unwrap();
     let mut renewals = std::collections::BTreeSet::new();
     while shim.try_wait().unwrap().is_none() {
         if let Some(t) = s.get_lease("slow-beat").and_then(|l| l.status.renew_time) {
@@ -321,21 +309,7 @@ fn a_shim_whose_lease_is_deleted_and_made_anew_ends_its_agent_long_before_its_he
     s.agent("redo", &["sleep", "120"], 60);
     s.task("redo", &[]);
     // Renewed once a minute: far later than the test waits.
-    let first = s
-        .store
-        .create(&tinyscheduler::resources::Lease::new(
-            "Lease",
-            "redo",
-            tinyscheduler::resources::LeaseSpec {
-                task: "redo".into(),
-                agent: "redo".into(),
-                lease_duration_seconds: 180,
-                max_runtime_seconds: 3600,
-                attempt: 1,
-                ..Default::default()
-            },
-        ))
-        .unwrap();
+    let first = s.lease_lasting("redo", "redo", 1, 180);
     let mut shim = s.shim_cmd("redo").spawn().unwrap();
     wait_for("the agent to run", LONG, || {
         s.get_lease("redo")
@@ -347,9 +321,7 @@ fn a_shim_whose_lease_is_deleted_and_made_anew_ends_its_agent_long_before_its_he
         .unwrap();
     let second = s.lease("redo", "redo", 2);
     assert_ne!(first.metadata.uid, second.metadata.uid);
-    wait_for("the shim to end its agent and exit", LONG, || {
-        shim.try_wait().unwrap().is_some()
-    });
+    exits(&mut shim);
     assert!(
         s.log("redo", 1)
             .contains("was replaced by a new Lease of its name"),

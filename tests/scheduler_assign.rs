@@ -143,26 +143,18 @@ fn run_once_wait_ends_when_the_rest_can_never_run_a_cycle_or_a_chain_behind_a_fa
     s.task_with("further-behind", |t| t.blocked_by = vec!["behind".into()]);
     s.task_with("chicken", |t| t.blocked_by = vec!["egg".into()]);
     s.task_with("egg", |t| t.blocked_by = vec!["chicken".into()]);
-    let mut child = s
+    let child = s
         .cmd(&["run", "--once", "--wait"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // Polled (it must end by itself): a failure is a hang, which the deadline reports; the
-    // fixture kills what is left.
-    let mut status = None;
-    let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_for("run --once --wait to end", LONG, || {
-            status = child.try_wait().unwrap();
-            status.is_some()
-        })
-    }));
-    if waited.is_err() {
-        s.keep(child);
-        panic!("run --once --wait waited for tasks that can never run");
-    }
-    assert_eq!(status.and_then(|st| st.code()), Some(0));
+    let out = s.ends_by_itself(
+        child,
+        "run --once --wait to end",
+        "run --once --wait waited for tasks that can never run",
+    );
+    assert_eq!(out.status.code(), Some(0));
     assert_eq!(s.phase("doomed"), TaskPhase::Failed);
     for t in ["behind", "further-behind", "chicken", "egg"] {
         assert_eq!(s.phase(t), TaskPhase::Blocked, "{t}");
@@ -221,26 +213,19 @@ fn run_once_wait_dry_run_prints_one_pass_and_ends() {
     s.agent("y", 2, "echo ran >> \"$OUT/ran\"");
     s.task("x");
     let before = s.env.snapshot();
-    let mut child = s
+    let child = s
         .cmd(&["run", "--once", "--wait", "--dry-run"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     // Nothing a dry run would start ever finishes: waiting for it would be a hang.
-    let mut status = None;
-    let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_for("run --once --wait --dry-run to end", LONG, || {
-            status = child.try_wait().unwrap();
-            status.is_some()
-        })
-    }));
-    if waited.is_err() {
-        s.keep(child);
-        panic!("run --once --wait --dry-run waited for a task that a dry run never starts");
-    }
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(status.and_then(|st| st.code()), Some(0));
+    let out = s.ends_by_itself(
+        child,
+        "run --once --wait --dry-run to end",
+        "run --once --wait --dry-run waited for a task that a dry run never starts",
+    );
+    assert_eq!(out.status.code(), Some(0));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("would assign task/x to agent/y"),
@@ -257,25 +242,18 @@ fn run_once_wait_dry_run_prints_one_pass_and_ends() {
 fn wait_without_once_and_http_without_daemon_are_refused() {
     let mut s = Sched::new();
     // Spawned: a daemon that took `--wait` silently would not end.
-    let mut child = s
+    let child = s
         .cmd(&["run", "--daemon", "--wait"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut status = None;
-    let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_for("run --daemon --wait to be refused", LONG, || {
-            status = child.try_wait().unwrap();
-            status.is_some()
-        })
-    }));
-    if ended.is_err() {
-        s.keep(child);
-        panic!("run --daemon --wait started a daemon");
-    }
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(status.and_then(|st| st.code()), Some(1));
+    let out = s.ends_by_itself(
+        child,
+        "run --daemon --wait to be refused",
+        "run --daemon --wait started a daemon",
+    );
+    assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("--wait goes with --once"),
         "{out:?}"

@@ -17,6 +17,14 @@ use tinyscheduler::agent::liveness::start_time_of;
 use tinyscheduler::resources::meta::now_rfc3339;
 use tinyscheduler::resources::{Lease, LeasePhase, LeaseSpec, TaskPhase};
 
+/// A shell function for agent scripts: `alive PID` succeeds while the process lives and is not a
+/// zombie (an agent that checks whether an earlier run still lives).
+const ALIVE: &str = "alive() {
+  st=$(cut -d' ' -f3 \"/proc/$1/stat\" 2>/dev/null)
+  [ -n \"$st\" ] && [ \"$st\" != Z ]
+}
+";
+
 fn secs(line: &str) -> f64 {
     line.trim().parse().unwrap()
 }
@@ -87,12 +95,13 @@ if [ "$TINYSCHEDULER_ATTEMPT" = 1 ]; then
   wait
 else
   for p in $(cat "$OUT/family"); do
-    st=$(cut -d' ' -f3 /proc/$p/stat 2>/dev/null)
-    if [ -n "$st" ] && [ "$st" != Z ]; then echo "alive $p" >> "$OUT/overlap"; fi
+    if alive $p; then echo "alive $p" >> "$OUT/overlap"; fi
   done
   echo checked >> "$OUT/second"
 fi"#;
-    s.agent_with("hung", 1, script, |a| a.max_runtime_seconds = 1);
+    s.agent_with("hung", 1, &format!("{ALIVE}{script}"), |a| {
+        a.max_runtime_seconds = 1
+    });
     s.task_with("slow", |t| t.max_retries = 1);
     let r = s.run(&["run", "--once", "--wait"]);
     assert_eq!(r.code, 0, "{r:?}");
@@ -176,11 +185,10 @@ if [ "$TINYSCHEDULER_ATTEMPT" = 1 ]; then
   sleep 1
 else
   p=$(cat "$OUT/left")
-  st=$(cut -d' ' -f3 /proc/$p/stat 2>/dev/null)
-  if [ -n "$st" ] && [ "$st" != Z ]; then echo "alive $p" >> "$OUT/overlap"; fi
+  if alive $p; then echo "alive $p" >> "$OUT/overlap"; fi
   echo checked >> "$OUT/second"
 fi"#;
-    s.agent("w", 1, script);
+    s.agent("w", 1, &format!("{ALIVE}{script}"));
     s.task_with("lost", |t| t.max_retries = 1);
     s.daemon(&[]);
     // The shim dies while its agent runs; the agent then exits, and its child lives on in the
@@ -754,13 +762,14 @@ fn a_run_whose_lease_is_deleted_keeps_its_agents_slot_until_its_agent_is_gone() 
     s.agent(
         "solo",
         1,
-        "if [ \"$TINYSCHEDULER_TASK\" = ta ]; then
+        &format!(
+            "{ALIVE}if [ \"$TINYSCHEDULER_TASK\" = ta ]; then
   trap '' TERM
   while [ -d \"$OUT\" ]; do sleep 0.05; done
 else
-  st=$(cut -d' ' -f3 \"/proc/$(head -n1 \"$OUT/pids\")/stat\" 2>/dev/null)
-  if [ -n \"$st\" ] && [ \"$st\" != Z ]; then echo overlap; else echo alone; fi >> \"$OUT/tb\"
-fi",
+  if alive $(head -n1 \"$OUT/pids\"); then echo overlap; else echo alone; fi >> \"$OUT/tb\"
+fi"
+        ),
     );
     s.task_with("ta", |t| t.max_retries = 0);
     s.task("tb");
@@ -799,13 +808,14 @@ fn a_run_whose_lease_is_deleted_is_not_retried_beside_an_agent_that_reclaim_cann
     s.agent_with(
         "hidden",
         1,
-        "exec >>\"$OUT/own.log\" 2>&1
+        &format!(
+            "{ALIVE}exec >>\"$OUT/own.log\" 2>&1
 if [ \"$TINYSCHEDULER_ATTEMPT\" = 1 ]; then
   while [ -d \"$OUT\" ]; do sleep 0.05; done
 else
-  st=$(cut -d' ' -f3 \"/proc/$(head -n1 \"$OUT/pids\")/stat\" 2>/dev/null)
-  if [ -n \"$st\" ] && [ \"$st\" != Z ]; then echo overlap; else echo alone; fi >> \"$OUT/second\"
-fi",
+  if alive $(head -n1 \"$OUT/pids\"); then echo overlap; else echo alone; fi >> \"$OUT/second\"
+fi"
+        ),
         // A heartbeat far away: the shim must see its Lease gone long before its next renewal.
         |a| a.heartbeat_seconds = 60,
     );
@@ -836,12 +846,13 @@ fn a_lease_deleted_before_its_task_shows_it_does_not_start_the_same_attempt_besi
     s.agent_with(
         "w",
         1,
-        "for p in $(grep -v \"^$$\\$\" \"$OUT/pids\"); do
-  st=$(cut -d' ' -f3 \"/proc/$p/stat\" 2>/dev/null)
-  if [ -n \"$st\" ] && [ \"$st\" != Z ]; then echo overlap >> \"$OUT/runs\"; fi
+        &format!(
+            "{ALIVE}for p in $(grep -v \"^$$\\$\" \"$OUT/pids\"); do
+  if alive $p; then echo overlap >> \"$OUT/runs\"; fi
 done
 echo run >> \"$OUT/runs\"
-sleep 1",
+sleep 1"
+        ),
         |a| a.heartbeat_seconds = 60,
     );
     s.task("job");

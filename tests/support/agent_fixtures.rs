@@ -56,11 +56,16 @@ impl State {
     }
 
     pub fn lease(&self, task: &str, agent: &str, attempt: i64) -> Lease {
+        self.lease_lasting(task, agent, attempt, 60)
+    }
+
+    /// [`State::lease`] with a duration of `seconds` (its shim renews at least every third).
+    pub fn lease_lasting(&self, task: &str, agent: &str, attempt: i64, seconds: i64) -> Lease {
         let spec = LeaseSpec {
             task: task.into(),
             agent: agent.into(),
             holder_identity: "test/1".into(),
-            lease_duration_seconds: 60,
+            lease_duration_seconds: seconds,
             max_runtime_seconds: 3600,
             attempt,
             // Empty, as in a Lease of an earlier version: the task's name alone matches it.

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -200,6 +200,20 @@ impl Sched {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits for `child` (spawned from [`Sched::cmd`]) to end by itself and returns its output.
+    /// A child still running after [`LONG`] is a hang: it is kept for the fixture to kill, and
+    /// the test fails with `hang`.
+    pub fn ends_by_itself(&mut self, mut child: Child, what: &str, hang: &str) -> Output {
+        let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_for(what, LONG, || child.try_wait().unwrap().is_some())
+        }));
+        if waited.is_err() {
+            self.keep(child);
+            panic!("{hang}");
+        }
+        child.wait_with_output().unwrap()
     }
 
     /// Keeps a helper process to kill at the end.
