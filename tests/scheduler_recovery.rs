@@ -879,6 +879,71 @@ sleep 1"
 }
 
 #[test]
+fn a_lease_deleted_before_its_task_shows_it_keeps_its_agents_slot_until_its_run_has_ended() {
+    let mut s = Sched::new();
+    s.extra_env
+        .push(("TINYSCHEDULER_KILL_GRACE_SEC".into(), "2".into()));
+    s.queue("default");
+    // One slot. Each run notes whether another run's agent still lived when it started; the first
+    // run of `first` says it is ready, then ignores SIGTERM for the grace.
+    s.agent_with(
+        "w",
+        1,
+        &format!(
+            "{ALIVE}for p in $(grep -v \"^$$\\$\" \"$OUT/pids\"); do
+  if alive $p; then echo overlap >> \"$OUT/runs\"; fi
+done
+echo \"$TINYSCHEDULER_TASK $TINYSCHEDULER_ATTEMPT\" >> \"$OUT/runs\"
+if [ \"$TINYSCHEDULER_TASK\" = first ] && [ ! -e \"$OUT/ready\" ]; then
+  trap '' TERM
+  : > \"$OUT/ready\"
+  while [ -d \"$OUT\" ]; do sleep 0.05; done
+fi"
+        ),
+        |a| a.heartbeat_seconds = 60,
+    );
+    s.task("first");
+    s.daemon(&[]);
+    // Deleted once its agent is under way, before the daemon's Task shows the run (it does once
+    // the Lease has lasted 50 ms).
+    let ready = s.out("ready");
+    let deadline = std::time::Instant::now() + LONG;
+    while !ready.exists() {
+        assert!(std::time::Instant::now() < deadline, "first never started");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    s.store
+        .delete::<tinyscheduler::resources::Lease>("first", None)
+        .unwrap();
+    let shown = s
+        .store
+        .get::<tinyscheduler::resources::Task>("first")
+        .unwrap();
+    assert_eq!(
+        (shown.status.phase, shown.status.attempts),
+        (TaskPhase::Pending, 0),
+        "deleted before the Task showed it"
+    );
+    // A task that comes first in the queue's order finds no free slot while that run lives.
+    s.task_with("second", |t| t.priority = 5);
+    s.wait_phase("second", TaskPhase::Succeeded, LONG);
+    s.wait_phase("first", TaskPhase::Succeeded, LONG);
+    let runs = s.lines("runs");
+    assert!(!runs.iter().any(|l| l == "overlap"), "{runs:?}");
+    assert_eq!(runs.len(), 3, "{runs:?}");
+    // The run was reclaimed as any run whose Lease was deleted: its attempt counted, retried.
+    let first = s
+        .store
+        .get::<tinyscheduler::resources::Task>("first")
+        .unwrap();
+    assert_eq!(first.status.attempts, 2);
+    let story = story(&s, "first");
+    for reason in ["Reclaimed", "Retrying"] {
+        assert!(story.iter().any(|r| r == reason), "{reason}: {story:?}");
+    }
+}
+
+#[test]
 fn an_agents_status_counts_a_run_whose_lease_was_deleted_until_it_is_recorded() {
     let mut s = Sched::new();
     s.extra_env

@@ -25,7 +25,7 @@ pub const MAX_STARTING: usize = 32;
 
 /// One assignment pass over the whole cache.
 pub async fn reconcile(_key: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
-    let (tasks, agents, queues, leases) = (
+    let (tasks, agents, queues, mut leases) = (
         ctx.tasks.snapshot(),
         ctx.agents.list(),
         ctx.queues.list(),
@@ -36,6 +36,7 @@ pub async fn reconcile(_key: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
         .iter()
         .filter(|l| l.status.phase == LeasePhase::Pending)
         .count();
+    leases.extend(ctx.runs_without_lease(&leases));
     // A dry run starts nothing, so it prints the whole plan.
     let budget = if ctx.settings.dry_run {
         None

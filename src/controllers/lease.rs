@@ -25,12 +25,23 @@ pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
     // under its claim (invariant 1), every Task patch re-checks the Task under the store lock, and
     // the Lease is deleted only at the version it was read at.
     let Some(lease) = ctx.leases.get(&name) else {
+        settled(&ctx, &name);
+        ctx.summary.gone(&name);
+        // The shim's entry goes only once its run, if it lives on, shows on the Task: until then
+        // the entry is what keeps its agent's slot taken (`Ctx::runs_without_lease`).
+        let spawned = ctx
+            .spawned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&name)
+            .map(|s| s.lease.clone());
+        if let Some(gone) = spawned {
+            show_run_of_deleted_lease(&ctx, &gone)?;
+        }
         ctx.spawned
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&name);
-        settled(&ctx, &name);
-        ctx.summary.gone(&name);
         return Ok(Action::await_change());
     };
     ctx.summary.scanned(&name, &lease.metadata.uid);
@@ -66,7 +77,7 @@ pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
 }
 
 /// Starts the shim for a Lease no process holds yet, unless one is already starting.
-async fn start(ctx: &Ctx, lease: &Lease) -> Result<Action, Error> {
+async fn start(ctx: &Ctx, lease: &Arc<Lease>) -> Result<Action, Error> {
     let name = &lease.metadata.name;
     // A shim holds the claim from before it starts anything until it exits.
     if Claim::is_held(&ctx.state_dir, &lease.metadata.uid).unwrap_or(false) {
@@ -77,8 +88,8 @@ async fn start(ctx: &Ctx, lease: &Lease) -> Result<Action, Error> {
         // A shim takes its claim within milliseconds of its start; one that has not after
         // SPAWN_PATIENCE is gone or stuck, and its pid, if it exists, may be another process's by
         // then. Another shim for the Lease is safe: the claim lets only one run it.
-        if let Some(SpawnedShim { lease_uid, pid, at }) = spawned.get(name) {
-            if *lease_uid == lease.metadata.uid
+        if let Some(SpawnedShim { lease: l, pid, at }) = spawned.get(name) {
+            if l.metadata.uid == lease.metadata.uid
                 && at.elapsed() < SPAWN_PATIENCE
                 && may_exist(*pid as i32)
             {
@@ -120,7 +131,7 @@ async fn start(ctx: &Ctx, lease: &Lease) -> Result<Action, Error> {
         .insert(
             name.clone(),
             SpawnedShim {
-                lease_uid: lease.metadata.uid.clone(),
+                lease: lease.clone(),
                 pid,
                 at: std::time::Instant::now(),
             },
@@ -224,6 +235,34 @@ fn shows_running_next(t: &Task, lease: &Lease) -> bool {
     lease.spec.runs(t)
         && !shows_running(t, &lease.metadata.name)
         && !past_attempt(t, lease.spec.attempt)
+}
+
+/// A Lease deleted (by hand) before its Task showed it — the daemon's Task shows a run only once
+/// its Lease has lasted a moment (`Settings::mirror_delay`) — while the shim this process started
+/// for it still runs: the Task is made to show that run, as it would have a moment later. Then the
+/// run is what a run whose Lease was deleted is everywhere else: its agent's slot stays taken
+/// while the shim ends it (invariant 2), and reclaim waits for the shim, then fails the attempt
+/// and retries it. Left Pending, the Task's next assignment would only wait for the old run
+/// (`assignment::Commit::Deferred`), and another task could take the slot beside it. An error
+/// leaves the shim's entry, so the slot stays counted while the key is retried.
+fn show_run_of_deleted_lease(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
+    if ctx.settings.dry_run {
+        return Ok(());
+    }
+    // The normal end of a run (its outcome recorded, then its Lease deleted) stops here, before
+    // any probe: the Task is past the attempt.
+    let Some(task) = ctx.tasks.get(&lease.spec.task) else {
+        return Ok(());
+    };
+    if !shows_assignment_next(&task, lease) || !ctx.shim_runs(&task, lease.spec.attempt)? {
+        return Ok(());
+    }
+    ctx.patch_task(&lease.spec.task, |t| {
+        if shows_assignment_next(t, lease) {
+            mirror_assignment(t, lease);
+        }
+    })?;
+    Ok(())
 }
 
 /// Mirrors a Lease whose shim has not started the agent yet onto its Task (phase Assigned), once.

@@ -149,8 +149,9 @@ impl fmt::Display for Summary {
 /// A shim this process started for a Lease.
 #[derive(Debug, Clone)]
 pub struct SpawnedShim {
-    /// The uid of the Lease it was started for.
-    pub lease_uid: String,
+    /// The Lease it was started for, as it was then: what its run is, should the Lease be
+    /// deleted before its Task shows it (see `lease::show_run_of_deleted_lease`).
+    pub lease: Arc<Lease>,
     pub pid: u32,
     /// When it was started.
     pub at: std::time::Instant,
@@ -253,6 +254,27 @@ impl Ctx {
                 "task/{name}: cannot ask whether a shim runs it: {e}"
             ))
         })
+    }
+
+    /// The Leases of runs this process started that are gone from `leases` while their Task does
+    /// not show the attempt, neither running nor over: a Lease deleted by hand before its Task
+    /// showed it, until the lease controller makes the Task show the run (see
+    /// `lease::show_run_of_deleted_lease`). The planner counts them as live Leases, so that their
+    /// agents' slots stay taken (invariant 2) and their tasks are not assigned again meanwhile.
+    pub fn runs_without_lease(&self, leases: &[Arc<Lease>]) -> Vec<Arc<Lease>> {
+        let spawned = self.spawned.lock().unwrap_or_else(|p| p.into_inner());
+        let cached: std::collections::HashSet<&str> =
+            leases.iter().map(|l| l.metadata.name.as_str()).collect();
+        spawned
+            .iter()
+            .filter(|(name, _)| !cached.contains(name.as_str()))
+            .filter(|(_, s)| {
+                self.tasks
+                    .get(&s.lease.spec.task)
+                    .is_some_and(|t| lease::shows_assignment_next(&t, &s.lease))
+            })
+            .map(|(_, s)| s.lease.clone())
+            .collect()
     }
 
     /// Prints a dry-run decision (`would assign task/x to agent/y`).
