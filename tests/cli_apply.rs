@@ -296,7 +296,7 @@ fn an_object_that_only_the_stores_metadata_takes_over_the_limit_is_refused_befor
             "big.yaml",
             "document 2",
             "the stored object would be",
-            "the limit is 1048576 bytes",
+            "the limit is 983040 bytes (the store's 1048576 less 65536 kept for its status)",
         ],
     );
 }

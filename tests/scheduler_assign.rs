@@ -698,3 +698,61 @@ fn a_retry_shown_running_carries_nothing_of_the_attempt_that_failed() {
     let t = s.get_task("again");
     assert_eq!((t.status.attempts, t.status.exit_code), (2, Some(0)));
 }
+
+#[test]
+fn the_largest_task_apply_admits_still_has_its_failure_recorded() {
+    use tinyscheduler::store::{stored_size, MAX_APPLIED_BYTES};
+    let s = Sched::new();
+    s.queue("default");
+    s.agent("a", 1, "echo failing; exit 3");
+    // A Task whose params bring it, as stored, to just under what apply admits (less what
+    // admission adds: its defaulted fields). Eight of them: the agent gets each in a variable of
+    // its environment, where one may be at most 128 KiB.
+    let task = |len: usize| {
+        let params: serde_json::Map<String, serde_json::Value> = (0..8)
+            .map(|i| {
+                (
+                    format!("p{i}"),
+                    "x".repeat(len / 8 + usize::from(i < len % 8)).into(),
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "apiVersion": "tinyscheduler.io/v1alpha1",
+            "kind": "Task",
+            "metadata": {"name": "fat"},
+            "spec": {"queue": "default", "maxRetries": 0, "params": params},
+        })
+    };
+    let probe = 900_000;
+    let len = probe + (MAX_APPLIED_BYTES - stored_size(&task(probe), None)) as usize - 256;
+    assert!(stored_size(&task(len), None) <= MAX_APPLIED_BYTES);
+    let file = s.out("fat.json");
+    std::fs::write(&file, serde_json::to_vec(&task(len)).unwrap()).unwrap();
+    let applied = s.run(&["apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(applied.code, 0, "{applied:?}");
+    // The first pass starts the agent, and records its failure if it has ended by then; once it
+    // has, the next pass does (`--wait` would wait for ever if the outcome could not be written).
+    let r = s.run(&["run", "--once"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    wait_for("the run to end", LONG, || {
+        s.store
+            .try_get::<tinyscheduler::resources::Lease>("fat")
+            .unwrap()
+            .is_none_or(|l| l.status.phase == tinyscheduler::resources::LeasePhase::Completed)
+    });
+    let r = s.run(&["run", "--once"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let fat = s.get_task("fat");
+    assert_eq!(fat.status.phase, TaskPhase::Failed, "{:?}", fat.status);
+    assert_eq!(fat.status.exit_code, Some(3), "{:?}", fat.status.message);
+    // One more byte than apply admits (before the defaulted fields) is refused, naming the limit.
+    let over = len + (MAX_APPLIED_BYTES - stored_size(&task(len), None)) as usize + 1;
+    std::fs::write(&file, serde_json::to_vec(&task(over)).unwrap()).unwrap();
+    let refused = s.run(&["apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(
+        refused.stderr.contains("kept for its status"),
+        "{refused:?}"
+    );
+}

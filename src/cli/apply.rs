@@ -16,7 +16,10 @@ use super::printers::resource_name;
 use super::{CliError, CliResult, Globals};
 use crate::resources::registry::admit;
 use crate::resources::Kind;
-use crate::store::{stored_size, Store, StoreError, WriteOutcome, MAX_OBJECT_BYTES};
+use crate::store::{
+    stored_size, Store, StoreError, WriteOutcome, MAX_APPLIED_BYTES, MAX_OBJECT_BYTES,
+    STATUS_RESERVE,
+};
 
 /// What apply will do (or did) with one object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,9 +144,11 @@ fn plan(store: &Store, docs: &[Document]) -> Result<Vec<Planned>, Vec<String>> {
         // Measured as the store will write it (its metadata, and on an update the stored status),
         // so that no write can fail on the size after others were made.
         let size = stored_size(&object, current.as_ref());
-        if size > MAX_OBJECT_BYTES {
+        if size > MAX_APPLIED_BYTES {
             errors.push(format!(
-                "error: {label}: the stored object would be up to {size} bytes; the limit is {MAX_OBJECT_BYTES} bytes"
+                "error: {label}: the stored object would be up to {size} bytes; the limit is \
+                 {MAX_APPLIED_BYTES} bytes (the store's {MAX_OBJECT_BYTES} less {STATUS_RESERVE} \
+                 kept for its status)"
             ));
             continue;
         }

@@ -226,6 +226,24 @@ pub fn validate_task(name: &str, spec: &TaskSpec) -> Vec<FieldError> {
         if v.is_object() || v.is_array() {
             e.push(err(&path, "must be a string, number or boolean"));
         }
+        if let Some(text) = v.as_str() {
+            // The agent gets it as TINYSCHEDULER_PARAM_<KEY>=<value>: no NUL, and within what
+            // the kernel takes for one variable, else the agent could never be started.
+            let env_len = "TINYSCHEDULER_PARAM_=".len() + k.len() + text.len();
+            if text.contains('\0') {
+                e.push(err(&path, "must not contain NUL"));
+            } else if env_len > MAX_ENV_STRING {
+                e.push(err(
+                    &path,
+                    format!(
+                        "{} bytes is too long: the agent gets each param as an environment \
+                         variable, TINYSCHEDULER_PARAM_<KEY>=<value>, at most {MAX_ENV_STRING} \
+                         bytes in all",
+                        text.len()
+                    ),
+                ));
+            }
+        }
     }
     if spec.max_retries < 0 {
         e.push(err(
@@ -241,6 +259,10 @@ pub fn validate_task(name: &str, spec: &TaskSpec) -> Vec<FieldError> {
     }
     e
 }
+
+/// The longest `NAME=value` string the kernel passes to a new program (`MAX_ARG_STRLEN`, 32
+/// pages, less the closing NUL).
+pub const MAX_ENV_STRING: usize = 32 * 4096 - 1;
 
 /// Rules for a Lease's spec.
 pub fn validate_lease(spec: &LeaseSpec) -> Vec<FieldError> {
@@ -320,5 +342,23 @@ mod tests {
     fn a_task_needs_a_queue_or_an_agent() {
         let errs = validate_task("t", &TaskSpec::default());
         assert_eq!(errs[0].path, "spec.queue");
+    }
+
+    #[test]
+    fn a_param_the_agents_environment_cannot_carry_is_refused() {
+        let task = |k: &str, v: &str| TaskSpec {
+            queue: Some("q".into()),
+            params: [(k.to_string(), serde_json::Value::from(v))].into(),
+            ..Default::default()
+        };
+        // TINYSCHEDULER_PARAM_K=<value>: 22 bytes besides the value.
+        let fits = "x".repeat(MAX_ENV_STRING - 22);
+        assert!(validate_task("t", &task("k", &fits)).is_empty());
+        let errs = validate_task("t", &task("k", &format!("{fits}x")));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].path, "spec.params.k");
+        assert!(errs[0].message.contains("environment variable"), "{errs:?}");
+        let errs = validate_task("t", &task("k", "a\0b"));
+        assert_eq!(errs[0].message, "must not contain NUL");
     }
 }

@@ -30,6 +30,14 @@ pub use watch::{Watch, WatchEvent, WatchOptions};
 /// Largest object (and input document) the store accepts.
 pub const MAX_OBJECT_BYTES: u64 = 1024 * 1024;
 
+/// Room kept for what the scheduler writes into an object's status (a Task's outcome, retry
+/// message and write-backs; an Agent's or Queue's counters).
+pub const STATUS_RESERVE: u64 = 64 * 1024;
+
+/// Largest object `apply` admits, as stored: an object at the store's limit could never have its
+/// status written, and its task would stay Pending beside a finished run for good.
+pub const MAX_APPLIED_BYTES: u64 = MAX_OBJECT_BYTES - STATUS_RESERVE;
+
 /// What went wrong in a store operation. `Display` reads like kubectl's server messages.
 #[derive(Debug)]
 pub enum StoreError {
@@ -849,7 +857,7 @@ fn as_updated(current: &Value, obj: &Value) -> Value {
 
 /// How many bytes the store would write for `obj`: created when `current` is `None`, else as an
 /// update of `current` (see [`Store::update_raw`]), with a resourceVersion as long as any can be.
-/// What `apply` checks against [`MAX_OBJECT_BYTES`] before it writes anything, so that one object
+/// What `apply` checks against [`MAX_APPLIED_BYTES`] before it writes anything, so that one object
 /// over the limit cannot stop an apply halfway (invariant 10).
 pub fn stored_size(obj: &Value, current: Option<&Value>) -> u64 {
     let mut stored = match current {
