@@ -230,3 +230,67 @@ fn validate_config_without_tinytask_queues_does_not_contact_the_server() {
     let state = std::fs::metadata(dir.path().join("state")).unwrap();
     assert_eq!(state.permissions().mode() & 0o777, 0o700);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn programs_are_looked_for_where_and_as_the_shim_runs_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path();
+    // A store applied to but never run: no log directory yet.
+    let state = base.join("state");
+    let store = Store::open(&state).unwrap();
+    std::fs::remove_dir_all(state.join("logs")).ok();
+    std::fs::create_dir_all(base.join("wd")).unwrap();
+    executable(&base.join("wd/run.sh"));
+    std::fs::create_dir_all(base.join("bin")).unwrap();
+    executable(&base.join("bin/own-tool"));
+    // A relative workingDir is taken from the state directory's parent, not from where the
+    // command runs; a bare name is looked up in the agent's own PATH.
+    let mut rel = agent("rel", &["./run.sh"], Path::new("wd"));
+    rel.spec.working_dir = Some("wd".into());
+    store.create(&rel).unwrap();
+    let mut own = agent("own", &["own-tool"], base);
+    own.spec
+        .env
+        .insert("PATH".into(), base.join("bin").display().to_string());
+    store.create(&own).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mut c = cmd(elsewhere.path());
+    c.arg("validate-config")
+        .arg("--state-dir")
+        .arg(&state)
+        .env("TINYSCHEDULER_RECIPES_DIR", base);
+    let out = run(c).await;
+    let l = lines(&out);
+    assert!(out.status.success(), "{l:#?}");
+    assert!(
+        l.iter()
+            .any(|x| x.contains("agent rel: program ./run.sh found at")
+                && x.contains("/wd/./run.sh")),
+        "{l:#?}"
+    );
+    assert!(
+        l.iter()
+            .any(|x| x.contains("agent own: program own-tool found at")),
+        "{l:#?}"
+    );
+    assert!(
+        l.iter()
+            .any(|x| x.contains("log directory") && x.contains("the first run creates it")),
+        "{l:#?}"
+    );
+
+    // A workingDir that does not exist fails the check, naming it.
+    let mut gone = agent("gone", &["sh"], base);
+    gone.spec.working_dir = Some("missing".into());
+    store.create(&gone).unwrap();
+    let mut c = cmd(elsewhere.path());
+    c.arg("validate-config").arg("--state-dir").arg(&state);
+    let out = run(c).await;
+    assert_eq!(out.status.code(), Some(1));
+    let l = lines(&out);
+    assert!(
+        l.iter()
+            .any(|x| x.starts_with("[-] agent gone: workingDir") && x.contains("missing")),
+        "{l:#?}"
+    );
+}

@@ -111,7 +111,16 @@ pub fn validate(g: &Globals, a: ValidateConfigArgs) -> CliResult {
     };
     let state = s.state_dir.value.clone();
     check_dir(&mut r, "state directory", &state, a.fix);
-    check_dir(&mut r, "log directory", &state.join("logs"), a.fix);
+    let logs = state.join("logs");
+    if !a.fix && state.is_dir() && !logs.exists() {
+        // A store that was applied to but never run has none yet; the first run makes it.
+        r.ok(format!(
+            "log directory {} does not exist yet (the first run creates it)",
+            logs.display()
+        ));
+    } else {
+        check_dir(&mut r, "log directory", &logs, a.fix);
+    }
 
     let (agents, queues) = if state.is_dir() {
         let store = Store::open_read_only(&state);
@@ -145,14 +154,27 @@ pub fn validate(g: &Globals, a: ValidateConfigArgs) -> CliResult {
     let recipes_dir = s.recipes_dir.value.clone();
     let recipes_canon = recipes_dir.canonicalize().ok();
     let mut recipes_checked = false;
+    // As the shim resolves it: a relative workingDir from the state directory's parent, none as
+    // the scheduler's (here: this command's) directory.
+    let state_parent = std::path::absolute(&state)
+        .ok()
+        .and_then(|p| p.parent().map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/"));
     for agent in &agents {
         let name = &agent.metadata.name;
-        let base = agent
-            .spec
-            .working_dir
-            .as_ref()
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("."));
+        let base = match agent.spec.working_dir.as_deref().filter(|w| !w.is_empty()) {
+            Some(w) => {
+                let dir = state_parent.join(w);
+                if !dir.is_dir() {
+                    r.fail(
+                        format!("agent {name}: workingDir"),
+                        format!("{} does not exist or is not a directory", dir.display()),
+                    );
+                }
+                dir
+            }
+            None => PathBuf::from("."),
+        };
         let argv = if agent.spec.command.is_empty() {
             crate::resources::agent::default_goose_command(&s.goose_bin.value)
         } else {
@@ -163,7 +185,7 @@ pub fn validate(g: &Globals, a: ValidateConfigArgs) -> CliResult {
         if program.contains("{{") {
             r.ok(format!("{what} {program:?} is templated (not checked)"));
         } else {
-            match find_program(program, &base) {
+            match find_program(program, &base, agent.spec.env.get("PATH")) {
                 Ok(p) => r.ok(format!("{what} {program} found at {}", p.display())),
                 Err(why) => r.fail(&what, why),
             }
@@ -267,8 +289,10 @@ fn check_dir(r: &mut Report, what: &str, dir: &Path, fix: bool) {
     }
 }
 
-/// Finds `program` as the agent would run it: a path (relative to `base`) or a PATH lookup.
-fn find_program(program: &str, base: &Path) -> Result<PathBuf, String> {
+/// Where `program` is found as the shim looks for it: a path with a `/` from `base` (the
+/// agent's working directory), a bare name in the agent's `PATH` (`path`, from its `env`) or else
+/// the scheduler's.
+fn find_program(program: &str, base: &Path, path: Option<&String>) -> Result<PathBuf, String> {
     if program.contains('/') {
         let p = if Path::new(program).is_absolute() {
             PathBuf::from(program)
@@ -283,7 +307,10 @@ fn find_program(program: &str, base: &Path) -> Result<PathBuf, String> {
             Err(format!("{} does not exist", p.display()))
         };
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
+    let path = path
+        .map(std::ffi::OsString::from)
+        .or_else(|| std::env::var_os("PATH"))
+        .unwrap_or_default();
     for dir in std::env::split_paths(&path) {
         let p = dir.join(program);
         if is_executable(&p) {
