@@ -439,6 +439,15 @@ pub fn resolve(
         )));
     }
     let http_addr = text("TINYSCHEDULER_HTTP_ADDR", "run --http", &flags.http_addr);
+    if let Some(v) = &http_addr.value {
+        let what = if http_addr.source == Source::Flag {
+            "--http"
+        } else {
+            "TINYSCHEDULER_HTTP_ADDR"
+        };
+        crate::daemon::http::parse_listen_addr(v)
+            .map_err(|e| ConfigError(format!("{what}: {e}")))?;
+    }
 
     let boolean = |name: &'static str, flag_name: Option<&'static str>, flag: Option<bool>| {
         if let Some(b) = flag {
@@ -486,6 +495,41 @@ pub fn resolve(
         crate::agent::shim::KILL_GRACE_ENV,
         crate::agent::shim::DEFAULT_KILL_GRACE,
     )?;
+    // A retry never follows a failure at once (invariant 6), and the cap is a cap.
+    if retry_base.value < MIN_RETRY_BASE {
+        return Err(ConfigError(format!(
+            "TINYSCHEDULER_RETRY_BASE_SEC: must be at least {} (a failed task is never retried \
+             at once), got {}",
+            MIN_RETRY_BASE.as_secs_f64(),
+            retry_base.value.as_secs_f64()
+        )));
+    }
+    if retry_max.value < retry_base.value {
+        return Err(ConfigError(format!(
+            "TINYSCHEDULER_RETRY_MAX_SEC: must be at least TINYSCHEDULER_RETRY_BASE_SEC ({}), \
+             got {}",
+            retry_base.value.as_secs_f64(),
+            retry_max.value.as_secs_f64()
+        )));
+    }
+    // Read where they are used (the shim, the spawner), and checked here so that a typo is an
+    // error naming the variable rather than a default taken in silence.
+    const QUICK: &str = crate::agent::shim::QUICK_EXIT_ENV;
+    if let Some((v, _)) = lookup(QUICK) {
+        if v.trim().parse::<u64>().is_err() {
+            return Err(ConfigError(format!(
+                "{QUICK}: expected a whole number of milliseconds, got {v:?}"
+            )));
+        }
+    }
+    const LAUNCHER: &str = crate::agent::launcher::LAUNCHER_ENV;
+    if let Some((v, _)) = lookup(LAUNCHER) {
+        if parse_bool(&v).is_none() {
+            return Err(ConfigError(format!(
+                "{LAUNCHER}: expected true or false (1/0, yes/no, on/off), got {v:?}"
+            )));
+        }
+    }
 
     const LIMITS: &str = "TINYSCHEDULER_AGENT_LIMITS";
     let agent_limits = match lookup(LIMITS) {
@@ -533,6 +577,9 @@ pub fn resolve(
         ignored,
     })
 }
+
+/// The shortest first retry delay (`TINYSCHEDULER_RETRY_BASE_SEC`).
+pub const MIN_RETRY_BASE: Duration = Duration::from_millis(100);
 
 /// The most seconds a duration setting takes (a year): more is a typo, and would overflow.
 pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;

@@ -330,3 +330,69 @@ fn a_bad_kill_grace_stops_run_with_an_error_naming_it_and_creates_nothing() {
         assert!(!dir.path().join("state").exists(), "{bad}: nothing created");
     }
 }
+
+#[test]
+fn settings_read_outside_the_table_are_checked_and_named_too() {
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (
+            &[("TINYSCHEDULER_RETRY_BASE_SEC", "0")],
+            "error: TINYSCHEDULER_RETRY_BASE_SEC: must be at least 0.1 (a failed task is never \
+             retried at once), got 0",
+        ),
+        (
+            &[
+                ("TINYSCHEDULER_RETRY_BASE_SEC", "30"),
+                ("TINYSCHEDULER_RETRY_MAX_SEC", "5"),
+            ],
+            "error: TINYSCHEDULER_RETRY_MAX_SEC: must be at least TINYSCHEDULER_RETRY_BASE_SEC \
+             (30), got 5",
+        ),
+        (
+            &[("TINYSCHEDULER_QUICK_EXIT_MS", "abc")],
+            "error: TINYSCHEDULER_QUICK_EXIT_MS: expected a whole number of milliseconds, got \
+             \"abc\"",
+        ),
+        (
+            &[("TINYSCHEDULER_SHIM_LAUNCHER", "maybe")],
+            "error: TINYSCHEDULER_SHIM_LAUNCHER: expected true or false (1/0, yes/no, on/off), \
+             got \"maybe\"",
+        ),
+        (
+            &[("TINYSCHEDULER_HTTP_ADDR", "bogus")],
+            "error: TINYSCHEDULER_HTTP_ADDR: invalid HTTP listen address \"bogus\": want \
+             HOST:PORT, e.g. 127.0.0.1:9464",
+        ),
+    ];
+    for (vars, error) in cases {
+        for command in [&["run", "--once"][..], &["validate-config"]] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut c = cmd(dir.path());
+            c.args(command).envs(vars.iter().copied());
+            let out = c.output().unwrap();
+            assert_eq!(out.status.code(), Some(1), "{vars:?} {command:?}: {out:?}");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains(error), "{vars:?} {command:?}: {stderr}");
+            assert!(
+                !dir.path().join("state").exists(),
+                "{vars:?}: nothing created"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_python_era_setting_that_has_no_effect_is_warned_about_by_run_and_validate_config() {
+    for command in [&["run", "--once"][..], &["validate-config"]] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = cmd(dir.path())
+            .args(command)
+            .env("TINYSCHEDULER_LOCK_FILE", "/tmp/x.lock")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("TINYSCHEDULER_LOCK_FILE is set but has no effect"),
+            "{command:?}: {stderr}"
+        );
+    }
+}

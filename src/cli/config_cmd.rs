@@ -102,6 +102,9 @@ pub fn validate(g: &Globals, a: ValidateConfigArgs) -> CliResult {
     let s = match settings_for(g) {
         Ok(s) => {
             r.ok("settings ok");
+            for (var, why) in &s.ignored {
+                eprintln!("warning: {var} is set but has no effect: {why}");
+            }
             s
         }
         Err(e) => {

@@ -42,6 +42,10 @@ pub fn run(g: &Globals, args: RunArgs) -> CliResult {
         ));
     }
     let settings = controller_settings(g, args.dry_run)?;
+    // A Python-era setting left in the env file would otherwise go unnoticed where it matters.
+    for (var, why) in crate::config::current().map_or(&[][..], |s| &s.ignored[..]) {
+        tracing::warn!(variable = %var, "{var} is set but has no effect: {why}");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
