@@ -192,7 +192,8 @@ fn queue_status(ctx: &Ctx, name: &str) -> Result<(), Error> {
         .iter()
         .filter(|a| !a.spec.paused)
         .map(|a| a.spec.max_concurrency)
-        .sum();
+        // Validation bounds each; an agent stored before it did must not wrap the sum.
+        .fold(0i64, i64::saturating_add);
     let names: Vec<String> = agents.iter().map(|a| a.metadata.name.clone()).collect();
     let written = ctx.store.patch_status::<Queue>(name, |q| {
         q.status.observed_generation = Some(q.metadata.generation);

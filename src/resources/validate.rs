@@ -101,6 +101,10 @@ fn positive(errors: &mut Vec<FieldError>, path: &str, v: i64) {
     }
 }
 
+/// The most runs one Agent may have at once: each is two processes (shim and agent), so more is a
+/// typo, and sums of many agents' limits (a Queue's capacity) must not overflow.
+pub const MAX_CONCURRENCY: i64 = 10_000;
+
 /// The longest duration a field may give: ten years. Anything longer means "never" and would
 /// overflow the clocks it is added to.
 pub const MAX_SECONDS: i64 = 10 * 365 * 24 * 3600;
@@ -135,6 +139,15 @@ pub fn validate_agent(spec: &AgentSpec) -> Vec<FieldError> {
     let mut e = Vec::new();
     optional_name(&mut e, "spec.queue", &spec.queue);
     positive(&mut e, "spec.maxConcurrency", spec.max_concurrency);
+    if spec.max_concurrency > MAX_CONCURRENCY {
+        e.push(err(
+            "spec.maxConcurrency",
+            format!(
+                "must be at most {MAX_CONCURRENCY} (got {})",
+                spec.max_concurrency
+            ),
+        ));
+    }
     seconds(&mut e, "spec.heartbeatSeconds", spec.heartbeat_seconds, 1);
     seconds(
         &mut e,
@@ -336,6 +349,22 @@ mod tests {
         let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, ["spec.maxConcurrency", "spec.heartbeatSeconds"]);
         assert!(errs[1].message.contains("-5"));
+    }
+
+    #[test]
+    fn an_agents_limit_is_at_most_ten_thousand() {
+        let agent = |n| AgentSpec {
+            max_concurrency: n,
+            ..Default::default()
+        };
+        assert!(validate_agent(&agent(MAX_CONCURRENCY)).is_empty());
+        let errs = validate_agent(&agent(i64::MAX));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].path, "spec.maxConcurrency");
+        assert_eq!(
+            errs[0].message,
+            "must be at most 10000 (got 9223372036854775807)"
+        );
     }
 
     #[test]
