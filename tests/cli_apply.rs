@@ -796,3 +796,77 @@ fn a_label_that_no_selector_could_match_is_refused_naming_it() {
     ]);
     assert_eq!(r.stdout, "task.tinyscheduler.io/t\n", "{r:?}");
 }
+
+#[test]
+fn a_task_cannot_be_made_to_look_like_a_tinytask_mirror_or_stop_looking_like_one() {
+    let env = seeded();
+    let task = |annotations: &str| {
+        format!(
+            "{API}\nkind: Task\nmetadata:\n  name: t\n  annotations:\n{annotations}spec:\n  queue: default\n"
+        )
+    };
+    // A local Task given the id would wait for a claim no server makes.
+    refused_in(
+        &env,
+        "t.yaml",
+        &task("    tinyscheduler.io/tinytask-id: \"abc\"\n"),
+        &[
+            "t.yaml",
+            "document 1 (Task \"t\")",
+            "metadata.annotations.tinyscheduler.io/tinytask-id: set by the tinytask sync \
+             controller",
+        ],
+    );
+    // An annotation key is a key: not empty.
+    refused_in(
+        &env,
+        "e.yaml",
+        &task("    \"\": x\n"),
+        &["e.yaml", "metadata.annotations.: invalid key \"\""],
+    );
+    // A mirror's own manifest may be applied again as it is stored (another priority, say), but
+    // not with another id, nor without it.
+    let mut mirror = tinyscheduler::resources::Task::new(
+        "Task",
+        "tt-7",
+        tinyscheduler::resources::TaskSpec {
+            queue: Some("default".into()),
+            ..Default::default()
+        },
+    );
+    mirror
+        .metadata
+        .annotations
+        .insert("tinyscheduler.io/tinytask-id".into(), "7".into());
+    env.store().create(&mirror).unwrap();
+    let again = |annotations: &str, priority: i64| {
+        format!(
+            "{API}\nkind: Task\nmetadata:\n  name: tt-7\n{annotations}spec:\n  queue: default\n  priority: {priority}\n"
+        )
+    };
+    let ok = env.file(
+        "same.yaml",
+        &again(
+            "  annotations:\n    tinyscheduler.io/tinytask-id: \"7\"\n",
+            3,
+        ),
+    );
+    let r = env.run(&["apply", "-f", ok.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout.trim(), "task.tinyscheduler.io/tt-7 configured");
+    refused_in(
+        &env,
+        "other.yaml",
+        &again(
+            "  annotations:\n    tinyscheduler.io/tinytask-id: \"8\"\n",
+            3,
+        ),
+        &["metadata.annotations.tinyscheduler.io/tinytask-id: set by"],
+    );
+    refused_in(
+        &env,
+        "none.yaml",
+        &again("", 3),
+        &["metadata.annotations.tinyscheduler.io/tinytask-id: set by"],
+    );
+}

@@ -58,6 +58,39 @@ fn label(d: &Document, kind: Option<Kind>) -> String {
     }
 }
 
+/// The metadata by which the tinytask sync controller knows a Task as the mirror of a server
+/// task (which task, from which queue of which server). A local Task given one would wait for a
+/// claim on a server that never makes it, then fail as never started; a mirror losing one would
+/// run as a local task and its result never go back.
+const MIRROR_KEYS: [(&str, &str); 4] = [
+    (
+        "annotations",
+        crate::resources::task::TINYTASK_ID_ANNOTATION,
+    ),
+    (
+        "annotations",
+        crate::controllers::tinytask_sync::QUEUE_ANNOTATION,
+    ),
+    (
+        "annotations",
+        crate::controllers::tinytask_sync::ENDPOINT_ANNOTATION,
+    ),
+    ("labels", crate::controllers::tinytask_sync::SOURCE_LABEL),
+];
+
+/// The [`MIRROR_KEYS`] (`metadata.annotations.KEY`) whose value in `object` differs from the
+/// stored one's (`current`; none for a new object).
+fn mirror_keys_changed(object: &Value, current: Option<&Value>) -> Vec<String> {
+    MIRROR_KEYS
+        .iter()
+        .filter(|(map, key)| {
+            let get = |v: &Value| v.get("metadata")?.get(map)?.get(key).cloned();
+            get(object) != current.and_then(get)
+        })
+        .map(|(map, key)| format!("metadata.{map}.{key}"))
+        .collect()
+}
+
 fn known_kinds() -> String {
     Kind::ALL.map(|k| k.name()).join(", ")
 }
@@ -141,6 +174,18 @@ fn plan(store: &Store, docs: &[Document]) -> Result<Vec<Planned>, Vec<String>> {
                 continue;
             }
         };
+        if kind == Kind::Task {
+            let changed = mirror_keys_changed(&object, current.as_ref());
+            for key in &changed {
+                errors.push(format!(
+                    "error: {label}: {key}: set by the tinytask sync controller on the Tasks it \
+                     mirrors; a manifest may repeat it as stored, not add, change or remove it"
+                ));
+            }
+            if !changed.is_empty() {
+                continue;
+            }
+        }
         // Measured as the store will write it (its metadata, and on an update the stored status),
         // so that no write can fail on the size after others were made.
         let size = stored_size(&object, current.as_ref());

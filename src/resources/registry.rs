@@ -221,6 +221,14 @@ fn admit_typed<K: Resource>(
             });
         }
     }
+    for k in obj.meta().annotations.keys() {
+        if let Err(m) = validate::validate_key(k) {
+            errors.push(FieldError {
+                path: format!("metadata.annotations.{k}"),
+                message: m,
+            });
+        }
+    }
     errors.extend(rules(&obj));
     if !errors.is_empty() {
         return Err(errors);

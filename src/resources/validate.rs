@@ -67,12 +67,18 @@ pub fn validate_name(name: &str) -> Result<(), String> {
 /// values are alphanumerics, `-`, `_` and `.`, starting and ending with an alphanumeric. Values
 /// may be empty, and as long as an object name (Leases carry their Agent's name as a label).
 pub fn validate_label(key: &str, value: &str) -> Result<(), String> {
-    let word = |s: &str| {
-        s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
-            && s.ends_with(|c: char| c.is_ascii_alphanumeric())
-    };
+    validate_key(key)?;
+    if !value.is_empty() && (value.len() > MAX_NAME_LEN || !word(value)) {
+        return Err(format!(
+            "invalid value {value:?}: at most {MAX_NAME_LEN} characters, alphanumerics, '-', '_' \
+             or '.', starting and ending with an alphanumeric"
+        ));
+    }
+    Ok(())
+}
+
+/// A label's or annotation's key: `[prefix/]name`, as Kubernetes has them.
+pub fn validate_key(key: &str) -> Result<(), String> {
     let (prefix, name) = match key.split_once('/') {
         Some((p, n)) => (Some(p), n),
         None => (None, key),
@@ -86,13 +92,16 @@ pub fn validate_label(key: &str, value: &str) -> Result<(), String> {
              starting and ending with an alphanumeric, after an optional DNS-subdomain prefix and '/'"
         ));
     }
-    if !value.is_empty() && (value.len() > MAX_NAME_LEN || !word(value)) {
-        return Err(format!(
-            "invalid value {value:?}: at most {MAX_NAME_LEN} characters, alphanumerics, '-', '_' \
-             or '.', starting and ending with an alphanumeric"
-        ));
-    }
     Ok(())
+}
+
+/// A name part of a key, or a label value: alphanumerics, `-`, `_` and `.`, alphanumeric at both
+/// ends.
+fn word(s: &str) -> bool {
+    s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
 fn positive(errors: &mut Vec<FieldError>, path: &str, v: i64) {
