@@ -284,9 +284,9 @@ fn a_document_over_one_mebibyte_is_refused() {
 #[test]
 fn an_object_that_only_the_stores_metadata_takes_over_the_limit_is_refused_before_any_write() {
     // Under the limit as written; over it once the store adds the uid, times and version.
-    let goal = "x".repeat(1_048_250);
+    let note = "x".repeat(1_048_200);
     let content = format!(
-        "{}---\n{API}\nkind: Task\nmetadata:\n  name: big\nspec:\n  queue: default\n  params:\n    goal: {goal}\n",
+        "{}---\n{API}\nkind: Task\nmetadata:\n  name: big\n  annotations:\n    note: {note}\nspec:\n  queue: default\n",
         queue("bigq")
     );
     refused(
@@ -868,5 +868,23 @@ fn a_task_cannot_be_made_to_look_like_a_tinytask_mirror_or_stop_looking_like_one
         "none.yaml",
         &again("", 3),
         &["metadata.annotations.tinyscheduler.io/tinytask-id: set by"],
+    );
+}
+
+#[test]
+fn a_repeated_key_is_refused_in_json_as_in_yaml() {
+    let json = r#"{"apiVersion": "tinyscheduler.io/v1alpha1", "kind": "Agent",
+ "metadata": {"name": "dup"},
+ "spec": {"maxConcurrency": 1, "maxConcurrency": 5}}
+"#;
+    refused(
+        "dup.json",
+        json,
+        &[
+            "dup.json",
+            "document 1",
+            "invalid JSON at line 3",
+            "duplicate key \"maxConcurrency\": a key may appear once in an object",
+        ],
     );
 }

@@ -167,3 +167,96 @@ fn the_control_file_and_limits_default_to_the_python_era_variables() {
     let docs = admitted(&String::from_utf8(out.stdout).unwrap());
     assert_eq!(find(&docs, "Agent", "vaela")["spec"]["maxConcurrency"], 2);
 }
+
+#[test]
+fn an_output_directory_is_written_whole_or_not_at_all_and_never_through_a_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("ac.json"),
+        r#"{"agents": {"vaela": {"queue": "dev"}, "sage": {"queue": "dev"}}}"#,
+    )
+    .unwrap();
+    let import = |extra: &[&str]| {
+        cmd(dir.path())
+            .args(["import", "--agent-control", "ac.json", "-o", "out"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    // One target is a directory, one a symlink to a file of the user's: both refused, and
+    // nothing written, not even the targets that were fine.
+    std::fs::create_dir(out.join("agent-vaela.yaml")).unwrap();
+    std::fs::write(dir.path().join("precious"), "mine\n").unwrap();
+    std::os::unix::fs::symlink("../precious", out.join("queue-dev.yaml")).unwrap();
+    let r = import(&[]);
+    assert_eq!(r.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        stderr.contains("out/agent-vaela.yaml exists and is not a regular file"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("out/queue-dev.yaml exists and is not a regular file"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("nothing was written"), "{stderr}");
+    assert!(!out.join("agent-sage.yaml").exists());
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("precious")).unwrap(),
+        "mine\n"
+    );
+
+    // Cleared, it writes all three; again, the same files are fine.
+    std::fs::remove_dir(out.join("agent-vaela.yaml")).unwrap();
+    std::fs::remove_file(out.join("queue-dev.yaml")).unwrap();
+    assert!(import(&[]).status.success());
+    let r = import(&[]);
+    assert!(r.status.success(), "{r:?}");
+    // A hand edit is not lost unless asked.
+    let sage = out.join("agent-sage.yaml");
+    let edited = std::fs::read_to_string(&sage).unwrap() + "# edited\n";
+    std::fs::write(&sage, &edited).unwrap();
+    let r = import(&[]);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&r.stderr)
+        .contains("out/agent-sage.yaml exists and says something else (--overwrite replaces it)"));
+    assert_eq!(std::fs::read_to_string(&sage).unwrap(), edited);
+    assert!(import(&["--overwrite"]).status.success());
+    assert!(!std::fs::read_to_string(&sage).unwrap().contains("# edited"));
+}
+
+#[test]
+fn a_long_remote_queue_name_is_cut_to_a_valid_name_and_a_repeated_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let remote = format!("{}_b", "a".repeat(249));
+    std::fs::write(
+        dir.path().join("ac.json"),
+        format!(r#"{{"agents": {{"x": {{"queue": "{remote}"}}}}}}"#),
+    )
+    .unwrap();
+    let out = cmd(dir.path())
+        .args(["import", "--agent-control", "ac.json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let docs = admitted(&String::from_utf8_lossy(&out.stdout));
+    assert!(docs
+        .iter()
+        .any(|d| d["kind"] == "Queue" && d["metadata"]["name"] == "a".repeat(249)));
+
+    std::fs::write(
+        dir.path().join("dup.json"),
+        r#"{"agents": {"a1": {}, "a1": {"queue": "z"}}}"#,
+    )
+    .unwrap();
+    let out = cmd(dir.path())
+        .args(["import", "--agent-control", "dup.json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(
+        "dup.json: invalid JSON: duplicate key \"a1\": a key may appear once in an object"
+    ));
+}

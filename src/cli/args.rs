@@ -113,6 +113,10 @@ pub struct ImportArgs {
         default_value = "-"
     )]
     pub output: String,
+    /// Replace manifests in the output directory that say something else (by default an import
+    /// refuses, writing nothing, rather than lose a hand edit).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Args, Debug)]

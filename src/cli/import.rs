@@ -17,6 +17,7 @@
 //! Each queue becomes a `source: tinytask` Queue.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -233,12 +234,36 @@ fn queue_object_name(remote: &str) -> Option<String> {
             }
         })
         .collect();
-    s = s.trim_matches(|c| c == '-' || c == '.').to_string();
     while s.contains("--") {
         s = s.replace("--", "-");
     }
+    // Cut to length first, so that the cut cannot leave a '-' or '.' at the end.
     s.truncate(crate::resources::validate::MAX_NAME_LEN);
+    let s = s.trim_matches(|c| c == '-' || c == '.').to_string();
     validate_name(&s).ok().map(|_| s)
+}
+
+/// The largest control file read (the Python scheduler's held a few agents).
+const MAX_CONTROL_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Reads a control file of at most [`MAX_CONTROL_BYTES`]: `/dev/zero` or a wrong path to a huge
+/// file is an error, not all the memory there is.
+fn read_control_file(path: &Path) -> Result<String, CliError> {
+    let cannot =
+        |e: std::io::Error| CliError(format!("error: cannot read {}: {e}", path.display()));
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(cannot)?
+        .take(MAX_CONTROL_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(cannot)?;
+    if text.len() as u64 > MAX_CONTROL_BYTES {
+        return Err(CliError(format!(
+            "error: {}: larger than {MAX_CONTROL_BYTES} bytes, too large for a control file",
+            path.display()
+        )));
+    }
+    Ok(text)
 }
 
 /// Builds the Queue and Agent documents (queues first), each admitted by the registry.
@@ -412,9 +437,8 @@ pub fn python_era_documents(
     };
     let agents = match &control {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| CliError(format!("error: cannot read {}: {e}", path.display())))?;
-            let doc: Value = serde_json::from_str(&text)
+            let text = read_control_file(path)?;
+            let super::unique_json::UniqueKeys(doc) = serde_json::from_str(&text)
                 .map_err(|e| CliError(format!("error: {}: invalid JSON: {e}", path.display())))?;
             parse_agent_control(&doc)
                 .map_err(|m| CliError(format!("error: {}: {m}", path.display())))?
@@ -490,10 +514,17 @@ pub fn import(g: &Globals, a: ImportArgs) -> CliResult {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let dir = PathBuf::from(&a.output);
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| CliError(format!("error: cannot create {}: {e}", dir.display())))?;
-    for d in &docs {
+    write_manifests(&PathBuf::from(&a.output), &docs, a.overwrite)
+}
+
+/// Writes one manifest per document into `dir`: every one rendered and every target checked
+/// before the first is written, each written whole (a temp file renamed into place). A target
+/// that is not a regular file (a directory, a symlink) is refused, and so is one that says
+/// something else unless `overwrite`.
+fn write_manifests(dir: &Path, docs: &[Value], overwrite: bool) -> CliResult {
+    let mut files = Vec::new();
+    let mut errors = Vec::new();
+    for d in docs {
         let Some(kind) = d["kind"].as_str().and_then(Kind::from_kind_field) else {
             continue;
         };
@@ -501,7 +532,33 @@ pub fn import(g: &Globals, a: ImportArgs) -> CliResult {
         let path = dir.join(format!("{}-{name}.yaml", kind.singular()));
         let yaml = serde_saphyr::to_string(d)
             .map_err(|e| CliError(format!("error: cannot write YAML: {e}")))?;
-        std::fs::write(&path, yaml)
+        match std::fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => errors.push(format!("error: cannot look at {}: {e}", path.display())),
+            Ok(m) if !m.file_type().is_file() => errors.push(format!(
+                "error: {} exists and is not a regular file",
+                path.display()
+            )),
+            Ok(_) if overwrite => {}
+            Ok(_) => match std::fs::read(&path) {
+                Ok(old) if old == yaml.as_bytes() => {}
+                Ok(_) => errors.push(format!(
+                    "error: {} exists and says something else (--overwrite replaces it)",
+                    path.display()
+                )),
+                Err(e) => errors.push(format!("error: cannot read {}: {e}", path.display())),
+            },
+        }
+        files.push((kind, name.to_string(), path, yaml));
+    }
+    if !errors.is_empty() {
+        errors.push("nothing was written".into());
+        return Err(CliError(errors.join("\n")));
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| CliError(format!("error: cannot create {}: {e}", dir.display())))?;
+    for (kind, name, path, yaml) in files {
+        crate::store::fsio::write_atomic(dir, &path, yaml.as_bytes(), true)
             .map_err(|e| CliError(format!("error: cannot write {}: {e}", path.display())))?;
         crate::outln!(
             "{}.{}/{name} written to {}",

@@ -270,11 +270,12 @@ fn too_large(bytes: &[u8]) -> Option<String> {
 
 fn parse_json(source: &str, text: &str) -> Result<Vec<Document>, Vec<InputError>> {
     let mut docs = Vec::new();
-    let mut stream = serde_json::Deserializer::from_str(text).into_iter::<Value>();
+    let mut stream =
+        serde_json::Deserializer::from_str(text).into_iter::<super::unique_json::UniqueKeys>();
     let mut index = 0;
     loop {
         let start = stream.byte_offset();
-        let next = stream.next();
+        let next = stream.next().map(|r| r.map(|u| u.0));
         let Some(next) = next else { break };
         index += 1;
         // The value starts at the first non-blank byte after the previous one.

@@ -11,6 +11,7 @@ pub mod input;
 pub mod logs;
 pub mod printers;
 pub mod run;
+pub mod unique_json;
 pub mod wait;
 
 use std::process::ExitCode;
