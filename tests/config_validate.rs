@@ -134,7 +134,9 @@ async fn a_broken_setup_reports_each_failure_and_exits_1() {
     server.stop().await;
     let (dir, state, goose) = setup();
     let base = dir.path();
+    // A log directory that is missing is made by the first run; a file in its place is not.
     std::fs::remove_dir(state.join("logs")).unwrap();
+    std::fs::write(state.join("logs"), "not a directory\n").unwrap();
     std::fs::write(base.join("escape.yaml"), "outside\n").unwrap();
     std::fs::write(base.join("not-executable"), "data\n").unwrap();
     let store = Store::open(&state).unwrap();
@@ -199,6 +201,7 @@ async fn a_broken_setup_reports_each_failure_and_exits_1() {
     );
 
     // --fix creates the missing log directory (0700) and nothing else.
+    std::fs::remove_file(state.join("logs")).unwrap();
     let mut c = cmd(base);
     c.args(["validate-config", "--fix"])
         .env("TINYSCHEDULER_BASE_PATH", base)
