@@ -113,6 +113,8 @@ pub trait Resource: Serialize + DeserializeOwned + Clone + Debug + Send + Sync +
     fn name(&self) -> &str {
         &self.meta().name
     }
+    /// The object's `kind` field as read ("" when absent).
+    fn kind_field(&self) -> &str;
 }
 
 impl<S, T> Object<S, T> {
@@ -146,6 +148,9 @@ macro_rules! impl_resource {
             }
             fn meta_mut(&mut self) -> &mut $crate::resources::meta::ObjectMeta {
                 &mut self.metadata
+            }
+            fn kind_field(&self) -> &str {
+                &self.kind
             }
         }
     };

@@ -338,7 +338,7 @@ impl Store {
             return Ok(None);
         }
         let path = self.object_path(plural, name);
-        match read_object_file::<T>(&path, name) {
+        match read_object_file::<T>(&path, plural, name) {
             Ok(v) => Ok(Some(v)),
             Err(ReadFailure::Missing) => Ok(None),
             Err(ReadFailure::Bad(reason)) => Err(StoreError::Refused {
@@ -388,7 +388,7 @@ impl Store {
                 }),
             }
         }
-        let read = read_many::<T>(paths);
+        let read = read_many::<T>(plural, paths);
         let mut items = Vec::with_capacity(read.len());
         for r in read {
             match r {
@@ -902,15 +902,20 @@ pub(crate) fn object_name_of(path: &Path) -> Option<String> {
     Some(name.to_string())
 }
 
-/// Access to name and labels on both typed objects and raw JSON.
+/// Access to name, kind and labels on both typed objects and raw JSON.
 pub(crate) trait HasName {
     fn name(&self) -> &str;
+    /// The `kind` field ("" when absent).
+    fn kind(&self) -> &str;
     fn labels(&self) -> std::collections::BTreeMap<String, String>;
 }
 
 impl HasName for Value {
     fn name(&self) -> &str {
         name_of(self)
+    }
+    fn kind(&self) -> &str {
+        self.get("kind").and_then(Value::as_str).unwrap_or_default()
     }
     fn labels(&self) -> std::collections::BTreeMap<String, String> {
         self.pointer("/metadata/labels")
@@ -928,6 +933,9 @@ impl<K: Resource> HasName for K {
     fn name(&self) -> &str {
         &self.meta().name
     }
+    fn kind(&self) -> &str {
+        self.kind_field()
+    }
     fn labels(&self) -> std::collections::BTreeMap<String, String> {
         self.meta().labels.clone()
     }
@@ -938,9 +946,12 @@ pub(crate) enum ReadFailure {
     Bad(String),
 }
 
-/// Reads and parses one object file, checking that it names itself.
+/// Reads and parses one object file of the `plural` directory, checking that it names itself and,
+/// when it says its kind, that the kind is that directory's: an Agent's file copied into
+/// `queues/` is reported, not read as a Queue (invariant 8).
 pub(crate) fn read_object_file<T: DeserializeOwned + HasName>(
     path: &Path,
+    plural: &str,
     name: &str,
 ) -> Result<T, ReadFailure> {
     let bytes = fsio::read_regular(path, MAX_OBJECT_BYTES).map_err(|e| match e {
@@ -961,21 +972,35 @@ pub(crate) fn read_object_file<T: DeserializeOwned + HasName>(
             obj.name()
         )));
     }
+    if let Some(want) = crate::resources::registry::Kind::ALL
+        .into_iter()
+        .find(|k| k.plural() == plural)
+        .map(|k| k.name())
+    {
+        if !obj.kind().is_empty() && obj.kind() != want {
+            return Err(ReadFailure::Bad(format!(
+                "kind {:?} does not belong in {plural}/ (it holds {want} objects)",
+                obj.kind()
+            )));
+        }
+    }
     Ok(obj)
 }
 
 /// Reads many object files, on two threads when there are enough to be worth it.
 fn read_many<T: DeserializeOwned + HasName + Send>(
+    plural: &str,
     paths: Vec<(PathBuf, String)>,
 ) -> Vec<Result<T, Option<Skipped>>> {
-    let read_one = |(path, name): &(PathBuf, String)| match read_object_file::<T>(path, name) {
-        Ok(o) => Ok(o),
-        Err(ReadFailure::Missing) => Err(None),
-        Err(ReadFailure::Bad(reason)) => Err(Some(Skipped {
-            path: path.clone(),
-            reason,
-        })),
-    };
+    let read_one =
+        |(path, name): &(PathBuf, String)| match read_object_file::<T>(path, plural, name) {
+            Ok(o) => Ok(o),
+            Err(ReadFailure::Missing) => Err(None),
+            Err(ReadFailure::Bad(reason)) => Err(Some(Skipped {
+                path: path.clone(),
+                reason,
+            })),
+        };
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)

@@ -132,6 +132,33 @@ fn a_torn_file_is_skipped_and_reported() {
 }
 
 #[test]
+fn a_file_of_another_kind_is_skipped_and_reported_not_read_as_its_directorys_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.create(&agent("a")).unwrap();
+    // An Agent's file copied among the Queues, and one in the Queues' own format.
+    fs::create_dir_all(dir.path().join("objects/queues")).unwrap();
+    fs::copy(
+        dir.path().join("objects/agents/a.json"),
+        dir.path().join("objects/queues/a.json"),
+    )
+    .unwrap();
+    let queues = store.list_raw("queues", None).unwrap();
+    assert!(queues.items.is_empty(), "{:?}", queues.items);
+    assert_eq!(queues.skipped.len(), 1);
+    assert!(
+        queues.skipped[0]
+            .reason
+            .contains("kind \"Agent\" does not belong in queues/ (it holds Queue objects)"),
+        "{:?}",
+        queues.skipped[0]
+    );
+    let e = store.get_raw("queues", "a").unwrap_err();
+    assert!(matches!(e, StoreError::Refused { .. }), "{e}");
+    assert_eq!(store.get::<Agent>("a").unwrap().metadata.name, "a");
+}
+
+#[test]
 fn a_symlink_is_neither_followed_nor_replaced() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();

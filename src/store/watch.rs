@@ -197,7 +197,7 @@ impl<K: Resource> Watcher_<K> {
             }
             return;
         };
-        match read_object_file::<K>(&path, name) {
+        match read_object_file::<K>(&path, K::PLURAL, name) {
             Ok(obj) => {
                 self.reported.remove(name);
                 let revision = obj.revision();
