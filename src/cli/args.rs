@@ -18,19 +18,21 @@ pub struct Cli {
 /// Settings shared by every command.
 #[derive(Args, Debug, Clone)]
 pub struct Globals {
-    /// State directory holding the object store, logs and the lock.
+    /// State directory holding the object store, logs and the lock [default: ./state, or
+    /// <TINYSCHEDULER_BASE_PATH>/state when that is set].
     #[arg(
         long,
         global = true,
         env = "TINYSCHEDULER_STATE_DIR",
-        default_value = "./state"
+        default_value = "./state",
+        hide_default_value = true
     )]
     pub state_dir: PathBuf,
     /// Log format: human (default on a terminal) or json (default otherwise). Logs go to stderr.
     #[arg(long, global = true, env = "TINYSCHEDULER_LOG_FORMAT", value_enum)]
     pub log_format: Option<crate::daemon::logging::LogFormat>,
-    /// Log level or filter: error, warn, info, debug, trace; DEBUG/INFO/WARNING/ERROR; or a
-    /// RUST_LOG-style filter such as `info,tinyscheduler::controllers=debug`. Default: info for
+    /// Log level or filter: error, warn, info, debug, trace, off; DEBUG/INFO/WARNING/ERROR/CRITICAL;
+    /// or a RUST_LOG-style filter such as `info,tinyscheduler::controllers=debug`. Default: info for
     /// `run --daemon`, warn for every other command.
     #[arg(long, global = true, env = "TINYSCHEDULER_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -167,6 +169,7 @@ pub struct DeleteArgs {
     /// Delete the objects named in these manifests.
     #[arg(short = 'f', long = "filename")]
     pub files: Vec<String>,
+    /// Recurse into the subdirectories of a directory given with -f.
     #[arg(short = 'R', long)]
     pub recursive: bool,
     /// Succeed when an object is already gone.
