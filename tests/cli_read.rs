@@ -726,3 +726,52 @@ fn wait_refuses_a_name_no_object_can_have_and_matches_condition_types_in_any_cas
     ]);
     assert_eq!(lower.code, 0, "{lower:?}");
 }
+
+#[test]
+fn control_characters_in_values_are_written_out_in_tables_and_descriptions() {
+    let env = Env::new();
+    // A note that would start a forged row and turn the terminal red; a command argument with a
+    // newline and a clear-screen sequence.
+    env.apply_ok(
+        "esc.yaml",
+        &format!(
+            "{}---\n{API}\nkind: Agent\nmetadata:\n  name: esc\n  annotations:\n    note: \"red\\e[31mRED\\e[0m\\nFAKE-LINE   x\"\nspec:\n  queue: default\n  command: [\"sh\", \"-c\", \"echo\\nNAME ROW\\e[2J\"]\n",
+            queue("default")
+        ),
+    );
+    let wide = env.run(&["get", "ag", "-o", "wide"]);
+    assert_eq!(wide.code, 0, "{wide:?}");
+    assert_eq!(wide.stdout.lines().count(), 2, "{}", wide.stdout);
+    assert!(!wide.stdout.contains('\u{1b}'), "{:?}", wide.stdout);
+    assert!(
+        wide.stdout.contains(r"'echo\nNAME ROW\u{1b}[2J'"),
+        "{}",
+        wide.stdout
+    );
+    let described = env.run(&["describe", "agent", "esc"]);
+    assert_eq!(described.code, 0, "{described:?}");
+    assert!(
+        !described.stdout.contains('\u{1b}'),
+        "{:?}",
+        described.stdout
+    );
+    assert!(
+        described
+            .stdout
+            .contains(r"note=red\u{1b}[31mRED\u{1b}[0m\nFAKE-LINE   x"),
+        "{}",
+        described.stdout
+    );
+    assert!(
+        !described.stdout.lines().any(|l| l.starts_with("FAKE-LINE")),
+        "{}",
+        described.stdout
+    );
+    // JSON keeps the value as it is.
+    let json = env.run(&["get", "ag", "esc", "-o", "json"]);
+    let v: Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(
+        v["metadata"]["annotations"]["note"],
+        "red\u{1b}[31mRED\u{1b}[0m\nFAKE-LINE   x"
+    );
+}

@@ -117,9 +117,11 @@ fn humanize(key: &str) -> String {
     s
 }
 
+/// A value as one line of text, control characters written out (see
+/// [`printers::escape_controls`]).
 fn scalar(v: &Value) -> String {
     match v {
-        Value::String(s) => s.clone(),
+        Value::String(s) => printers::escape_controls(s).into_owned(),
         Value::Null => "<none>".into(),
         other => other.to_string(),
     }
@@ -140,7 +142,10 @@ fn write_fields(
     let keys: Vec<(String, &Value)> = map
         .iter()
         .filter(|(k, _)| k.as_str() != "conditions")
-        .map(|(k, v)| (if human { humanize(k) } else { k.clone() }, v))
+        .map(|(k, v)| {
+            let k = printers::escape_controls(k);
+            (if human { humanize(&k) } else { k.into_owned() }, v)
+        })
         .collect();
     let width = keys
         .iter()
@@ -196,7 +201,7 @@ fn kv_block(out: &mut String, title: &str, map: Option<&Value>) {
         .and_then(Value::as_object)
         .map(|m| {
             m.iter()
-                .map(|(k, v)| format!("{k}={}", scalar(v)))
+                .map(|(k, v)| format!("{}={}", printers::escape_controls(k), scalar(v)))
                 .collect()
         })
         .unwrap_or_default();

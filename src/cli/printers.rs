@@ -70,7 +70,7 @@ impl Table {
         for r in &self.rows {
             for (i, c) in r.iter().enumerate() {
                 if i < w.len() {
-                    w[i] = w[i].max(c.chars().count());
+                    w[i] = w[i].max(escape_controls(c).chars().count());
                 }
             }
         }
@@ -99,7 +99,8 @@ pub fn write_row<'a>(line: &mut String, cells: impl Iterator<Item = &'a str>, wi
     let cells: Vec<&str> = cells.collect();
     let n = cells.len();
     for (i, c) in cells.into_iter().enumerate() {
-        line.push_str(c);
+        let c = escape_controls(c);
+        line.push_str(&c);
         if i + 1 < n {
             let w = widths.get(i).copied().unwrap_or(0);
             let pad = w.saturating_sub(c.chars().count()) + PADDING;
@@ -107,6 +108,26 @@ pub fn write_row<'a>(line: &mut String, cells: impl Iterator<Item = &'a str>, wi
         }
     }
     line.push('\n');
+}
+
+/// `text` with every control character written out (`\n`, `\t`, `\r`, else `\u{1b}`): a
+/// value from a manifest or a tinytask server could otherwise start another row of a table, or
+/// send escape sequences to the terminal. `-o json|yaml` print values as they are.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// `task.tinyscheduler.io/x`.
