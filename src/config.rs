@@ -170,6 +170,8 @@ impl DotEnv {
     /// file and line.
     pub fn parse(path: &Path, text: &str) -> Result<DotEnv, ConfigError> {
         let mut vars = BTreeMap::new();
+        // A byte-order mark, as some editors write, is not part of the first name.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         for (i, raw) in text.lines().enumerate() {
             let at = || format!("{}:{}", path.display(), i + 1);
             let line = raw.trim();

@@ -888,3 +888,24 @@ fn a_repeated_key_is_refused_in_json_as_in_yaml() {
         ],
     );
 }
+
+#[test]
+fn a_spec_left_out_takes_every_default_and_a_task_still_needs_a_queue() {
+    let env = seeded();
+    let f = env.file(
+        "q.yaml",
+        &format!("{API}\nkind: Queue\nmetadata:\n  name: bare\n"),
+    );
+    let r = env.run(&["apply", "-f", f.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout.trim(), "queue.tinyscheduler.io/bare created");
+    let q = env.run(&["get", "queue", "bare", "-o", "json"]);
+    let q: Value = serde_json::from_str(&q.stdout).unwrap();
+    assert_eq!(q["spec"]["source"], "local", "{q}");
+    refused_in(
+        &env,
+        "t.yaml",
+        &format!("{API}\nkind: Task\nmetadata:\n  name: bare\n"),
+        &["t.yaml", "document 1 (Task \"bare\")", "spec.queue"],
+    );
+}

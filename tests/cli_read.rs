@@ -725,6 +725,21 @@ fn wait_refuses_a_name_no_object_can_have_and_matches_condition_types_in_any_cas
         "5s",
     ]);
     assert_eq!(lower.code, 0, "{lower:?}");
+
+    // A Task has no conditions: waiting for one is refused at once, saying what to wait for.
+    let r = env.run(&[
+        "wait",
+        "task/t-a",
+        "--for=condition=Complete",
+        "--timeout",
+        "60s",
+    ]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert_eq!(
+        r.stderr.trim(),
+        "error: tasks have no conditions: wait for a phase, e.g. \
+         --for=jsonpath='{.status.phase}'=Succeeded"
+    );
 }
 
 #[test]

@@ -396,3 +396,15 @@ fn a_python_era_setting_that_has_no_effect_is_warned_about_by_run_and_validate_c
         );
     }
 }
+
+#[test]
+fn a_dotenv_file_that_starts_with_a_byte_order_mark_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        "\u{feff}TINYSCHEDULER_KILL_GRACE_SEC=2.5\n",
+    )
+    .unwrap();
+    let s = config_json(cmd(dir.path()).args(["config", "--json"]).output().unwrap());
+    assert_eq!(setting(&s, "kill_grace_sec"), (2.5.into(), ".env".into()));
+}

@@ -450,10 +450,32 @@ fn in_our_words(msg: &str) -> String {
         return if what.starts_with("Depth") {
             "nested too deeply (more than 64 levels)".into()
         } else {
-            format!("too large to read ({what})")
+            too_large_to_read(what)
         };
     }
     msg.to_string()
+}
+
+/// A breached budget (`Nodes { nodes: 250001 }`, `ScalarBytes { total_scalar_bytes: 67200083 }`)
+/// in words: `too large to read: 250001 nodes, more than the reader takes`.
+fn too_large_to_read(what: &str) -> String {
+    let name = what.split([' ', '{']).next().unwrap_or_default();
+    let mut words = String::new();
+    for c in name.chars() {
+        if c.is_ascii_uppercase() && !words.is_empty() {
+            words.push(' ');
+        }
+        words.push(c.to_ascii_lowercase());
+    }
+    let count: String = what
+        .chars()
+        .skip_while(|c| !c.is_ascii_digit())
+        .take_while(char::is_ascii_digit)
+        .collect();
+    if words.is_empty() || count.is_empty() {
+        return "too large to read".into();
+    }
+    format!("too large to read: {count} {words}, more than the reader takes")
 }
 
 /// ` at line L, column C: message`, with L counted from the start of the whole file.
@@ -482,6 +504,19 @@ fn yaml_error(e: &serde_saphyr::Error, first_line: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_breached_reader_budget_is_said_in_words() {
+        assert_eq!(
+            too_large_to_read("Nodes { nodes: 250001 }"),
+            "too large to read: 250001 nodes, more than the reader takes"
+        );
+        assert_eq!(
+            too_large_to_read("ScalarBytes { total_scalar_bytes: 67200083 }"),
+            "too large to read: 67200083 scalar bytes, more than the reader takes"
+        );
+        assert_eq!(too_large_to_read("Odd"), "too large to read");
+    }
 
     #[test]
     fn yaml_documents_keep_their_index_and_first_line() {

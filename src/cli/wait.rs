@@ -155,6 +155,19 @@ pub fn wait(g: &Globals, a: WaitArgs) -> CliResult {
     crate::resources::validate::validate_name(name)
         .map_err(|e| CliError(format!("error: invalid name {name:?}: {e}")))?;
     let cond = parse_for(&a.for_)?;
+    // Only Agents (Ready) and Queues (SourceReachable) have conditions: a wait for one on another
+    // kind would always time out.
+    if matches!(cond, For::Condition(..)) && !matches!(kind, Kind::Agent | Kind::Queue) {
+        let hint = if kind == Kind::Task {
+            ": wait for a phase, e.g. --for=jsonpath='{.status.phase}'=Succeeded"
+        } else {
+            ""
+        };
+        return Err(CliError(format!(
+            "error: {} have no conditions{hint}",
+            kind.plural()
+        )));
+    }
     let timeout = parse_timeout(&a.timeout)?;
     let store = Store::open_read_only(&g.state_dir);
     let rt = tokio::runtime::Builder::new_current_thread()

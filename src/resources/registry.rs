@@ -160,7 +160,7 @@ fn json_type(v: &Value) -> &'static str {
 }
 
 fn admit_typed<K: Resource>(
-    doc: Value,
+    mut doc: Value,
     rules: impl Fn(&K) -> Vec<FieldError>,
 ) -> Result<Value, Vec<FieldError>> {
     let mut errors = Vec::new();
@@ -175,12 +175,12 @@ fn admit_typed<K: Resource>(
             message: format!("required (expected {API_VERSION:?})"),
         }),
     }
-    if doc.get("spec").is_none() {
-        errors.push(FieldError {
-            path: "spec".into(),
-            message: "required".into(),
-        });
-        return Err(errors);
+    // No spec, or an empty `spec:`, is every field at its default; a Task's rules then say what
+    // it lacks.
+    if let Some(obj) = doc.as_object_mut() {
+        if obj.get("spec").is_some_and(Value::is_null) {
+            obj.remove("spec");
+        }
     }
     // serde fills a struct from a list too, field by field in order (`metadata: [x]` would be
     // named "x"): where a mapping belongs, only a mapping is taken.
