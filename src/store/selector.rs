@@ -1,7 +1,10 @@
-//! Label selectors: `key=value`, `key!=value`, `key`, `!key`, comma-separated (all must match).
+//! Label selectors, as kubectl's: `key=value` (`==`), `key!=value`, `key`, `!key`, `key in (a,b)`,
+//! `key notin (a,b)`, comma-separated (all must match).
 
 use std::collections::BTreeMap;
 use std::fmt;
+
+use crate::resources::validate::{validate_key, validate_label};
 
 /// One requirement of a selector.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -10,6 +13,8 @@ enum Requirement {
     NotEquals(String, String),
     Exists(String),
     NotExists(String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
 }
 
 /// A parsed label selector; the empty selector matches everything.
@@ -28,17 +33,73 @@ impl fmt::Display for SelectorError {
 
 impl std::error::Error for SelectorError {}
 
+/// Splits at the commas that are not inside parentheses (`a in (x,y),b` is two parts).
+fn parts(s: &str) -> Result<Vec<&str>, SelectorError> {
+    let mut out = Vec::new();
+    let (mut depth, mut start) = (0usize, 0);
+    for (i, c) in s.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth = depth
+                    .checked_sub(1)
+                    .ok_or_else(|| SelectorError(format!("{s:?}: unmatched ')'")))?
+            }
+            ',' if depth == 0 => {
+                out.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if depth > 0 {
+        return Err(SelectorError(format!("{s:?}: unclosed '('")));
+    }
+    out.push(&s[start..]);
+    Ok(out
+        .into_iter()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect())
+}
+
+/// `key in (a, b)` or `key notin (a, b)`; `None` for a part without parentheses.
+fn set_based(part: &str) -> Option<Result<Requirement, SelectorError>> {
+    let open = part.find('(')?;
+    let head = part[..open].trim_end();
+    let (key, negated) = if let Some(k) = head.strip_suffix(" notin") {
+        (k, true)
+    } else if let Some(k) = head.strip_suffix(" in") {
+        (k, false)
+    } else {
+        return Some(Err(SelectorError(format!(
+            "{part:?}: expected KEY in (VALUES) or KEY notin (VALUES)"
+        ))));
+    };
+    let Some(inner) = part[open + 1..].strip_suffix(')') else {
+        return Some(Err(SelectorError(format!(
+            "{part:?}: nothing may follow the closing ')'"
+        ))));
+    };
+    let values: Vec<String> = inner.split(',').map(|v| v.trim().to_string()).collect();
+    let key = key.trim().to_string();
+    Some(Ok(if negated {
+        Requirement::NotIn(key, values)
+    } else {
+        Requirement::In(key, values)
+    }))
+}
+
 impl Selector {
-    /// Parses `app=x,tier!=y,team,!legacy`; `==` is accepted for `=`.
+    /// Parses `app=x,tier!=y,team,!legacy,zone in (a,b),env notin (dev)`; `==` is accepted for
+    /// `=`. Keys and values follow the rules of labels, so a selector that no label could match
+    /// is an error rather than an empty answer.
     pub fn parse(s: &str) -> Result<Selector, SelectorError> {
         let mut reqs = Vec::new();
-        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let valid_key = |k: &str| {
-                !k.is_empty()
-                    && k.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
-            };
-            let req = if let Some((k, v)) = part.split_once("!=") {
+        for part in parts(s)? {
+            let req = if let Some(r) = set_based(part) {
+                r?
+            } else if let Some((k, v)) = part.split_once("!=") {
                 Requirement::NotEquals(k.trim().into(), v.trim().into())
             } else if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
                 Requirement::Equals(k.trim().into(), v.trim().into())
@@ -47,14 +108,14 @@ impl Selector {
             } else {
                 Requirement::Exists(part.into())
             };
-            let key = match &req {
-                Requirement::Equals(k, _)
-                | Requirement::NotEquals(k, _)
-                | Requirement::Exists(k)
-                | Requirement::NotExists(k) => k,
+            let (key, values): (&String, Vec<&String>) = match &req {
+                Requirement::Equals(k, v) | Requirement::NotEquals(k, v) => (k, vec![v]),
+                Requirement::Exists(k) | Requirement::NotExists(k) => (k, Vec::new()),
+                Requirement::In(k, vs) | Requirement::NotIn(k, vs) => (k, vs.iter().collect()),
             };
-            if !valid_key(key) {
-                return Err(SelectorError(format!("{part:?}: invalid label key")));
+            validate_key(key).map_err(|e| SelectorError(format!("{part:?}: {e}")))?;
+            for v in values {
+                validate_label(key, v).map_err(|e| SelectorError(format!("{part:?}: {e}")))?;
             }
             reqs.push(req);
         }
@@ -68,6 +129,8 @@ impl Selector {
             Requirement::NotEquals(k, v) => labels.get(k) != Some(v),
             Requirement::Exists(k) => labels.contains_key(k),
             Requirement::NotExists(k) => !labels.contains_key(k),
+            Requirement::In(k, vs) => labels.get(k).is_some_and(|v| vs.contains(v)),
+            Requirement::NotIn(k, vs) => labels.get(k).is_none_or(|v| !vs.contains(v)),
         })
     }
 }
@@ -101,5 +164,38 @@ mod tests {
     fn a_malformed_key_is_an_error() {
         assert!(Selector::parse("a b=c").is_err());
         assert!(Selector::parse("=c").is_err());
+    }
+
+    #[test]
+    fn set_based_requirements_match_as_kubectls() {
+        let s = Selector::parse("team in (core, infra),tier notin (gpu),owner").unwrap();
+        assert!(s.matches(&labels(&[("team", "infra"), ("owner", "x")])));
+        assert!(!s.matches(&labels(&[("team", "web"), ("owner", "x")])));
+        assert!(!s.matches(&labels(&[("owner", "x")])), "in needs the key");
+        assert!(!s.matches(&labels(&[
+            ("team", "core"),
+            ("owner", "x"),
+            ("tier", "gpu")
+        ])));
+        assert!(
+            Selector::parse("tier notin (gpu)")
+                .unwrap()
+                .matches(&labels(&[])),
+            "notin holds without the key"
+        );
+    }
+
+    #[test]
+    fn a_selector_no_label_could_match_is_an_error_naming_the_part() {
+        let e = Selector::parse("team=Core!").unwrap_err();
+        assert!(
+            e.to_string().contains("\"team=Core!\": invalid value"),
+            "{e}"
+        );
+        let e = Selector::parse("team in (core").unwrap_err();
+        assert!(e.to_string().contains("unclosed '('"), "{e}");
+        let e = Selector::parse("team within (core)").unwrap_err();
+        assert!(e.to_string().contains("expected KEY in (VALUES)"), "{e}");
+        assert!(Selector::parse("team in (a,b) x").is_err());
     }
 }
