@@ -533,7 +533,7 @@ fn prepare(store: &Store, state_dir: &Path, lease: &Lease) -> Result<Prepared, S
     ];
     env.extend(own);
     for (k, v) in &params {
-        env.insert(format!("TINYSCHEDULER_PARAM_{}", env_key(k)), v.clone());
+        env.insert(crate::resources::task::param_env_name(k), v.clone());
     }
     for (k, v) in &agent.spec.env {
         env.insert(k.clone(), v.clone());
@@ -564,19 +564,6 @@ fn param_string(v: &serde_json::Value) -> String {
         serde_json::Value::Null => String::new(),
         other => other.to_string(),
     }
-}
-
-/// `TINYSCHEDULER_PARAM_<KEY>`: upper case, every non-alphanumeric character as `_`.
-pub fn env_key(key: &str) -> String {
-    key.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_uppercase()
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }
 
 fn home_dir() -> String {

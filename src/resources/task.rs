@@ -15,6 +15,22 @@ pub const DEFAULT_MAX_RETRIES: i64 = 3;
 /// Annotation holding the remote id of a task reflected from tinytask.
 pub const TINYTASK_ID_ANNOTATION: &str = "tinyscheduler.io/tinytask-id";
 
+/// The environment variable that carries param `key` to the agent: `TINYSCHEDULER_PARAM_` and
+/// the key in upper case, every character but a letter or digit as `_`.
+pub fn param_env_name(key: &str) -> String {
+    let key: String = key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("TINYSCHEDULER_PARAM_{key}")
+}
+
 /// What the user wants of a task.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

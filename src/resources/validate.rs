@@ -240,8 +240,17 @@ pub fn validate_task(name: &str, spec: &TaskSpec) -> Vec<FieldError> {
             e.push(err(&path, "a task cannot block itself"));
         }
     }
+    // Two keys that name one variable (`pr-url`, `pr_url`): the agent would get only one.
+    let mut by_variable: std::collections::BTreeMap<String, &String> = Default::default();
     for (k, v) in &spec.params {
         let path = format!("spec.params.{k}");
+        let variable = crate::resources::task::param_env_name(k);
+        if let Some(first) = by_variable.insert(variable.clone(), k) {
+            e.push(err(
+                &path,
+                format!("is passed to the agent as {variable}, as is spec.params.{first}"),
+            ));
+        }
         if k.is_empty() || k.contains('\0') || k.contains('=') {
             e.push(err(&path, "keys must be non-empty without '=' or NUL"));
         }
@@ -251,7 +260,7 @@ pub fn validate_task(name: &str, spec: &TaskSpec) -> Vec<FieldError> {
         if let Some(text) = v.as_str() {
             // The agent gets it as TINYSCHEDULER_PARAM_<KEY>=<value>: no NUL, and within what
             // the kernel takes for one variable, else the agent could never be started.
-            let env_len = "TINYSCHEDULER_PARAM_=".len() + k.len() + text.len();
+            let env_len = variable.len() + 1 + text.len();
             if text.contains('\0') {
                 e.push(err(&path, "must not contain NUL"));
             } else if env_len > MAX_ENV_STRING {
@@ -373,6 +382,26 @@ mod tests {
         assert_eq!(
             errs[0].message,
             "must be at most 10000 (got 9223372036854775807)"
+        );
+    }
+
+    #[test]
+    fn two_params_that_would_be_one_variable_are_refused() {
+        let spec = TaskSpec {
+            queue: Some("q".into()),
+            params: [
+                ("pr-url".to_string(), serde_json::Value::from("a")),
+                ("pr_url".to_string(), serde_json::Value::from("b")),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        let errs = validate_task("t", &spec);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].path, "spec.params.pr_url");
+        assert_eq!(
+            errs[0].message,
+            "is passed to the agent as TINYSCHEDULER_PARAM_PR_URL, as is spec.params.pr-url"
         );
     }
 
