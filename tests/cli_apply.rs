@@ -909,3 +909,28 @@ fn a_spec_left_out_takes_every_default_and_a_task_still_needs_a_queue() {
         &["t.yaml", "document 1 (Task \"bare\")", "spec.queue"],
     );
 }
+
+#[test]
+fn a_recursive_apply_of_the_working_directory_leaves_the_state_directory_out() {
+    let env = Env::new();
+    // The default state directory sits in the working directory, beside the manifests.
+    let dir = env.tmp.path().join("work");
+    std::fs::create_dir_all(dir.join("manifests")).unwrap();
+    std::fs::write(dir.join("manifests/q.yaml"), queue("default")).unwrap();
+    let apply = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tinyscheduler"))
+            .args(["--state-dir", "./state", "apply", "-R", "-f", "."])
+            .current_dir(&dir)
+            .output()
+            .unwrap()
+    };
+    let first = apply();
+    assert!(first.status.success(), "{first:?}");
+    assert!(dir.join("state/objects/queues/default.json").is_file());
+    let again = apply();
+    assert!(again.status.success(), "{again:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout).trim(),
+        "queue.tinyscheduler.io/default unchanged"
+    );
+}

@@ -57,6 +57,11 @@ impl std::fmt::Display for InputError {
     }
 }
 
+/// Whether `dir` is a state directory: the store's lock file beside its objects.
+fn is_state_dir(dir: &Path) -> bool {
+    dir.join("objects").is_dir() && dir.join(crate::store::STORE_LOCK_FILE).is_file()
+}
+
 /// Expands the `-f` arguments into (display name, path) pairs: files as given, directories to their
 /// `*.yaml`, `*.yml` and `*.json` files in name order (recursing with `recursive`), `-` as stdin.
 pub fn expand(files: &[String], recursive: bool) -> Result<Vec<Option<PathBuf>>, InputError> {
@@ -95,7 +100,9 @@ fn walk(dir: &Path, recursive: bool, out: &mut Vec<Option<PathBuf>>) -> Result<(
             continue;
         }
         if is_dir {
-            if recursive {
+            // `apply -R -f .` beside the default ./state: its object files are the store's, not
+            // manifests (each would be refused as already defined).
+            if recursive && !is_state_dir(&p) {
                 walk(&p, recursive, out)?;
             }
         } else if p

@@ -30,6 +30,9 @@ pub use watch::{Watch, WatchEvent, WatchOptions};
 /// Largest object (and input document) the store accepts.
 pub const MAX_OBJECT_BYTES: u64 = 1024 * 1024;
 
+/// The file in a state directory whose lock serializes the store's writers.
+pub const STORE_LOCK_FILE: &str = "store.lock";
+
 /// Room kept for what the scheduler writes into an object's status (a Task's outcome, retry
 /// message and write-backs; an Agent's or Queue's counters).
 pub const STATUS_RESERVE: u64 = 64 * 1024;
@@ -199,7 +202,7 @@ impl Store {
         let open = |p: &Path| fsio::open_private(p).map_err(|e| StoreError::io(p, e));
         let spares_path = root.join("spares");
         let writer = WriteSide {
-            lock: open(&root.join("store.lock"))?,
+            lock: open(&root.join(STORE_LOCK_FILE))?,
             state: Mutex::new(Writer {
                 revision: open(&root.join("revision"))?,
                 spares: spares::Pool::open(&spares_path, &tmp, revision::boot_id())
@@ -301,7 +304,7 @@ impl Store {
         };
         let mut state = writer.state.lock().unwrap_or_else(|p| p.into_inner());
         let _held = fsio::Exclusive::lock(&writer.lock)
-            .map_err(|e| StoreError::io(&self.inner.root.join("store.lock"), e))?;
+            .map_err(|e| StoreError::io(&self.inner.root.join(STORE_LOCK_FILE), e))?;
         f(&mut state)
     }
 
