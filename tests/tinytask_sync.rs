@@ -1077,6 +1077,60 @@ async fn a_claim_slower_than_the_lease_gives_the_task_back_and_it_runs_later() {
     );
 }
 
+/// A claim whose last step (the `working` PATCH) is answered after the Lease's duration finds its
+/// run reclaimed as "never started" only once that step landed: the release the reclaim queued
+/// ran while the task was still idle, so only the claim itself can give the task back. It must,
+/// rather than leave it working for an agent that runs nothing; the task then runs later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_working_patch_lands_after_the_reclaim_gives_the_task_back() {
+    let w = World::new().await;
+    let id = queued(&w.server, "slow working", "dev");
+    w.tinytask_queue("dev", json!({}));
+    w.apply(
+        "agent-alice",
+        json!({"apiVersion": "tinyscheduler.io/v1alpha1", "kind": "Agent", "metadata": {"name": "alice"},
+               "spec": {"queue": "dev", "maxConcurrency": 1, "heartbeatSeconds": 1,
+                        "command": ["sh", "-c", RECORD], "env": {"RAN": w.ran_file().display().to_string()}}}),
+    );
+    // The assignment is answered at once; `status: working` after the Lease's three seconds.
+    w.server.delay_matching(
+        "PATCH",
+        &format!("/api/v1/tasks/{id}"),
+        "working",
+        Duration::from_secs(6),
+    );
+    let mut d = daemon(&w, &[]);
+    let name = format!("tt-{id}");
+    wait_until("the mirror", Duration::from_secs(30), || {
+        w.task_json(&name).is_some()
+    })
+    .await;
+    let store = Store::open(w.env.state()).unwrap();
+    // No retry for the reclaimed attempt: its outcome is the release that finds the task idle.
+    support::update_retrying::<tinyscheduler::resources::Task>(&store, &name, |t| {
+        t.spec.max_retries = 0
+    });
+    wait_until(
+        "the task to complete on the server",
+        Duration::from_secs(60),
+        || w.status(id).0 == "complete",
+    )
+    .await;
+    d.kill().await.ok();
+    assert_eq!(w.ran().len(), 1, "it ran once: {:?}", w.ran());
+    let events = w.events();
+    assert!(
+        events.contains("reclaimed while the claim was under way"),
+        "{events}"
+    );
+    // One claim held a run: the one given back announced none.
+    assert_eq!(
+        events.matches("Claimed claimed tinytask task").count(),
+        1,
+        "{events}"
+    );
+}
+
 /// Blocked tasks assigned to our agent must not fill the window that its runnable ones are read
 /// through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

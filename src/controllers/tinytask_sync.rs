@@ -10,8 +10,9 @@
 //!   back the poll off up to 30 s.
 //! - `tinytask-claim/<lease>` — a Lease for a mirrored Task is not spawned until it is claimed
 //!   here: re-read the task, assign it (PATCH) only if it is still ours to take, check that nobody
-//!   wrote in between, set it `working`, then annotate the Lease `tinyscheduler.io/claimed`. A
-//!   refused claim deletes the mirror and the Lease (nothing runs), once what the mirror owed the
+//!   wrote in between, set it `working`, then annotate the Lease `tinyscheduler.io/claimed`; a
+//!   Lease reclaimed meanwhile (never started) gets the task put back on the server as the claim
+//!   found it, with no `Claimed` event. A refused claim deletes the mirror and the Lease (nothing runs), once what the mirror owed the
 //!   server (unsent write-backs, a claim held for an earlier attempt) is queued on its Queue; an
 //!   unreachable server puts the Task back to Pending (the attempt does not count) with a delay.
 //! - `tinytask-wb/<task>` — write the outcomes queued in `status.writeBacks` (by
@@ -1415,11 +1416,19 @@ async fn claim(ctx: &Ctx, lease_name: &str) -> Result<Action, Error> {
         respect,
     };
     match claim_on_server(ctx, &task, &lease, id, &agent, target).await {
-        Ok(()) => {
+        Ok(landed) => {
             if let Some(q) = &queue {
                 set_health(ctx, &q.metadata.name, Ok(()));
             }
-            mark_claimed(ctx, &lease, task.spec.queue.as_deref(), &endpoint)?;
+            if !mark_claimed(ctx, &lease, task.spec.queue.as_deref(), &endpoint)? {
+                // The run was reclaimed ("never started") while the last PATCH was under way: the
+                // release its outcome queued may already have found the task idle and left it
+                // so, and nothing will run it now. Only this claim can give it back.
+                give_back(ctx, &endpoint, id, &landed.before).await;
+                let why = "its run was reclaimed while the claim was under way";
+                refuse(ctx, &lease, &task, id, why, landed.held)?;
+                return Ok(Action::await_change());
+            }
             ctx.event(
                 &task,
                 EventType::Normal,
@@ -1451,9 +1460,32 @@ struct Target<'a> {
     respect: bool,
 }
 
+/// A claim that landed on the server: what the task was before it, so that it can be given back.
+struct Landed {
+    /// The task as read before the claim.
+    before: RemoteTask,
+    /// The agent of ours the server showed holding the task from an earlier attempt, if any.
+    held: Option<String>,
+}
+
+/// Puts the server's task back as the claim found it (status and assignee): the claim landed, but
+/// its run is gone. Best effort: a failure is logged (the task then stays with our agent).
+async fn give_back(ctx: &Ctx, endpoint: &str, id: TaskId, before: &RemoteTask) {
+    let assignee = before.assigned_to.clone().filter(|a| !a.is_empty());
+    let undo = TaskPatch::new().assignee(assignee).status(before.status);
+    let done = match ctx.tinytask.client(endpoint) {
+        Ok(client) => client.patch_task(id, &undo).await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = done {
+        tracing::warn!("tinytask task {id}: cannot give back the claim of a reclaimed run: {e}");
+    }
+}
+
 /// Re-reads the task, assigns it to `agent` if it is still ours to take, checks that nobody wrote
 /// in between (PATCH is last-write-wins: the answer's `previous_assigned_to` and `status` tell),
-/// and sets it working.
+/// and sets it working. The caller still has to mark the Lease claimed, and give the task back
+/// (with [`give_back`]) if the Lease is gone by then.
 async fn claim_on_server(
     ctx: &Ctx,
     task: &Task,
@@ -1461,7 +1493,7 @@ async fn claim_on_server(
     id: TaskId,
     agent: &str,
     target: Target<'_>,
-) -> Result<(), ClaimError> {
+) -> Result<Landed, ClaimError> {
     let client = ctx
         .tinytask
         .client(target.endpoint)
@@ -1537,22 +1569,25 @@ async fn claim_on_server(
             .patch_task(id, &TaskPatch::new().status(TaskStatus::Working))
             .await?;
     }
-    Ok(())
+    Ok(Landed { before, held })
 }
 
+/// Annotates the Lease claimed (the lease controller spawns only then; the reclaim controller no
+/// longer takes it for never started). False when the Lease is gone or replaced: its run was
+/// reclaimed meanwhile, and the claim must be given back.
 fn mark_claimed(
     ctx: &Ctx,
     lease: &Lease,
     queue: Option<&str>,
     endpoint: &str,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let name = &lease.metadata.name;
     loop {
         let Some(mut l) = ctx.store.try_get::<Lease>(name)? else {
-            return Ok(());
+            return Ok(false);
         };
         if l.metadata.uid != lease.metadata.uid {
-            return Ok(());
+            return Ok(false);
         }
         l.metadata
             .annotations
@@ -1568,10 +1603,10 @@ fn mark_claimed(
         match ctx.store.update(&l) {
             Ok(u) => {
                 ctx.leases.observe(u);
-                return Ok(());
+                return Ok(true);
             }
             Err(e) if e.is_conflict() => continue,
-            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) if e.is_not_found() => return Ok(false),
             Err(e) => return Err(e.into()),
         }
     }
