@@ -1131,6 +1131,155 @@ async fn a_claim_whose_working_patch_lands_after_the_reclaim_gives_the_task_back
     );
 }
 
+/// The delays (in seconds) of the `ClaimPostponed` Events whose message contains `what`.
+fn postponed_delays(w: &World, what: &str) -> Vec<u64> {
+    let events: Vec<Event> = w
+        .store()
+        .list::<Event>(None)
+        .map(|l| l.items)
+        .unwrap_or_default();
+    events
+        .iter()
+        .filter(|e| e.spec.reason == "ClaimPostponed" && e.spec.message.contains(what))
+        .filter_map(|e| {
+            let (_, rest) = e.spec.message.rsplit_once("trying again in ")?;
+            rest.trim_end_matches('s').parse().ok()
+        })
+        .collect()
+}
+
+/// When a blocker succeeds here, its dependant must not be claimed before the blocker's result
+/// reached the server: the server would still call it blocked, the claim would be refused and the
+/// mirror dropped (a spurious `ClaimRefused` on every chain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dependant_waits_for_its_blockers_result_to_reach_the_server() {
+    let w = World::new().await;
+    let first = queued(&w.server, "first", "dev");
+    let second = w.server.insert("second", |t| {
+        t.queue_name = Some("dev".into());
+        t.blocked_by_task_id = Some(first);
+    });
+    w.tinytask_queue("dev", json!({}));
+    w.agent("alice", Some("dev"), 2, RECORD);
+    // The blocker's completion takes a while to reach the server.
+    w.server.delay_matching(
+        "PATCH",
+        &format!("/api/v1/tasks/{first}"),
+        "complete",
+        Duration::from_secs(3),
+    );
+    let mut d = daemon(&w, &[]);
+    wait_until("the dependant to complete", Duration::from_secs(60), || {
+        w.status(second).0 == "complete"
+    })
+    .await;
+    d.kill().await.ok();
+    assert_eq!(w.status(first).0, "complete");
+    let events = w.events();
+    assert!(!events.contains("ClaimRefused"), "{events}");
+    assert_eq!(
+        w.ran(),
+        [
+            (format!("tt-{first}"), "alice".to_string()),
+            (format!("tt-{second}"), "alice".to_string())
+        ]
+    );
+}
+
+/// A blocker that succeeded here but is not complete on the server (someone took it over while it
+/// ran, so its result was only a comment): the dependant's claims are refused as blocked. The
+/// mirror is kept and its claims back off, instead of being dropped and mirrored again at once,
+/// round after round; once the server's blocker is complete, it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dependant_the_server_still_calls_blocked_backs_off_and_keeps_its_mirror() {
+    let w = World::new().await;
+    let first = queued(&w.server, "first", "dev");
+    let second = w.server.insert("second", |t| {
+        t.queue_name = Some("dev".into());
+        t.blocked_by_task_id = Some(first);
+    });
+    w.tinytask_queue("dev", json!({}));
+    let gate = w.env.tmp.path().join("gate");
+    w.agent(
+        "alice",
+        Some("dev"),
+        2,
+        &format!(
+            "if [ \"$TINYSCHEDULER_TASK\" = tt-{first} ]; then while [ ! -e {} ] && [ -d {} ]; do sleep 0.05; done; fi; {RECORD}",
+            gate.display(),
+            w.env.tmp.path().display()
+        ),
+    );
+    let mut d = daemon(&w, &[]);
+    let name = format!("tt-{second}");
+    wait_until("the blocker's claim", Duration::from_secs(30), || {
+        w.status(first) == ("working".into(), Some("alice".into()))
+    })
+    .await;
+    let uid = w
+        .task_json(&name)
+        .expect("the dependant is mirrored")
+        .pointer("/metadata/uid")
+        .cloned()
+        .expect("a uid");
+    // Taken over on the server while it runs: our result is only a comment.
+    w.server
+        .mutate_task(first, |t| t.assigned_to = Some("stranger".into()));
+    std::fs::write(&gate, "").unwrap();
+    let path = format!("/api/v1/tasks/{second}");
+    let reads = || {
+        w.server
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path == path)
+            .count()
+    };
+    wait_until(
+        "three claims of the dependant",
+        Duration::from_secs(60),
+        || reads() >= 3,
+    )
+    .await;
+    let mirror = w.task_json(&name);
+    assert_eq!(
+        mirror.as_ref().and_then(|m| m.pointer("/metadata/uid")),
+        Some(&uid),
+        "the mirror is kept: {mirror:?}\n{}",
+        w.events()
+    );
+    assert!(!w.events().contains("ClaimRefused"), "{}", w.events());
+    wait_until("three postponements", Duration::from_secs(60), || {
+        postponed_delays(&w, "blocked by task").len() >= 3
+    })
+    .await;
+    // Each claim waits longer than the one before (Events have one-second timestamps, so their
+    // order is not told apart: three different delays show it).
+    let delays: std::collections::BTreeSet<u64> = postponed_delays(&w, "blocked by task")
+        .into_iter()
+        .collect();
+    assert!(delays.len() >= 3, "the claims back off: {delays:?}");
+    assert!(
+        !w.events().contains("its Lease was deleted"),
+        "no attempt counted: {}",
+        w.store_dump()
+    );
+    assert_eq!(w.status(first), ("working".into(), Some("stranger".into())));
+
+    w.server
+        .mutate_task(first, |t| t.status = "complete".into());
+    wait_until("the dependant to complete", Duration::from_secs(90), || {
+        w.status(second).0 == "complete"
+    })
+    .await;
+    d.kill().await.ok();
+    assert_eq!(
+        w.ran().iter().filter(|(t, _)| *t == name).count(),
+        1,
+        "{:?}",
+        w.ran()
+    );
+}
+
 /// Blocked tasks assigned to our agent must not fill the window that its runnable ones are read
 /// through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

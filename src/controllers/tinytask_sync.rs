@@ -12,9 +12,11 @@
 //!   here: re-read the task, assign it (PATCH) only if it is still ours to take, check that nobody
 //!   wrote in between, set it `working`, then annotate the Lease `tinyscheduler.io/claimed`; a
 //!   Lease reclaimed meanwhile (never started) gets the task put back on the server as the claim
-//!   found it, with no `Claimed` event. A refused claim deletes the mirror and the Lease (nothing runs), once what the mirror owed the
-//!   server (unsent write-backs, a claim held for an earlier attempt) is queued on its Queue; an
-//!   unreachable server puts the Task back to Pending (the attempt does not count) with a delay.
+//!   found it, with no `Claimed` event. A refused claim deletes the mirror and the Lease (nothing
+//!   runs), once what the mirror owed the server (unsent write-backs, a claim held for an earlier
+//!   attempt) is queued on its Queue; an unreachable server, or a task the server still calls
+//!   blocked, puts the Task back to Pending (the attempt does not count) with a delay that grows
+//!   with each claim of it postponed in a row.
 //! - `tinytask-wb/<task>` — write the outcomes queued in `status.writeBacks` (by
 //!   `outcome::record`, in the same write as the outcome) back to the server, in order, removing
 //!   each only once the server acknowledged it; failures back off and are retried, also across
@@ -77,6 +79,9 @@ const AUTHOR: &str = "tinyscheduler";
 pub struct SyncState {
     queues: Mutex<HashMap<String, QueueState>>,
     clients: Mutex<HashMap<String, Client>>,
+    /// Claims postponed in a row, per mirror (Task name): each one waits longer (see
+    /// [`postpone`]). Cleared by a claim that lands, or a refusal that drops the mirror.
+    claim_failures: Mutex<HashMap<String, u32>>,
 }
 
 #[derive(Default, Clone, Debug)]
@@ -204,6 +209,25 @@ impl SyncState {
     fn with<R>(&self, queue: &str, f: impl FnOnce(&mut QueueState) -> R) -> R {
         let mut m = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         f(m.entry(queue.to_string()).or_default())
+    }
+
+    /// Counts one more postponed claim of the mirror `task`; returns how many in a row.
+    fn claim_postponed(&self, task: &str) -> u32 {
+        let mut m = self
+            .claim_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(task.to_string()).or_default();
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    /// The mirror `task`'s claim landed, or the mirror is dropped: its next claim starts afresh.
+    fn claim_settled(&self, task: &str) {
+        self.claim_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(task);
     }
 
     fn forget(&self, queue: &str) {
@@ -1361,6 +1385,9 @@ enum ClaimError {
     Refused { why: String, held: Option<String> },
     /// The server could not be asked; try later.
     Unreachable(String),
+    /// The server says the task is still blocked (its blocker not complete there), though every
+    /// blocker succeeded here: keep the mirror and try later (see [`postpone`]).
+    Blocked(String),
 }
 
 impl From<tinytask::Error> for ClaimError {
@@ -1429,6 +1456,7 @@ async fn claim(ctx: &Ctx, lease_name: &str) -> Result<Action, Error> {
                 refuse(ctx, &lease, &task, id, why, landed.held)?;
                 return Ok(Action::await_change());
             }
+            ctx.tinytask.claim_settled(&task.metadata.name);
             ctx.event(
                 &task,
                 EventType::Normal,
@@ -1445,7 +1473,27 @@ async fn claim(ctx: &Ctx, lease_name: &str) -> Result<Action, Error> {
             if let Some(q) = &queue {
                 set_health(ctx, &q.metadata.name, Err(e.clone()));
             }
-            postpone(ctx, &lease, &task, queue.as_deref(), &e)?;
+            let message = format!("cannot claim on tinytask ({e})");
+            postpone(
+                ctx,
+                &lease,
+                &task,
+                queue.as_deref(),
+                "SourceUnreachable",
+                &message,
+            )?;
+            Ok(Action::await_change())
+        }
+        Err(ClaimError::Blocked(why)) => {
+            let message = format!("not claimed yet: {why}");
+            postpone(
+                ctx,
+                &lease,
+                &task,
+                queue.as_deref(),
+                "BlockedOnServer",
+                &message,
+            )?;
             Ok(Action::await_change())
         }
     }
@@ -1513,6 +1561,15 @@ async fn claim_on_server(
         })
         .map(str::to_string);
     if let Some(why) = refusal(&before, agent, ours, target.respect, target.queue) {
+        // Blocked, and nothing else in the way: the blocker's completion has not reached the
+        // server yet, or it never will from here (someone else holds the blocker). Dropping the
+        // mirror would only have the next poll make it again at once.
+        let only_blocked = target.respect
+            && before.is_currently_blocked
+            && refusal(&before, agent, ours, false, target.queue).is_none();
+        if only_blocked {
+            return Err(ClaimError::Blocked(why));
+        }
         return Err(ClaimError::Refused { why, held });
     }
     // Durable intent first: a claim whose answer is lost is recognised as ours next time.
@@ -1666,6 +1723,7 @@ fn refuse(
         }
         break;
     }
+    ctx.tinytask.claim_settled(name);
     // The task may be runnable on the server again (given back) with nothing in the queue's
     // stats to show it: the next poll with room lists.
     if let Some(q) = &task.spec.queue {
@@ -1674,36 +1732,38 @@ fn refuse(
     ctx.delete_lease(&lease.metadata.name, &lease.metadata.uid)
 }
 
-/// The server could not be asked: the Task goes back to Pending (this attempt never started, so
-/// it does not count) with a delay, then the Lease is deleted.
+/// The claim cannot be made now (the server could not be asked, or still calls the task
+/// blocked): the Task goes back to Pending (this attempt never started, so it does not count)
+/// with a delay, `reason` and `what` (why), then the Lease is deleted. The delay is the Queue's
+/// poll interval doubling with each claim of this mirror postponed in a row, up to
+/// [`MAX_BACKOFF`]: a claim that keeps failing is never a hot loop (invariant 6).
 fn postpone(
     ctx: &Ctx,
     lease: &Lease,
     task: &Task,
     queue: Option<&Queue>,
-    err: &str,
+    reason: &str,
+    what: &str,
 ) -> Result<(), Error> {
-    let failures = queue
-        .map(|q| ctx.tinytask.get(&q.metadata.name).failures)
-        .unwrap_or(1);
+    let failures = ctx.tinytask.claim_postponed(&task.metadata.name);
     let interval = queue
         .map(interval_of)
         .unwrap_or(Duration::from_secs(DEFAULT_POLL_INTERVAL_SECONDS as u64));
     let delay = backoff(interval, failures.max(1));
     let at = format_time(SystemTime::now() + delay);
     let lease_name = lease.metadata.name.clone();
-    let message = format!(
-        "cannot claim on tinytask ({err}); trying again in {}s",
-        delay.as_secs()
-    );
+    let message = format!("{what}; trying again in {}s", delay.as_secs());
     ctx.patch_task(&task.metadata.name, |t| {
-        if t.status.lease.as_deref() == Some(&lease_name) {
+        // Also when the assignment has not made the Task show the Lease yet: the delay keeps it
+        // from doing so afterwards (`lease::shows_assignment_next`).
+        let shows = t.status.lease.as_deref() == Some(&lease_name);
+        if shows || super::lease::shows_assignment_next(t, lease) {
             t.status.phase = TaskPhase::Pending;
             t.status.lease = None;
             t.status.agent = None;
             t.status.attempts = (lease.spec.attempt - 1).max(0);
             t.status.next_attempt_after = Some(at.clone());
-            t.status.reason = Some("SourceUnreachable".into());
+            t.status.reason = Some(reason.into());
             t.status.message = Some(message.clone());
         }
     })?;
