@@ -1280,6 +1280,68 @@ async fn a_dependant_the_server_still_calls_blocked_backs_off_and_keeps_its_mirr
     );
 }
 
+/// A server that answers, but refuses the claim's PATCH with 500 every time: each claim waits
+/// longer than the one before (not the poll interval, for ever), and the queue's source stays
+/// reachable (no `SourceUnreachable`, `/readyz` ready, `source_up` 1): every poll succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_refused_with_500_back_off_per_task_and_the_source_stays_reachable() {
+    let w = World::new().await;
+    let id = queued(&w.server, "refused", "dev");
+    w.tinytask_queue("dev", json!({}));
+    w.agent("alice", Some("dev"), 1, RECORD);
+    let path = format!("/api/v1/tasks/{id}");
+    w.server
+        .fail_every_matching("PATCH", &path, "assigned_to", 500);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let http = format!("127.0.0.1:{port}");
+    let mut child = w
+        .cmd(&["run", "--daemon", "--http", &http])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("three postponed claims", Duration::from_secs(90), || {
+        postponed_delays(&w, "HTTP 500")
+            .into_iter()
+            .collect::<std::collections::BTreeSet<u64>>()
+            .len()
+            >= 3
+            || w.events().contains("SourceUnreachable")
+    })
+    .await;
+    let events = w.events();
+    assert!(!events.contains("SourceUnreachable"), "{events}");
+    let ready = reqwest::get(format!("http://{http}/readyz")).await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200, "{:?}", ready.text().await);
+    let metrics = reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tinyscheduler_tinytask_source_up{queue=\"dev\"} 1"),
+        "{metrics}"
+    );
+    let mirror = w.task_json(&format!("tt-{id}")).unwrap();
+    assert_eq!(
+        mirror["status"]["attempts"], 0,
+        "no attempt counted: {mirror}"
+    );
+
+    w.server.stop_failing();
+    wait_until("the task to complete", Duration::from_secs(60), || {
+        w.status(id).0 == "complete"
+    })
+    .await;
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    assert_eq!(w.ran().len(), 1, "{:?}", w.ran());
+}
+
 /// Blocked tasks assigned to our agent must not fill the window that its runnable ones are read
 /// through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1383,8 +1383,12 @@ enum ClaimError {
     /// The task is not ours to run (any more). `held`: the agent of ours the server shows it
     /// working for, from an earlier attempt here: a claim that only this scheduler can give back.
     Refused { why: String, held: Option<String> },
-    /// The server could not be asked; try later.
+    /// The server could not be reached (connect error, timeout); try later. The queue's source
+    /// shows unreachable.
     Unreachable(String),
+    /// The claim failed otherwise (the server answered with an error, or our store did); try
+    /// later. Says nothing about whether the source is reachable.
+    Failed(String),
     /// The server says the task is still blocked (its blocker not complete there), though every
     /// blocker succeeded here: keep the mirror and try later (see [`postpone`]).
     Blocked(String),
@@ -1397,8 +1401,10 @@ impl From<tinytask::Error> for ClaimError {
                 why: "it no longer exists on the server".into(),
                 held: None,
             }
-        } else {
+        } else if e.is_unreachable() {
             ClaimError::Unreachable(e.to_string())
+        } else {
+            ClaimError::Failed(e.to_string())
         }
     }
 }
@@ -1484,6 +1490,18 @@ async fn claim(ctx: &Ctx, lease_name: &str) -> Result<Action, Error> {
             )?;
             Ok(Action::await_change())
         }
+        Err(ClaimError::Failed(e)) => {
+            let message = format!("cannot claim on tinytask ({e})");
+            postpone(
+                ctx,
+                &lease,
+                &task,
+                queue.as_deref(),
+                "ClaimFailed",
+                &message,
+            )?;
+            Ok(Action::await_change())
+        }
         Err(ClaimError::Blocked(why)) => {
             let message = format!("not claimed yet: {why}");
             postpone(
@@ -1542,10 +1560,7 @@ async fn claim_on_server(
     agent: &str,
     target: Target<'_>,
 ) -> Result<Landed, ClaimError> {
-    let client = ctx
-        .tinytask
-        .client(target.endpoint)
-        .map_err(|e| ClaimError::Unreachable(e.to_string()))?;
+    let client = ctx.tinytask.client(target.endpoint)?;
     let before = client.get_task(id).await?;
     let ours = task.status.remote_assignee.as_deref();
     // Still working for an earlier attempt here (and not archived, tinytask's delete): refused,
@@ -1576,7 +1591,7 @@ async fn claim_on_server(
     ctx.patch_task(&task.metadata.name, |t| {
         t.status.remote_assignee = Some(agent.to_string());
     })
-    .map_err(|e| ClaimError::Unreachable(e.0))?;
+    .map_err(|e| ClaimError::Failed(e.0))?;
     let norm = |a: &Option<String>| a.clone().filter(|s| !s.is_empty());
     let after = client
         .patch_task(id, &TaskPatch::new().assign(agent))
@@ -1610,7 +1625,7 @@ async fn claim_on_server(
     let lease_now = ctx
         .store
         .try_get::<Lease>(&lease.metadata.name)
-        .map_err(|e| ClaimError::Unreachable(e.to_string()))?;
+        .map_err(|e| ClaimError::Failed(e.to_string()))?;
     if lease_now.is_none_or(|l| l.metadata.uid != lease.metadata.uid) {
         let undo = TaskPatch::new().assignee(norm(&before.assigned_to));
         if let Err(e) = client.patch_task(id, &undo).await {
