@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use support::tinytask_server::TinytaskServer;
 use tinyscheduler::tinytask::{
     Client, ClientConfig, Conditional, Error, ListQuery, NewTask, RetryPolicy, TaskPatch,
-    TaskStatus, Transfer,
+    TaskStatus, Transfer, SCAN_WINDOW_MAX,
 };
 
 fn fast_retries() -> RetryPolicy {
@@ -421,6 +421,41 @@ async fn runnable_tasks_skip_assigned_and_blocked_ones_beyond_the_first_window()
     let got = c.runnable_tasks("dev", 25, true).await.unwrap();
     assert_eq!(got.len(), 21);
     assert_eq!(got.last().unwrap().id, free);
+}
+
+/// More tasks that cannot run than the largest window: the scan goes on past it (offset pages)
+/// until it finds the runnable ones or the queue ends, instead of giving up at the window.
+#[tokio::test]
+async fn runnable_tasks_are_found_behind_more_stuck_tasks_than_the_largest_window() {
+    let server = TinytaskServer::start().await;
+    let c = client(&server);
+    let blocker = queued(&server, "blocker", "other", 0.0);
+    let stuck = SCAN_WINDOW_MAX as usize + 500;
+    server.with_db(|db| {
+        for i in 0..stuck {
+            db.insert(&format!("stuck-{i}"), |t| {
+                t.queue_name = Some("dev".into());
+                t.priority = 10.0;
+                if i % 2 == 0 {
+                    t.assigned_to = Some("someone".into());
+                } else {
+                    t.blocked_by_task_id = Some(blocker);
+                }
+            });
+        }
+    });
+    let free = queued(&server, "free", "dev", 1.0);
+    let got = c.runnable_tasks("dev", 1, true).await.unwrap();
+    assert_eq!(got.iter().map(|t| t.id).collect::<Vec<_>>(), vec![free]);
+    // Every request still has a bounded limit.
+    for r in server.requests() {
+        let q = r.query.unwrap_or_default();
+        assert!(q.contains("limit="), "{q}");
+        assert!(!q.contains("limit=0"), "{q}");
+    }
+    // Nothing runnable at all: the scan ends with the queue.
+    server.mutate_task(free, |t| t.assigned_to = Some("someone".into()));
+    assert!(c.runnable_tasks("dev", 1, true).await.unwrap().is_empty());
 }
 
 #[tokio::test]

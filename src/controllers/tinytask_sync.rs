@@ -180,6 +180,28 @@ impl Remote {
         self.run(async move { c.runnable_tasks(&q, want, respect).await })
             .await
     }
+    /// Up to `want` idle tasks of queue `q` assigned to `agent` that may run there (not failed
+    /// for good; not blocked, with `respect`), read past any number of others
+    /// ([`Client::scan_idle`]).
+    async fn assigned_runnable(
+        &self,
+        q: &str,
+        agent: &str,
+        want: usize,
+        respect: bool,
+    ) -> tinytask::Result<Vec<RemoteTask>> {
+        let (c, q, agent) = (self.0.clone(), q.to_string(), agent.to_string());
+        self.run(async move {
+            let keep = |t: &RemoteTask| {
+                t.status == TaskStatus::Idle
+                    && t.assignee() == Some(agent.as_str())
+                    && !t.failed_for_good()
+                    && (!respect || !t.is_currently_blocked)
+            };
+            c.scan_idle(&q, Some(&agent), want, keep).await
+        })
+        .await
+    }
     async fn list_tasks(&self, q: &ListQuery) -> tinytask::Result<Vec<RemoteTask>> {
         let (c, q) = (self.0.clone(), q.clone());
         self.run(async move { c.list_tasks(&q).await }).await
@@ -1128,33 +1150,15 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
             if want <= 0 {
                 continue;
             }
-            // The window grows while it comes back full and short of runnable tasks, as for the
-            // unassigned ones: blocked tasks must not use it up.
-            let mut limit = ((want as usize + known_idle) * 2).clamp(16, SCAN_WINDOW_MAX as usize);
+            // Blocked tasks must not use up the window, as for the unassigned ones.
+            let want = want as usize;
+            let mut ask = (want + known_idle).min(SCAN_WINDOW_MAX as usize);
             let mut added = 0;
             let mut seen = HashSet::new();
             loop {
-                let q = ListQuery::new(limit as u32)
-                    .queue(remote.clone())
-                    .assigned_to(a.clone())
-                    .status(TaskStatus::Idle);
-                let mut got = client.list_tasks(&q).await?;
-                let full = got.len() >= limit;
-                got.sort_by(|x, y| {
-                    y.priority
-                        .total_cmp(&x.priority)
-                        .then_with(|| x.created_at.cmp(&y.created_at))
-                        .then_with(|| x.id.cmp(&y.id))
-                });
-                for t in got
-                    .iter()
-                    .filter(|t| {
-                        t.status == TaskStatus::Idle
-                            && t.assignee() == Some(&a)
-                            && !t.failed_for_good()
-                    })
-                    .filter(|t| !respect || !t.is_currently_blocked)
-                {
+                let got = client.assigned_runnable(&remote, &a, ask, respect).await?;
+                let full = got.len() >= ask;
+                for t in &got {
                     if !seen.insert(t.id) {
                         continue;
                     }
@@ -1167,8 +1171,8 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
                         None => {}
                     }
                 }
-                match wider_window(limit, full, added >= want) {
-                    Some(w) => limit = w,
+                match wider_window(ask, full, added >= want) {
+                    Some(w) => ask = w,
                     None => break,
                 }
             }
