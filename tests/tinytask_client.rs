@@ -470,3 +470,32 @@ async fn a_repeated_query_key_is_refused_by_the_fake_like_the_real_server() {
     let body: serde_json::Value = resp.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("more than once"));
 }
+
+/// A redirect is not followed: a 301/302 would turn a POST into a GET of another URL. The
+/// redirect comes back as an error naming its status, and nothing reaches the redirect's target.
+#[tokio::test]
+async fn a_redirect_is_reported_not_followed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TinytaskServer::start().await;
+    let id = queued(&server, "t", "dev", 0.0);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let target = format!("{}/api/v1/tasks/{id}/comments", server.url());
+    let redirector = tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = sock.read(&mut buf).await;
+            let answer = format!(
+                "HTTP/1.1 302 Found\r\nLocation: {target}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            let _ = sock.write_all(answer.as_bytes()).await;
+        }
+    });
+    let c = Client::with_config(ClientConfig::new(format!("http://{addr}")).retry(fast_retries()))
+        .unwrap();
+    let err = c.add_comment(id, "hello", "me").await.unwrap_err();
+    redirector.abort();
+    assert_eq!(err.status(), Some(302), "{err}");
+    assert!(server.requests().is_empty(), "{:?}", server.requests());
+    assert!(server.comments(id).is_empty());
+}

@@ -9,6 +9,8 @@
 //!   only for idempotent calls (GET, PATCH). 4xx is never retried; neither are non-idempotent
 //!   POSTs after the request may have reached the server (a comment must not be written twice,
 //!   a transfer is a compare-and-set);
+//! - redirects are not followed (a 301/302 would turn a POST into a GET): one is an
+//!   [`Error::Status`] with its 3xx status;
 //! - errors are one [`Error`] naming the request.
 
 use std::time::Duration;
@@ -132,6 +134,9 @@ impl Client {
             .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
             .pool_idle_timeout(cfg.pool_idle_timeout)
             .pool_max_idle_per_host(8)
+            // A followed 301/302 turns a POST into a GET of another URL, whose answer may even
+            // decode: a comment or transfer would look done with nothing written.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("tinyscheduler/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| Error::InvalidEndpoint {
