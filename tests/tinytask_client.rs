@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use support::tinytask_server::TinytaskServer;
 use tinyscheduler::tinytask::{
     Client, ClientConfig, Conditional, Error, ListQuery, NewTask, RetryPolicy, TaskPatch,
-    TaskStatus, Transfer,
+    TaskStatus, Transfer, SCAN_WINDOW_MAX,
 };
 
 fn fast_retries() -> RetryPolicy {
@@ -423,6 +423,41 @@ async fn runnable_tasks_skip_assigned_and_blocked_ones_beyond_the_first_window()
     assert_eq!(got.last().unwrap().id, free);
 }
 
+/// More tasks that cannot run than the largest window: the scan goes on past it (offset pages)
+/// until it finds the runnable ones or the queue ends, instead of giving up at the window.
+#[tokio::test]
+async fn runnable_tasks_are_found_behind_more_stuck_tasks_than_the_largest_window() {
+    let server = TinytaskServer::start().await;
+    let c = client(&server);
+    let blocker = queued(&server, "blocker", "other", 0.0);
+    let stuck = SCAN_WINDOW_MAX as usize + 500;
+    server.with_db(|db| {
+        for i in 0..stuck {
+            db.insert(&format!("stuck-{i}"), |t| {
+                t.queue_name = Some("dev".into());
+                t.priority = 10.0;
+                if i % 2 == 0 {
+                    t.assigned_to = Some("someone".into());
+                } else {
+                    t.blocked_by_task_id = Some(blocker);
+                }
+            });
+        }
+    });
+    let free = queued(&server, "free", "dev", 1.0);
+    let got = c.runnable_tasks("dev", 1, true).await.unwrap();
+    assert_eq!(got.iter().map(|t| t.id).collect::<Vec<_>>(), vec![free]);
+    // Every request still has a bounded limit.
+    for r in server.requests() {
+        let q = r.query.unwrap_or_default();
+        assert!(q.contains("limit="), "{q}");
+        assert!(!q.contains("limit=0"), "{q}");
+    }
+    // Nothing runnable at all: the scan ends with the queue.
+    server.mutate_task(free, |t| t.assigned_to = Some("someone".into()));
+    assert!(c.runnable_tasks("dev", 1, true).await.unwrap().is_empty());
+}
+
 #[tokio::test]
 async fn a_repeated_query_key_is_refused_by_the_fake_like_the_real_server() {
     let server = TinytaskServer::start().await;
@@ -434,4 +469,33 @@ async fn a_repeated_query_key_is_refused_by_the_fake_like_the_real_server() {
     assert_eq!(resp.status().as_u16(), 400);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert!(body["error"].as_str().unwrap().contains("more than once"));
+}
+
+/// A redirect is not followed: a 301/302 would turn a POST into a GET of another URL. The
+/// redirect comes back as an error naming its status, and nothing reaches the redirect's target.
+#[tokio::test]
+async fn a_redirect_is_reported_not_followed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TinytaskServer::start().await;
+    let id = queued(&server, "t", "dev", 0.0);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let target = format!("{}/api/v1/tasks/{id}/comments", server.url());
+    let redirector = tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = sock.read(&mut buf).await;
+            let answer = format!(
+                "HTTP/1.1 302 Found\r\nLocation: {target}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            let _ = sock.write_all(answer.as_bytes()).await;
+        }
+    });
+    let c = Client::with_config(ClientConfig::new(format!("http://{addr}")).retry(fast_retries()))
+        .unwrap();
+    let err = c.add_comment(id, "hello", "me").await.unwrap_err();
+    redirector.abort();
+    assert_eq!(err.status(), Some(302), "{err}");
+    assert!(server.requests().is_empty(), "{:?}", server.requests());
+    assert!(server.comments(id).is_empty());
 }

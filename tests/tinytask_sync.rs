@@ -1077,6 +1077,271 @@ async fn a_claim_slower_than_the_lease_gives_the_task_back_and_it_runs_later() {
     );
 }
 
+/// A claim whose last step (the `working` PATCH) is answered after the Lease's duration finds its
+/// run reclaimed as "never started" only once that step landed: the release the reclaim queued
+/// ran while the task was still idle, so only the claim itself can give the task back. It must,
+/// rather than leave it working for an agent that runs nothing; the task then runs later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_working_patch_lands_after_the_reclaim_gives_the_task_back() {
+    let w = World::new().await;
+    let id = queued(&w.server, "slow working", "dev");
+    w.tinytask_queue("dev", json!({}));
+    w.apply(
+        "agent-alice",
+        json!({"apiVersion": "tinyscheduler.io/v1alpha1", "kind": "Agent", "metadata": {"name": "alice"},
+               "spec": {"queue": "dev", "maxConcurrency": 1, "heartbeatSeconds": 1,
+                        "command": ["sh", "-c", RECORD], "env": {"RAN": w.ran_file().display().to_string()}}}),
+    );
+    // The assignment is answered at once; `status: working` after the Lease's three seconds.
+    w.server.delay_matching(
+        "PATCH",
+        &format!("/api/v1/tasks/{id}"),
+        "working",
+        Duration::from_secs(6),
+    );
+    let mut d = daemon(&w, &[]);
+    let name = format!("tt-{id}");
+    wait_until("the mirror", Duration::from_secs(30), || {
+        w.task_json(&name).is_some()
+    })
+    .await;
+    let store = Store::open(w.env.state()).unwrap();
+    // No retry for the reclaimed attempt: its outcome is the release that finds the task idle.
+    support::update_retrying::<tinyscheduler::resources::Task>(&store, &name, |t| {
+        t.spec.max_retries = 0
+    });
+    wait_until(
+        "the task to complete on the server",
+        Duration::from_secs(60),
+        || w.status(id).0 == "complete",
+    )
+    .await;
+    d.kill().await.ok();
+    assert_eq!(w.ran().len(), 1, "it ran once: {:?}", w.ran());
+    let events = w.events();
+    assert!(
+        events.contains("reclaimed while the claim was under way"),
+        "{events}"
+    );
+    // One claim held a run: the one given back announced none.
+    assert_eq!(
+        events.matches("Claimed claimed tinytask task").count(),
+        1,
+        "{events}"
+    );
+}
+
+/// The delays (in seconds) of the `ClaimPostponed` Events whose message contains `what`.
+fn postponed_delays(w: &World, what: &str) -> Vec<u64> {
+    let events: Vec<Event> = w
+        .store()
+        .list::<Event>(None)
+        .map(|l| l.items)
+        .unwrap_or_default();
+    events
+        .iter()
+        .filter(|e| e.spec.reason == "ClaimPostponed" && e.spec.message.contains(what))
+        .filter_map(|e| {
+            let (_, rest) = e.spec.message.rsplit_once("trying again in ")?;
+            rest.trim_end_matches('s').parse().ok()
+        })
+        .collect()
+}
+
+/// When a blocker succeeds here, its dependant must not be claimed before the blocker's result
+/// reached the server: the server would still call it blocked, the claim would be refused and the
+/// mirror dropped (a spurious `ClaimRefused` on every chain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dependant_waits_for_its_blockers_result_to_reach_the_server() {
+    let w = World::new().await;
+    let first = queued(&w.server, "first", "dev");
+    let second = w.server.insert("second", |t| {
+        t.queue_name = Some("dev".into());
+        t.blocked_by_task_id = Some(first);
+    });
+    w.tinytask_queue("dev", json!({}));
+    w.agent("alice", Some("dev"), 2, RECORD);
+    // The blocker's completion takes a while to reach the server.
+    w.server.delay_matching(
+        "PATCH",
+        &format!("/api/v1/tasks/{first}"),
+        "complete",
+        Duration::from_secs(3),
+    );
+    let mut d = daemon(&w, &[]);
+    wait_until("the dependant to complete", Duration::from_secs(60), || {
+        w.status(second).0 == "complete"
+    })
+    .await;
+    d.kill().await.ok();
+    assert_eq!(w.status(first).0, "complete");
+    let events = w.events();
+    assert!(!events.contains("ClaimRefused"), "{events}");
+    assert_eq!(
+        w.ran(),
+        [
+            (format!("tt-{first}"), "alice".to_string()),
+            (format!("tt-{second}"), "alice".to_string())
+        ]
+    );
+}
+
+/// A blocker that succeeded here but is not complete on the server (someone took it over while it
+/// ran, so its result was only a comment): the dependant's claims are refused as blocked. The
+/// mirror is kept and its claims back off, instead of being dropped and mirrored again at once,
+/// round after round; once the server's blocker is complete, it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dependant_the_server_still_calls_blocked_backs_off_and_keeps_its_mirror() {
+    let w = World::new().await;
+    let first = queued(&w.server, "first", "dev");
+    let second = w.server.insert("second", |t| {
+        t.queue_name = Some("dev".into());
+        t.blocked_by_task_id = Some(first);
+    });
+    w.tinytask_queue("dev", json!({}));
+    let gate = w.env.tmp.path().join("gate");
+    w.agent(
+        "alice",
+        Some("dev"),
+        2,
+        &format!(
+            "if [ \"$TINYSCHEDULER_TASK\" = tt-{first} ]; then while [ ! -e {} ] && [ -d {} ]; do sleep 0.05; done; fi; {RECORD}",
+            gate.display(),
+            w.env.tmp.path().display()
+        ),
+    );
+    let mut d = daemon(&w, &[]);
+    let name = format!("tt-{second}");
+    wait_until("the blocker's claim", Duration::from_secs(30), || {
+        w.status(first) == ("working".into(), Some("alice".into()))
+    })
+    .await;
+    let uid = w
+        .task_json(&name)
+        .expect("the dependant is mirrored")
+        .pointer("/metadata/uid")
+        .cloned()
+        .expect("a uid");
+    // Taken over on the server while it runs: our result is only a comment.
+    w.server
+        .mutate_task(first, |t| t.assigned_to = Some("stranger".into()));
+    std::fs::write(&gate, "").unwrap();
+    let path = format!("/api/v1/tasks/{second}");
+    let reads = || {
+        w.server
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path == path)
+            .count()
+    };
+    wait_until(
+        "three claims of the dependant",
+        Duration::from_secs(60),
+        || reads() >= 3,
+    )
+    .await;
+    let mirror = w.task_json(&name);
+    assert_eq!(
+        mirror.as_ref().and_then(|m| m.pointer("/metadata/uid")),
+        Some(&uid),
+        "the mirror is kept: {mirror:?}\n{}",
+        w.events()
+    );
+    assert!(!w.events().contains("ClaimRefused"), "{}", w.events());
+    wait_until("three postponements", Duration::from_secs(60), || {
+        postponed_delays(&w, "blocked by task").len() >= 3
+    })
+    .await;
+    // Each claim waits longer than the one before (Events have one-second timestamps, so their
+    // order is not told apart: three different delays show it).
+    let delays: std::collections::BTreeSet<u64> = postponed_delays(&w, "blocked by task")
+        .into_iter()
+        .collect();
+    assert!(delays.len() >= 3, "the claims back off: {delays:?}");
+    assert!(
+        !w.events().contains("its Lease was deleted"),
+        "no attempt counted: {}",
+        w.store_dump()
+    );
+    assert_eq!(w.status(first), ("working".into(), Some("stranger".into())));
+
+    w.server
+        .mutate_task(first, |t| t.status = "complete".into());
+    wait_until("the dependant to complete", Duration::from_secs(90), || {
+        w.status(second).0 == "complete"
+    })
+    .await;
+    d.kill().await.ok();
+    assert_eq!(
+        w.ran().iter().filter(|(t, _)| *t == name).count(),
+        1,
+        "{:?}",
+        w.ran()
+    );
+}
+
+/// A server that answers, but refuses the claim's PATCH with 500 every time: each claim waits
+/// longer than the one before (not the poll interval, for ever), and the queue's source stays
+/// reachable (no `SourceUnreachable`, `/readyz` ready, `source_up` 1): every poll succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_refused_with_500_back_off_per_task_and_the_source_stays_reachable() {
+    let w = World::new().await;
+    let id = queued(&w.server, "refused", "dev");
+    w.tinytask_queue("dev", json!({}));
+    w.agent("alice", Some("dev"), 1, RECORD);
+    let path = format!("/api/v1/tasks/{id}");
+    w.server
+        .fail_every_matching("PATCH", &path, "assigned_to", 500);
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let http = format!("127.0.0.1:{port}");
+    let mut child = w
+        .cmd(&["run", "--daemon", "--http", &http])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("three postponed claims", Duration::from_secs(90), || {
+        postponed_delays(&w, "HTTP 500")
+            .into_iter()
+            .collect::<std::collections::BTreeSet<u64>>()
+            .len()
+            >= 3
+            || w.events().contains("SourceUnreachable")
+    })
+    .await;
+    let events = w.events();
+    assert!(!events.contains("SourceUnreachable"), "{events}");
+    let ready = reqwest::get(format!("http://{http}/readyz")).await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200, "{:?}", ready.text().await);
+    let metrics = reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tinyscheduler_tinytask_source_up{queue=\"dev\"} 1"),
+        "{metrics}"
+    );
+    let mirror = w.task_json(&format!("tt-{id}")).unwrap();
+    assert_eq!(
+        mirror["status"]["attempts"], 0,
+        "no attempt counted: {mirror}"
+    );
+
+    w.server.stop_failing();
+    wait_until("the task to complete", Duration::from_secs(60), || {
+        w.status(id).0 == "complete"
+    })
+    .await;
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    assert_eq!(w.ran().len(), 1, "{:?}", w.ran());
+}
+
 /// Blocked tasks assigned to our agent must not fill the window that its runnable ones are read
 /// through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

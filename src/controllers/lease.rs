@@ -227,6 +227,21 @@ pub(crate) fn shows_assignment_next(t: &Task, lease: &Lease) -> bool {
     lease.spec.runs(t)
         && !shows_lease(t, &lease.metadata.name)
         && !past_attempt(t, lease.spec.attempt)
+        && !waits_out_a_delay(t)
+}
+
+/// Whether `t` is Pending with a `nextAttemptAfter` still to come. No Lease is made for such a
+/// Task (see `assignment::commit`), so one it does not show was taken from it: a tinytask claim
+/// postponed (`tinytask_sync::postpone`) put the Task back before deleting the Lease, and a pass
+/// of the lease controller still holding that Lease must not make the Task show it again (its
+/// deletion would then count as a reclaimed attempt).
+fn waits_out_a_delay(t: &Task) -> bool {
+    t.status.phase == TaskPhase::Pending
+        && t.status
+            .next_attempt_after
+            .as_deref()
+            .and_then(crate::resources::meta::parse_time)
+            .is_some_and(|at| at > std::time::SystemTime::now())
 }
 
 /// Whether `t` is to be made to show `lease` Running: it is the Lease's Task, does not show it

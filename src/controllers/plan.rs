@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::resources::meta::parse_time;
+use crate::resources::task::WriteBackOp;
 use crate::resources::{Agent, BlockingPolicy, Lease, Queue, Task, TaskPhase};
 
 /// What the planner decided for one pass.
@@ -133,18 +134,31 @@ pub fn slots_held<'a>(leases: &'a [Arc<Lease>], tasks: &'a [Arc<Task>]) -> HashM
     used
 }
 
-/// The blockers of `task` that have not succeeded (missing ones count as unfinished).
+/// The blockers of `task` that have not succeeded (missing ones count as unfinished). For a
+/// tinytask mirror, a blocker that succeeded here but whose completion is not on the server yet
+/// (its `Complete` write-back still queued) is unfinished too: the server calls the mirror's task
+/// blocked until then, and would refuse its claim.
 pub fn unfinished_blockers(task: &Task, by_name: &HashMap<&str, &Arc<Task>>) -> Vec<String> {
+    let mirror = super::tinytask_sync::is_tinytask(task);
     task.spec
         .blocked_by
         .iter()
         .filter(|b| {
-            by_name
-                .get(b.as_str())
-                .is_none_or(|t| t.status.phase != TaskPhase::Succeeded)
+            by_name.get(b.as_str()).is_none_or(|t| {
+                t.status.phase != TaskPhase::Succeeded || (mirror && completion_unsent(t))
+            })
         })
         .cloned()
         .collect()
+}
+
+/// Whether `t` succeeded but its `Complete` write-back has not reached the tinytask server yet.
+fn completion_unsent(t: &Task) -> bool {
+    t.status.phase == TaskPhase::Succeeded
+        && t.status
+            .write_backs
+            .iter()
+            .any(|w| w.op == WriteBackOp::Complete)
 }
 
 /// `waiting for a, b (Failed), c (no such Task)`: the blockers a task waits for, with those that
@@ -152,9 +166,12 @@ pub fn unfinished_blockers(task: &Task, by_name: &HashMap<&str, &Arc<Task>>) -> 
 pub fn waiting_message(waiting: &[String], by_name: &HashMap<&str, &Arc<Task>>) -> String {
     let named: Vec<String> = waiting
         .iter()
-        .map(|b| match by_name.get(b.as_str()).map(|t| t.status.phase) {
+        .map(|b| match by_name.get(b.as_str()) {
             None => format!("{b} (no such Task)"),
-            Some(TaskPhase::Failed) => format!("{b} (Failed)"),
+            Some(t) if t.status.phase == TaskPhase::Failed => format!("{b} (Failed)"),
+            Some(t) if completion_unsent(t) => {
+                format!("{b} (Succeeded, not complete on the tinytask server yet)")
+            }
             Some(_) => b.clone(),
         })
         .collect();
@@ -566,6 +583,44 @@ mod tests {
             Default::default(),
         );
         assert_eq!(p.assignments, vec![("t".to_string(), "y".to_string())]);
+    }
+
+    #[test]
+    fn a_mirror_waits_until_its_blockers_completion_reached_the_server() {
+        use crate::resources::task::{WriteBack, TINYTASK_ID_ANNOTATION};
+        let mut blocker = task("tt-1", "q", 0, 1);
+        blocker.status.phase = TaskPhase::Succeeded;
+        blocker.status.write_backs.push(WriteBack {
+            op: WriteBackOp::Complete,
+            attempt: 1,
+            message: None,
+            agent: Some("a".into()),
+            created: None,
+        });
+        let blocker = Arc::new(blocker);
+        let mut mirror = task("tt-2", "q", 0, 2);
+        mirror.spec.blocked_by = vec!["tt-1".into()];
+        mirror
+            .metadata
+            .annotations
+            .insert(TINYTASK_ID_ANNOTATION.into(), "2".into());
+        let mut local = mirror.clone();
+        local.metadata.annotations.clear();
+        let by_name: HashMap<&str, &Arc<Task>> = [("tt-1", &blocker)].into_iter().collect();
+        assert_eq!(unfinished_blockers(&mirror, &by_name), ["tt-1"]);
+        assert!(
+            waiting_message(&["tt-1".into()], &by_name).contains("not complete on the tinytask"),
+            "{}",
+            waiting_message(&["tt-1".into()], &by_name)
+        );
+        // A local task does not wait for the server.
+        assert!(unfinished_blockers(&local, &by_name).is_empty());
+        // Written back: done.
+        let mut sent = (*blocker).clone();
+        sent.status.write_backs.clear();
+        let sent = Arc::new(sent);
+        let by_name: HashMap<&str, &Arc<Task>> = [("tt-1", &sent)].into_iter().collect();
+        assert!(unfinished_blockers(&mirror, &by_name).is_empty());
     }
 
     #[test]

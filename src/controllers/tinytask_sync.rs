@@ -10,10 +10,13 @@
 //!   back the poll off up to 30 s.
 //! - `tinytask-claim/<lease>` — a Lease for a mirrored Task is not spawned until it is claimed
 //!   here: re-read the task, assign it (PATCH) only if it is still ours to take, check that nobody
-//!   wrote in between, set it `working`, then annotate the Lease `tinyscheduler.io/claimed`. A
-//!   refused claim deletes the mirror and the Lease (nothing runs), once what the mirror owed the
-//!   server (unsent write-backs, a claim held for an earlier attempt) is queued on its Queue; an
-//!   unreachable server puts the Task back to Pending (the attempt does not count) with a delay.
+//!   wrote in between, set it `working`, then annotate the Lease `tinyscheduler.io/claimed`; a
+//!   Lease reclaimed meanwhile (never started) gets the task put back on the server as the claim
+//!   found it, with no `Claimed` event. A refused claim deletes the mirror and the Lease (nothing
+//!   runs), once what the mirror owed the server (unsent write-backs, a claim held for an earlier
+//!   attempt) is queued on its Queue; an unreachable server, or a task the server still calls
+//!   blocked, puts the Task back to Pending (the attempt does not count) with a delay that grows
+//!   with each claim of it postponed in a row.
 //! - `tinytask-wb/<task>` — write the outcomes queued in `status.writeBacks` (by
 //!   `outcome::record`, in the same write as the outcome) back to the server, in order, removing
 //!   each only once the server acknowledged it; failures back off and are retried, also across
@@ -76,6 +79,9 @@ const AUTHOR: &str = "tinyscheduler";
 pub struct SyncState {
     queues: Mutex<HashMap<String, QueueState>>,
     clients: Mutex<HashMap<String, Client>>,
+    /// Claims postponed in a row, per mirror (Task name): each one waits longer (see
+    /// [`postpone`]). Cleared by a claim that lands, or a refusal that drops the mirror.
+    claim_failures: Mutex<HashMap<String, u32>>,
 }
 
 #[derive(Default, Clone, Debug)]
@@ -174,6 +180,28 @@ impl Remote {
         self.run(async move { c.runnable_tasks(&q, want, respect).await })
             .await
     }
+    /// Up to `want` idle tasks of queue `q` assigned to `agent` that may run there (not failed
+    /// for good; not blocked, with `respect`), read past any number of others
+    /// ([`Client::scan_idle`]).
+    async fn assigned_runnable(
+        &self,
+        q: &str,
+        agent: &str,
+        want: usize,
+        respect: bool,
+    ) -> tinytask::Result<Vec<RemoteTask>> {
+        let (c, q, agent) = (self.0.clone(), q.to_string(), agent.to_string());
+        self.run(async move {
+            let keep = |t: &RemoteTask| {
+                t.status == TaskStatus::Idle
+                    && t.assignee() == Some(agent.as_str())
+                    && !t.failed_for_good()
+                    && (!respect || !t.is_currently_blocked)
+            };
+            c.scan_idle(&q, Some(&agent), want, keep).await
+        })
+        .await
+    }
     async fn list_tasks(&self, q: &ListQuery) -> tinytask::Result<Vec<RemoteTask>> {
         let (c, q) = (self.0.clone(), q.clone());
         self.run(async move { c.list_tasks(&q).await }).await
@@ -203,6 +231,25 @@ impl SyncState {
     fn with<R>(&self, queue: &str, f: impl FnOnce(&mut QueueState) -> R) -> R {
         let mut m = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         f(m.entry(queue.to_string()).or_default())
+    }
+
+    /// Counts one more postponed claim of the mirror `task`; returns how many in a row.
+    fn claim_postponed(&self, task: &str) -> u32 {
+        let mut m = self
+            .claim_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(task.to_string()).or_default();
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    /// The mirror `task`'s claim landed, or the mirror is dropped: its next claim starts afresh.
+    fn claim_settled(&self, task: &str) {
+        self.claim_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(task);
     }
 
     fn forget(&self, queue: &str) {
@@ -1103,33 +1150,15 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
             if want <= 0 {
                 continue;
             }
-            // The window grows while it comes back full and short of runnable tasks, as for the
-            // unassigned ones: blocked tasks must not use it up.
-            let mut limit = ((want as usize + known_idle) * 2).clamp(16, SCAN_WINDOW_MAX as usize);
+            // Blocked tasks must not use up the window, as for the unassigned ones.
+            let want = want as usize;
+            let mut ask = (want + known_idle).min(SCAN_WINDOW_MAX as usize);
             let mut added = 0;
             let mut seen = HashSet::new();
             loop {
-                let q = ListQuery::new(limit as u32)
-                    .queue(remote.clone())
-                    .assigned_to(a.clone())
-                    .status(TaskStatus::Idle);
-                let mut got = client.list_tasks(&q).await?;
-                let full = got.len() >= limit;
-                got.sort_by(|x, y| {
-                    y.priority
-                        .total_cmp(&x.priority)
-                        .then_with(|| x.created_at.cmp(&y.created_at))
-                        .then_with(|| x.id.cmp(&y.id))
-                });
-                for t in got
-                    .iter()
-                    .filter(|t| {
-                        t.status == TaskStatus::Idle
-                            && t.assignee() == Some(&a)
-                            && !t.failed_for_good()
-                    })
-                    .filter(|t| !respect || !t.is_currently_blocked)
-                {
+                let got = client.assigned_runnable(&remote, &a, ask, respect).await?;
+                let full = got.len() >= ask;
+                for t in &got {
                     if !seen.insert(t.id) {
                         continue;
                     }
@@ -1142,8 +1171,8 @@ async fn poll_once(ctx: &Ctx, queue: &Queue, state: &QueueState) -> Result<(), t
                         None => {}
                     }
                 }
-                match wider_window(limit, full, added >= want) {
-                    Some(w) => limit = w,
+                match wider_window(ask, full, added >= want) {
+                    Some(w) => ask = w,
                     None => break,
                 }
             }
@@ -1358,8 +1387,15 @@ enum ClaimError {
     /// The task is not ours to run (any more). `held`: the agent of ours the server shows it
     /// working for, from an earlier attempt here: a claim that only this scheduler can give back.
     Refused { why: String, held: Option<String> },
-    /// The server could not be asked; try later.
+    /// The server could not be reached (connect error, timeout); try later. The queue's source
+    /// shows unreachable.
     Unreachable(String),
+    /// The claim failed otherwise (the server answered with an error, or our store did); try
+    /// later. Says nothing about whether the source is reachable.
+    Failed(String),
+    /// The server says the task is still blocked (its blocker not complete there), though every
+    /// blocker succeeded here: keep the mirror and try later (see [`postpone`]).
+    Blocked(String),
 }
 
 impl From<tinytask::Error> for ClaimError {
@@ -1369,8 +1405,10 @@ impl From<tinytask::Error> for ClaimError {
                 why: "it no longer exists on the server".into(),
                 held: None,
             }
-        } else {
+        } else if e.is_unreachable() {
             ClaimError::Unreachable(e.to_string())
+        } else {
+            ClaimError::Failed(e.to_string())
         }
     }
 }
@@ -1415,11 +1453,20 @@ async fn claim(ctx: &Ctx, lease_name: &str) -> Result<Action, Error> {
         respect,
     };
     match claim_on_server(ctx, &task, &lease, id, &agent, target).await {
-        Ok(()) => {
+        Ok(landed) => {
             if let Some(q) = &queue {
                 set_health(ctx, &q.metadata.name, Ok(()));
             }
-            mark_claimed(ctx, &lease, task.spec.queue.as_deref(), &endpoint)?;
+            if !mark_claimed(ctx, &lease, task.spec.queue.as_deref(), &endpoint)? {
+                // The run was reclaimed ("never started") while the last PATCH was under way: the
+                // release its outcome queued may already have found the task idle and left it
+                // so, and nothing will run it now. Only this claim can give it back.
+                give_back(ctx, &endpoint, id, &landed.before).await;
+                let why = "its run was reclaimed while the claim was under way";
+                refuse(ctx, &lease, &task, id, why, landed.held)?;
+                return Ok(Action::await_change());
+            }
+            ctx.tinytask.claim_settled(&task.metadata.name);
             ctx.event(
                 &task,
                 EventType::Normal,
@@ -1436,7 +1483,39 @@ async fn claim(ctx: &Ctx, lease_name: &str) -> Result<Action, Error> {
             if let Some(q) = &queue {
                 set_health(ctx, &q.metadata.name, Err(e.clone()));
             }
-            postpone(ctx, &lease, &task, queue.as_deref(), &e)?;
+            let message = format!("cannot claim on tinytask ({e})");
+            postpone(
+                ctx,
+                &lease,
+                &task,
+                queue.as_deref(),
+                "SourceUnreachable",
+                &message,
+            )?;
+            Ok(Action::await_change())
+        }
+        Err(ClaimError::Failed(e)) => {
+            let message = format!("cannot claim on tinytask ({e})");
+            postpone(
+                ctx,
+                &lease,
+                &task,
+                queue.as_deref(),
+                "ClaimFailed",
+                &message,
+            )?;
+            Ok(Action::await_change())
+        }
+        Err(ClaimError::Blocked(why)) => {
+            let message = format!("not claimed yet: {why}");
+            postpone(
+                ctx,
+                &lease,
+                &task,
+                queue.as_deref(),
+                "BlockedOnServer",
+                &message,
+            )?;
             Ok(Action::await_change())
         }
     }
@@ -1451,9 +1530,32 @@ struct Target<'a> {
     respect: bool,
 }
 
+/// A claim that landed on the server: what the task was before it, so that it can be given back.
+struct Landed {
+    /// The task as read before the claim.
+    before: RemoteTask,
+    /// The agent of ours the server showed holding the task from an earlier attempt, if any.
+    held: Option<String>,
+}
+
+/// Puts the server's task back as the claim found it (status and assignee): the claim landed, but
+/// its run is gone. Best effort: a failure is logged (the task then stays with our agent).
+async fn give_back(ctx: &Ctx, endpoint: &str, id: TaskId, before: &RemoteTask) {
+    let assignee = before.assigned_to.clone().filter(|a| !a.is_empty());
+    let undo = TaskPatch::new().assignee(assignee).status(before.status);
+    let done = match ctx.tinytask.client(endpoint) {
+        Ok(client) => client.patch_task(id, &undo).await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = done {
+        tracing::warn!("tinytask task {id}: cannot give back the claim of a reclaimed run: {e}");
+    }
+}
+
 /// Re-reads the task, assigns it to `agent` if it is still ours to take, checks that nobody wrote
 /// in between (PATCH is last-write-wins: the answer's `previous_assigned_to` and `status` tell),
-/// and sets it working.
+/// and sets it working. The caller still has to mark the Lease claimed, and give the task back
+/// (with [`give_back`]) if the Lease is gone by then.
 async fn claim_on_server(
     ctx: &Ctx,
     task: &Task,
@@ -1461,11 +1563,8 @@ async fn claim_on_server(
     id: TaskId,
     agent: &str,
     target: Target<'_>,
-) -> Result<(), ClaimError> {
-    let client = ctx
-        .tinytask
-        .client(target.endpoint)
-        .map_err(|e| ClaimError::Unreachable(e.to_string()))?;
+) -> Result<Landed, ClaimError> {
+    let client = ctx.tinytask.client(target.endpoint)?;
     let before = client.get_task(id).await?;
     let ours = task.status.remote_assignee.as_deref();
     // Still working for an earlier attempt here (and not archived, tinytask's delete): refused,
@@ -1481,13 +1580,22 @@ async fn claim_on_server(
         })
         .map(str::to_string);
     if let Some(why) = refusal(&before, agent, ours, target.respect, target.queue) {
+        // Blocked, and nothing else in the way: the blocker's completion has not reached the
+        // server yet, or it never will from here (someone else holds the blocker). Dropping the
+        // mirror would only have the next poll make it again at once.
+        let only_blocked = target.respect
+            && before.is_currently_blocked
+            && refusal(&before, agent, ours, false, target.queue).is_none();
+        if only_blocked {
+            return Err(ClaimError::Blocked(why));
+        }
         return Err(ClaimError::Refused { why, held });
     }
     // Durable intent first: a claim whose answer is lost is recognised as ours next time.
     ctx.patch_task(&task.metadata.name, |t| {
         t.status.remote_assignee = Some(agent.to_string());
     })
-    .map_err(|e| ClaimError::Unreachable(e.0))?;
+    .map_err(|e| ClaimError::Failed(e.0))?;
     let norm = |a: &Option<String>| a.clone().filter(|s| !s.is_empty());
     let after = client
         .patch_task(id, &TaskPatch::new().assign(agent))
@@ -1521,7 +1629,7 @@ async fn claim_on_server(
     let lease_now = ctx
         .store
         .try_get::<Lease>(&lease.metadata.name)
-        .map_err(|e| ClaimError::Unreachable(e.to_string()))?;
+        .map_err(|e| ClaimError::Failed(e.to_string()))?;
     if lease_now.is_none_or(|l| l.metadata.uid != lease.metadata.uid) {
         let undo = TaskPatch::new().assignee(norm(&before.assigned_to));
         if let Err(e) = client.patch_task(id, &undo).await {
@@ -1537,22 +1645,25 @@ async fn claim_on_server(
             .patch_task(id, &TaskPatch::new().status(TaskStatus::Working))
             .await?;
     }
-    Ok(())
+    Ok(Landed { before, held })
 }
 
+/// Annotates the Lease claimed (the lease controller spawns only then; the reclaim controller no
+/// longer takes it for never started). False when the Lease is gone or replaced: its run was
+/// reclaimed meanwhile, and the claim must be given back.
 fn mark_claimed(
     ctx: &Ctx,
     lease: &Lease,
     queue: Option<&str>,
     endpoint: &str,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let name = &lease.metadata.name;
     loop {
         let Some(mut l) = ctx.store.try_get::<Lease>(name)? else {
-            return Ok(());
+            return Ok(false);
         };
         if l.metadata.uid != lease.metadata.uid {
-            return Ok(());
+            return Ok(false);
         }
         l.metadata
             .annotations
@@ -1568,10 +1679,10 @@ fn mark_claimed(
         match ctx.store.update(&l) {
             Ok(u) => {
                 ctx.leases.observe(u);
-                return Ok(());
+                return Ok(true);
             }
             Err(e) if e.is_conflict() => continue,
-            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) if e.is_not_found() => return Ok(false),
             Err(e) => return Err(e.into()),
         }
     }
@@ -1631,6 +1742,7 @@ fn refuse(
         }
         break;
     }
+    ctx.tinytask.claim_settled(name);
     // The task may be runnable on the server again (given back) with nothing in the queue's
     // stats to show it: the next poll with room lists.
     if let Some(q) = &task.spec.queue {
@@ -1639,36 +1751,38 @@ fn refuse(
     ctx.delete_lease(&lease.metadata.name, &lease.metadata.uid)
 }
 
-/// The server could not be asked: the Task goes back to Pending (this attempt never started, so
-/// it does not count) with a delay, then the Lease is deleted.
+/// The claim cannot be made now (the server could not be asked, or still calls the task
+/// blocked): the Task goes back to Pending (this attempt never started, so it does not count)
+/// with a delay, `reason` and `what` (why), then the Lease is deleted. The delay is the Queue's
+/// poll interval doubling with each claim of this mirror postponed in a row, up to
+/// [`MAX_BACKOFF`]: a claim that keeps failing is never a hot loop (invariant 6).
 fn postpone(
     ctx: &Ctx,
     lease: &Lease,
     task: &Task,
     queue: Option<&Queue>,
-    err: &str,
+    reason: &str,
+    what: &str,
 ) -> Result<(), Error> {
-    let failures = queue
-        .map(|q| ctx.tinytask.get(&q.metadata.name).failures)
-        .unwrap_or(1);
+    let failures = ctx.tinytask.claim_postponed(&task.metadata.name);
     let interval = queue
         .map(interval_of)
         .unwrap_or(Duration::from_secs(DEFAULT_POLL_INTERVAL_SECONDS as u64));
     let delay = backoff(interval, failures.max(1));
     let at = format_time(SystemTime::now() + delay);
     let lease_name = lease.metadata.name.clone();
-    let message = format!(
-        "cannot claim on tinytask ({err}); trying again in {}s",
-        delay.as_secs()
-    );
+    let message = format!("{what}; trying again in {}s", delay.as_secs());
     ctx.patch_task(&task.metadata.name, |t| {
-        if t.status.lease.as_deref() == Some(&lease_name) {
+        // Also when the assignment has not made the Task show the Lease yet: the delay keeps it
+        // from doing so afterwards (`lease::shows_assignment_next`).
+        let shows = t.status.lease.as_deref() == Some(&lease_name);
+        if shows || super::lease::shows_assignment_next(t, lease) {
             t.status.phase = TaskPhase::Pending;
             t.status.lease = None;
             t.status.agent = None;
             t.status.attempts = (lease.spec.attempt - 1).max(0);
             t.status.next_attempt_after = Some(at.clone());
-            t.status.reason = Some("SourceUnreachable".into());
+            t.status.reason = Some(reason.into());
             t.status.message = Some(message.clone());
         }
     })?;

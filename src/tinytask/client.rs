@@ -9,6 +9,8 @@
 //!   only for idempotent calls (GET, PATCH). 4xx is never retried; neither are non-idempotent
 //!   POSTs after the request may have reached the server (a comment must not be written twice,
 //!   a transfer is a compare-and-set);
+//! - redirects are not followed (a 301/302 would turn a POST into a GET): one is an
+//!   [`Error::Status`] with its 3xx status;
 //! - errors are one [`Error`] naming the request.
 
 use std::time::Duration;
@@ -26,7 +28,7 @@ use super::types::{
 
 /// The default tinytask endpoint (the Python scheduler's `TINYSCHEDULER_MCP_ENDPOINT` default).
 pub const DEFAULT_ENDPOINT: &str = "http://localhost:3000";
-/// The largest window [`Client::runnable_tasks`] grows to.
+/// The largest window [`Client::scan_idle`] grows to; past it, it reads offset pages this size.
 pub const SCAN_WINDOW_MAX: u32 = 2000;
 
 /// Bounded retries with exponential backoff and full jitter.
@@ -132,6 +134,9 @@ impl Client {
             .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
             .pool_idle_timeout(cfg.pool_idle_timeout)
             .pool_max_idle_per_host(8)
+            // A followed 301/302 turns a POST into a GET of another URL, whose answer may even
+            // decode: a comment or transfer would look done with nothing written.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("tinyscheduler/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| Error::InvalidEndpoint {
@@ -254,35 +259,72 @@ impl Client {
     /// `respect_blocking`) not currently blocked, in the server's order (priority DESC, created
     /// ASC) with ties broken by id.
     ///
-    /// The server has no cursor and cannot filter for "unassigned" or "not blocked", so
-    /// assigned and blocked tasks can fill a fixed window. This pages by *growing the window*
-    /// instead of by offset: it asks for `max(2*want, 16)` idle tasks, and while the answer was
-    /// full but did not yield `want` runnable ones, asks again for four times as many, up to
-    /// [`SCAN_WINDOW_MAX`]. A window always starts at the head of the list, so tasks changing
-    /// state between requests can neither be skipped nor seen twice (which offset pages would
-    /// do), and a filtered list is cheap on the server.
+    /// The server cannot filter for "unassigned" or "not blocked", so assigned and blocked
+    /// tasks can fill a fixed window. See [`Client::scan_idle`] for how the list is read past
+    /// them, up to the end of the queue.
     pub async fn runnable_tasks(
         &self,
         queue: &str,
         want: usize,
         respect_blocking: bool,
     ) -> Result<Vec<RemoteTask>> {
+        self.scan_idle(queue, None, want, |t| t.is_runnable(respect_blocking))
+            .await
+    }
+
+    /// Up to `want` idle tasks of `queue` (assigned to `assigned_to`, when given) that `keep`
+    /// accepts, in the server's order with ties broken by id.
+    ///
+    /// Pages first by *growing a window* from the head of the list: `max(2*want, 16)` idle tasks,
+    /// then, while the answer was full but did not yield `want` kept ones, four times as many, up
+    /// to [`SCAN_WINDOW_MAX`]. A window starting at the head cannot skip or repeat a task that
+    /// changes state between requests, and a filtered list is cheap on the server. Past the
+    /// largest window it goes on with `offset` pages of [`SCAN_WINDOW_MAX`] (accepted by the
+    /// tinytask 2.0 server's `GET /tasks`), until enough are found or a page comes back short (the
+    /// end of the queue): tasks that cannot run, however many, never hide one that can. A task
+    /// seen twice (the list shifted) counts once; one the shift skipped is found by a later scan.
+    pub async fn scan_idle(
+        &self,
+        queue: &str,
+        assigned_to: Option<&str>,
+        want: usize,
+        keep: impl Fn(&RemoteTask) -> bool,
+    ) -> Result<Vec<RemoteTask>> {
         if want == 0 {
             return Ok(Vec::new());
         }
+        let query = |limit: u32| {
+            let q = ListQuery::new(limit).queue(queue).status(TaskStatus::Idle);
+            match assigned_to {
+                Some(a) => q.assigned_to(a),
+                None => q,
+            }
+        };
         let mut window = ((want as u32).saturating_mul(2)).clamp(16, SCAN_WINDOW_MAX);
+        let mut found: Vec<RemoteTask>;
+        let mut full;
         loop {
-            let q = ListQuery::new(window).queue(queue).status(TaskStatus::Idle);
-            let mut page = self.list_tasks(&q).await?;
-            let full = page.len() as u32 >= window;
-            page.retain(|t| t.is_runnable(respect_blocking));
-            if page.len() >= want || !full || window >= SCAN_WINDOW_MAX {
-                sort_like_server(&mut page);
-                page.truncate(want);
-                return Ok(page);
+            let page = self.list_tasks(&query(window)).await?;
+            full = page.len() as u32 >= window;
+            found = page.into_iter().filter(|t| keep(t)).collect();
+            if found.len() >= want || !full || window >= SCAN_WINDOW_MAX {
+                break;
             }
             window = window.saturating_mul(4).min(SCAN_WINDOW_MAX);
         }
+        let mut seen: std::collections::HashSet<TaskId> = found.iter().map(|t| t.id).collect();
+        let mut offset = window;
+        while full && found.len() < want {
+            let page = self
+                .list_tasks(&query(SCAN_WINDOW_MAX).offset(offset))
+                .await?;
+            full = page.len() as u32 >= SCAN_WINDOW_MAX;
+            offset = offset.saturating_add(SCAN_WINDOW_MAX);
+            found.extend(page.into_iter().filter(|t| keep(t) && seen.insert(t.id)));
+        }
+        sort_like_server(&mut found);
+        found.truncate(want);
+        Ok(found)
     }
 
     // ---- plumbing ----

@@ -26,7 +26,8 @@
 //!
 //! Test hooks: [`TinytaskServer::stop`] / [`TinytaskServer::restart`] on the same port (an
 //! outage: the listener and every open connection are closed), [`TinytaskServer::fail_next`]
-//! (N error statuses), [`TinytaskServer::malformed_next`] (N truncated JSON bodies),
+//! (N error statuses), [`TinytaskServer::fail_every_matching`] (an error status for every request
+//! that matches, until [`TinytaskServer::stop_failing`]), [`TinytaskServer::malformed_next`] (N truncated JSON bodies),
 //! [`TinytaskServer::delay_next`] (slow answers), [`TinytaskServer::before_next_request`] (mutate
 //! state between two requests, e.g. reassign a task a client just read), direct state access
 //! ([`TinytaskServer::with_db`], [`TinytaskServer::insert`], [`TinytaskServer::mutate_task`]),
@@ -208,6 +209,9 @@ struct Faults {
     fail: VecDeque<u16>,
     /// (method, path, body substring, status): the first request that matches gets the status.
     fail_matching: Vec<(String, String, String, u16)>,
+    /// (method, path, body substring, status): every request that matches gets the status, until
+    /// [`TinytaskServer::stop_failing`].
+    fail_every_matching: Vec<(String, String, String, u16)>,
     /// (method, path, body substring, delay): the first request that matches is answered late.
     delay_matching: Vec<(String, String, String, Duration)>,
     malformed: usize,
@@ -302,6 +306,27 @@ impl TinytaskServer {
             body.into(),
             status,
         ));
+    }
+
+    /// Every request with this method and path whose body contains `body` gets `status` with
+    /// `{"error": "injected failure"}`, until [`TinytaskServer::stop_failing`].
+    pub fn fail_every_matching(&self, method: &str, path: &str, body: &str, status: u16) {
+        self.shared
+            .faults
+            .lock()
+            .unwrap()
+            .fail_every_matching
+            .push((method.into(), path.into(), body.into(), status));
+    }
+
+    /// Ends every [`TinytaskServer::fail_every_matching`].
+    pub fn stop_failing(&self) {
+        self.shared
+            .faults
+            .lock()
+            .unwrap()
+            .fail_every_matching
+            .clear();
     }
 
     /// The first request with this method and path whose body contains `body` is answered after
@@ -446,6 +471,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
         let delay = take_matching(&mut f.delay_matching, &method, &path, &text)
             .or_else(|| f.delays.pop_front());
         let fail = take_matching(&mut f.fail_matching, &method, &path, &text)
+            .or_else(|| {
+                f.fail_every_matching
+                    .iter()
+                    .find(|(m, p, b, _)| *m == method && *p == path && text.contains(b.as_str()))
+                    .map(|x| x.3)
+            })
             .or_else(|| f.fail.pop_front());
         let malformed = if fail.is_none() && f.malformed > 0 {
             f.malformed -= 1;
