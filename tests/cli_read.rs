@@ -407,7 +407,7 @@ fn wait_times_out_with_kubectls_message() {
     let r = env.run(&[
         "wait",
         "task/t-a",
-        "--for=condition=Ready",
+        "--for=jsonpath={.status.phase}=Succeeded",
         "--timeout",
         "500ms",
     ]);

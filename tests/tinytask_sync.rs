@@ -1006,7 +1006,13 @@ async fn an_archived_or_moved_task_is_not_claimed_again() {
     w.tinytask_queue("dev", json!({}));
     w.agent("alice", Some("dev"), 2, &format!("{RECORD}; exit 1"));
     // Three seconds between attempts: time to change the tasks on the server.
-    let mut d = daemon(&w, &[("TINYSCHEDULER_RETRY_BASE_SEC", "3")]);
+    let mut d = daemon(
+        &w,
+        &[
+            ("TINYSCHEDULER_RETRY_BASE_SEC", "3"),
+            ("TINYSCHEDULER_RETRY_MAX_SEC", "3"),
+        ],
+    );
     wait_until("both first attempts", Duration::from_secs(30), || {
         w.ran().len() == 2
     })
