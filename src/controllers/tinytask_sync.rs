@@ -1203,10 +1203,13 @@ fn spec_for(queue: &Queue, t: &RemoteTask, pinned: Option<&str>, respect: bool) 
     let mut params = BTreeMap::new();
     params.insert(
         "title".to_string(),
-        serde_json::Value::from(t.title.clone()),
+        serde_json::Value::from(param_text("title", &t.title)),
     );
     if let Some(d) = t.description.as_deref().filter(|d| !d.is_empty()) {
-        params.insert("description".to_string(), serde_json::Value::from(d));
+        params.insert(
+            "description".to_string(),
+            serde_json::Value::from(param_text("description", d)),
+        );
     }
     params.insert("tinytask_id".to_string(), serde_json::Value::from(t.id));
     TaskSpec {
@@ -1220,6 +1223,24 @@ fn spec_for(queue: &Queue, t: &RemoteTask, pinned: Option<&str>, respect: bool) 
         params,
         ..TaskSpec::default()
     }
+}
+
+/// A server's text as a param the agent's environment can carry (see
+/// `validate::validate_task`): a NUL, which no variable can hold, as U+FFFD, and the text cut on a
+/// character boundary to what one variable takes. Either would otherwise fail every attempt to
+/// start the agent; the agent reads the whole task from the server by its id.
+fn param_text(key: &str, text: &str) -> String {
+    let mut s = text.replace('\0', "\u{fffd}");
+    let room = crate::resources::validate::MAX_ENV_STRING
+        .saturating_sub(crate::resources::task::param_env_name(key).len() + 1);
+    if s.len() > room {
+        let mut cut = room;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
 }
 
 /// Creates the mirror `tt-<id>`; false if it could not (it exists already, or a dry run).
@@ -1952,6 +1973,27 @@ mod tests {
             "is_currently_blocked": blocked, "blocked_by_task_id": if blocked { Some(9) } else { None },
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_mirrors_params_are_what_an_agents_environment_can_carry() {
+        let mut t = remote(TaskStatus::Idle, None, false);
+        t.title = "fix \0 bug".into();
+        t.description = Some("é".repeat(100_000));
+        let q = Queue::new("Queue", "q", Default::default());
+        let spec = spec_for(&q, &t, None, true);
+        assert!(
+            crate::resources::validate::validate_task("tt-1", &spec).is_empty(),
+            "{:?}",
+            crate::resources::validate::validate_task("tt-1", &spec)
+        );
+        assert_eq!(spec.params["title"], "fix \u{fffd} bug");
+        let d = spec.params["description"].as_str().unwrap();
+        assert!(
+            d.len() < 200_000 && d.chars().all(|c| c == 'é'),
+            "{}",
+            d.len()
+        );
     }
 
     #[test]
