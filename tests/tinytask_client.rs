@@ -456,6 +456,18 @@ async fn runnable_tasks_are_found_behind_more_stuck_tasks_than_the_largest_windo
     // Nothing runnable at all: the scan ends with the queue.
     server.mutate_task(free, |t| t.assigned_to = Some("someone".into()));
     assert!(c.runnable_tasks("dev", 1, true).await.unwrap().is_empty());
+
+    // A server that ignores `offset` (the contract does not name it) sends the head of the list
+    // again: the scan ends at the first page with nothing new, not in a loop of requests.
+    server.mutate_task(free, |t| t.assigned_to = None);
+    server.with_db(|db| db.ignore_offset = true);
+    let before = server.requests().len();
+    assert!(c.runnable_tasks("dev", 1, true).await.unwrap().is_empty());
+    let offset_pages = server.requests()[before..]
+        .iter()
+        .filter(|r| r.query.as_deref().unwrap_or_default().contains("offset="))
+        .count();
+    assert_eq!(offset_pages, 1, "one page of nothing new, then the end");
 }
 
 #[tokio::test]

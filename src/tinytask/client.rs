@@ -303,9 +303,13 @@ impl Client {
         let mut window = ((want as u32).saturating_mul(2)).clamp(16, SCAN_WINDOW_MAX);
         let mut found: Vec<RemoteTask>;
         let mut full;
+        // Every task any page listed: a page that lists none that is new ends the scan, also on a
+        // server that ignores `offset` (the contract does not name it) and sends the head again.
+        let mut listed: std::collections::HashSet<TaskId> = Default::default();
         loop {
             let page = self.list_tasks(&query(window)).await?;
             full = page.len() as u32 >= window;
+            listed.extend(page.iter().map(|t| t.id));
             found = page.into_iter().filter(|t| keep(t)).collect();
             if found.len() >= want || !full || window >= SCAN_WINDOW_MAX {
                 break;
@@ -320,6 +324,11 @@ impl Client {
                 .await?;
             full = page.len() as u32 >= SCAN_WINDOW_MAX;
             offset = offset.saturating_add(SCAN_WINDOW_MAX);
+            let before = listed.len();
+            listed.extend(page.iter().map(|t| t.id));
+            if listed.len() == before {
+                break;
+            }
             found.extend(page.into_iter().filter(|t| keep(t) && seen.insert(t.id)));
         }
         sort_like_server(&mut found);

@@ -116,6 +116,9 @@ pub struct FakeComment {
 pub struct Db {
     pub tasks: BTreeMap<i64, FakeTask>,
     pub comments: Vec<FakeComment>,
+    /// Lists answer from the head whatever their `offset` (which the contract does not name), as
+    /// a server without it would.
+    pub ignore_offset: bool,
     next_task: i64,
     next_comment: i64,
 }
@@ -700,7 +703,7 @@ fn list(db: &Db, q: &BTreeMap<String, String>, queue: Option<&str>) -> Answer {
             .then_with(|| a.created_at.cmp(&b.created_at))
             .then_with(|| a.id.cmp(&b.id))
     });
-    let offset = offset.unwrap_or(0);
+    let offset = offset.filter(|_| !db.ignore_offset).unwrap_or(0);
     let limit = limit.filter(|l| *l > 0).unwrap_or(usize::MAX);
     let out: Vec<Value> = tasks
         .into_iter()
