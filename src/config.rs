@@ -390,13 +390,15 @@ pub fn resolve(
     let tinytask_endpoint = if let Some(v) = &flags.tinytask_endpoint {
         check_endpoint("--tinytask-endpoint", v)?;
         setting(
-            v.clone(),
+            crate::tinytask::client::normalize_endpoint(v).unwrap_or_else(|| v.clone()),
             Source::Flag,
             ENDPOINT,
             Some("--tinytask-endpoint"),
         )
     } else if let Some((v, s)) = lookup(ENDPOINT) {
         check_endpoint(ENDPOINT, &v)?;
+        // As the client uses it (a trailing /mcp or /api/v1 dropped), which `config` shows.
+        let v = crate::tinytask::client::normalize_endpoint(&v).unwrap_or(v);
         setting(v, s, ENDPOINT, Some("--tinytask-endpoint"))
     } else {
         setting(

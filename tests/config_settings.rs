@@ -408,3 +408,22 @@ fn a_dotenv_file_that_starts_with_a_byte_order_mark_is_read() {
     let s = config_json(cmd(dir.path()).args(["config", "--json"]).output().unwrap());
     assert_eq!(setting(&s, "kill_grace_sec"), (2.5.into(), ".env".into()));
 }
+
+#[test]
+fn config_shows_the_tinytask_endpoint_as_it_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = config_json(
+        cmd(dir.path())
+            .args(["config", "--json"])
+            .env(
+                "TINYSCHEDULER_MCP_ENDPOINT",
+                "http://tasks.internal:3000/mcp/",
+            )
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(
+        setting(&s, "tinytask_endpoint"),
+        ("http://tasks.internal:3000".into(), "env".into())
+    );
+}

@@ -814,8 +814,14 @@ fn server_of(ctx: &Ctx, annotations: &BTreeMap<String, String>, queue: Option<&s
 }
 
 /// Whether two endpoints name the same server as written (a trailing `/` aside).
+/// Whether two spellings name the same server as the client uses it (`http://h:3000/mcp` and
+/// `http://h:3000/` do).
 fn same_endpoint(a: &str, b: &str) -> bool {
-    a.trim().trim_end_matches('/') == b.trim().trim_end_matches('/')
+    let norm = |e: &str| {
+        crate::tinytask::client::normalize_endpoint(e)
+            .unwrap_or_else(|| e.trim().trim_end_matches('/').to_string())
+    };
+    norm(a) == norm(b)
 }
 
 fn remote_queue(q: &Queue) -> String {
@@ -1994,6 +2000,14 @@ mod tests {
             "{}",
             d.len()
         );
+    }
+
+    #[test]
+    fn one_server_spelled_two_ways_is_the_same_endpoint() {
+        assert!(same_endpoint("http://h:3000/mcp", "http://h:3000/"));
+        assert!(same_endpoint("http://h:3000/api/v1/", "http://H:3000"));
+        assert!(!same_endpoint("http://h:3000", "http://h:3001"));
+        assert!(!same_endpoint("http://h:3000/a", "http://h:3000/b"));
     }
 
     #[test]

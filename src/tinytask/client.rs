@@ -502,6 +502,14 @@ fn sort_like_server(tasks: &mut [RemoteTask]) {
     });
 }
 
+/// `endpoint` as the client uses it: parsed, a trailing `/api/v1` or `/mcp` dropped, no trailing
+/// slash (`http://h:3000/mcp/` → `http://h:3000`); `None` when it is not a usable endpoint.
+pub fn normalize_endpoint(endpoint: &str) -> Option<String> {
+    parse_endpoint(endpoint)
+        .ok()
+        .map(|u| u.as_str().trim_end_matches('/').to_string())
+}
+
 fn parse_endpoint(endpoint: &str) -> Result<Url> {
     let invalid = |m: &str| Error::InvalidEndpoint {
         endpoint: endpoint.to_string(),
