@@ -297,3 +297,38 @@ async fn programs_are_looked_for_where_and_as_the_shim_runs_them() {
         "{l:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_era_control_file_is_checked_as_run_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path();
+    let mut c = cmd(base);
+    c.args(["validate-config", "--state-dir"])
+        .arg(base.join("state"))
+        .env(
+            "TINYSCHEDULER_AGENT_CONTROL_FILE",
+            base.join("missing.json"),
+        );
+    let out = run(c).await;
+    assert_eq!(out.status.code(), Some(1));
+    let l = lines(&out);
+    assert!(
+        l.iter().any(
+            |x| x.starts_with("[-] agent-control settings failed: cannot read")
+                && x.contains("missing.json")
+        ),
+        "{l:#?}"
+    );
+    std::fs::write(base.join("ac.json"), r#"["vaela"]"#).unwrap();
+    let mut c = cmd(base);
+    c.args(["validate-config", "--state-dir"])
+        .arg(base.join("state"))
+        .env("TINYSCHEDULER_AGENT_CONTROL_FILE", base.join("ac.json"));
+    let out = run(c).await;
+    let l = lines(&out);
+    assert!(
+        l.iter()
+            .any(|x| x.starts_with("[+] agent-control settings ok")),
+        "{l:#?}"
+    );
+}

@@ -112,6 +112,18 @@ pub fn validate(g: &Globals, a: ValidateConfigArgs) -> CliResult {
             return Ok(ExitCode::from(1));
         }
     };
+    // What `run` reads from the Python-era control file and limits, read the same way.
+    match crate::cli::import::python_era_documents(g, None, None) {
+        Ok(None) => {}
+        Ok(Some(docs)) => r.ok(format!(
+            "agent-control settings ok ({} Agents and Queues)",
+            docs.len()
+        )),
+        Err(e) => r.fail(
+            "agent-control settings",
+            e.to_string().trim_start_matches("error: "),
+        ),
+    }
     let state = s.state_dir.value.clone();
     check_dir(&mut r, "state directory", &state, a.fix);
     let logs = state.join("logs");
