@@ -68,6 +68,7 @@ impl Scheduler {
             settings,
             summary: Summary::default(),
             spawned: Default::default(),
+            shim_waits: Default::default(),
             leases_seen: Default::default(),
             status_writes: Default::default(),
             metrics: metrics.clone(),

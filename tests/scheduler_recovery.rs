@@ -944,6 +944,53 @@ fi"
 }
 
 #[test]
+fn a_shim_that_holds_its_run_without_ending_it_is_not_waited_for_past_a_deadline() {
+    let mut s = Sched::new();
+    s.queue("default");
+    // Attempt 1 runs until its group is ended; attempt 2 notes whether attempt 1 still lived.
+    s.agent_with(
+        "w",
+        1,
+        &format!(
+            "{ALIVE}if [ \"$TINYSCHEDULER_ATTEMPT\" = 1 ]; then
+  while [ -d \"$OUT\" ]; do sleep 0.05; done
+else
+  if alive $(head -n1 \"$OUT/pids\"); then echo overlap; else echo alone; fi >> \"$OUT/second\"
+fi"
+        ),
+        |a| a.heartbeat_seconds = 60,
+    );
+    s.task_with("job", |t| t.max_retries = 1);
+    s.daemon(&[]);
+    s.wait_phase("job", TaskPhase::Running, LONG);
+    let shim = s.leases()[0].status.shim_pid.expect("the shim's pid");
+    let first = pids_in(&s.out("pids"))[0];
+    // The shim is stopped: alive, holding its run, and never looking at its Lease again. It is
+    // killed at the end, also when the test fails.
+    struct KillOnDrop(nix::unistd::Pid);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, Signal::SIGKILL);
+        }
+    }
+    let shim = KillOnDrop(nix::unistd::Pid::from_raw(shim));
+    nix::sys::signal::kill(shim.0, Signal::SIGSTOP).unwrap();
+    assert_eq!(s.run(&["delete", "lease", "job"]).code, 0);
+    s.wait_phase("job", TaskPhase::Succeeded, LONG);
+    drop(shim);
+    assert_eq!(
+        s.lines("second"),
+        ["alone"],
+        "attempt 2 ran beside attempt 1"
+    );
+    assert!(!running(first));
+    let story = story(&s, "job");
+    for reason in ["ShimUnresponsive", "Killed", "Reclaimed", "Retrying"] {
+        assert!(story.iter().any(|r| r == reason), "{reason}: {story:?}");
+    }
+}
+
+#[test]
 fn an_agents_status_counts_a_run_whose_lease_was_deleted_until_it_is_recorded() {
     let mut s = Sched::new();
     s.extra_env

@@ -802,6 +802,7 @@ fn sync_ctx(store: Store, state_dir: PathBuf) -> std::sync::Arc<tinyscheduler::c
         settings: Settings::default(),
         summary: Default::default(),
         spawned: Default::default(),
+        shim_waits: Default::default(),
         leases_seen: Default::default(),
         status_writes: Default::default(),
         metrics: Metrics::default(),

@@ -171,6 +171,10 @@ pub struct Ctx {
     pub summary: Summary,
     /// Shims this process started, by lease name.
     pub spawned: Mutex<HashMap<String, SpawnedShim>>,
+    /// Runs whose Lease was deleted while their shim still held them, by run key
+    /// (`agent::claim::run_key`): when reclaim first found each so (see
+    /// `reclaim::without_lease`).
+    pub shim_waits: Mutex<HashMap<String, std::time::Instant>>,
     /// Leases whose Task does not show them Running yet, by lease name: (lease uid, when this
     /// process first saw the Lease). See [`Settings::mirror_delay`].
     pub leases_seen: Mutex<HashMap<String, (String, std::time::Instant)>>,

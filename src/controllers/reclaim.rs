@@ -287,6 +287,24 @@ pub fn hold_claim(state_dir: &Path, lease: &Lease, local: bool) -> io::Result<Cl
 /// How often reclaim looks whether the shim of a run whose Lease was deleted has ended.
 const SHIM_ENDING_LOOK: Duration = Duration::from_millis(500);
 
+/// How long reclaim waits for the shim of a run whose Lease was deleted to end it: it looks at its
+/// Lease every second, then ends the agent's group (SIGTERM, SIGKILL after `kill_grace`); ten
+/// seconds more cover a loaded machine.
+pub fn shim_end_deadline(kill_grace: Duration) -> Duration {
+    kill_grace + Duration::from_secs(11)
+}
+
+/// How long reclaim has found `run`'s shim holding it without its Lease (zero the first time).
+fn shim_waited(ctx: &Ctx, run: &str) -> Duration {
+    let now = std::time::Instant::now();
+    let mut waits = ctx.shim_waits.lock().unwrap_or_else(|p| p.into_inner());
+    // A run whose Task went another way meanwhile (deleted, say) leaves its entry; such entries
+    // go once they are far past any deadline.
+    let stale = shim_end_deadline(ctx.settings.kill_grace) * 10;
+    waits.retain(|_, since| now.duration_since(*since) < stale);
+    now.duration_since(*waits.entry(run.to_string()).or_insert(now))
+}
+
 /// Why a run is reclaimed whose Lease was deleted by hand.
 const LEASE_DELETED: &str = "its Lease was deleted";
 
@@ -330,9 +348,32 @@ async fn without_lease(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     // the agent's group itself, however the agent's processes look (one that redirected its
     // output is not found by its log below). Requeueing before then would start the next attempt
     // beside it (invariants 1 and 4).
+    let run = crate::agent::claim::run_key(name, &task.metadata.uid, lease.spec.attempt);
     if ctx.shim_runs(&task, lease.spec.attempt)? {
-        return Ok(Action::requeue_after(SHIM_ENDING_LOOK));
+        // Waited for only so long: a shim that lives but does not end the run (stopped, frozen,
+        // stuck in the kernel) would hold it for good. Past the deadline the run is reclaimed
+        // without it, its agents found by their environment and log as for a shim that died.
+        let waited = shim_waited(ctx, &run);
+        let deadline = shim_end_deadline(ctx.settings.kill_grace);
+        if waited < deadline {
+            return Ok(Action::requeue_after(SHIM_ENDING_LOOK));
+        }
+        ctx.event(
+            &task,
+            EventType::Warning,
+            "ShimUnresponsive",
+            &format!(
+                "the shim of attempt {} still holds its run {}s after its Lease was deleted, \
+                 without ending it; reclaiming the run without the shim",
+                lease.spec.attempt,
+                waited.as_secs()
+            ),
+        );
     }
+    ctx.shim_waits
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&run);
     let groups = unrecorded_groups(ctx, &lease)
         .map_err(|e| Error(format!("task/{name}: cannot look for its processes: {e}")))?;
     // The run started if an agent of it was found, or if its shim, finding the Lease gone, ended
