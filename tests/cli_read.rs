@@ -88,6 +88,13 @@ fn get_prints_names_and_filters_by_label() {
     assert_eq!(r.stdout, "task.tinyscheduler.io/t-b\n");
     let r = env.run(&["get", "tasks", "-l", "team!=core", "-o", "name"]);
     assert_eq!(r.stdout, "task.tinyscheduler.io/t-a\n");
+    // Names and a selector together are refused, as kubectl does.
+    let r = env.run(&["get", "tasks", "t-a", "-l", "team=core"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert_eq!(
+        r.stderr.trim(),
+        "error: name cannot be provided when a selector is specified"
+    );
 }
 
 #[test]

@@ -79,6 +79,12 @@ pub fn get(g: &Globals, a: GetArgs) -> CliResult {
     let (kind, names) = kind_and_names(&a.kind, &a.names, "get")?;
     let format = Format::parse(a.output.as_deref())?;
     let selector = parse_selector(a.selector.as_deref())?;
+    // As kubectl: names and a selector would each narrow the answer another way.
+    if selector.is_some() && !names.is_empty() {
+        return Err(CliError(
+            "error: name cannot be provided when a selector is specified".into(),
+        ));
+    }
     let store = Store::open_read_only(&g.state_dir);
     let opts = Opts {
         format,
@@ -117,14 +123,7 @@ fn get_kind<K: Printable>(store: &Store, o: &Opts) -> CliResult {
     } else {
         for n in &o.names {
             match store.try_get::<K>(n) {
-                Ok(Some(obj)) => {
-                    if o.selector
-                        .as_ref()
-                        .is_none_or(|s| s.matches(&obj.meta().labels))
-                    {
-                        items.push(obj)
-                    }
-                }
+                Ok(Some(obj)) => items.push(obj),
                 Ok(None) => errors.push(CliError::from(StoreError::NotFound {
                     plural: K::PLURAL.into(),
                     name: n.clone(),
