@@ -93,8 +93,6 @@ pub struct Object<S, T> {
     pub kind: String,
     #[serde(default)]
     pub metadata: ObjectMeta,
-    /// Absent means every field at its default (a Queue needs none), as in kubectl.
-    #[serde(default)]
     pub spec: S,
     #[serde(default)]
     pub status: T,

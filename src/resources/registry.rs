@@ -175,11 +175,11 @@ fn admit_typed<K: Resource>(
             message: format!("required (expected {API_VERSION:?})"),
         }),
     }
-    // No spec, or an empty `spec:`, is every field at its default; a Task's rules then say what
-    // it lacks.
+    // No spec, or an empty `spec:`, is every field at its default, as in kubectl; a Task's rules
+    // then say what it lacks. (Only here: a file in the store without a spec is not an object.)
     if let Some(obj) = doc.as_object_mut() {
-        if obj.get("spec").is_some_and(Value::is_null) {
-            obj.remove("spec");
+        if obj.get("spec").is_none_or(Value::is_null) {
+            obj.insert("spec".into(), Value::Object(Default::default()));
         }
     }
     // serde fills a struct from a list too, field by field in order (`metadata: [x]` would be

@@ -156,6 +156,19 @@ fn a_file_of_another_kind_is_skipped_and_reported_not_read_as_its_directorys_kin
     let e = store.get_raw("queues", "a").unwrap_err();
     assert!(matches!(e, StoreError::Refused { .. }), "{e}");
     assert_eq!(store.get::<Agent>("a").unwrap().metadata.name, "a");
+    // A file without a spec is not an object either (apply fills one in; the store does not).
+    fs::write(
+        dir.path().join("objects/agents/zz.json"),
+        r#"{"metadata":{"name":"zz"}}"#,
+    )
+    .unwrap();
+    let agents = store.list::<Agent>(None).unwrap();
+    assert_eq!(agents.items.len(), 1);
+    assert!(
+        agents.skipped[0].path.ends_with("zz.json"),
+        "{:?}",
+        agents.skipped
+    );
 }
 
 #[test]
