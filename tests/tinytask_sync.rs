@@ -1089,6 +1089,52 @@ async fn a_claim_slower_than_the_lease_gives_the_task_back_and_it_runs_later() {
 /// ran while the task was still idle, so only the claim itself can give the task back. It must,
 /// rather than leave it working for an agent that runs nothing; the task then runs later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_cannot_be_given_back_at_once_is_released_later() {
+    let w = World::new().await;
+    let id = queued(&w.server, "slow working", "dev");
+    w.tinytask_queue("dev", json!({}));
+    w.apply(
+        "agent-alice",
+        json!({"apiVersion": "tinyscheduler.io/v1alpha1", "kind": "Agent", "metadata": {"name": "alice"},
+               "spec": {"queue": "dev", "maxConcurrency": 1, "heartbeatSeconds": 1,
+                        "command": ["sh", "-c", RECORD], "env": {"RAN": w.ran_file().display().to_string()}}}),
+    );
+    // `status: working` lands after the Lease's three seconds, and every PATCH that would put the
+    // task back to idle fails until the test says otherwise: the give-back cannot land at once.
+    let path = format!("/api/v1/tasks/{id}");
+    w.server
+        .delay_matching("PATCH", &path, "working", Duration::from_secs(6));
+    w.server
+        .fail_every_matching("PATCH", &path, "\"status\":\"idle\"", 500);
+    let mut d = daemon(&w, &[]);
+    let name = format!("tt-{id}");
+    wait_until("the mirror", Duration::from_secs(30), || {
+        w.task_json(&name).is_some()
+    })
+    .await;
+    let store = Store::open(w.env.state()).unwrap();
+    support::update_retrying::<tinyscheduler::resources::Task>(&store, &name, |t| {
+        t.spec.max_retries = 0
+    });
+    wait_until("the claim to be refused", Duration::from_secs(60), || {
+        w.events()
+            .contains("reclaimed while the claim was under way")
+    })
+    .await;
+    assert_eq!(w.status(id).0, "working", "the give-back could not land");
+    // The release queued in its place lands once the server takes it; the task runs once.
+    w.server.stop_failing();
+    wait_until(
+        "the task to complete on the server",
+        Duration::from_secs(90),
+        || w.status(id).0 == "complete",
+    )
+    .await;
+    d.kill().await.ok();
+    assert_eq!(w.ran().len(), 1, "it ran once: {:?}", w.ran());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_whose_working_patch_lands_after_the_reclaim_gives_the_task_back() {
     let w = World::new().await;
     let id = queued(&w.server, "slow working", "dev");

@@ -1488,9 +1488,16 @@ async fn claim(ctx: &Ctx, lease_name: &str) -> Result<Action, Error> {
                 // The run was reclaimed ("never started") while the last PATCH was under way: the
                 // release its outcome queued may already have found the task idle and left it
                 // so, and nothing will run it now. Only this claim can give it back.
-                give_back(ctx, &endpoint, id, &landed.before).await;
+                // Should that fail, the release of the claim is queued with what the mirror owes
+                // the server, and retried there until it lands: the task is never left working
+                // for an agent that runs nothing (invariant 3).
+                let owed = if give_back(ctx, &endpoint, id, &landed.before).await {
+                    landed.held
+                } else {
+                    Some(agent.clone())
+                };
                 let why = "its run was reclaimed while the claim was under way";
-                refuse(ctx, &lease, &task, id, why, landed.held)?;
+                refuse(ctx, &lease, &task, id, why, owed)?;
                 return Ok(Action::await_change());
             }
             ctx.tinytask.claim_settled(&task.metadata.name);
@@ -1566,17 +1573,21 @@ struct Landed {
 }
 
 /// Puts the server's task back as the claim found it (status and assignee): the claim landed, but
-/// its run is gone. Best effort: a failure is logged (the task then stays with our agent).
-async fn give_back(ctx: &Ctx, endpoint: &str, id: TaskId, before: &RemoteTask) {
+/// its run is gone. False when that failed (logged): the caller queues a release instead.
+async fn give_back(ctx: &Ctx, endpoint: &str, id: TaskId, before: &RemoteTask) -> bool {
     let assignee = before.assigned_to.clone().filter(|a| !a.is_empty());
     let undo = TaskPatch::new().assignee(assignee).status(before.status);
     let done = match ctx.tinytask.client(endpoint) {
         Ok(client) => client.patch_task(id, &undo).await.map(|_| ()),
         Err(e) => Err(e),
     };
-    if let Err(e) = done {
-        tracing::warn!("tinytask task {id}: cannot give back the claim of a reclaimed run: {e}");
+    if let Err(e) = &done {
+        tracing::warn!(
+            "tinytask task {id}: cannot give back the claim of a reclaimed run now ({e}); its \
+             release is queued"
+        );
     }
+    done.is_ok()
 }
 
 /// Re-reads the task, assigns it to `agent` if it is still ours to take, checks that nobody wrote
