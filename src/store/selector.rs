@@ -82,6 +82,12 @@ fn set_based(part: &str) -> Option<Result<Requirement, SelectorError>> {
         ))));
     };
     let values: Vec<String> = inner.split(',').map(|v| v.trim().to_string()).collect();
+    // `()` or `(a,)`: an empty item is not a value anyone meant (kubectl refuses it too).
+    if values.iter().any(String::is_empty) {
+        return Some(Err(SelectorError(format!(
+            "{part:?}: a set needs values, none of them empty"
+        ))));
+    }
     let key = key.trim().to_string();
     Some(Ok(if negated {
         Requirement::NotIn(key, values)
@@ -197,5 +203,9 @@ mod tests {
         let e = Selector::parse("team within (core)").unwrap_err();
         assert!(e.to_string().contains("expected KEY in (VALUES)"), "{e}");
         assert!(Selector::parse("team in (a,b) x").is_err());
+        for empty in ["team in ()", "team notin ()", "team in (core,)"] {
+            let e = Selector::parse(empty).unwrap_err();
+            assert!(e.to_string().contains("a set needs values"), "{empty}: {e}");
+        }
     }
 }
