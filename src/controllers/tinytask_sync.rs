@@ -233,12 +233,15 @@ impl SyncState {
         f(m.entry(queue.to_string()).or_default())
     }
 
-    /// Counts one more postponed claim of the mirror `task`; returns how many in a row.
-    fn claim_postponed(&self, task: &str) -> u32 {
+    /// Counts one more postponed claim of the mirror `task`; returns how many in a row. Mirrors
+    /// that are gone (`exists` says no: deleted, expired) are forgotten here, so that the map
+    /// holds only live mirrors and a new mirror of the same id starts afresh.
+    fn claim_postponed(&self, task: &str, exists: impl Fn(&str) -> bool) -> u32 {
         let mut m = self
             .claim_failures
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        m.retain(|name, _| name == task || exists(name));
         let n = m.entry(task.to_string()).or_default();
         *n = n.saturating_add(1);
         *n
@@ -1236,18 +1239,31 @@ fn spec_for(queue: &Queue, t: &RemoteTask, pinned: Option<&str>, respect: bool) 
 /// character boundary to what one variable takes. Either would otherwise fail every attempt to
 /// start the agent; the agent reads the whole task from the server by its id.
 fn param_text(key: &str, text: &str) -> String {
-    let mut s = text.replace('\0', "\u{fffd}");
     let room = crate::resources::validate::MAX_ENV_STRING
         .saturating_sub(crate::resources::task::param_env_name(key).len() + 1);
-    if s.len() > room {
-        let mut cut = room;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
+    // Also within a share of the mirror's size as stored, where a control character takes six
+    // bytes (`\u001b`): two such params must not take a mirror over the store's limit.
+    let (mut raw, mut stored) = (0, 0);
+    let mut out = String::new();
+    for c in text.chars() {
+        let c = if c == '\0' { '\u{fffd}' } else { c };
+        let escaped = match c {
+            '"' | '\\' | '\n' | '\t' | '\r' | '\u{8}' | '\u{c}' => 2,
+            c if (c as u32) < 0x20 => 6,
+            c => c.len_utf8(),
+        };
+        if raw + c.len_utf8() > room || stored + escaped > MAX_PARAM_STORED {
+            break;
         }
-        s.truncate(cut);
+        raw += c.len_utf8();
+        stored += escaped;
+        out.push(c);
     }
-    s
+    out
 }
+
+/// The most bytes one param of a mirror takes as stored JSON (see [`param_text`]).
+const MAX_PARAM_STORED: usize = 256 * 1024;
 
 /// Creates the mirror `tt-<id>`; false if it could not (it exists already, or a dry run).
 fn mirror(ctx: &Ctx, queue: &Queue, t: &RemoteTask, pinned: Option<&str>, respect: bool) -> bool {
@@ -1802,7 +1818,9 @@ fn postpone(
     reason: &str,
     what: &str,
 ) -> Result<(), Error> {
-    let failures = ctx.tinytask.claim_postponed(&task.metadata.name);
+    let failures = ctx
+        .tinytask
+        .claim_postponed(&task.metadata.name, |n| ctx.tasks.get(n).is_some());
     let interval = queue
         .map(interval_of)
         .unwrap_or(Duration::from_secs(DEFAULT_POLL_INTERVAL_SECONDS as u64));
@@ -2011,6 +2029,12 @@ mod tests {
             "{}",
             d.len()
         );
+        // Control characters, six bytes each as stored: cut so that the mirror stays small.
+        t.description = Some("\u{1b}".repeat(120_000));
+        let spec = spec_for(&q, &t, None, true);
+        let stored = serde_json::to_string(&spec.params["description"]).unwrap();
+        assert!(stored.len() <= MAX_PARAM_STORED + 2, "{}", stored.len());
+        assert!(stored.len() > MAX_PARAM_STORED - 8, "{}", stored.len());
     }
 
     #[test]
