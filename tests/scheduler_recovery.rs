@@ -884,21 +884,24 @@ fn a_lease_deleted_before_its_task_shows_it_keeps_its_agents_slot_until_its_run_
     s.extra_env
         .push(("TINYSCHEDULER_KILL_GRACE_SEC".into(), "2".into()));
     s.queue("default");
-    // One slot. Each run notes whether another run's agent still lived when it started; the first
-    // run of `first` says it is ready, then ignores SIGTERM for the grace.
+    // One slot. The first run of `first` ignores SIGTERM and says it is ready at once (the test
+    // must act within the daemon's first 50 ms of its Lease), then lingers; every other run notes
+    // whether another run's agent still lived when it started.
     s.agent_with(
         "w",
         1,
         &format!(
-            "{ALIVE}for p in $(grep -v \"^$$\\$\" \"$OUT/pids\"); do
-  if alive $p; then echo overlap >> \"$OUT/runs\"; fi
-done
-echo \"$TINYSCHEDULER_TASK $TINYSCHEDULER_ATTEMPT\" >> \"$OUT/runs\"
-if [ \"$TINYSCHEDULER_TASK\" = first ] && [ ! -e \"$OUT/ready\" ]; then
+            "if [ \"$TINYSCHEDULER_TASK\" = first ] && [ ! -e \"$OUT/ready\" ]; then
   trap '' TERM
   : > \"$OUT/ready\"
+  echo \"first 1\" >> \"$OUT/runs\"
   while [ -d \"$OUT\" ]; do sleep 0.05; done
-fi"
+  exit 0
+fi
+{ALIVE}for p in $(grep -v \"^$$\\$\" \"$OUT/pids\"); do
+  if alive $p; then echo overlap >> \"$OUT/runs\"; fi
+done
+echo \"$TINYSCHEDULER_TASK $TINYSCHEDULER_ATTEMPT\" >> \"$OUT/runs\""
         ),
         |a| a.heartbeat_seconds = 60,
     );
