@@ -358,6 +358,11 @@ fn settings_read_outside_the_table_are_checked_and_named_too() {
              got \"maybe\"",
         ),
         (
+            &[("TINYSCHEDULER_SHIM_EXE", "/nonexistent/tinyscheduler")],
+            "error: TINYSCHEDULER_SHIM_EXE: \"/nonexistent/tinyscheduler\" is not an executable \
+             file",
+        ),
+        (
             &[("TINYSCHEDULER_HTTP_ADDR", "bogus")],
             "error: TINYSCHEDULER_HTTP_ADDR: invalid HTTP listen address \"bogus\": want \
              HOST:PORT, e.g. 127.0.0.1:9464",

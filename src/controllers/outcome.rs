@@ -64,6 +64,17 @@ fn beyond_status(message: &str) -> Option<String> {
     message.split_once("; ").map(|(_, rest)| rest.to_string())
 }
 
+/// A retry delay as the message says it: whole seconds (rounded up) from ten seconds on, tenths
+/// below (`0.2s`, not `1s`).
+fn delay_text(d: std::time::Duration) -> String {
+    if d >= std::time::Duration::from_secs(10) {
+        format!("{}s", d.as_secs_f64().ceil() as u64)
+    } else {
+        let tenths = (d.as_secs_f64() * 10.0).ceil() / 10.0;
+        format!("{tenths}s")
+    }
+}
+
 /// Records `ending` for `lease`'s attempt on its Task, then deletes the Lease. Idempotent: an
 /// attempt already recorded (a crash between the two writes) only has its Lease deleted.
 pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
@@ -167,11 +178,11 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
             // any retry start up to a second early.
             t.status.next_attempt_after = Some(humantime::format_rfc3339_millis(at).to_string());
             t.status.message = Some(format!(
-                "attempt {} failed ({what}); retry {} of {} in {}s",
+                "attempt {} failed ({what}); retry {} of {} in {}",
                 t.status.attempts,
                 t.status.attempts,
                 t.spec.max_retries,
-                delay.as_secs_f64().ceil() as u64
+                delay_text(delay)
             ));
             verdict = (
                 "Retrying",
@@ -212,4 +223,19 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
         }
     }
     ctx.delete_lease(name, &lease.metadata.uid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_retry_delay_is_said_in_tenths_below_ten_seconds() {
+        assert_eq!(delay_text(Duration::from_millis(200)), "0.2s");
+        assert_eq!(delay_text(Duration::from_millis(1250)), "1.3s");
+        assert_eq!(delay_text(Duration::from_secs(4)), "4s");
+        assert_eq!(delay_text(Duration::from_millis(10_400)), "11s");
+        assert_eq!(delay_text(Duration::from_secs(600)), "600s");
+    }
 }
