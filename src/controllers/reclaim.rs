@@ -370,10 +370,6 @@ async fn without_lease(ctx: &Ctx, name: &str) -> Result<Action, Error> {
             ),
         );
     }
-    ctx.shim_waits
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&run);
     let groups = unrecorded_groups(ctx, &lease)
         .map_err(|e| Error(format!("task/{name}: cannot look for its processes: {e}")))?;
     // The run started if an agent of it was found, or if its shim, finding the Lease gone, ended
@@ -397,6 +393,11 @@ async fn without_lease(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     }
     kill_groups(ctx, name, &groups, WITHOUT_LEASE, Some(&task)).await?;
     record_reclaimed(ctx, &lease, LEASE_DELETED, Some(&task), started)?;
+    // Only now: a kill that failed is retried at once, not after another deadline.
+    ctx.shim_waits
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&run);
     Ok(Action::await_change())
 }
 
