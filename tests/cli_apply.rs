@@ -934,3 +934,17 @@ fn a_recursive_apply_of_the_working_directory_leaves_the_state_directory_out() {
         "queue.tinyscheduler.io/default unchanged"
     );
 }
+
+#[test]
+fn standard_input_named_twice_is_refused_rather_than_read_empty_the_second_time() {
+    let env = seeded();
+    let before = env.snapshot();
+    let r = env.run_stdin(&["apply", "-f", "-", "-f", "-"], &queue("twice"));
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("standard input (-f -) may be named only once"),
+        "{r:?}"
+    );
+    assert_eq!(env.snapshot(), before);
+}

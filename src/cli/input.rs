@@ -66,6 +66,12 @@ fn is_state_dir(dir: &Path) -> bool {
 /// `*.yaml`, `*.yml` and `*.json` files in name order (recursing with `recursive`), `-` as stdin.
 pub fn expand(files: &[String], recursive: bool) -> Result<Vec<Option<PathBuf>>, InputError> {
     let mut out = Vec::new();
+    if files.iter().filter(|f| *f == "-").count() > 1 {
+        // The second read would find it empty, and say nothing.
+        return Err(InputError(
+            "standard input (-f -) may be named only once".into(),
+        ));
+    }
     for f in files {
         if f == "-" {
             out.push(None);

@@ -138,6 +138,12 @@ fn parse_timeout(s: &str) -> Result<Duration, CliError> {
     if let Ok(secs) = s.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
+    // As kubectl: a negative timeout waits a week.
+    if s.starts_with('-')
+        && (s[1..].parse::<u64>().is_ok() || humantime::parse_duration(&s[1..]).is_ok())
+    {
+        return Ok(Duration::from_secs(7 * 24 * 3600));
+    }
     humantime::parse_duration(s)
         .map_err(|e| CliError(format!("error: invalid --timeout {s:?}: {e}")))
 }
@@ -254,6 +260,15 @@ async fn wait_kind<K: Resource>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_negative_timeout_waits_a_week_as_kubectls_does() {
+        let week = Duration::from_secs(7 * 24 * 3600);
+        assert_eq!(parse_timeout("-1").unwrap(), week);
+        assert_eq!(parse_timeout("-1s").unwrap(), week);
+        assert_eq!(parse_timeout("30s").unwrap(), Duration::from_secs(30));
+        assert!(parse_timeout("-x").is_err());
+    }
     use serde_json::json;
 
     #[test]
