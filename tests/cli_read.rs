@@ -88,6 +88,16 @@ fn get_prints_names_and_filters_by_label() {
     assert_eq!(r.stdout, "task.tinyscheduler.io/t-b\n");
     let r = env.run(&["get", "tasks", "-l", "team!=core", "-o", "name"]);
     assert_eq!(r.stdout, "task.tinyscheduler.io/t-a\n");
+    // A KIND/NAME without its name (or with more than one slash) is a usage error.
+    for bad in ["tasks/", "/t-a", "tasks/t-a/x"] {
+        let r = env.run(&["get", bad]);
+        assert_eq!(r.code, 1, "{r:?}");
+        assert!(
+            r.stderr
+                .contains("arguments in resource/name form must have a single resource and name"),
+            "{bad}: {r:?}"
+        );
+    }
     // Names and a selector together are refused, as kubectl does.
     let r = env.run(&["get", "tasks", "t-a", "-l", "team=core"]);
     assert_eq!(r.code, 1, "{r:?}");

@@ -36,6 +36,13 @@ pub fn slash_targets(args: &[String], verb: &str) -> Result<Vec<(Kind, String)>,
             let (k, n) = t
                 .split_once('/')
                 .ok_or_else(|| separate_kind(verb, &format!("; got {t:?}")))?;
+            if k.is_empty() || n.is_empty() || n.contains('/') {
+                // kubectl's words for `agents/`, `/x` or `a/b/c`.
+                return Err(CliError(format!(
+                    "error: arguments in resource/name form must have a single resource and \
+                     name; got {t:?}"
+                )));
+            }
             Ok((resolve_kind(k)?, n.to_string()))
         })
         .collect()
