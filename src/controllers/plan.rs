@@ -163,7 +163,11 @@ fn completion_unsent(t: &Task) -> bool {
 
 /// `waiting for a, b (Failed), c (no such Task)`: the blockers a task waits for, with those that
 /// will not succeed by themselves marked.
-pub fn waiting_message(waiting: &[String], by_name: &HashMap<&str, &Arc<Task>>) -> String {
+pub fn waiting_message<'a>(
+    waiting: &[String],
+    by_name: &HashMap<&'a str, &'a Arc<Task>>,
+    dead_ends: &mut DeadEnds<'a>,
+) -> String {
     let named: Vec<String> = waiting
         .iter()
         .map(|b| match by_name.get(b.as_str()) {
@@ -172,10 +176,54 @@ pub fn waiting_message(waiting: &[String], by_name: &HashMap<&str, &Arc<Task>>) 
             Some(t) if completion_unsent(t) => {
                 format!("{b} (Succeeded, not complete on the tinytask server yet)")
             }
-            Some(_) => b.clone(),
+            Some(t) => match dead_end_behind(t, by_name, dead_ends, 0) {
+                Some((name, what)) => format!("{b} (behind {name}, {what})"),
+                None => b.clone(),
+            },
         })
         .collect();
     format!("waiting for {}", named.join(", "))
+}
+
+/// What [`dead_end_behind`] found per task in one pass: each task is walked once.
+pub type DeadEnds<'a> = HashMap<&'a str, Option<(&'a str, &'static str)>>;
+
+/// How far back a chain of blockers is followed for a dead end.
+const DEAD_END_DEPTH: usize = 64;
+
+/// A task somewhere behind `t`'s unfinished blockers that will not succeed by itself (Failed, or
+/// no such Task), so that `t` cannot either: the first found, with what is wrong with it. Only a
+/// Pending or Blocked task is looked behind (one that runs or ran got past its blockers); each
+/// task is walked once per pass (`memo`, which also ends a cycle), at most
+/// [`DEAD_END_DEPTH`] steps back.
+fn dead_end_behind<'a>(
+    t: &'a Task,
+    by_name: &HashMap<&'a str, &'a Arc<Task>>,
+    memo: &mut DeadEnds<'a>,
+    depth: usize,
+) -> Option<(&'a str, &'static str)> {
+    if !matches!(t.status.phase, TaskPhase::Pending | TaskPhase::Blocked) || depth > DEAD_END_DEPTH
+    {
+        return None;
+    }
+    let name = t.metadata.name.as_str();
+    if let Some(found) = memo.get(name) {
+        return *found;
+    }
+    memo.insert(name, None);
+    let mut found = None;
+    for b in &t.spec.blocked_by {
+        found = match by_name.get(b.as_str()) {
+            None => Some((b.as_str(), "no such Task")),
+            Some(bt) if bt.status.phase == TaskPhase::Failed => Some((b.as_str(), "Failed")),
+            Some(bt) => dead_end_behind(bt, by_name, memo, depth + 1),
+        };
+        if found.is_some() {
+            break;
+        }
+    }
+    memo.insert(name, found);
+    found
 }
 
 /// Decides one assignment pass.
@@ -218,6 +266,7 @@ pub fn plan(
     }
 
     let servers = Servers::new(agents);
+    let mut dead_ends = DeadEnds::new();
     let mut runnable: Vec<&Arc<Task>> = Vec::new();
     for t in tasks {
         let phase = t.status.phase;
@@ -236,7 +285,7 @@ pub fn plan(
             Vec::new()
         };
         if !waiting.is_empty() {
-            let message = waiting_message(&waiting, &by_name);
+            let message = waiting_message(&waiting, &by_name, &mut dead_ends);
             let stale = match phase {
                 TaskPhase::Pending => !leased.contains(t.metadata.name.as_str()),
                 _ => t.status.message.as_deref() != Some(message.as_str()),
@@ -609,9 +658,10 @@ mod tests {
         let by_name: HashMap<&str, &Arc<Task>> = [("tt-1", &blocker)].into_iter().collect();
         assert_eq!(unfinished_blockers(&mirror, &by_name), ["tt-1"]);
         assert!(
-            waiting_message(&["tt-1".into()], &by_name).contains("not complete on the tinytask"),
+            waiting_message(&["tt-1".into()], &by_name, &mut DeadEnds::new())
+                .contains("not complete on the tinytask"),
             "{}",
-            waiting_message(&["tt-1".into()], &by_name)
+            waiting_message(&["tt-1".into()], &by_name, &mut DeadEnds::new())
         );
         // A local task does not wait for the server.
         assert!(unfinished_blockers(&local, &by_name).is_empty());
@@ -621,6 +671,48 @@ mod tests {
         let sent = Arc::new(sent);
         let by_name: HashMap<&str, &Arc<Task>> = [("tt-1", &sent)].into_iter().collect();
         assert!(unfinished_blockers(&mirror, &by_name).is_empty());
+    }
+
+    #[test]
+    fn a_chain_behind_a_failed_or_missing_task_says_where_it_ends() {
+        let mut m0 = task("m0", "q", 0, 0);
+        m0.status.phase = TaskPhase::Failed;
+        let mut m1 = task("m1", "q", 0, 1);
+        m1.spec.blocked_by = vec!["m0".into()];
+        m1.status.phase = TaskPhase::Blocked;
+        let mut m2 = task("m2", "q", 0, 2);
+        m2.spec.blocked_by = vec!["m1".into()];
+        let mut g1 = task("g1", "q", 0, 3);
+        g1.spec.blocked_by = vec!["gone".into()];
+        g1.status.phase = TaskPhase::Blocked;
+        let mut g2 = task("g2", "q", 0, 4);
+        g2.spec.blocked_by = vec!["g1".into()];
+        // A cycle that can still finish nothing, but has no dead end: said as before.
+        let mut c1 = task("c1", "q", 0, 5);
+        c1.spec.blocked_by = vec!["c2".into()];
+        let mut c2 = task("c2", "q", 0, 6);
+        c2.spec.blocked_by = vec!["c1".into()];
+        let tasks: Vec<Arc<Task>> = [m0, m1, m2, g1, g2, c1, c2]
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        let p = plan(
+            &tasks,
+            &[agent("a", "q", 5)],
+            &[],
+            &[],
+            SystemTime::now(),
+            Default::default(),
+        );
+        let said: HashMap<&str, &str> = p
+            .newly_blocked
+            .iter()
+            .map(|(n, m)| (n.as_str(), m.as_str()))
+            .collect();
+        assert_eq!(said["m2"], "waiting for m1 (behind m0, Failed)");
+        assert_eq!(said["g2"], "waiting for g1 (behind gone, no such Task)");
+        assert_eq!(said["c1"], "waiting for c2");
+        assert_eq!(said["c2"], "waiting for c1");
     }
 
     #[test]
