@@ -223,7 +223,10 @@ pub fn parse(source: &str, text: &str) -> Result<Vec<Document>, Vec<InputError>>
             match d.value.get("items") {
                 Some(Value::Array(items)) => {
                     for (i, item) in items.iter().enumerate() {
-                        match too_large(&serde_json::to_vec(item).unwrap_or_default()) {
+                        // An item that is no object is said so, not "kind: required".
+                        let wrong = not_an_object(item)
+                            .or_else(|| too_large(&serde_json::to_vec(item).unwrap_or_default()));
+                        match wrong {
                             Some(m) => errors.push(InputError(format!(
                                 "{}: document {} item {}: {m}",
                                 source,
@@ -517,6 +520,20 @@ fn yaml_error(e: &serde_saphyr::Error, first_line: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_list_item_that_is_no_object_is_said_so() {
+        let text = "kind: List\nitems:\n- 3\n- ~\n";
+        let errs = parse("l.yaml", text).unwrap_err();
+        let said: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert!(
+            said[0].starts_with("l.yaml: document 1 item 1: expected an object"),
+            "{said:?}"
+        );
+        assert!(said[0].ends_with("got a number"), "{said:?}");
+        assert!(said[1].ends_with("got nothing"), "{said:?}");
+    }
 
     #[test]
     fn a_breached_reader_budget_is_said_in_words() {
