@@ -272,6 +272,11 @@ fn show_run_of_deleted_lease(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
     if !shows_assignment_next(&task, lease) || !ctx.shim_runs(&task, lease.spec.attempt)? {
         return Ok(());
     }
+    show_assignment(ctx, lease)
+}
+
+/// Makes the Task show `lease` as its run, if it is still to (re-checked on the stored Task).
+fn show_assignment(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
     ctx.patch_task(&lease.spec.task, |t| {
         if shows_assignment_next(t, lease) {
             mirror_assignment(t, lease);
@@ -292,12 +297,7 @@ fn mark_task_assigned(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
         ctx.would(&format!("mark task/{} Assigned", lease.spec.task));
         return Ok(());
     }
-    ctx.patch_task(&lease.spec.task, |t| {
-        if shows_assignment_next(t, lease) {
-            mirror_assignment(t, lease);
-        }
-    })?;
-    Ok(())
+    show_assignment(ctx, lease)
 }
 
 /// What the Started event and the Running Task say about a run.

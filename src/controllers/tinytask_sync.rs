@@ -1441,6 +1441,21 @@ enum ClaimError {
     Blocked(String),
 }
 
+impl ClaimError {
+    /// The Task's reason and message for a claim put off by this error (see [`postpone`]).
+    fn postponement(self) -> (&'static str, String) {
+        match self {
+            ClaimError::Unreachable(e) => (
+                "SourceUnreachable",
+                format!("cannot claim on tinytask ({e})"),
+            ),
+            ClaimError::Failed(e) => ("ClaimFailed", format!("cannot claim on tinytask ({e})")),
+            ClaimError::Blocked(why) => ("BlockedOnServer", format!("not claimed yet: {why}")),
+            ClaimError::Refused { why, .. } => ("ClaimRefused", why),
+        }
+    }
+}
+
 impl From<tinytask::Error> for ClaimError {
     fn from(e: tinytask::Error) -> Self {
         if e.is_not_found() {
@@ -1529,43 +1544,12 @@ async fn claim(ctx: &Ctx, lease_name: &str) -> Result<Action, Error> {
             refuse(ctx, &lease, &task, id, &why, held)?;
             Ok(Action::await_change())
         }
-        Err(ClaimError::Unreachable(e)) => {
-            if let Some(q) = &queue {
-                set_health(ctx, &q.metadata.name, Err(e.clone()));
+        Err(e) => {
+            if let (ClaimError::Unreachable(m), Some(q)) = (&e, &queue) {
+                set_health(ctx, &q.metadata.name, Err(m.clone()));
             }
-            let message = format!("cannot claim on tinytask ({e})");
-            postpone(
-                ctx,
-                &lease,
-                &task,
-                queue.as_deref(),
-                "SourceUnreachable",
-                &message,
-            )?;
-            Ok(Action::await_change())
-        }
-        Err(ClaimError::Failed(e)) => {
-            let message = format!("cannot claim on tinytask ({e})");
-            postpone(
-                ctx,
-                &lease,
-                &task,
-                queue.as_deref(),
-                "ClaimFailed",
-                &message,
-            )?;
-            Ok(Action::await_change())
-        }
-        Err(ClaimError::Blocked(why)) => {
-            let message = format!("not claimed yet: {why}");
-            postpone(
-                ctx,
-                &lease,
-                &task,
-                queue.as_deref(),
-                "BlockedOnServer",
-                &message,
-            )?;
+            let (reason, message) = e.postponement();
+            postpone(ctx, &lease, &task, queue.as_deref(), reason, &message)?;
             Ok(Action::await_change())
         }
     }
