@@ -1037,12 +1037,10 @@ async fn an_archived_or_moved_task_is_not_claimed_again() {
     }
 }
 
-/// A claim slower than the Lease's duration finds the run reclaimed as "never started": the task
-/// goes back to the server as it was, not left working with nobody to run it, and runs later.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claim_slower_than_the_lease_gives_the_task_back_and_it_runs_later() {
-    let w = World::new().await;
-    let id = queued(&w.server, "slow claim", "dev");
+/// Queue `dev` and agent `alice` (one slot, a one-second heartbeat: its Lease lasts three
+/// seconds), recording its runs, and the daemon; once task `id` is mirrored, its mirror gets no
+/// retries, so that an attempt reclaimed as never started is its last. Returns the daemon.
+async fn one_attempt_on_a_short_lease(w: &World, id: i64) -> tokio::process::Child {
     w.tinytask_queue("dev", json!({}));
     w.apply(
         "agent-alice",
@@ -1050,15 +1048,7 @@ async fn a_claim_slower_than_the_lease_gives_the_task_back_and_it_runs_later() {
                "spec": {"queue": "dev", "maxConcurrency": 1, "heartbeatSeconds": 1,
                         "command": ["sh", "-c", RECORD], "env": {"RAN": w.ran_file().display().to_string()}}}),
     );
-    // The assignment's answer comes after the Lease's three seconds.
-    w.server.delay_matching(
-        "PATCH",
-        &format!("/api/v1/tasks/{id}"),
-        "assigned_to",
-        Duration::from_secs(5),
-    );
-    let mut d = daemon(&w, &[]);
-    // No retry for the reclaimed attempt: only the claim's giving back lets the task run at all.
+    let d = daemon(w, &[]);
     let name = format!("tt-{id}");
     wait_until("the mirror", Duration::from_secs(30), || {
         w.task_json(&name).is_some()
@@ -1069,6 +1059,24 @@ async fn a_claim_slower_than_the_lease_gives_the_task_back_and_it_runs_later() {
     support::update_retrying::<tinyscheduler::resources::Task>(&store, &name, |t| {
         t.spec.max_retries = 0
     });
+    d
+}
+
+/// A claim slower than the Lease's duration finds the run reclaimed as "never started": the task
+/// goes back to the server as it was, not left working with nobody to run it, and runs later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_slower_than_the_lease_gives_the_task_back_and_it_runs_later() {
+    let w = World::new().await;
+    let id = queued(&w.server, "slow claim", "dev");
+    // The assignment's answer comes after the Lease's three seconds.
+    w.server.delay_matching(
+        "PATCH",
+        &format!("/api/v1/tasks/{id}"),
+        "assigned_to",
+        Duration::from_secs(5),
+    );
+    // No retry for the reclaimed attempt: only the claim's giving back lets the task run at all.
+    let mut d = one_attempt_on_a_short_lease(&w, id).await;
     wait_until(
         "the task to complete on the server",
         Duration::from_secs(60),
@@ -1092,13 +1100,6 @@ async fn a_claim_slower_than_the_lease_gives_the_task_back_and_it_runs_later() {
 async fn a_claim_that_cannot_be_given_back_at_once_is_released_later() {
     let w = World::new().await;
     let id = queued(&w.server, "slow working", "dev");
-    w.tinytask_queue("dev", json!({}));
-    w.apply(
-        "agent-alice",
-        json!({"apiVersion": "tinyscheduler.io/v1alpha1", "kind": "Agent", "metadata": {"name": "alice"},
-               "spec": {"queue": "dev", "maxConcurrency": 1, "heartbeatSeconds": 1,
-                        "command": ["sh", "-c", RECORD], "env": {"RAN": w.ran_file().display().to_string()}}}),
-    );
     // `status: working` lands after the Lease's three seconds, and every PATCH that would put the
     // task back to idle fails until the test says otherwise: the give-back cannot land at once.
     let path = format!("/api/v1/tasks/{id}");
@@ -1106,16 +1107,7 @@ async fn a_claim_that_cannot_be_given_back_at_once_is_released_later() {
         .delay_matching("PATCH", &path, "working", Duration::from_secs(6));
     w.server
         .fail_every_matching("PATCH", &path, "\"status\":\"idle\"", 500);
-    let mut d = daemon(&w, &[]);
-    let name = format!("tt-{id}");
-    wait_until("the mirror", Duration::from_secs(30), || {
-        w.task_json(&name).is_some()
-    })
-    .await;
-    let store = Store::open(w.env.state()).unwrap();
-    support::update_retrying::<tinyscheduler::resources::Task>(&store, &name, |t| {
-        t.spec.max_retries = 0
-    });
+    let mut d = one_attempt_on_a_short_lease(&w, id).await;
     wait_until("the claim to be refused", Duration::from_secs(60), || {
         w.events()
             .contains("reclaimed while the claim was under way")
@@ -1138,13 +1130,6 @@ async fn a_claim_that_cannot_be_given_back_at_once_is_released_later() {
 async fn a_claim_whose_working_patch_lands_after_the_reclaim_gives_the_task_back() {
     let w = World::new().await;
     let id = queued(&w.server, "slow working", "dev");
-    w.tinytask_queue("dev", json!({}));
-    w.apply(
-        "agent-alice",
-        json!({"apiVersion": "tinyscheduler.io/v1alpha1", "kind": "Agent", "metadata": {"name": "alice"},
-               "spec": {"queue": "dev", "maxConcurrency": 1, "heartbeatSeconds": 1,
-                        "command": ["sh", "-c", RECORD], "env": {"RAN": w.ran_file().display().to_string()}}}),
-    );
     // The assignment is answered at once; `status: working` after the Lease's three seconds.
     w.server.delay_matching(
         "PATCH",
@@ -1152,17 +1137,8 @@ async fn a_claim_whose_working_patch_lands_after_the_reclaim_gives_the_task_back
         "working",
         Duration::from_secs(6),
     );
-    let mut d = daemon(&w, &[]);
-    let name = format!("tt-{id}");
-    wait_until("the mirror", Duration::from_secs(30), || {
-        w.task_json(&name).is_some()
-    })
-    .await;
-    let store = Store::open(w.env.state()).unwrap();
     // No retry for the reclaimed attempt: its outcome is the release that finds the task idle.
-    support::update_retrying::<tinyscheduler::resources::Task>(&store, &name, |t| {
-        t.spec.max_retries = 0
-    });
+    let mut d = one_attempt_on_a_short_lease(&w, id).await;
     wait_until(
         "the task to complete on the server",
         Duration::from_secs(60),
