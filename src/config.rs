@@ -903,6 +903,12 @@ pub fn parse_cli() -> Result<crate::cli::Cli, ConfigError> {
     };
     let settings = resolve(&flags, &env, dotenv.as_ref())?;
     cli.globals.state_dir = settings.state_dir.value.clone();
+    // From the flag, the environment or .env, checked by `resolve`.
+    cli.globals.log_format = match settings.log_format.value.as_deref() {
+        Some("human") => Some(crate::daemon::logging::LogFormat::Human),
+        Some("json") => Some(crate::daemon::logging::LogFormat::Json),
+        _ => None,
+    };
     let _ = CURRENT.set(settings);
     Ok(cli)
 }

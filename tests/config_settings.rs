@@ -432,3 +432,18 @@ fn config_shows_the_tinytask_endpoint_as_it_is_used() {
         ("http://tasks.internal:3000".into(), "env".into())
     );
 }
+
+#[test]
+fn a_bad_log_format_in_the_environment_is_named_as_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cmd(dir.path())
+        .args(["config"])
+        .env("TINYSCHEDULER_LOG_FORMAT", "bogus")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "error: TINYSCHEDULER_LOG_FORMAT: expected human or json, got \"bogus\""
+    );
+}

@@ -29,7 +29,10 @@ pub struct Globals {
     )]
     pub state_dir: PathBuf,
     /// Log format: human (default on a terminal) or json (default otherwise). Logs go to stderr.
-    #[arg(long, global = true, env = "TINYSCHEDULER_LOG_FORMAT", value_enum)]
+    /// [env: TINYSCHEDULER_LOG_FORMAT]
+    // The variable is read with the other settings (`config::resolve`), so that a bad value is an
+    // error naming it rather than clap's, which names the flag.
+    #[arg(long, global = true, value_enum)]
     pub log_format: Option<crate::daemon::logging::LogFormat>,
     /// Log level or filter: error, warn, info, debug, trace, off; DEBUG/INFO/WARNING/ERROR/CRITICAL;
     /// or a RUST_LOG-style filter such as `info,tinyscheduler::controllers=debug`. Default: info for
