@@ -802,38 +802,50 @@ fi"
 #[test]
 fn a_run_whose_lease_is_deleted_is_not_retried_beside_an_agent_that_reclaim_cannot_see() {
     let mut s = Sched::new();
-    s.queue("default");
     // The agent sends its output elsewhere, so no process of the run has the run's log open:
-    // reclaim cannot find it by its log. Attempt 2 notes whether attempt 1's shell still lived.
+    // reclaim cannot find it by its log.
+    let first = job_whose_first_attempt_lingers(&mut s, "exec >>\"$OUT/own.log\" 2>&1");
+    assert_eq!(s.run(&["delete", "lease", "job"]).code, 0);
+    s.wait_phase("job", TaskPhase::Succeeded, LONG);
+    second_attempt_ran_alone(&s, first, &["Killed", "Reclaimed", "Retrying"]);
+}
+
+/// Queue `default`, agent `w` (one slot, a heartbeat far away: a shim must see its Lease gone long
+/// before its next renewal) and task `job` (one retry), under a daemon. Attempt 1 runs `before`,
+/// then lingers until its group is ended; attempt 2 notes in `second` whether attempt 1's shell
+/// still lived. Returns once the Task shows attempt 1 Running, with that shell's pid.
+fn job_whose_first_attempt_lingers(s: &mut Sched, before: &str) -> i32 {
+    s.queue("default");
     s.agent_with(
-        "hidden",
+        "w",
         1,
         &format!(
-            "{ALIVE}exec >>\"$OUT/own.log\" 2>&1
+            "{ALIVE}{before}
 if [ \"$TINYSCHEDULER_ATTEMPT\" = 1 ]; then
   while [ -d \"$OUT\" ]; do sleep 0.05; done
 else
   if alive $(head -n1 \"$OUT/pids\"); then echo overlap; else echo alone; fi >> \"$OUT/second\"
 fi"
         ),
-        // A heartbeat far away: the shim must see its Lease gone long before its next renewal.
         |a| a.heartbeat_seconds = 60,
     );
     s.task_with("job", |t| t.max_retries = 1);
     s.daemon(&[]);
-    // The Task shows the run (it does once its Lease has lasted a moment).
     s.wait_phase("job", TaskPhase::Running, LONG);
-    let first = pids_in(&s.out("pids"))[0];
-    assert_eq!(s.run(&["delete", "lease", "job"]).code, 0);
-    s.wait_phase("job", TaskPhase::Succeeded, LONG);
+    pids_in(&s.out("pids"))[0]
+}
+
+/// After [`job_whose_first_attempt_lingers`]: attempt 2 ran once attempt 1's shell (`first`) was
+/// gone, and the task's story tells each of `reasons`.
+fn second_attempt_ran_alone(s: &Sched, first: i32, reasons: &[&str]) {
     assert_eq!(
         s.lines("second"),
         ["alone"],
         "attempt 2 ran beside attempt 1"
     );
     assert!(!running(first));
-    let story = story(&s, "job");
-    for reason in ["Killed", "Reclaimed", "Retrying"] {
+    let story = story(s, "job");
+    for reason in reasons {
         assert!(story.iter().any(|r| r == reason), "{reason}: {story:?}");
     }
 }
@@ -949,25 +961,8 @@ echo \"$TINYSCHEDULER_TASK $TINYSCHEDULER_ATTEMPT\" >> \"$OUT/runs\""
 #[test]
 fn a_shim_that_holds_its_run_without_ending_it_is_not_waited_for_past_a_deadline() {
     let mut s = Sched::new();
-    s.queue("default");
-    // Attempt 1 runs until its group is ended; attempt 2 notes whether attempt 1 still lived.
-    s.agent_with(
-        "w",
-        1,
-        &format!(
-            "{ALIVE}if [ \"$TINYSCHEDULER_ATTEMPT\" = 1 ]; then
-  while [ -d \"$OUT\" ]; do sleep 0.05; done
-else
-  if alive $(head -n1 \"$OUT/pids\"); then echo overlap; else echo alone; fi >> \"$OUT/second\"
-fi"
-        ),
-        |a| a.heartbeat_seconds = 60,
-    );
-    s.task_with("job", |t| t.max_retries = 1);
-    s.daemon(&[]);
-    s.wait_phase("job", TaskPhase::Running, LONG);
+    let first = job_whose_first_attempt_lingers(&mut s, "");
     let shim = s.leases()[0].status.shim_pid.expect("the shim's pid");
-    let first = pids_in(&s.out("pids"))[0];
     // The shim is stopped: alive, holding its run, and never looking at its Lease again. It is
     // killed at the end, also when the test fails.
     struct KillOnDrop(nix::unistd::Pid);
@@ -981,16 +976,11 @@ fi"
     assert_eq!(s.run(&["delete", "lease", "job"]).code, 0);
     s.wait_phase("job", TaskPhase::Succeeded, LONG);
     drop(shim);
-    assert_eq!(
-        s.lines("second"),
-        ["alone"],
-        "attempt 2 ran beside attempt 1"
+    second_attempt_ran_alone(
+        &s,
+        first,
+        &["ShimUnresponsive", "Killed", "Reclaimed", "Retrying"],
     );
-    assert!(!running(first));
-    let story = story(&s, "job");
-    for reason in ["ShimUnresponsive", "Killed", "Reclaimed", "Retrying"] {
-        assert!(story.iter().any(|r| r == reason), "{reason}: {story:?}");
-    }
 }
 
 #[test]

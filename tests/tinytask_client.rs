@@ -388,23 +388,32 @@ async fn float_priorities_null_tags_empty_queues_and_unknown_fields_are_tolerate
     assert_eq!(listed[0].id, id);
 }
 
+/// `n` idle tasks of queue `dev` at priority 10 that cannot run: the even ones assigned to
+/// someone, the odd ones blocked by a task of another queue, whose id is returned.
+fn stuck_ahead(server: &TinytaskServer, n: usize) -> i64 {
+    let blocker = queued(server, "blocker", "other", 0.0);
+    server.with_db(|db| {
+        for i in 0..n {
+            db.insert(&format!("stuck-{i}"), |t| {
+                t.queue_name = Some("dev".into());
+                t.priority = 10.0;
+                if i % 2 == 0 {
+                    t.assigned_to = Some("someone".into());
+                } else {
+                    t.blocked_by_task_id = Some(blocker);
+                }
+            });
+        }
+    });
+    blocker
+}
+
 #[tokio::test]
 async fn runnable_tasks_skip_assigned_and_blocked_ones_beyond_the_first_window() {
     let server = TinytaskServer::start().await;
     let c = client(&server);
-    let blocker = queued(&server, "blocker", "other", 0.0);
     // 40 higher-priority tasks that cannot run: half assigned, half blocked.
-    for i in 0..40 {
-        server.insert(&format!("stuck-{i}"), |t| {
-            t.queue_name = Some("dev".into());
-            t.priority = 10.0;
-            if i % 2 == 0 {
-                t.assigned_to = Some("someone".into());
-            } else {
-                t.blocked_by_task_id = Some(blocker);
-            }
-        });
-    }
+    let blocker = stuck_ahead(&server, 40);
     let free = queued(&server, "free", "dev", 1.0);
     let got = c.runnable_tasks("dev", 1, true).await.unwrap();
     assert_eq!(got.iter().map(|t| t.id).collect::<Vec<_>>(), vec![free]);
@@ -429,21 +438,7 @@ async fn runnable_tasks_skip_assigned_and_blocked_ones_beyond_the_first_window()
 async fn runnable_tasks_are_found_behind_more_stuck_tasks_than_the_largest_window() {
     let server = TinytaskServer::start().await;
     let c = client(&server);
-    let blocker = queued(&server, "blocker", "other", 0.0);
-    let stuck = SCAN_WINDOW_MAX as usize + 500;
-    server.with_db(|db| {
-        for i in 0..stuck {
-            db.insert(&format!("stuck-{i}"), |t| {
-                t.queue_name = Some("dev".into());
-                t.priority = 10.0;
-                if i % 2 == 0 {
-                    t.assigned_to = Some("someone".into());
-                } else {
-                    t.blocked_by_task_id = Some(blocker);
-                }
-            });
-        }
-    });
+    stuck_ahead(&server, SCAN_WINDOW_MAX as usize + 500);
     let free = queued(&server, "free", "dev", 1.0);
     let got = c.runnable_tasks("dev", 1, true).await.unwrap();
     assert_eq!(got.iter().map(|t| t.id).collect::<Vec<_>>(), vec![free]);

@@ -1062,6 +1062,17 @@ async fn one_attempt_on_a_short_lease(w: &World, id: i64) -> tokio::process::Chi
     d
 }
 
+/// Waits up to `timeout` for task `id` to be complete on the server, stops the daemon `d`, and
+/// checks that the task ran once.
+async fn completes_once(w: &World, id: i64, mut d: tokio::process::Child, timeout: Duration) {
+    wait_until("the task to complete on the server", timeout, || {
+        w.status(id).0 == "complete"
+    })
+    .await;
+    d.kill().await.ok();
+    assert_eq!(w.ran().len(), 1, "it ran once: {:?}", w.ran());
+}
+
 /// A claim slower than the Lease's duration finds the run reclaimed as "never started": the task
 /// goes back to the server as it was, not left working with nobody to run it, and runs later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1076,15 +1087,8 @@ async fn a_claim_slower_than_the_lease_gives_the_task_back_and_it_runs_later() {
         Duration::from_secs(5),
     );
     // No retry for the reclaimed attempt: only the claim's giving back lets the task run at all.
-    let mut d = one_attempt_on_a_short_lease(&w, id).await;
-    wait_until(
-        "the task to complete on the server",
-        Duration::from_secs(60),
-        || w.status(id).0 == "complete",
-    )
-    .await;
-    d.kill().await.ok();
-    assert_eq!(w.ran().len(), 1, "it ran once: {:?}", w.ran());
+    let d = one_attempt_on_a_short_lease(&w, id).await;
+    completes_once(&w, id, d, Duration::from_secs(60)).await;
     let events = w.events();
     assert!(
         events.contains("reclaimed while the claim was under way"),
@@ -1107,7 +1111,7 @@ async fn a_claim_that_cannot_be_given_back_at_once_is_released_later() {
         .delay_matching("PATCH", &path, "working", Duration::from_secs(6));
     w.server
         .fail_every_matching("PATCH", &path, "\"status\":\"idle\"", 500);
-    let mut d = one_attempt_on_a_short_lease(&w, id).await;
+    let d = one_attempt_on_a_short_lease(&w, id).await;
     wait_until("the claim to be refused", Duration::from_secs(60), || {
         w.events()
             .contains("reclaimed while the claim was under way")
@@ -1116,14 +1120,7 @@ async fn a_claim_that_cannot_be_given_back_at_once_is_released_later() {
     assert_eq!(w.status(id).0, "working", "the give-back could not land");
     // The release queued in its place lands once the server takes it; the task runs once.
     w.server.stop_failing();
-    wait_until(
-        "the task to complete on the server",
-        Duration::from_secs(90),
-        || w.status(id).0 == "complete",
-    )
-    .await;
-    d.kill().await.ok();
-    assert_eq!(w.ran().len(), 1, "it ran once: {:?}", w.ran());
+    completes_once(&w, id, d, Duration::from_secs(90)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1138,15 +1135,8 @@ async fn a_claim_whose_working_patch_lands_after_the_reclaim_gives_the_task_back
         Duration::from_secs(6),
     );
     // No retry for the reclaimed attempt: its outcome is the release that finds the task idle.
-    let mut d = one_attempt_on_a_short_lease(&w, id).await;
-    wait_until(
-        "the task to complete on the server",
-        Duration::from_secs(60),
-        || w.status(id).0 == "complete",
-    )
-    .await;
-    d.kill().await.ok();
-    assert_eq!(w.ran().len(), 1, "it ran once: {:?}", w.ran());
+    let d = one_attempt_on_a_short_lease(&w, id).await;
+    completes_once(&w, id, d, Duration::from_secs(60)).await;
     let events = w.events();
     assert!(
         events.contains("reclaimed while the claim was under way"),

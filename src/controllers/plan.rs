@@ -692,16 +692,13 @@ mod tests {
         c1.spec.blocked_by = vec!["c2".into()];
         let mut c2 = task("c2", "q", 0, 6);
         c2.spec.blocked_by = vec!["c1".into()];
-        let tasks: Vec<Arc<Task>> = [m0, m1, m2, g1, g2, c1, c2]
-            .into_iter()
-            .map(Arc::new)
-            .collect();
+        let tasks = arcs(vec![m0, m1, m2, g1, g2, c1, c2]);
         let p = plan(
             &tasks,
             &[agent("a", "q", 5)],
             &[],
             &[],
-            SystemTime::now(),
+            now(),
             Default::default(),
         );
         let said: HashMap<&str, &str> = p
