@@ -1522,13 +1522,17 @@ async fn claim(ctx: &Ctx, lease_name: &str) -> Result<Action, Error> {
                 // Should that fail, the release of the claim is queued with what the mirror owes
                 // the server, and retried there until it lands: the task is never left working
                 // for an agent that runs nothing (invariant 3).
-                let owed = if give_back(ctx, &endpoint, id, &landed.before).await {
-                    landed.held
-                } else {
-                    Some(agent.clone())
+                let owed = match give_back(ctx, &endpoint, id, &landed.before).await {
+                    Ok(()) => landed.held,
+                    Err(e) => {
+                        tracing::warn!(
+                            "tinytask task {id}: cannot give back the claim of a reclaimed run \
+                             now ({e}); its release is queued"
+                        );
+                        Some(agent.clone())
+                    }
                 };
-                let why = "its run was reclaimed while the claim was under way";
-                refuse(ctx, &lease, &task, id, why, owed)?;
+                refuse(ctx, &lease, &task, id, RECLAIMED_MEANWHILE, owed)?;
                 return Ok(Action::await_change());
             }
             ctx.tinytask.claim_settled(&task.metadata.name);
@@ -1572,22 +1576,24 @@ struct Landed {
     held: Option<String>,
 }
 
-/// Puts the server's task back as the claim found it (status and assignee): the claim landed, but
-/// its run is gone. False when that failed (logged): the caller queues a release instead.
-async fn give_back(ctx: &Ctx, endpoint: &str, id: TaskId, before: &RemoteTask) -> bool {
+/// Why a claim is refused whose run was reclaimed (never started) while it was under way.
+const RECLAIMED_MEANWHILE: &str = "its run was reclaimed while the claim was under way";
+
+/// Puts the server's task back as the claim found it (status and assignee): the claim went
+/// (part of the way) through, but its run is gone.
+async fn give_back(
+    ctx: &Ctx,
+    endpoint: &str,
+    id: TaskId,
+    before: &RemoteTask,
+) -> Result<(), tinytask::Error> {
     let assignee = before.assigned_to.clone().filter(|a| !a.is_empty());
     let undo = TaskPatch::new().assignee(assignee).status(before.status);
-    let done = match ctx.tinytask.client(endpoint) {
-        Ok(client) => client.patch_task(id, &undo).await.map(|_| ()),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = &done {
-        tracing::warn!(
-            "tinytask task {id}: cannot give back the claim of a reclaimed run now ({e}); its \
-             release is queued"
-        );
-    }
-    done.is_ok()
+    ctx.tinytask
+        .client(endpoint)?
+        .patch_task(id, &undo)
+        .await
+        .map(|_| ())
 }
 
 /// Re-reads the task, assigns it to `agent` if it is still ours to take, checks that nobody wrote
@@ -1669,12 +1675,14 @@ async fn claim_on_server(
         .try_get::<Lease>(&lease.metadata.name)
         .map_err(|e| ClaimError::Failed(e.to_string()))?;
     if lease_now.is_none_or(|l| l.metadata.uid != lease.metadata.uid) {
-        let undo = TaskPatch::new().assignee(norm(&before.assigned_to));
-        if let Err(e) = client.patch_task(id, &undo).await {
+        // Not working yet (nobody wrote since the read): the task is as it was but for its
+        // assignee. Should the give-back fail, the task stays idle with our agent, whose polls
+        // list it again.
+        if let Err(e) = give_back(ctx, target.endpoint, id, &before).await {
             tracing::warn!("tinytask task {id}: cannot give back the claim: {e}");
         }
         return Err(ClaimError::Refused {
-            why: "its run was reclaimed while the claim was under way".into(),
+            why: RECLAIMED_MEANWHILE.into(),
             held,
         });
     }
