@@ -529,10 +529,7 @@ pub fn resolve(
     const SHIM_EXE: &str = crate::agent::spawn::SHIM_EXE_ENV;
     if let Some((v, _)) = lookup(SHIM_EXE) {
         // Every run would fail to start (and `run --once --wait` wait for its Lease to expire).
-        let ok = std::fs::metadata(&v).is_ok_and(|m| {
-            m.is_file() && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
-        });
-        if !ok {
+        if !crate::agent::spawn::is_executable(Path::new(&v)) {
             return Err(ConfigError(format!(
                 "{SHIM_EXE}: {v:?} is not an executable file"
             )));

@@ -154,6 +154,13 @@ pub fn shim_env(vars: impl IntoIterator<Item = (OsString, OsString)>) -> Vec<(Os
         .collect()
 }
 
+/// Whether `p` is a regular file with an execute bit: a program the shim (or an agent's
+/// command) could be started from.
+pub fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
 /// The binary to run as the shim: `$TINYSCHEDULER_SHIM_EXE`, else the current executable. When the
 /// current executable is a cargo test harness (`target/<profile>/deps/<name>-<hash>`), the
 /// `tinyscheduler` binary beside `deps/` is used instead, so a test never re-runs its own harness.

@@ -2,7 +2,7 @@
 //! (checks that the settings, agents and recipes can work).
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -314,7 +314,7 @@ fn find_program(program: &str, base: &Path, path: Option<&String>) -> Result<Pat
         } else {
             base.join(program)
         };
-        return if is_executable(&p) {
+        return if crate::agent::spawn::is_executable(&p) {
             Ok(p)
         } else if p.exists() {
             Err(format!("{} is not an executable file", p.display()))
@@ -328,15 +328,11 @@ fn find_program(program: &str, base: &Path, path: Option<&String>) -> Result<Pat
         .unwrap_or_default();
     for dir in std::env::split_paths(&path) {
         let p = dir.join(program);
-        if is_executable(&p) {
+        if crate::agent::spawn::is_executable(&p) {
             return Ok(p);
         }
     }
     Err(format!("{program:?} not found in PATH"))
-}
-
-fn is_executable(p: &Path) -> bool {
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// The values of `--recipe X` / `--recipe=X` in an argv.
