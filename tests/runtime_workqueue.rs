@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tinyscheduler::runtime::workqueue::MAX_DELAY;
 use tinyscheduler::runtime::{Action, Backoff, Controller, Metrics, WorkQueue};
 use tokio::time::{advance, Instant};
 
@@ -108,6 +109,20 @@ async fn add_after_keeps_the_earliest_due_time() {
     settle().await;
     assert_eq!(q.len(), 0);
     assert_eq!(q.delayed_len(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delay_past_the_clocks_range_waits_a_day_instead_of_panicking() {
+    let q = WorkQueue::new(Backoff::default());
+    q.add_after("far".to_string(), Duration::MAX);
+    q.add_after("year".to_string(), Duration::from_secs(365 * 24 * 3600));
+    assert_eq!(q.delayed_len(), 2);
+    tokio::time::sleep(MAX_DELAY - ms(1)).await;
+    settle().await;
+    assert!(q.is_empty(), "not due before a day has passed");
+    tokio::time::sleep(ms(2)).await;
+    settle().await;
+    assert_eq!(q.len(), 2, "both keys are back after a day");
 }
 
 #[tokio::test(start_paused = true)]

@@ -480,6 +480,70 @@ fn show_first_attempt(s: &Sched, task: &str, phase: TaskPhase) {
 }
 
 #[test]
+fn a_hand_written_lease_with_durations_past_the_clocks_range_neither_hangs_nor_stalls_reclaim() {
+    let mut s = Sched::new();
+    s.queue("default");
+    s.agent("w", 1, "true");
+    s.task("far");
+    // Another host's run, renewed just now, whose durations no `apply` would accept: the
+    // reclaim's requeue delay comes out past what the clock can add.
+    let mut lease = left_behind_lease(&s, "far", i64::MAX);
+    lease.spec.max_runtime_seconds = i64::MAX;
+    let mut lease = s.store.update(&lease).unwrap();
+    let now = now_rfc3339();
+    lease.status.phase = LeasePhase::Running;
+    lease.status.host = Some("elsewhere".into());
+    lease.status.acquire_time = Some(now.clone());
+    lease.status.renew_time = Some(now);
+    s.store.update_status(&lease).unwrap();
+    show_first_attempt(&s, "far", TaskPhase::Running);
+
+    let err = once_to_the_end(&mut s, &["run", "--once"]);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(s.leases().len(), 1, "another host's live run is left alone");
+
+    // Its task deleted, the Lease is reclaimed: the reclaim controller still works.
+    assert_eq!(s.run(&["delete", "task", "far"]).code, 0);
+    let r = s.run(&["run", "--once"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(s.leases().is_empty(), "{r:?}");
+    assert!(!r.stderr.contains("panicked"), "{r:?}");
+}
+
+#[test]
+fn an_agent_whose_hand_written_heartbeat_is_past_the_clocks_range_still_runs_its_task() {
+    let mut s = Sched::new();
+    s.queue("default");
+    // It runs past the shim's first record, so that the shim renews too.
+    s.agent_with("w", 1, "sleep 0.2; echo ran >> \"$OUT/ran\"", |a| {
+        a.heartbeat_seconds = i64::MAX
+    });
+    s.task("t");
+    let out = once_to_the_end(&mut s, &["run", "--once", "--wait"]);
+    assert_eq!(s.phase("t"), TaskPhase::Succeeded);
+    assert_eq!(s.lines("ran"), ["ran"]);
+    assert!(!out.contains("panicked"), "{out}");
+}
+
+/// Runs `args` (a `run --once`) and returns its stderr once it ended by itself with exit 0.
+fn once_to_the_end(s: &mut Sched, args: &[&str]) -> String {
+    let once = s
+        .cmd(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = s.ends_by_itself(
+        once,
+        "run --once",
+        "run --once never reached its fixed point",
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    err
+}
+
+#[test]
 fn a_lease_whose_pid_now_belongs_to_an_unrelated_process_is_reclaimed_without_touching_it() {
     let s = Sched::new();
     s.queue("default");

@@ -53,7 +53,7 @@ use crate::cli::{CliError, CliResult};
 use crate::resources::agent::default_goose_command;
 use crate::resources::meta::now_rfc3339;
 use crate::resources::task::TINYTASK_ID_ANNOTATION;
-use crate::resources::validate::validate_name;
+use crate::resources::validate::{validate_name, MAX_SECONDS};
 use crate::resources::{Agent, Lease, LeasePhase, Resource, Task};
 use crate::store::fsio::ensure_private_dir;
 use crate::store::Store;
@@ -255,7 +255,8 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
         from_lease if from_lease > 0 => heartbeat.min(from_lease),
         _ => heartbeat,
     };
-    let period = Duration::from_secs(heartbeat.max(1) as u64);
+    // Clamped: a hand-written Agent's heartbeat past the clock's range must not panic the shim.
+    let period = Duration::from_secs(heartbeat.clamp(1, MAX_SECONDS) as u64);
     let grace = kill_grace();
     // The Running record waits for [`quick_exit`] (at most a heartbeat): a run that has ended by
     // then is recorded once, as Completed with everything Running would have said.

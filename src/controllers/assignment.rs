@@ -238,7 +238,7 @@ fn commit(ctx: &Ctx, task_name: &str, agent_name: &str) -> Result<Commit, Error>
             task: task_name.to_string(),
             agent: agent_name.to_string(),
             holder_identity: ctx.settings.holder.clone(),
-            lease_duration_seconds: 3 * agent.spec.heartbeat_seconds,
+            lease_duration_seconds: agent.spec.heartbeat_seconds.saturating_mul(3),
             max_runtime_seconds: task
                 .spec
                 .timeout_seconds

@@ -18,6 +18,11 @@ use tokio::time::Instant;
 use super::backoff::Backoff;
 use super::metrics::{Counter, Gauge, Histogram, Metrics, DURATION_BUCKETS};
 
+/// The longest [`WorkQueue::add_after`] waits. A reconciler's delay can come from a number in a
+/// hand-written file (a Lease's duration, a Queue's poll interval); one past the clock's range
+/// must not panic, and a level-triggered reconcile that looks again a day later loses nothing.
+pub const MAX_DELAY: Duration = Duration::from_secs(24 * 3600);
+
 /// The queue; clones share it.
 #[derive(Clone)]
 pub struct WorkQueue<K: Clone + Eq + Hash + Send + Sync + 'static> {
@@ -149,7 +154,8 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
     }
 
     /// Adds `key` once `delay` has passed. If it is already waiting, the earlier due time wins.
-    /// Needs a tokio runtime for a non-zero delay (without one the key is added at once).
+    /// A delay beyond [`MAX_DELAY`] waits that long instead. Needs a tokio runtime for a non-zero
+    /// delay (without one the key is added at once).
     pub fn add_after(&self, key: K, delay: Duration) {
         if delay.is_zero() {
             return self.add(key);
@@ -157,7 +163,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return self.add(key);
         };
-        let due = Instant::now() + delay;
+        let due = Instant::now() + delay.min(MAX_DELAY);
         {
             let mut s = self.lock();
             if s.shutting_down {
