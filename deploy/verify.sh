@@ -30,7 +30,8 @@ fi
 
 bin=${TINYSCHEDULER_BIN:-}
 if [ -z "$bin" ]; then
-    for c in "$installed" "$repo/target/release/tinyscheduler" "$repo/target/debug/tinyscheduler"; do
+    target=${CARGO_TARGET_DIR:-$repo/target}
+    for c in "$installed" "$target/release/tinyscheduler" "$target/debug/tinyscheduler"; do
         if [ -x "$c" ]; then
             bin=$c
             break

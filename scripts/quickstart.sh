@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 # may name a real state directory.
 state=./state/quickstart
 cargo build --quiet --bin tinyscheduler
-ts() { ./target/debug/tinyscheduler --state-dir "$state" "$@"; }
+# Where cargo put it: ./target unless CARGO_TARGET_DIR says otherwise.
+bin="${CARGO_TARGET_DIR:-./target}/debug/tinyscheduler"
+ts() { "$bin" --state-dir "$state" "$@"; }
 
 rm -rf "$state"
 echo "== apply -f manifests/"
@@ -27,4 +29,4 @@ echo
 echo "== logs add-tests      (it waited for fix-login, its blocker)"
 ts logs add-tests
 echo
-echo "State is in $state: try  ./target/debug/tinyscheduler --state-dir $state describe task add-tests"
+echo "State is in $state: try  $bin --state-dir $state describe task add-tests"
