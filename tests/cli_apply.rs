@@ -948,3 +948,30 @@ fn standard_input_named_twice_is_refused_rather_than_read_empty_the_second_time(
     );
     assert_eq!(env.snapshot(), before);
 }
+
+#[test]
+fn root_writing_into_another_users_state_directory_is_refused_before_a_byte_is_written() {
+    if !nix::unistd::Uid::effective().is_root() {
+        // Only root can make a directory that belongs to someone else; the refusal itself is
+        // covered by store::owner's unit test for any user.
+        eprintln!("not root: nothing to chown; skipped");
+        return;
+    }
+    let env = Env::new();
+    std::fs::create_dir(env.state()).unwrap();
+    nix::unistd::chown(&env.state(), Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    let f = env.file("q.yaml", &queue("default"));
+    for args in [
+        vec!["apply", "-f", f.to_str().unwrap()],
+        vec!["run", "--once"],
+    ] {
+        let r = env.run(&args);
+        assert_eq!(r.code, 1, "{args:?}: {r:?}");
+        assert!(
+            r.stderr.contains("the state directory belongs to") && r.stderr.contains("uid 65534"),
+            "{args:?}: {r:?}"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(env.state()).unwrap().collect();
+    assert!(left.is_empty(), "nothing written: {left:?}");
+}

@@ -8,6 +8,7 @@
 mod dirsync;
 pub mod fsio;
 mod inotify;
+mod owner;
 pub mod revision;
 pub mod selector;
 pub mod spares;
@@ -194,6 +195,7 @@ impl Store {
     /// Opens (creating with mode 0700 if needed) the store in `root` for reading and writing.
     pub fn open(root: impl AsRef<Path>) -> Result<Store, StoreError> {
         let root = root.as_ref().to_path_buf();
+        owner::check(&root)?;
         let objects = root.join("objects");
         let tmp = root.join("tmp");
         for d in [&root, &objects, &tmp] {
