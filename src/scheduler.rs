@@ -228,8 +228,14 @@ impl Scheduler {
             .workers(4);
         queues.push(("tinytask-sync", c.queue()));
         tasks.spawn(c.run(
+            // Its HTTP calls are async, but its store writes block (the store lock, fsyncs): like
+            // the other controllers it must not hold a runtime thread that health checks, signals
+            // and the watchdog need.
             |key, ctx: Arc<Ctx>| async move {
-                counted(&ctx, tinytask_sync::reconcile(key, ctx.clone()).await)
+                counted(
+                    &ctx,
+                    blocking_io(tinytask_sync::reconcile(key, ctx.clone())).await,
+                )
             },
             shutdown.wait(),
         ));

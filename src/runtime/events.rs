@@ -191,7 +191,9 @@ impl Recorder {
         Ok(deleted)
     }
 
-    /// Runs [`Recorder::gc`] every `period` until the task is aborted, logging failures.
+    /// Runs [`Recorder::gc`] every `period` until the task is aborted, logging failures. Each
+    /// pass runs on a blocking thread: it lists every Event and waits on the store's lock, and the
+    /// runtime's own threads serve health checks, signals and the watchdog meanwhile.
     pub fn spawn_gc(&self, period: Duration) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
@@ -199,10 +201,12 @@ impl Recorder {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                match this.gc() {
-                    Ok(0) => {}
-                    Ok(n) => tracing::debug!(deleted = n, "event garbage collection"),
-                    Err(e) => tracing::warn!(error = %e, "event garbage collection failed"),
+                let pass = this.clone();
+                match tokio::task::spawn_blocking(move || pass.gc()).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(n)) => tracing::debug!(deleted = n, "event garbage collection"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "event garbage collection failed"),
+                    Err(e) => tracing::error!(error = %e, "event garbage collection panicked"),
                 }
             }
         })
