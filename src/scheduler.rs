@@ -287,6 +287,34 @@ impl Scheduler {
         self.ctx.leases.wait_synced().await;
     }
 
+    /// Like [`Scheduler::wait_synced`], but ends at the first failed list with an error that
+    /// names the kind and the store's reason (`run --once` fails there instead of retrying).
+    pub async fn wait_synced_or_failed(&self) -> Result<(), String> {
+        fn named(kind: &'static str) -> impl Fn(String) -> String {
+            move |why| format!("cannot list {kind}: {why}")
+        }
+        self.ctx
+            .tasks
+            .wait_synced_or_failed()
+            .await
+            .map_err(named("tasks"))?;
+        self.ctx
+            .agents
+            .wait_synced_or_failed()
+            .await
+            .map_err(named("agents"))?;
+        self.ctx
+            .queues
+            .wait_synced_or_failed()
+            .await
+            .map_err(named("queues"))?;
+        self.ctx
+            .leases
+            .wait_synced_or_failed()
+            .await
+            .map_err(named("leases"))
+    }
+
     /// How many reconciles of any controller have panicked (each one was retried with backoff).
     pub fn panics(&self) -> u64 {
         self.queues

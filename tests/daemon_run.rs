@@ -1053,6 +1053,39 @@ fn an_invalid_log_level_exits_1_with_a_clear_error_and_creates_nothing() {
 }
 
 #[test]
+fn run_once_whose_store_cannot_be_listed_fails_at_once_naming_the_kind_and_the_path() {
+    let w = World::new();
+    // The Task list fails for as long as this is a file, not a directory.
+    let tasks = w.path().join("state/objects/tasks");
+    let _ = std::fs::remove_dir_all(&tasks);
+    std::fs::write(&tasks, "not a directory").unwrap();
+    let mut child = command(w.path(), &["run", "--once"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + LONG;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("run --once waits for a list that keeps failing");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "error: cannot list tasks: {}: Not a directory",
+            tasks.display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
 fn sigterm_while_the_caches_cannot_load_stops_the_daemon_with_0() {
     let w = World::new();
     // The Task informer's list fails for as long as this is a file, not a directory.

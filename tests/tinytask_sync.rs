@@ -2189,3 +2189,54 @@ async fn a_waiting_mirror_follows_its_queue_to_the_servers_new_address() {
     let mirror = w.task_json(&name).unwrap();
     assert_eq!(annotation(&mirror), respelled.as_str(), "{mirror}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_run_once_lets_the_poll_in_flight_finish_and_prints_the_summary() {
+    let w = World::new().await;
+    let id = queued(&w.server, "mirrored late", "dev");
+    w.tinytask_queue("dev", json!({}));
+    w.agent("alice", Some("dev"), 1, RECORD);
+    // The poll's first request is answered late, so the signal comes while it is in flight.
+    w.server.delay_next(1, Duration::from_secs(2));
+    let arrived = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = arrived.clone();
+    w.server
+        .before_next_request(move |_| flag.store(true, std::sync::atomic::Ordering::SeqCst));
+    let mut cmd = w.cmd(&["run", "--once"]);
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    wait_until(
+        "the poll reaches the server",
+        Duration::from_secs(30),
+        || arrived.load(std::sync::atomic::Ordering::SeqCst),
+    )
+    .await;
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("run --once ends by itself")
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("leases scanned"), "the summary: {stdout}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    // The poll went on past its slow request and mirrored the task.
+    let mirrored = w
+        .store()
+        .list::<tinyscheduler::resources::Task>(None)
+        .unwrap()
+        .items
+        .iter()
+        .any(|t| {
+            t.metadata
+                .annotations
+                .get(tinyscheduler::resources::task::TINYTASK_ID_ANNOTATION)
+                == Some(&id.to_string())
+        });
+    assert!(mirrored, "{}\n{stderr}", w.request_log());
+}

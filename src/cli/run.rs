@@ -112,10 +112,26 @@ async fn once(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
     if args.wait && args.dry_run {
         eprintln!("note: a dry run ends after one pass; --wait would wait for ever");
     }
+    // SIGTERM (systemctl stop, the unit's start timeout) or SIGINT ends the pass as the daemon
+    // ends: no new work, the reconciles in flight finish, the summary is printed. (A second one
+    // exits at once.)
+    let sig = signals::install().map_err(|e| CliError(format!("error: signals: {e}")))?;
     let sched = start(g, store, settings, None, wait);
-    sched.wait_synced().await;
-    if wait {
-        let sig = signals::install().map_err(|e| CliError(format!("error: signals: {e}")))?;
+    let mut interrupted = false;
+    tokio::select! {
+        synced = sched.wait_synced_or_failed() => {
+            // A pass that cannot see the store would wait for ever: it fails and says why, and
+            // the next pass (the next timer tick) tries again.
+            if let Err(why) = synced {
+                sched.stop().await;
+                return Err(CliError(format!("error: {why}")));
+            }
+        }
+        _ = sig.shutdown.wait() => interrupted = true,
+    }
+    if interrupted {
+        // Not synced yet: nothing was decided.
+    } else if wait {
         let wait = async {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
@@ -145,7 +161,13 @@ async fn once(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
             _ = report => {}
         }
     } else {
-        sched.wait_fixed_point().await;
+        tokio::select! {
+            _ = sched.wait_fixed_point() => {}
+            _ = sig.shutdown.wait() => {}
+        }
+    }
+    if sig.shutdown.is_triggered() {
+        tracing::warn!("interrupted: stopping after the reconciles in flight");
     }
     let ctx = Arc::clone(&sched.ctx);
     // A reconcile that panicked is a failure too, though the controller carried on.

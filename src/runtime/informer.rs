@@ -174,6 +174,8 @@ struct Inner<K> {
     opts: InformerOptions,
     cache: RwLock<Cache<K>>,
     synced: watch::Sender<bool>,
+    /// Why the latest list failed; `None` once one succeeded.
+    list_failed: watch::Sender<Option<String>>,
     started: AtomicBool,
     handlers: Mutex<Vec<Handler<K>>>,
 }
@@ -204,6 +206,7 @@ impl<K: Resource> Informer<K> {
                     sweep_at: 0,
                 }),
                 synced: watch::channel(false).0,
+                list_failed: watch::channel(None).0,
                 started: AtomicBool::new(false),
                 handlers: Mutex::new(Vec::new()),
             }),
@@ -266,6 +269,26 @@ impl<K: Resource> Informer<K> {
     pub async fn wait_synced(&self) {
         let mut rx = self.inner.synced.subscribe();
         let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Waits until the initial list is in the cache (`Ok`), or until a list before it failed
+    /// (`Err`, with why). The informer itself keeps retrying; this is for a caller that cannot
+    /// wait for a retry, such as a one-shot run, which should fail and say why.
+    pub async fn wait_synced_or_failed(&self) -> Result<(), String> {
+        let mut synced = self.inner.synced.subscribe();
+        let mut failed = self.inner.list_failed.subscribe();
+        loop {
+            if *synced.borrow_and_update() {
+                return Ok(());
+            }
+            if let Some(why) = failed.borrow_and_update().clone() {
+                return Err(why);
+            }
+            tokio::select! {
+                r = synced.changed() => if r.is_err() { return Err("the informer stopped".into()) },
+                r = failed.changed() => if r.is_err() { return Err("the informer stopped".into()) },
+            }
+        }
     }
 
     /// The cached object named `name`.
@@ -464,10 +487,14 @@ impl<K: Resource> Informer<K> {
                     .filter_map(|s| crate::store::object_name_of(&s.path))
                     .collect();
                 self.replace(&list.items, list.revision, &unreadable);
+                self.inner
+                    .list_failed
+                    .send_if_modified(|f| f.take().is_some());
                 Some(list.items)
             }
             Err(e) => {
                 tracing::warn!(kind = K::KIND, error = %e, "informer list failed; retrying");
+                self.inner.list_failed.send_replace(Some(e.to_string()));
                 None
             }
         }
