@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::args::{Globals, RunArgs};
 use super::{CliError, CliResult};
@@ -245,22 +245,8 @@ async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
 
     let health = HealthRegistry::new();
     let beats = heartbeat.clone();
-    let last_beat = Arc::new(std::sync::Mutex::new((0u64, Instant::now())));
     health.add_liveness("reconcile-loop", move || {
-        let mut last = last_beat.lock().unwrap_or_else(|p| p.into_inner());
-        let now = beats.count();
-        if now != last.0 {
-            *last = (now, Instant::now());
-        }
-        let idle = last.1.elapsed();
-        if idle > Duration::from_secs(60) {
-            Err(format!(
-                "the assignment loop has not gone round for {}s",
-                idle.as_secs()
-            ))
-        } else {
-            Ok(())
-        }
+        beats.check_alive(Duration::from_secs(60))
     });
     let c = Arc::clone(&ctx);
     health.add_readiness("informers-synced", move || {

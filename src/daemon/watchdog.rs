@@ -8,8 +8,8 @@
 //! daemon (which adopts the running agents on start).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::notify::Notifier;
 
@@ -64,6 +64,7 @@ impl WatchdogConfig {
 #[derive(Clone, Debug, Default)]
 pub struct Heartbeat {
     beats: Arc<AtomicU64>,
+    last: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Heartbeat {
@@ -74,6 +75,29 @@ impl Heartbeat {
     /// Records that the loop went round.
     pub fn beat(&self) {
         self.beats.fetch_add(1, Ordering::Relaxed);
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// How long ago the loop last went round; `None` before its first time (while the daemon
+    /// still loads its caches).
+    pub fn since_last(&self) -> Option<Duration> {
+        self.last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|t| t.elapsed())
+    }
+
+    /// The liveness check: failing once the loop has not gone round for `limit`, measured from
+    /// its last beat (not from when someone last looked), and passing before the first beat,
+    /// when readiness, not liveness, says the daemon is still starting.
+    pub fn check_alive(&self, limit: Duration) -> Result<(), String> {
+        match self.since_last() {
+            Some(idle) if idle > limit => Err(format!(
+                "the assignment loop has not gone round for {}s",
+                idle.as_secs()
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// How many beats so far.
@@ -119,6 +143,20 @@ pub async fn run_watchdog(notifier: Notifier, heartbeat: Heartbeat, config: Watc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn liveness_counts_from_the_last_beat_and_passes_before_the_first() {
+        let h = Heartbeat::new();
+        assert!(h.check_alive(Duration::ZERO).is_ok(), "still starting");
+        h.beat();
+        std::thread::sleep(Duration::from_millis(30));
+        let e = h.check_alive(Duration::from_millis(10)).unwrap_err();
+        assert!(e.contains("has not gone round"), "{e}");
+        // Looking again does not restart the clock.
+        assert!(h.check_alive(Duration::from_millis(10)).is_err());
+        h.beat();
+        assert!(h.check_alive(Duration::from_secs(60)).is_ok());
+    }
 
     #[test]
     fn the_interval_is_half_the_timeout() {
