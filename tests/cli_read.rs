@@ -43,16 +43,65 @@ fn get_prints_a_kubectl_style_table() {
         lines[1]
     );
     let r = env.run(&["get", "ag", "-o", "wide"]);
-    assert!(
-        r.stdout
-            .starts_with("NAME    QUEUE     RUNNING   LIMIT   AGE"),
+    let header: Vec<&str> = r
+        .stdout
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "QUEUE", "RUNNING", "LIMIT", "AGE", "PAUSED", "FREE", "COMMAND"],
         "{}",
         r.stdout
     );
-    assert!(r.stdout.contains("PAUSED   FREE   COMMAND"), "{}", r.stdout);
     let r = env.run(&["get", "tasks", "--no-headers"]);
     assert!(r.stdout.starts_with("t-a "), "{}", r.stdout);
     assert_eq!(r.stdout.lines().count(), 2);
+}
+
+#[test]
+fn counts_no_scheduler_has_written_yet_show_as_unknown_not_zero() {
+    let env = with_tasks();
+    let columns = |kind: &str| -> Vec<String> {
+        let r = env.run(&["get", kind, "-o", "wide", "--no-headers"]);
+        assert_eq!(r.code, 0, "{r:?}");
+        r.stdout
+            .lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let a = columns("agents");
+    assert_eq!(
+        (a[2].as_str(), a[6].as_str()),
+        ("<unknown>", "<unknown>"),
+        "{a:?}"
+    );
+    let q = columns("queues");
+    assert_eq!(q[2], "<unknown>", "PENDING: {q:?}");
+    assert_eq!(q[8], "<unknown>", "CAPACITY: {q:?}");
+    // Paused, so that the pass starts nothing: its counts are then exactly known.
+    let mut paused = agent("vaela", 2);
+    paused.push_str("  paused: true\n");
+    env.apply_ok("paused.yaml", &paused);
+    let r = env.run(&["run", "--once"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let a = columns("agents");
+    assert_eq!(
+        (a[2].as_str(), a[6].as_str()),
+        ("0", "0"),
+        "running, free: {a:?}"
+    );
+    let q = columns("queues");
+    assert_eq!(
+        (q[2].as_str(), q[8].as_str()),
+        ("2", "0"),
+        "pending, capacity: {q:?}"
+    );
 }
 
 #[test]

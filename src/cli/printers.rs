@@ -185,16 +185,18 @@ impl Printable for Agent {
         c
     }
     fn row(&self, now: SystemTime, wide: bool) -> Vec<String> {
+        // Counts no scheduler has written yet are not zero but unknown.
+        let seen = self.status.observed_generation.is_some();
         let mut r = vec![
             self.metadata.name.clone(),
             or_none(self.spec.queue.as_deref()),
-            self.status.active_leases.to_string(),
+            counted(seen, self.status.active_leases),
             self.spec.max_concurrency.to_string(),
             age(self.metadata.creation_timestamp.as_deref(), now),
         ];
         if wide {
             r.push(self.spec.paused.to_string());
-            r.push(self.status.free_slots.to_string());
+            r.push(counted(seen, self.status.free_slots));
             r.push(if self.spec.command.is_empty() {
                 "<goose default>".to_string()
             } else {
@@ -202,6 +204,18 @@ impl Printable for Agent {
             });
         }
         r
+    }
+}
+
+/// What a status column shows before any scheduler has written the status (kubectl's word).
+const UNKNOWN: &str = "<unknown>";
+
+/// A status count, or [`UNKNOWN`] while no scheduler has observed the object (`seen`).
+fn counted(seen: bool, n: i64) -> String {
+    if seen {
+        n.to_string()
+    } else {
+        UNKNOWN.to_string()
     }
 }
 
@@ -219,19 +233,22 @@ impl Printable for Queue {
             crate::resources::QueueSource::Local => "local",
             crate::resources::QueueSource::Tinytask => "tinytask",
         };
+        let seen = self.status.observed_generation.is_some();
         let mut r = vec![
             self.metadata.name.clone(),
             source.to_string(),
-            self.status.pending.to_string(),
-            self.status.running.to_string(),
+            counted(seen, self.status.pending),
+            counted(seen, self.status.running),
             age(self.metadata.creation_timestamp.as_deref(), now),
         ];
         if wide {
-            r.push(self.status.blocked.to_string());
-            r.push(self.status.succeeded.to_string());
-            r.push(self.status.failed.to_string());
-            r.push(self.status.capacity.to_string());
-            r.push(if self.status.agents.is_empty() {
+            r.push(counted(seen, self.status.blocked));
+            r.push(counted(seen, self.status.succeeded));
+            r.push(counted(seen, self.status.failed));
+            r.push(counted(seen, self.status.capacity));
+            r.push(if !seen {
+                UNKNOWN.into()
+            } else if self.status.agents.is_empty() {
                 "<none>".into()
             } else {
                 self.status.agents.join(",")
