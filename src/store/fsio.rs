@@ -228,6 +228,13 @@ pub struct FileId {
 impl FileId {
     /// The version `m` describes.
     pub fn of(m: &fs::Metadata) -> FileId {
+        #[cfg(test)]
+        if tests::CTIME_FROZEN.get() {
+            return FileId {
+                inode: m.ino(),
+                ..FileId::default()
+            };
+        }
         FileId {
             inode: m.ino(),
             ctime: m.ctime(),
@@ -328,9 +335,16 @@ pub fn new_uid() -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use std::cell::Cell;
     use std::os::unix::fs::PermissionsExt;
+
+    thread_local! {
+        /// While set, [`FileId::of`] on this thread sees every ctime as the same: what a file
+        /// system with coarse timestamps shows of writes that fall within one tick of its clock.
+        pub(crate) static CTIME_FROZEN: Cell<bool> = const { Cell::new(false) };
+    }
 
     #[test]
     fn a_durable_dir_creates_every_missing_level_private_through_a_symlinked_ancestor() {

@@ -499,12 +499,20 @@ impl Store {
         let path = self.object_path(plural, name);
         loop {
             let step = self.with_lock(|w| {
-                let base = fsio::FileId::at(&path)
+                let file = fsio::FileId::at(&path)
                     .map_err(|e| StoreError::io(&path, e))?
                     .ok_or_else(|| not_found(plural, name))?;
                 let current: Value = self
                     .read_obj(plural, name)?
                     .ok_or_else(|| not_found(plural, name))?;
+                let base = Base {
+                    file,
+                    resource_version: current
+                        .pointer("/metadata/resourceVersion")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string(),
+                };
                 let obj = wanted(&current)?;
                 let next = if status_only {
                     let mut next = current.clone();
@@ -524,7 +532,7 @@ impl Store {
                 Ok((written, staged, base)) => {
                     // Someone wrote it between the two holds: read it again (a stale
                     // resourceVersion is then a Conflict).
-                    if self.put_in_place(plural, &path, staged, Some(base))? {
+                    if self.put_in_place(plural, &path, staged, Some(&base))? {
                         return Ok((written, WriteOutcome::Updated));
                     }
                 }
@@ -642,16 +650,16 @@ impl Store {
     }
 
     /// Syncs a staged write (outside the lock, so that writers' fsyncs overlap instead of queueing
-    /// behind the lock), then, under the lock, puts it in place if `path` is still the file that
-    /// was read when it was staged (`base`), or, for a create (`None`), if nothing is at `path`;
-    /// and fsyncs the directory (outside the lock again). `false`: the file changed in between,
-    /// or the name is taken, and nothing was written.
+    /// behind the lock), then, under the lock, puts it in place if `path` still holds the version
+    /// that was read when it was staged (`base`, see [`holds_version`]), or, for a create
+    /// (`None`), if nothing is at `path`; and fsyncs the directory (outside the lock again).
+    /// `false`: the file changed in between, or the name is taken, and nothing was written.
     fn put_in_place(
         &self,
         plural: &str,
         path: &Path,
         staged: spares::Staged,
-        base: Option<fsio::FileId>,
+        base: Option<&Base>,
     ) -> Result<bool, StoreError> {
         let io_err = |e| StoreError::io(path, e);
         if self.durable {
@@ -663,9 +671,17 @@ impl Store {
                 return Err(io_err(e));
             }
         }
+        #[cfg(test)]
+        if base.is_some() {
+            tests::between_holds();
+        }
         let placed = self.with_lock(|w| {
             // An update replaces only the version it read; a create's rename refuses a taken name.
-            if base.is_some() && fsio::FileId::at(path).map_err(io_err)? != base {
+            let unchanged = match base {
+                Some(b) => holds_version(path, b).map_err(io_err)?,
+                None => true,
+            };
+            if !unchanged {
                 w.spares.abandon(staged);
                 return Ok(None);
             }
@@ -790,6 +806,88 @@ impl Store {
             Err(e) => Err(e),
         }
     }
+}
+
+/// The version of an object file that an update read under the lock's first hold and means to
+/// replace under the second.
+#[derive(Debug, Clone)]
+struct Base {
+    /// The file's identity (inode and ctime) when it was read.
+    file: fsio::FileId,
+    /// Its `metadata.resourceVersion` ("" when it had none).
+    resource_version: String,
+}
+
+/// Whether `path` still holds the version `base` describes: the same file (inode and ctime) with
+/// the same resourceVersion. Called under the store lock, so no store writer can change the file
+/// meanwhile.
+///
+/// The identity alone is not enough: the spare pool recycles inodes, and on a file system that
+/// keeps whole-second timestamps (ext4 with 128-byte inodes, say) a recycled inode rewritten with
+/// a newer version can come back at `path` with the very ctime the update saw, and the update
+/// would replace a version it never read (its precondition checked against an older one, the
+/// stored resourceVersion going backwards). Every write takes a new revision, so the
+/// resourceVersion tells versions apart where the ctime cannot. It costs an open, an `fstat` and
+/// a read of the file, the cost of the first hold's read again; only when the identity matches.
+fn holds_version(path: &Path, base: &Base) -> io::Result<bool> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path);
+    let file = match opened {
+        Ok(f) => f,
+        // Gone, or a symlink now (O_NOFOLLOW): not what was read. The caller reads again.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() || fsio::FileId::of(&meta) != base.file {
+        return Ok(false);
+    }
+    let mut bytes = Vec::with_capacity(meta.len().min(MAX_OBJECT_BYTES) as usize);
+    file.take(MAX_OBJECT_BYTES + 1).read_to_end(&mut bytes)?;
+    Ok(resource_version_in(&bytes).as_deref() == Some(base.resource_version.as_str()))
+}
+
+/// The `metadata.resourceVersion` of an object file's content, read as the first hold reads it
+/// (a JSON value, the last of repeated keys winning, "" when there is none or it is not a
+/// string); `None` when the content is not a JSON object. Only `metadata` is built; every other
+/// field is skipped.
+fn resource_version_in(bytes: &[u8]) -> Option<String> {
+    use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Rv(String);
+    struct RvVisitor;
+    impl<'de> Visitor<'de> for RvVisitor {
+        type Value = Rv;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Rv, A::Error> {
+            let mut rv = String::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if key == "metadata" {
+                    let meta: Value = map.next_value()?;
+                    rv = meta
+                        .get("resourceVersion")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string();
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(Rv(rv))
+        }
+    }
+    impl<'de> Deserialize<'de> for Rv {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Rv, D::Error> {
+            d.deserialize_map(RvVisitor)
+        }
+    }
+    serde_json::from_slice::<Rv>(bytes).ok().map(|rv| rv.0)
 }
 
 fn not_found(plural: &str, name: &str) -> StoreError {

@@ -122,6 +122,11 @@ impl Pool {
         })
     }
 
+    /// How long a released spare rests before it is rewritten.
+    pub fn quarantine(&self) -> Duration {
+        QUARANTINE
+    }
+
     /// Whether `name` (a file name in the temp directory) is one of the pool's spares.
     pub fn is_spare_name(name: &std::ffi::OsStr) -> bool {
         name.as_bytes()

@@ -1,6 +1,20 @@
 use super::*;
 use crate::resources::{Agent, AgentSpec, Task, TaskSpec};
+use std::cell::RefCell;
 use std::os::unix::fs::PermissionsExt;
+
+thread_local! {
+    /// Run once by the next update on this thread between the two holds of the store lock (see
+    /// `Store::put_in_place`): where another writer may slip in.
+    static BETWEEN_HOLDS: RefCell<Option<Box<dyn FnOnce()>>> = const { RefCell::new(None) };
+}
+
+/// The test seam `Store::put_in_place` calls between its holds.
+pub(super) fn between_holds() {
+    if let Some(f) = BETWEEN_HOLDS.with(|h| h.borrow_mut().take()) {
+        f();
+    }
+}
 
 fn agent(name: &str) -> Agent {
     Agent::new("Agent", name, AgentSpec::default())
@@ -377,4 +391,77 @@ fn concurrent_status_patches_of_one_object_lose_no_update() {
         .patch_status::<Agent>("absent", |_| unreachable!("no object, no call"))
         .unwrap()
         .is_none());
+}
+
+/// How long a spare released by `store` rests before it is rewritten.
+fn quarantine(store: &Store) -> Duration {
+    let w = store.inner.writer.as_ref().expect("a writable store");
+    let state = w.state.lock().unwrap();
+    state.spares.quarantine()
+}
+
+#[test]
+fn an_update_is_a_conflict_when_a_newer_version_came_back_in_the_same_inode_with_the_same_ctime() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let other = Store::open(dir.path()).unwrap();
+    let a = store.create(&agent("a")).unwrap();
+    let path = store.object_path("agents", "a");
+    let first_inode = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&path).unwrap());
+    // A file system with whole-second ctimes, and writes within one second of each other.
+    fsio::tests::CTIME_FROZEN.set(true);
+    let rest = quarantine(&other) * 2;
+    let writer = other.clone();
+    let inode_path = path.clone();
+    BETWEEN_HOLDS.with(|h| {
+        *h.borrow_mut() = Some(Box::new(move || {
+            // Another writer updates twice: the first update puts the read version's inode in
+            // the spare pool, the second (after its rest) rewrites it and exchanges it back in.
+            for n in [2, 3] {
+                let mut cur = writer.get::<Agent>("a").unwrap();
+                cur.spec.max_concurrency = n;
+                writer.update(&cur).unwrap();
+                std::thread::sleep(rest);
+            }
+            assert_eq!(
+                std::os::unix::fs::MetadataExt::ino(&fs::metadata(&inode_path).unwrap()),
+                first_inode,
+                "the read version's inode is back at the path (else this test shows nothing)"
+            );
+        }))
+    });
+    let mut stale = a.clone();
+    stale.spec.max_concurrency = 9;
+    let result = store.update(&stale);
+    fsio::tests::CTIME_FROZEN.set(false);
+    let stored = store.get::<Agent>("a").unwrap();
+    assert!(
+        matches!(&result, Err(e) if e.is_conflict()),
+        "the update of a version since replaced must be a Conflict: {result:?}"
+    );
+    assert_eq!(stored.spec.max_concurrency, 3);
+    assert!(stored.revision() > a.revision() + 1);
+}
+
+#[test]
+fn the_resource_version_is_read_from_an_object_file_without_building_the_object() {
+    let rv = |s: &str| resource_version_in(s.as_bytes());
+    assert_eq!(
+        rv(r#"{"apiVersion": "v", "metadata": {"name": "a", "resourceVersion": "42"}, "spec": {"x": [1, {"y": null}]}}"#).as_deref(),
+        Some("42")
+    );
+    assert_eq!(rv(r#"{"metadata": {"name": "a"}}"#).as_deref(), Some(""));
+    assert_eq!(
+        rv(r#"{"metadata": {"resourceVersion": 42}}"#).as_deref(),
+        Some(""),
+        "not a string: as the first hold reads it"
+    );
+    assert_eq!(
+        rv(r#"{"metadata": {"resourceVersion": "1"}, "metadata": {"resourceVersion": "2"}}"#)
+            .as_deref(),
+        Some("2"),
+        "the last of repeated keys, as serde_json's Value keeps it"
+    );
+    assert_eq!(rv("[1, 2]"), None);
+    assert_eq!(rv(r#"{"metadata": {"#), None);
 }
