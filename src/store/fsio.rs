@@ -216,8 +216,12 @@ fn same_version(before: &fs::Metadata, after: &fs::Metadata) -> bool {
 }
 
 /// Which version of a file sits at a path, as `stat` tells it: inode and ctime. Every store write
-/// puts a different inode in place, or a recycled one whose ctime moved when it was rewritten and
-/// exchanged in (see `spares`), so an unchanged `FileId` means an unchanged file.
+/// puts a different inode in place, or a recycled one that was rewritten and exchanged in after
+/// its quarantine (see `spares`), which the pool makes longer than the file system's timestamp
+/// granularity so that its ctime has moved. A changed `FileId` therefore means a changed file; an
+/// unchanged one means an unchanged file only as far as the ctime's granularity and the
+/// quarantine can tell. A writer that must not replace a version it did not read also compares
+/// the resourceVersion (`Store::put_in_place`).
 #[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
 pub struct FileId {
     inode: u64,

@@ -119,7 +119,7 @@ fn an_object_file_made_by_hand_with_other_permissions_passes_none_on_through_its
     let mut changed = a.clone();
     changed.spec.max_concurrency = 7;
     store.update(&changed).unwrap();
-    std::thread::sleep(spares::QUARANTINE * 2);
+    std::thread::sleep(quarantine(&store) * 2);
     store.create(&agent("b")).unwrap();
     let b = store.kind_dir("agents").join("b.json");
     let m = fs::metadata(&b).unwrap();
