@@ -308,20 +308,92 @@ impl Store {
         f(&mut state)
     }
 
-    /// The current global revision: the last one any writer may have handed out.
+    /// The current global revision: the last one any writer may have handed out. Where the
+    /// counter file is missing, empty or unreadable, the highest revision a stored object holds,
+    /// which the next write re-bases the counter on.
     pub fn revision(&self) -> Result<u64, StoreError> {
         let path = self.inner.root.join("revision");
-        match fs::read_to_string(&path) {
-            Ok(s) => Ok(revision::Counter::parse(&s).last_handed_out(revision::boot_id())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
-            Err(e) => Err(StoreError::io(&path, e)),
+        let counter = match fs::read_to_string(&path) {
+            Ok(s) => revision::Counter::parse(&s),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(StoreError::io(&path, e)),
+        };
+        match counter {
+            Some(c) => Ok(c.last_handed_out(revision::boot_id())),
+            None => self
+                .highest_stored_revision()
+                .map_err(|e| StoreError::io(&path, e)),
         }
     }
 
-    /// Takes the next revision (see [`revision`]: a crash leaves a gap, never a repeat).
+    /// Takes the next revision (see [`revision`]: a crash leaves a gap, never a repeat). A
+    /// counter file that is missing, empty or unreadable is re-based on the highest revision a
+    /// stored object holds, with a warning; if the objects cannot be looked at, the write is
+    /// refused with an error naming the counter file.
     fn next_revision(&self, w: &mut Writer) -> Result<u64, StoreError> {
-        revision::take_next(&w.revision, revision::boot_id())
-            .map_err(|e| StoreError::io(&self.inner.root.join("revision"), e))
+        let path = self.inner.root.join("revision");
+        revision::take_next(&w.revision, revision::boot_id(), || {
+            let floor = self.highest_stored_revision().map_err(|e| {
+                io::Error::other(format!(
+                    "the revision counter is missing or unreadable, and re-basing it on the \
+                     stored objects failed: {e}"
+                ))
+            })?;
+            // A new store's counter file starts empty: nothing to warn of.
+            if floor > 0 || w.revision.metadata().is_ok_and(|m| m.len() > 0) {
+                tracing::warn!(
+                    path = %path.display(),
+                    revision = floor,
+                    "the revision counter was missing or unreadable; re-based it on the highest \
+                     resourceVersion among the stored objects"
+                );
+            }
+            Ok(floor)
+        })
+        .map_err(|e| StoreError::io(&path, e))
+    }
+
+    /// The highest `metadata.resourceVersion` among the objects in `objects/*/*.json`, for
+    /// re-basing a lost revision counter. Files that are not objects the store wrote (not regular,
+    /// too large, not JSON, no numeric resourceVersion) are passed over, as a list passes them
+    /// over; a directory that cannot be read, or a file that cannot be read for another reason,
+    /// is an error naming it, since the highest revision might be there.
+    fn highest_stored_revision(&self) -> io::Result<u64> {
+        let with_path =
+            |p: &Path, e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", p.display()));
+        let objects = &self.inner.objects;
+        let kinds = match fs::read_dir(objects) {
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(with_path(objects, e)),
+        };
+        let mut highest = 0;
+        for kind in kinds {
+            let kind = kind.map_err(|e| with_path(objects, e))?;
+            // The store never follows links; anything but a directory holds no objects.
+            if !kind
+                .file_type()
+                .map_err(|e| with_path(&kind.path(), e))?
+                .is_dir()
+            {
+                continue;
+            }
+            let dir = kind.path();
+            for entry in fs::read_dir(&dir).map_err(|e| with_path(&dir, e))? {
+                let path = entry.map_err(|e| with_path(&dir, e))?.path();
+                if object_name_of(&path).is_none() {
+                    continue;
+                }
+                let bytes = match fsio::read_regular(&path, MAX_OBJECT_BYTES) {
+                    Ok(b) => b,
+                    Err(fsio::ReadError::Io(e)) => return Err(with_path(&path, e)),
+                    Err(_) => continue,
+                };
+                let rv = resource_version_in(&bytes).and_then(|rv| rv.parse::<u64>().ok());
+                highest = highest.max(rv.unwrap_or(0));
+            }
+        }
+        Ok(highest)
     }
 
     // ----- raw (JSON) operations: the CLI uses these for kinds chosen at run time -----

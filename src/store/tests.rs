@@ -465,3 +465,56 @@ fn the_resource_version_is_read_from_an_object_file_without_building_the_object(
     assert_eq!(rv("[1, 2]"), None);
     assert_eq!(rv(r#"{"metadata": {"#), None);
 }
+
+#[test]
+fn a_lost_revision_counter_goes_on_after_every_stored_resource_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let counter = dir.path().join("revision");
+    let a = store.create(&agent("a")).unwrap();
+    let spec = TaskSpec {
+        queue: Some("q".into()),
+        ..Default::default()
+    };
+    store.create(&Task::new("Task", "t", spec)).unwrap();
+    let mut a2 = a.clone();
+    a2.spec.max_concurrency = 4;
+    let a2 = store.update(&a2).unwrap();
+    store.create(&agent("doomed")).unwrap();
+    store.delete::<Agent>("doomed", None).unwrap();
+    let highest = a2.revision();
+
+    // Truncated under an open store.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&counter)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    assert_eq!(store.revision().unwrap(), highest, "a list's revision too");
+    let b = store.create(&agent("b")).unwrap();
+    assert!(b.revision() > highest, "{} after {highest}", b.revision());
+
+    // Removed, and the store opened again.
+    fs::remove_file(&counter).unwrap();
+    let reopened = Store::open(dir.path()).unwrap();
+    let c = reopened.create(&agent("c")).unwrap();
+    assert!(
+        c.revision() > b.revision(),
+        "{} after {}",
+        c.revision(),
+        b.revision()
+    );
+
+    // Overwritten with garbage.
+    fs::write(&counter, "not a counter").unwrap();
+    let mut b2 = b.clone();
+    b2.spec.max_concurrency = 2;
+    let b2 = reopened.update(&b2).unwrap();
+    assert!(
+        b2.revision() > c.revision(),
+        "{} after {}",
+        b2.revision(),
+        c.revision()
+    );
+}
