@@ -192,12 +192,30 @@ struct Writer {
 
 impl Store {
     /// Opens (creating with mode 0700 if needed) the store in `root` for reading and writing.
+    ///
+    /// The store's directories (`root`, `objects`, every kind directory, `tmp`) and its own files
+    /// (the lock, the revision counter, the spare table) are made private if they are not, as
+    /// invariant 8 wants them whoever made them: group and other permissions are taken away from
+    /// those that belong to this user. Object files are left as they are (a spare that was one
+    /// becomes 0600 before it is reused) and so is anything else in the state directory.
     pub fn open(root: impl AsRef<Path>) -> Result<Store, StoreError> {
         let root = root.as_ref().to_path_buf();
         let objects = root.join("objects");
         let tmp = root.join("tmp");
         for d in [&root, &objects, &tmp] {
             fsio::ensure_durable_dir(d).map_err(|e| StoreError::io(d, e))?;
+        }
+        for kind in fs::read_dir(&objects).map_err(|e| StoreError::io(&objects, e))? {
+            let kind = kind.map_err(|e| StoreError::io(&objects, e))?;
+            let dir = kind.path();
+            match kind.metadata() {
+                Ok(m) if m.file_type().is_dir() => {
+                    fsio::tighten_dir(&dir, &m).map_err(|e| StoreError::io(&dir, e))?
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io(&dir, e)),
+            }
         }
         let open = |p: &Path| fsio::open_private(p).map_err(|e| StoreError::io(p, e));
         let spares_path = root.join("spares");

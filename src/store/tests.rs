@@ -518,3 +518,76 @@ fn a_lost_revision_counter_goes_on_after_every_stored_resource_version() {
         c.revision()
     );
 }
+
+#[test]
+fn opening_and_writing_make_the_stores_own_directories_and_files_private_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("s");
+    let store = Store::open(&root).unwrap();
+    store.create(&agent("a")).unwrap();
+    drop(store);
+    let mode = |p: &str| {
+        fs::symlink_metadata(root.join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    let set =
+        |p: &str, m: u32| fs::set_permissions(root.join(p), fs::Permissions::from_mode(m)).unwrap();
+    // Made or loosened by hand, or by an older version.
+    for d in [".", "objects", "objects/agents", "tmp"] {
+        set(d, 0o755);
+    }
+    for f in ["revision", "store.lock", "spares", "objects/agents/a.json"] {
+        set(f, 0o644);
+    }
+    fs::write(root.join("notes.txt"), "mine").unwrap();
+    set("notes.txt", 0o644);
+    fs::create_dir(root.join("objects/queues")).unwrap();
+    set("objects/queues", 0o750);
+
+    let store = Store::open(&root).unwrap();
+    for d in [".", "objects", "objects/agents", "objects/queues", "tmp"] {
+        assert_eq!(mode(d), 0o700, "{d}");
+    }
+    for f in ["revision", "store.lock", "spares"] {
+        assert_eq!(mode(f), 0o600, "{f}");
+    }
+    assert_eq!(mode("notes.txt"), 0o644, "not the store's");
+    assert_eq!(
+        mode("objects/agents/a.json"),
+        0o644,
+        "an object is left as it is"
+    );
+
+    // A kind directory loosened while the store is open is made private by the next write to it.
+    set("objects/queues", 0o755);
+    let q = serde_json::json!({
+        "apiVersion": "tinyscheduler.io/v1alpha1",
+        "kind": "Queue",
+        "metadata": {"name": "q"},
+        "spec": {"source": "local"}
+    });
+    store.create_raw("queues", &q).unwrap();
+    assert_eq!(mode("objects/queues"), 0o700);
+}
+
+#[test]
+fn a_store_directory_of_another_user_keeps_its_mode() {
+    if !nix::unistd::geteuid().is_root() {
+        return; // only root can give a directory away
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("s");
+    Store::open(&root).unwrap();
+    let kind = root.join("objects/agents");
+    fs::create_dir(&kind).unwrap();
+    fs::set_permissions(&kind, fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&kind, Some(4_000_000), None).unwrap();
+    Store::open(&root).unwrap();
+    assert_eq!(
+        fs::metadata(&kind).unwrap().permissions().mode() & 0o7777,
+        0o755
+    );
+}
