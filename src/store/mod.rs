@@ -288,11 +288,15 @@ impl Store {
         self.kind_dir(plural).join(format!("{name}.json"))
     }
 
-    /// Removes temp files a crashed writer left behind: under the lock no write is in flight, so
-    /// every temp file there is an orphan, except the spare pool's files and those of live
-    /// processes that write outside the store lock (the instance lock's holder file). The
-    /// scheduler calls it when it starts; a shim does not (it would take the store lock once more
-    /// per run for nothing).
+    /// Removes temp files a crashed writer left behind. A write spans two holds of the store lock
+    /// (it stages its file in the first, syncs it outside the lock and puts it in place in the
+    /// second), so holding the lock does not mean no write is in flight: a file is kept if it is
+    /// one of the spare pool's (never removed here; the pool accounts for them) or if its name
+    /// says it belongs to another live process (a writer between its holds, or one that writes
+    /// outside the store lock, such as the instance lock's holder file). This
+    /// process's own temp files are removed, so it must be called before this process writes:
+    /// the scheduler calls it when it starts, before its controllers; a shim does not (it would
+    /// take the store lock once more per run for nothing).
     pub fn remove_orphaned_temp_files(&self) -> Result<(), StoreError> {
         self.with_lock(|_| {
             let entries =

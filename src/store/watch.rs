@@ -1,6 +1,7 @@
-//! Watching one kind: inotify (through `notify`) says which files changed; a periodic relist
-//! catches anything inotify dropped or overflowed. Events are diffs against the revisions the
-//! watcher already knows, so every change since the starting list is delivered, in order per object.
+//! Watching one kind: inotify on the kind's directory (raw `inotify(7)` through `nix`, see
+//! `inotify`) says which files changed; a periodic relist catches anything inotify dropped or
+//! overflowed. Events are diffs against the revisions the watcher already knows, so every change
+//! since the starting list is delivered, in order per object.
 
 use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
