@@ -404,18 +404,23 @@ impl<K: Resource> Informer<K> {
     /// are gone (unless they were observed after the list was taken). An object whose file is
     /// there but could not be read (`unreadable`: torn, say) keeps its cached version, as the
     /// watch does: a Deleted event for it would have its run reclaimed.
+    ///
+    /// A list does not prove an object absent: the store takes a write's revision before it puts
+    /// the file in place, so a list whose revision covers a create (or an update through a fresh
+    /// file) can miss it, and another thread may have observed that write already. So every cached
+    /// object the list lacks is read from the store once more and dropped only if it is not
+    /// there, and only if the cache still holds the version that was looked for (anything
+    /// observed meanwhile is newer than the read). Relists are rare, and so are such objects.
     fn replace(
         &self,
         items: &[K],
         list_revision: u64,
         unreadable: &std::collections::HashSet<String>,
     ) {
-        let mut applied = Vec::new();
-        let mut deleted = Vec::new();
-        {
-            let mut cache = self.write();
+        let missing: Vec<Arc<K>> = {
+            let cache = self.read();
             let listed: std::collections::HashSet<&str> = items.iter().map(|o| o.name()).collect();
-            let gone: Vec<String> = cache
+            cache
                 .objects
                 .values()
                 .filter(|o| {
@@ -423,15 +428,41 @@ impl<K: Resource> Informer<K> {
                         && !unreadable.contains(o.name())
                         && o.revision() <= list_revision
                 })
-                .map(|o| o.name().to_string())
-                .collect();
-            for n in gone {
-                if let Some(o) = cache.remove(&n) {
-                    deleted.push(o);
+                .cloned()
+                .collect()
+        };
+        // Outside the cache lock: reads of the store.
+        let mut gone = Vec::new();
+        let mut found = Vec::new();
+        for cached in missing {
+            match self.inner.store.try_get::<K>(cached.name()) {
+                Ok(None) => gone.push(cached),
+                Ok(Some(obj)) => found.push(obj),
+                Err(e) => tracing::warn!(
+                    kind = K::KIND,
+                    name = cached.name(),
+                    error = %e,
+                    "informer re-read failed; keeping the cached object"
+                ),
+            }
+        }
+        let mut applied = Vec::new();
+        let mut deleted = Vec::new();
+        {
+            let mut cache = self.write();
+            for cached in gone {
+                let unchanged = cache
+                    .objects
+                    .get(cached.name())
+                    .is_some_and(|now| Arc::ptr_eq(now, &cached));
+                if unchanged {
+                    if let Some(o) = cache.remove(cached.name()) {
+                        deleted.push(o);
+                    }
                 }
             }
-            for obj in items {
-                if let Some(o) = cache.apply(obj.clone(), true) {
+            for obj in items.iter().cloned().chain(found) {
+                if let Some(o) = cache.apply(obj, true) {
                     applied.push(o);
                 }
             }
@@ -594,5 +625,51 @@ impl<K: Resource> Informer<K> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::queue::{Queue, QueueSpec};
+    use std::collections::HashSet;
+
+    fn queue(name: &str) -> Queue {
+        Queue::new("Queue", name, QueueSpec::default())
+    }
+
+    #[tokio::test]
+    async fn a_relist_that_missed_an_object_the_store_has_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let inf = Informer::<Queue>::new(store.clone(), InformerOptions::default());
+        let mut rx = inf.subscribe();
+        let kept = store.create(&queue("kept")).unwrap();
+        inf.observe(kept.clone());
+        let gone = store.create(&queue("gone")).unwrap();
+        inf.observe(gone);
+        store.delete::<Queue>("gone", None).unwrap();
+        let listed = store.create(&queue("listed")).unwrap();
+        // A list whose revision covers `kept` but that did not see its file (a write's revision
+        // is taken before its file is in place), and rightly lacks `gone`.
+        inf.replace(
+            std::slice::from_ref(&listed),
+            store.revision().unwrap(),
+            &HashSet::new(),
+        );
+        assert_eq!(
+            inf.get("kept").map(|q| q.revision()),
+            Some(kept.revision()),
+            "an object the store has stays"
+        );
+        assert!(inf.get("gone").is_none(), "an object the store lacks goes");
+        assert!(inf.get("listed").is_some());
+        let mut deleted = Vec::new();
+        while let Ok(ev) = rx.try_recv() {
+            if let InformerEvent::Deleted(q) = ev {
+                deleted.push(q.metadata.name.clone());
+            }
+        }
+        assert_eq!(deleted, ["gone"]);
     }
 }

@@ -4,7 +4,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -27,10 +27,12 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
 /// Like [`ensure_private_dir`], and every directory it creates is made durable: each is created
 /// on its own and its parent fsynced, so that a power loss cannot drop a new kind directory (and
 /// every object durably written into it) from a file system that does not order metadata, such as
-/// ext4 without a journal. An existing directory costs one `lstat`, as before.
+/// ext4 without a journal. An existing directory costs one `lstat`, as before, and loses any
+/// group and other permissions (see [`tighten_dir`]): only the store calls this, on directories
+/// it owns (the state, objects, temp and kind directories), which are 0700 (invariant 8).
 pub fn ensure_durable_dir(dir: &Path) -> io::Result<()> {
     match fs::symlink_metadata(dir) {
-        Ok(m) if m.file_type().is_dir() => Ok(()),
+        Ok(m) if m.file_type().is_dir() => tighten_dir(dir, &m),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             create_durably(dir)?;
             // Judges what a concurrent writer may have made there meanwhile.
@@ -62,16 +64,50 @@ fn create_durably(dir: &Path) -> io::Result<()> {
 
 /// Opens `path` for reading and writing, creating it with mode 0600, never truncating it and never
 /// following a symlink: the shape of every long-lived file the state directory holds open (locks,
-/// the revision counter).
+/// the revision counter, the spare table). An existing file of this process's user loses any
+/// group and other permissions, as every file the store keeps is 0600 (invariant 8).
 pub fn open_private(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
         .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(path)
+        .open(path)?;
+    let m = file.metadata()?;
+    if let Some(mode) = tightened(&m, 0o600) {
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
+    }
+    Ok(file)
+}
+
+/// Takes group and other permissions away from the directory `dir` (whose `lstat` is `m`), if it
+/// has any and belongs to this process's effective user: the mode becomes its owner bits alone
+/// (0700 for any usable state directory). A directory of another user is left as it is; the store
+/// does not own it. Costs nothing when there is nothing to take away; otherwise the directory is
+/// opened without following links and changed through its descriptor.
+pub fn tighten_dir(dir: &Path, m: &fs::Metadata) -> io::Result<()> {
+    if tightened(m, 0o700).is_none() {
+        return Ok(());
+    }
+    let d = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_DIRECTORY)
+        .open(dir)?;
+    // Looked at again through the descriptor: what is there now may not be what `m` described.
+    if let Some(mode) = tightened(&d.metadata()?, 0o700) {
+        d.set_permissions(fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
+/// The mode to set on a file or directory described by `m` so that it keeps at most the bits of
+/// `private` (0600 or 0700); `None` when it already does, or when it belongs to another user.
+fn tightened(m: &fs::Metadata, private: u32) -> Option<u32> {
+    let mode = m.mode() & 0o7777;
+    let mine = m.uid() == nix::unistd::geteuid().as_raw();
+    (mine && mode & !private != 0).then_some(mode & private)
 }
 
 /// Fsyncs a directory so that renames and unlinks in it are durable.
@@ -216,8 +252,12 @@ fn same_version(before: &fs::Metadata, after: &fs::Metadata) -> bool {
 }
 
 /// Which version of a file sits at a path, as `stat` tells it: inode and ctime. Every store write
-/// puts a different inode in place, or a recycled one whose ctime moved when it was rewritten and
-/// exchanged in (see `spares`), so an unchanged `FileId` means an unchanged file.
+/// puts a different inode in place, or a recycled one that was rewritten and exchanged in after
+/// its quarantine (see `spares`), which the pool makes longer than the file system's timestamp
+/// granularity so that its ctime has moved. A changed `FileId` therefore means a changed file; an
+/// unchanged one means an unchanged file only as far as the ctime's granularity and the
+/// quarantine can tell. A writer that must not replace a version it did not read also compares
+/// the resourceVersion (`Store::put_in_place`).
 #[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
 pub struct FileId {
     inode: u64,
@@ -228,6 +268,13 @@ pub struct FileId {
 impl FileId {
     /// The version `m` describes.
     pub fn of(m: &fs::Metadata) -> FileId {
+        #[cfg(test)]
+        if tests::CTIME_FROZEN.get() {
+            return FileId {
+                inode: m.ino(),
+                ..FileId::default()
+            };
+        }
         FileId {
             inode: m.ino(),
             ctime: m.ctime(),
@@ -328,9 +375,16 @@ pub fn new_uid() -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use std::cell::Cell;
     use std::os::unix::fs::PermissionsExt;
+
+    thread_local! {
+        /// While set, [`FileId::of`] on this thread sees every ctime as the same: what a file
+        /// system with coarse timestamps shows of writes that fall within one tick of its clock.
+        pub(crate) static CTIME_FROZEN: Cell<bool> = const { Cell::new(false) };
+    }
 
     #[test]
     fn a_durable_dir_creates_every_missing_level_private_through_a_symlinked_ancestor() {

@@ -193,6 +193,12 @@ struct Writer {
 
 impl Store {
     /// Opens (creating with mode 0700 if needed) the store in `root` for reading and writing.
+    ///
+    /// The store's directories (`root`, `objects`, every kind directory, `tmp`) and its own files
+    /// (the lock, the revision counter, the spare table) are made private if they are not, as
+    /// invariant 8 wants them whoever made them: group and other permissions are taken away from
+    /// those that belong to this user. Object files are left as they are (a spare that was one
+    /// becomes 0600 before it is reused) and so is anything else in the state directory.
     pub fn open(root: impl AsRef<Path>) -> Result<Store, StoreError> {
         let root = root.as_ref().to_path_buf();
         owner::check(&root)?;
@@ -200,6 +206,18 @@ impl Store {
         let tmp = root.join("tmp");
         for d in [&root, &objects, &tmp] {
             fsio::ensure_durable_dir(d).map_err(|e| StoreError::io(d, e))?;
+        }
+        for kind in fs::read_dir(&objects).map_err(|e| StoreError::io(&objects, e))? {
+            let kind = kind.map_err(|e| StoreError::io(&objects, e))?;
+            let dir = kind.path();
+            match kind.metadata() {
+                Ok(m) if m.file_type().is_dir() => {
+                    fsio::tighten_dir(&dir, &m).map_err(|e| StoreError::io(&dir, e))?
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io(&dir, e)),
+            }
         }
         let open = |p: &Path| fsio::open_private(p).map_err(|e| StoreError::io(p, e));
         let spares_path = root.join("spares");
@@ -272,11 +290,15 @@ impl Store {
         self.kind_dir(plural).join(format!("{name}.json"))
     }
 
-    /// Removes temp files a crashed writer left behind: under the lock no write is in flight, so
-    /// every temp file there is an orphan, except the spare pool's files and those of live
-    /// processes that write outside the store lock (the instance lock's holder file). The
-    /// scheduler calls it when it starts; a shim does not (it would take the store lock once more
-    /// per run for nothing).
+    /// Removes temp files a crashed writer left behind. A write spans two holds of the store lock
+    /// (it stages its file in the first, syncs it outside the lock and puts it in place in the
+    /// second), so holding the lock does not mean no write is in flight: a file is kept if it is
+    /// one of the spare pool's (never removed here; the pool accounts for them) or if its name
+    /// says it belongs to another live process (a writer between its holds, or one that writes
+    /// outside the store lock, such as the instance lock's holder file). This
+    /// process's own temp files are removed, so it must be called before this process writes:
+    /// the scheduler calls it when it starts, before its controllers; a shim does not (it would
+    /// take the store lock once more per run for nothing).
     pub fn remove_orphaned_temp_files(&self) -> Result<(), StoreError> {
         self.with_lock(|_| {
             let entries =
@@ -310,20 +332,92 @@ impl Store {
         f(&mut state)
     }
 
-    /// The current global revision: the last one any writer may have handed out.
+    /// The current global revision: the last one any writer may have handed out. Where the
+    /// counter file is missing, empty or unreadable, the highest revision a stored object holds,
+    /// which the next write re-bases the counter on.
     pub fn revision(&self) -> Result<u64, StoreError> {
         let path = self.inner.root.join("revision");
-        match fs::read_to_string(&path) {
-            Ok(s) => Ok(revision::Counter::parse(&s).last_handed_out(revision::boot_id())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
-            Err(e) => Err(StoreError::io(&path, e)),
+        let counter = match fs::read_to_string(&path) {
+            Ok(s) => revision::Counter::parse(&s),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(StoreError::io(&path, e)),
+        };
+        match counter {
+            Some(c) => Ok(c.last_handed_out(revision::boot_id())),
+            None => self
+                .highest_stored_revision()
+                .map_err(|e| StoreError::io(&path, e)),
         }
     }
 
-    /// Takes the next revision (see [`revision`]: a crash leaves a gap, never a repeat).
+    /// Takes the next revision (see [`revision`]: a crash leaves a gap, never a repeat). A
+    /// counter file that is missing, empty or unreadable is re-based on the highest revision a
+    /// stored object holds, with a warning; if the objects cannot be looked at, the write is
+    /// refused with an error naming the counter file.
     fn next_revision(&self, w: &mut Writer) -> Result<u64, StoreError> {
-        revision::take_next(&w.revision, revision::boot_id())
-            .map_err(|e| StoreError::io(&self.inner.root.join("revision"), e))
+        let path = self.inner.root.join("revision");
+        revision::take_next(&w.revision, revision::boot_id(), || {
+            let floor = self.highest_stored_revision().map_err(|e| {
+                io::Error::other(format!(
+                    "the revision counter is missing or unreadable, and re-basing it on the \
+                     stored objects failed: {e}"
+                ))
+            })?;
+            // A new store's counter file starts empty: nothing to warn of.
+            if floor > 0 || w.revision.metadata().is_ok_and(|m| m.len() > 0) {
+                tracing::warn!(
+                    path = %path.display(),
+                    revision = floor,
+                    "the revision counter was missing or unreadable; re-based it on the highest \
+                     resourceVersion among the stored objects"
+                );
+            }
+            Ok(floor)
+        })
+        .map_err(|e| StoreError::io(&path, e))
+    }
+
+    /// The highest `metadata.resourceVersion` among the objects in `objects/*/*.json`, for
+    /// re-basing a lost revision counter. Files that are not objects the store wrote (not regular,
+    /// too large, not JSON, no numeric resourceVersion) are passed over, as a list passes them
+    /// over; a directory that cannot be read, or a file that cannot be read for another reason,
+    /// is an error naming it, since the highest revision might be there.
+    fn highest_stored_revision(&self) -> io::Result<u64> {
+        let with_path =
+            |p: &Path, e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", p.display()));
+        let objects = &self.inner.objects;
+        let kinds = match fs::read_dir(objects) {
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(with_path(objects, e)),
+        };
+        let mut highest = 0;
+        for kind in kinds {
+            let kind = kind.map_err(|e| with_path(objects, e))?;
+            // The store never follows links; anything but a directory holds no objects.
+            if !kind
+                .file_type()
+                .map_err(|e| with_path(&kind.path(), e))?
+                .is_dir()
+            {
+                continue;
+            }
+            let dir = kind.path();
+            for entry in fs::read_dir(&dir).map_err(|e| with_path(&dir, e))? {
+                let path = entry.map_err(|e| with_path(&dir, e))?.path();
+                if object_name_of(&path).is_none() {
+                    continue;
+                }
+                let bytes = match fsio::read_regular(&path, MAX_OBJECT_BYTES) {
+                    Ok(b) => b,
+                    Err(fsio::ReadError::Io(e)) => return Err(with_path(&path, e)),
+                    Err(_) => continue,
+                };
+                let rv = resource_version_in(&bytes).and_then(|rv| rv.parse::<u64>().ok());
+                highest = highest.max(rv.unwrap_or(0));
+            }
+        }
+        Ok(highest)
     }
 
     // ----- raw (JSON) operations: the CLI uses these for kinds chosen at run time -----
@@ -501,12 +595,20 @@ impl Store {
         let path = self.object_path(plural, name);
         loop {
             let step = self.with_lock(|w| {
-                let base = fsio::FileId::at(&path)
+                let file = fsio::FileId::at(&path)
                     .map_err(|e| StoreError::io(&path, e))?
                     .ok_or_else(|| not_found(plural, name))?;
                 let current: Value = self
                     .read_obj(plural, name)?
                     .ok_or_else(|| not_found(plural, name))?;
+                let base = Base {
+                    file,
+                    resource_version: current
+                        .pointer("/metadata/resourceVersion")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string(),
+                };
                 let obj = wanted(&current)?;
                 let next = if status_only {
                     let mut next = current.clone();
@@ -526,7 +628,7 @@ impl Store {
                 Ok((written, staged, base)) => {
                     // Someone wrote it between the two holds: read it again (a stale
                     // resourceVersion is then a Conflict).
-                    if self.put_in_place(plural, &path, staged, Some(base))? {
+                    if self.put_in_place(plural, &path, staged, Some(&base))? {
                         return Ok((written, WriteOutcome::Updated));
                     }
                 }
@@ -644,16 +746,16 @@ impl Store {
     }
 
     /// Syncs a staged write (outside the lock, so that writers' fsyncs overlap instead of queueing
-    /// behind the lock), then, under the lock, puts it in place if `path` is still the file that
-    /// was read when it was staged (`base`), or, for a create (`None`), if nothing is at `path`;
-    /// and fsyncs the directory (outside the lock again). `false`: the file changed in between,
-    /// or the name is taken, and nothing was written.
+    /// behind the lock), then, under the lock, puts it in place if `path` still holds the version
+    /// that was read when it was staged (`base`, see [`holds_version`]), or, for a create
+    /// (`None`), if nothing is at `path`; and fsyncs the directory (outside the lock again).
+    /// `false`: the file changed in between, or the name is taken, and nothing was written.
     fn put_in_place(
         &self,
         plural: &str,
         path: &Path,
         staged: spares::Staged,
-        base: Option<fsio::FileId>,
+        base: Option<&Base>,
     ) -> Result<bool, StoreError> {
         let io_err = |e| StoreError::io(path, e);
         if self.durable {
@@ -665,9 +767,17 @@ impl Store {
                 return Err(io_err(e));
             }
         }
+        #[cfg(test)]
+        if base.is_some() {
+            tests::between_holds();
+        }
         let placed = self.with_lock(|w| {
             // An update replaces only the version it read; a create's rename refuses a taken name.
-            if base.is_some() && fsio::FileId::at(path).map_err(io_err)? != base {
+            let unchanged = match base {
+                Some(b) => holds_version(path, b).map_err(io_err)?,
+                None => true,
+            };
+            if !unchanged {
                 w.spares.abandon(staged);
                 return Ok(None);
             }
@@ -792,6 +902,88 @@ impl Store {
             Err(e) => Err(e),
         }
     }
+}
+
+/// The version of an object file that an update read under the lock's first hold and means to
+/// replace under the second.
+#[derive(Debug, Clone)]
+struct Base {
+    /// The file's identity (inode and ctime) when it was read.
+    file: fsio::FileId,
+    /// Its `metadata.resourceVersion` ("" when it had none).
+    resource_version: String,
+}
+
+/// Whether `path` still holds the version `base` describes: the same file (inode and ctime) with
+/// the same resourceVersion. Called under the store lock, so no store writer can change the file
+/// meanwhile.
+///
+/// The identity alone is not enough: the spare pool recycles inodes, and on a file system that
+/// keeps whole-second timestamps (ext4 with 128-byte inodes, say) a recycled inode rewritten with
+/// a newer version can come back at `path` with the very ctime the update saw, and the update
+/// would replace a version it never read (its precondition checked against an older one, the
+/// stored resourceVersion going backwards). Every write takes a new revision, so the
+/// resourceVersion tells versions apart where the ctime cannot. It costs an open, an `fstat` and
+/// a read of the file, the cost of the first hold's read again; only when the identity matches.
+fn holds_version(path: &Path, base: &Base) -> io::Result<bool> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path);
+    let file = match opened {
+        Ok(f) => f,
+        // Gone, or a symlink now (O_NOFOLLOW): not what was read. The caller reads again.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() || fsio::FileId::of(&meta) != base.file {
+        return Ok(false);
+    }
+    let mut bytes = Vec::with_capacity(meta.len().min(MAX_OBJECT_BYTES) as usize);
+    file.take(MAX_OBJECT_BYTES + 1).read_to_end(&mut bytes)?;
+    Ok(resource_version_in(&bytes).as_deref() == Some(base.resource_version.as_str()))
+}
+
+/// The `metadata.resourceVersion` of an object file's content, read as the first hold reads it
+/// (a JSON value, the last of repeated keys winning, "" when there is none or it is not a
+/// string); `None` when the content is not a JSON object. Only `metadata` is built; every other
+/// field is skipped.
+fn resource_version_in(bytes: &[u8]) -> Option<String> {
+    use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Rv(String);
+    struct RvVisitor;
+    impl<'de> Visitor<'de> for RvVisitor {
+        type Value = Rv;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Rv, A::Error> {
+            let mut rv = String::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if key == "metadata" {
+                    let meta: Value = map.next_value()?;
+                    rv = meta
+                        .get("resourceVersion")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string();
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(Rv(rv))
+        }
+    }
+    impl<'de> Deserialize<'de> for Rv {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Rv, D::Error> {
+            d.deserialize_map(RvVisitor)
+        }
+    }
+    serde_json::from_slice::<Rv>(bytes).ok().map(|rv| rv.0)
 }
 
 fn not_found(plural: &str, name: &str) -> StoreError {

@@ -10,6 +10,10 @@
 //! jumps over whatever the lost boot may have handed out. A crash leaves a gap, never a repeat.
 //!
 //! One durable write in [`RESERVE`] costs an fsync; the other writes cost a `pread` and a `pwrite`.
+//!
+//! A counter file that is missing (created empty when the store opens), empty or unreadable is
+//! not read as zero, which would hand out revisions again: the caller re-bases it on the highest
+//! revision the stored objects hold (see [`take_next`]).
 
 use std::fs::File;
 use std::io;
@@ -35,21 +39,21 @@ pub struct Counter {
 
 impl Counter {
     /// Parses the file's content. A pre-reservation file holds one number: that number is both the
-    /// current revision and durable. Unreadable content reads as zero.
-    pub fn parse(text: &str) -> Counter {
+    /// current revision and durable. `None` for empty or unreadable content: what the counter was
+    /// is unknown.
+    pub fn parse(text: &str) -> Option<Counter> {
         let mut parts = text.split_whitespace();
-        let current = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        let reserved = parts
-            .next()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(current)
-            .max(current);
+        let current: u64 = parts.next()?.parse().ok()?;
+        let reserved = match parts.next() {
+            Some(s) => s.parse::<u64>().ok()?.max(current),
+            None => current,
+        };
         let boot = parts.next().unwrap_or_default().to_string();
-        Counter {
+        Some(Counter {
             current,
             reserved,
             boot,
-        }
+        })
     }
 
     /// The last revision that may have been handed out, as seen from a run with boot id `boot`.
@@ -77,8 +81,8 @@ pub fn boot_id() -> &'static str {
     })
 }
 
-/// Reads the counter from the open file.
-pub fn read(file: &File) -> io::Result<Counter> {
+/// Reads the counter from the open file; `None` when it is empty or unreadable.
+pub fn read(file: &File) -> io::Result<Option<Counter>> {
     let mut buf = [0u8; LINE_MAX];
     let n = file.read_at(&mut buf, 0)?;
     Ok(Counter::parse(&String::from_utf8_lossy(&buf[..n])))
@@ -86,8 +90,29 @@ pub fn read(file: &File) -> io::Result<Counter> {
 
 /// Takes the next revision: the caller holds the store lock. `boot` is this run's boot id; an
 /// empty one disables the page-cache path.
-pub fn take_next(file: &File, boot: &str) -> io::Result<u64> {
-    let stored = read(file)?;
+///
+/// When the file holds no readable counter, `rebase` says the highest revision that may have been
+/// handed out (the caller looks at the stored objects); the counter goes on after it, reserving
+/// (and fsyncing) a new block first. If `rebase` fails, nothing is handed out.
+pub fn take_next(
+    file: &File,
+    boot: &str,
+    rebase: impl FnOnce() -> io::Result<u64>,
+) -> io::Result<u64> {
+    let read = read(file)?;
+    let rebased = read.is_none();
+    let stored = match read {
+        Some(c) => c,
+        None => {
+            let floor = rebase()?;
+            // No boot id: read as `reserved`, and the line is fsynced before `floor + 1` is used.
+            Counter {
+                current: floor,
+                reserved: floor,
+                boot: String::new(),
+            }
+        }
+    };
     let next = stored.last_handed_out(boot) + 1;
     let durable = !boot.is_empty() && stored.boot == boot && next <= stored.reserved;
     let counter = Counter {
@@ -101,7 +126,12 @@ pub fn take_next(file: &File, boot: &str) -> io::Result<u64> {
         },
         boot: boot.to_string(),
     };
-    file.write_all_at(counter.line().as_bytes(), 0)?;
+    let line = counter.line();
+    file.write_all_at(line.as_bytes(), 0)?;
+    if rebased && file.metadata()?.len() > line.len() as u64 {
+        // What is left after the line of a longer, unreadable content.
+        file.set_len(line.len() as u64)?;
+    }
     if !durable {
         file.sync_data()?;
     }
@@ -112,6 +142,11 @@ pub fn take_next(file: &File, boot: &str) -> io::Result<u64> {
 mod tests {
     use super::*;
 
+    /// For a counter that needs no re-basing: a fresh file starts from nothing stored.
+    fn no_rebase() -> io::Result<u64> {
+        Ok(0)
+    }
+
     fn file() -> (tempfile::TempDir, File) {
         let dir = tempfile::tempdir().unwrap();
         let f = crate::store::fsio::open_private(&dir.path().join("revision")).unwrap();
@@ -121,9 +156,11 @@ mod tests {
     #[test]
     fn revisions_count_up_by_one_within_a_boot() {
         let (_d, f) = file();
-        let got: Vec<u64> = (0..5).map(|_| take_next(&f, "boot-a").unwrap()).collect();
+        let got: Vec<u64> = (0..5)
+            .map(|_| take_next(&f, "boot-a", no_rebase).unwrap())
+            .collect();
         assert_eq!(got, [1, 2, 3, 4, 5]);
-        let c = read(&f).unwrap();
+        let c = read(&f).unwrap().unwrap();
         assert_eq!(
             (c.current, c.reserved, c.boot.as_str()),
             (5, RESERVE, "boot-a")
@@ -134,48 +171,69 @@ mod tests {
     fn a_new_boot_continues_after_everything_reserved_never_repeating() {
         let (_d, f) = file();
         for _ in 0..3 {
-            take_next(&f, "boot-a").unwrap();
+            take_next(&f, "boot-a", no_rebase).unwrap();
         }
         // The machine crashed: whatever `current` said may be lost, `reserved` was durable.
-        assert_eq!(take_next(&f, "boot-b").unwrap(), RESERVE + 1);
-        let c = read(&f).unwrap();
+        assert_eq!(take_next(&f, "boot-b", no_rebase).unwrap(), RESERVE + 1);
+        let c = read(&f).unwrap().unwrap();
         assert_eq!(
             c.reserved,
             2 * RESERVE,
             "the new boot reserves durably first"
         );
-        assert_eq!(take_next(&f, "boot-b").unwrap(), RESERVE + 2);
+        assert_eq!(take_next(&f, "boot-b", no_rebase).unwrap(), RESERVE + 2);
     }
 
     #[test]
     fn passing_the_reservation_reserves_the_next_block() {
         let (_d, f) = file();
         for _ in 0..RESERVE {
-            take_next(&f, "b").unwrap();
+            take_next(&f, "b", no_rebase).unwrap();
         }
-        assert_eq!(read(&f).unwrap().reserved, RESERVE);
-        assert_eq!(take_next(&f, "b").unwrap(), RESERVE + 1);
-        assert_eq!(read(&f).unwrap().reserved, 2 * RESERVE);
+        assert_eq!(read(&f).unwrap().unwrap().reserved, RESERVE);
+        assert_eq!(take_next(&f, "b", no_rebase).unwrap(), RESERVE + 1);
+        assert_eq!(read(&f).unwrap().unwrap().reserved, 2 * RESERVE);
     }
 
     #[test]
     fn a_counter_file_from_before_reservations_goes_on_after_its_number() {
         let (_d, f) = file();
         f.write_all_at(format!("{:020}", 42).as_bytes(), 0).unwrap();
-        assert_eq!(read(&f).unwrap().last_handed_out("b"), 42);
-        assert_eq!(take_next(&f, "b").unwrap(), 43);
+        assert_eq!(read(&f).unwrap().unwrap().last_handed_out("b"), 42);
+        assert_eq!(take_next(&f, "b", no_rebase).unwrap(), 43);
     }
 
     #[test]
     fn without_a_boot_id_every_revision_is_reserved_durably() {
         let (_d, f) = file();
-        assert_eq!(take_next(&f, "").unwrap(), 1);
-        assert_eq!(take_next(&f, "").unwrap(), 2);
-        let c = read(&f).unwrap();
+        assert_eq!(take_next(&f, "", no_rebase).unwrap(), 1);
+        assert_eq!(take_next(&f, "", no_rebase).unwrap(), 2);
+        let c = read(&f).unwrap().unwrap();
         assert_eq!(
             (c.current, c.reserved),
             (2, 2),
             "each one was fsynced as it was taken"
         );
+    }
+
+    #[test]
+    fn an_empty_or_unreadable_counter_goes_on_after_the_revision_it_is_rebased_on() {
+        for content in ["", "garbage", "\0\0\0\0", "00000000000000000007 x7 boot-a"] {
+            let (_d, f) = file();
+            f.write_all_at(content.as_bytes(), 0).unwrap();
+            assert_eq!(read(&f).unwrap(), None, "{content:?}");
+            assert_eq!(take_next(&f, "b", || Ok(41)).unwrap(), 42, "{content:?}");
+            let c = read(&f).unwrap().expect("a counter again");
+            assert_eq!((c.current, c.reserved), (42, 41 + RESERVE), "{content:?}");
+            assert_eq!(take_next(&f, "b", || unreachable!()).unwrap(), 43);
+        }
+    }
+
+    #[test]
+    fn a_counter_that_cannot_be_rebased_hands_out_nothing() {
+        let (_d, f) = file();
+        let e = take_next(&f, "b", || Err(io::Error::other("objects unreadable"))).unwrap_err();
+        assert!(e.to_string().contains("objects unreadable"), "{e}");
+        assert_eq!(read(&f).unwrap(), None, "nothing was written");
     }
 }

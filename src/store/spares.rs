@@ -10,10 +10,15 @@
 //! old version's inode becomes the spare, to be overwritten and reused by a later write. Deletes move
 //! the file into an empty slot instead of unlinking it, and creates take a spare when one is free.
 //!
-//! Reuse is safe for readers because a spare is rewritten only [`QUARANTINE`] after it left the
-//! object namespace, and readers compare the file's ctime and size before and after reading
-//! (`fsio::read_regular`): rewriting a spare changes its ctime, so a reader that still held the old
-//! version open reads the path again instead of returning a mix of two versions.
+//! Reuse is safe for readers because a spare is rewritten only after a quarantine (at least
+//! [`QUARANTINE`]) since it left the object namespace, and readers compare the file's ctime and
+//! size before and after reading (`fsio::read_regular`): rewriting a spare changes its ctime, so a
+//! reader that still held the old version open reads the path again instead of returning a mix of
+//! two versions. That holds only while the quarantine is longer than the file system's timestamp
+//! granularity (plus a clock tick), so [`Pool::open`] looks at how fine the file system's ctimes
+//! are and lengthens the quarantine past it: to two seconds and more on a file system that keeps
+//! whole seconds (ext4 with 128-byte inodes, FAT). Writers do not rely on the ctime alone: an update
+//! also confirms the resourceVersion it read (`Store::put_in_place`).
 //!
 //! Reuse is safe across a power loss because an inode becomes a spare only once the directory
 //! change that took it out of the namespace is durable: a durable write keeps its slot [`Held`]
@@ -42,9 +47,46 @@ use super::fsio;
 /// How many spare files the pool keeps at most.
 pub const SLOTS: usize = 64;
 
-/// How long a released inode rests before it is rewritten: longer than the file system's timestamp
-/// granularity, so that the rewrite's ctime differs from anything a reader saw before.
+/// How long a released inode rests at least before it is rewritten, on a file system with
+/// timestamps finer than a millisecond: longer than a clock tick (the kernel stamps ctimes from a
+/// clock that advances once per tick, 10 ms at most), so that the rewrite's ctime differs from
+/// anything a reader saw before. A pool on a coarser file system rests its spares longer (see
+/// [`quarantine_for`]).
 pub const QUARANTINE: Duration = Duration::from_millis(20);
+
+/// How long spares must rest on a file system whose recorded ctimes have these nanosecond parts
+/// (samples of timestamps the file system itself recorded): [`QUARANTINE`] beyond the
+/// granularity the samples show, or just [`QUARANTINE`] when that is under a millisecond.
+///
+/// A sample's granularity is the largest power of ten dividing its nanoseconds; a whole second
+/// (nanoseconds 0) is taken as two seconds, since FAT's 2-second times look the same. A file
+/// system with fine timestamps shows a coarse sample by chance only (one in a million for a
+/// millisecond), so the finest sample is taken: with two samples, a fine file system is taken
+/// for a coarse one about once in 10^12 opens, and then only rests its spares longer. A coarse
+/// file system can never show a fine sample.
+pub fn quarantine_for(ctime_nsecs: &[i64]) -> Duration {
+    let granularity = |nsec: i64| {
+        if nsec <= 0 {
+            return Duration::from_secs(2);
+        }
+        let (mut n, mut g) = (nsec as u64, 1u64);
+        while n % 10 == 0 {
+            n /= 10;
+            g *= 10;
+        }
+        Duration::from_nanos(g)
+    };
+    let finest = ctime_nsecs
+        .iter()
+        .map(|n| granularity(*n))
+        .min()
+        .unwrap_or(Duration::from_secs(2));
+    if finest < Duration::from_millis(1) {
+        QUARANTINE
+    } else {
+        finest + QUARANTINE
+    }
+}
 
 /// Bytes of the table's header, which holds the boot id.
 const HEADER: usize = 64;
@@ -60,6 +102,8 @@ pub struct Pool {
     table: File,
     dir: PathBuf,
     boot: &'static str,
+    /// How long a released spare rests before it is rewritten (see [`quarantine_for`]).
+    quarantine: Duration,
 }
 
 /// The slot table: per slot 0 for "no spare", [`IN_USE`] plus a pid while a writer has the spare
@@ -106,20 +150,44 @@ fn slot_free(s: u64) -> bool {
     s == 0 || (s & IN_USE != 0 && !fsio::pid_alive((s & !IN_USE) as i32))
 }
 
-fn slot_rested(s: u64, now: u64) -> bool {
-    s != 0 && s & IN_USE == 0 && now.saturating_sub(s - 1) >= QUARANTINE.as_millis() as u64
+/// Whether slot value `s` is a spare that has rested `quarantine` by `now` (milliseconds).
+fn slot_rested(s: u64, now: u64, quarantine: Duration) -> bool {
+    s != 0 && s & IN_USE == 0 && now.saturating_sub(s - 1) >= quarantine.as_millis() as u64
 }
 
 impl Pool {
     /// Opens the pool whose table is `table` and whose spares live in `dir` (the store's temp
     /// directory, on the objects' file system). `boot` is this machine run's boot id; an empty
     /// one disables reuse (every write allocates, as without a pool).
+    ///
+    /// The quarantine comes from the ctimes of `dir` and of the table, which the file system
+    /// holding the spares recorded (both are in the state directory, and the store renames
+    /// between the temp and the objects directories, which only works within one file system).
     pub fn open(table: &Path, dir: &Path, boot: &'static str) -> io::Result<Pool> {
+        let table = fsio::open_private(table)?;
+        let samples = [
+            table.metadata()?.ctime_nsec(),
+            fs::metadata(dir)?.ctime_nsec(),
+        ];
+        let quarantine = quarantine_for(&samples);
+        if quarantine > Duration::from_millis(100) {
+            tracing::debug!(
+                dir = %dir.display(),
+                ?quarantine,
+                "the file system keeps coarse timestamps; spare inodes rest longer before reuse"
+            );
+        }
         Ok(Pool {
-            table: fsio::open_private(table)?,
+            table,
             dir: dir.to_path_buf(),
             boot,
+            quarantine,
         })
+    }
+
+    /// How long a released spare rests before it is rewritten.
+    pub fn quarantine(&self) -> Duration {
+        self.quarantine
     }
 
     /// Whether `name` (a file name in the temp directory) is one of the pool's spares.
@@ -201,21 +269,24 @@ impl Pool {
         let mut table = self.load()?;
         let now = boottime_ms();
         let mine = in_use_by_me();
-        let (path, slot, file) =
-            if let Some(k) = table.slots.iter().position(|s| slot_rested(*s, now)) {
-                let path = self.spare_path(k);
-                let file = reopen_spare(&path).or_else(|_| create_empty(&path));
-                (path, Some(k), file)
-            } else if let Some(k) = table.slots.iter().position(|s| slot_free(*s)) {
-                let path = self.spare_path(k);
-                // A free slot should have no file; one left by a crashed writer is replaced.
-                let file = create_empty(&path);
-                (path, Some(k), file)
-            } else {
-                let path = fsio::temp_path(&self.dir);
-                let file = create_empty(&path);
-                (path, None, file)
-            };
+        let (path, slot, file) = if let Some(k) = table
+            .slots
+            .iter()
+            .position(|s| slot_rested(*s, now, self.quarantine))
+        {
+            let path = self.spare_path(k);
+            let file = reopen_spare(&path).or_else(|_| create_empty(&path));
+            (path, Some(k), file)
+        } else if let Some(k) = table.slots.iter().position(|s| slot_free(*s)) {
+            let path = self.spare_path(k);
+            // A free slot should have no file; one left by a crashed writer is replaced.
+            let file = create_empty(&path);
+            (path, Some(k), file)
+        } else {
+            let path = fsio::temp_path(&self.dir);
+            let file = create_empty(&path);
+            (path, None, file)
+        };
         if let (Some(k), Ok(_)) = (slot, &file) {
             table.slots[k] = mine;
             self.save(&table)?;
@@ -709,6 +780,43 @@ mod tests {
         rest();
         p.write(&target, b"three", true, true).unwrap();
         assert_eq!(fs::read(&other).unwrap(), b"one");
+        assert_eq!(fs::read(&target).unwrap(), b"three");
+    }
+
+    #[test]
+    fn spares_rest_past_the_timestamp_granularity_the_file_systems_ctimes_show() {
+        let ms = Duration::from_millis;
+        // Nanosecond timestamps (ext4 with large inodes, tmpfs, xfs, btrfs).
+        assert_eq!(quarantine_for(&[123_456_789, 987_654_320]), QUARANTINE);
+        // Whole seconds (ext4 with 128-byte inodes): past 2 s, in case they are FAT's 2 s.
+        assert_eq!(quarantine_for(&[0, 0]), ms(2000) + QUARANTINE);
+        assert!(quarantine_for(&[0, 0]) > ms(1000) + QUARANTINE);
+        // Hundredths of a second.
+        assert_eq!(
+            quarantine_for(&[730_000_000, 10_000_000]),
+            ms(10) + QUARANTINE
+        );
+        // One fine sample shows a fine file system; a round one was chance.
+        assert_eq!(quarantine_for(&[0, 123_456_789]), QUARANTINE);
+        assert_eq!(quarantine_for(&[]), ms(2000) + QUARANTINE);
+    }
+
+    #[test]
+    fn a_spare_is_not_reused_before_the_pools_quarantine_for_a_coarse_file_system() {
+        let d = tempfile::tempdir().unwrap();
+        let mut p = pool(d.path());
+        p.quarantine = quarantine_for(&[0, 0]);
+        let target = d.path().join("x.json");
+        p.write(&target, b"one", true, false).unwrap();
+        let first = inode(&target);
+        p.write(&target, b"two", true, true).unwrap();
+        rest();
+        p.write(&target, b"three", true, true).unwrap();
+        assert_ne!(
+            inode(&target),
+            first,
+            "reused within the file system's tick"
+        );
         assert_eq!(fs::read(&target).unwrap(), b"three");
     }
 

@@ -1,6 +1,20 @@
 use super::*;
 use crate::resources::{Agent, AgentSpec, Task, TaskSpec};
+use std::cell::RefCell;
 use std::os::unix::fs::PermissionsExt;
+
+thread_local! {
+    /// Run once by the next update on this thread between the two holds of the store lock (see
+    /// `Store::put_in_place`): where another writer may slip in.
+    static BETWEEN_HOLDS: RefCell<Option<Box<dyn FnOnce()>>> = const { RefCell::new(None) };
+}
+
+/// The test seam `Store::put_in_place` calls between its holds.
+pub(super) fn between_holds() {
+    if let Some(f) = BETWEEN_HOLDS.with(|h| h.borrow_mut().take()) {
+        f();
+    }
+}
 
 fn agent(name: &str) -> Agent {
     Agent::new("Agent", name, AgentSpec::default())
@@ -105,7 +119,7 @@ fn an_object_file_made_by_hand_with_other_permissions_passes_none_on_through_its
     let mut changed = a.clone();
     changed.spec.max_concurrency = 7;
     store.update(&changed).unwrap();
-    std::thread::sleep(spares::QUARANTINE * 2);
+    std::thread::sleep(quarantine(&store) * 2);
     store.create(&agent("b")).unwrap();
     let b = store.kind_dir("agents").join("b.json");
     let m = fs::metadata(&b).unwrap();
@@ -377,4 +391,203 @@ fn concurrent_status_patches_of_one_object_lose_no_update() {
         .patch_status::<Agent>("absent", |_| unreachable!("no object, no call"))
         .unwrap()
         .is_none());
+}
+
+/// How long a spare released by `store` rests before it is rewritten.
+fn quarantine(store: &Store) -> Duration {
+    let w = store.inner.writer.as_ref().expect("a writable store");
+    let state = w.state.lock().unwrap();
+    state.spares.quarantine()
+}
+
+#[test]
+fn an_update_is_a_conflict_when_a_newer_version_came_back_in_the_same_inode_with_the_same_ctime() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let other = Store::open(dir.path()).unwrap();
+    let a = store.create(&agent("a")).unwrap();
+    let path = store.object_path("agents", "a");
+    let first_inode = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&path).unwrap());
+    // A file system with whole-second ctimes, and writes within one second of each other.
+    fsio::tests::CTIME_FROZEN.set(true);
+    let rest = quarantine(&other) * 2;
+    let writer = other.clone();
+    let inode_path = path.clone();
+    BETWEEN_HOLDS.with(|h| {
+        *h.borrow_mut() = Some(Box::new(move || {
+            // Another writer updates twice: the first update puts the read version's inode in
+            // the spare pool, the second (after its rest) rewrites it and exchanges it back in.
+            for n in [2, 3] {
+                let mut cur = writer.get::<Agent>("a").unwrap();
+                cur.spec.max_concurrency = n;
+                writer.update(&cur).unwrap();
+                std::thread::sleep(rest);
+            }
+            assert_eq!(
+                std::os::unix::fs::MetadataExt::ino(&fs::metadata(&inode_path).unwrap()),
+                first_inode,
+                "the read version's inode is back at the path (else this test shows nothing)"
+            );
+        }))
+    });
+    let mut stale = a.clone();
+    stale.spec.max_concurrency = 9;
+    let result = store.update(&stale);
+    fsio::tests::CTIME_FROZEN.set(false);
+    let stored = store.get::<Agent>("a").unwrap();
+    assert!(
+        matches!(&result, Err(e) if e.is_conflict()),
+        "the update of a version since replaced must be a Conflict: {result:?}"
+    );
+    assert_eq!(stored.spec.max_concurrency, 3);
+    assert!(stored.revision() > a.revision() + 1);
+}
+
+#[test]
+fn the_resource_version_is_read_from_an_object_file_without_building_the_object() {
+    let rv = |s: &str| resource_version_in(s.as_bytes());
+    assert_eq!(
+        rv(r#"{"apiVersion": "v", "metadata": {"name": "a", "resourceVersion": "42"}, "spec": {"x": [1, {"y": null}]}}"#).as_deref(),
+        Some("42")
+    );
+    assert_eq!(rv(r#"{"metadata": {"name": "a"}}"#).as_deref(), Some(""));
+    assert_eq!(
+        rv(r#"{"metadata": {"resourceVersion": 42}}"#).as_deref(),
+        Some(""),
+        "not a string: as the first hold reads it"
+    );
+    assert_eq!(
+        rv(r#"{"metadata": {"resourceVersion": "1"}, "metadata": {"resourceVersion": "2"}}"#)
+            .as_deref(),
+        Some("2"),
+        "the last of repeated keys, as serde_json's Value keeps it"
+    );
+    assert_eq!(rv("[1, 2]"), None);
+    assert_eq!(rv(r#"{"metadata": {"#), None);
+}
+
+#[test]
+fn a_lost_revision_counter_goes_on_after_every_stored_resource_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let counter = dir.path().join("revision");
+    let a = store.create(&agent("a")).unwrap();
+    let spec = TaskSpec {
+        queue: Some("q".into()),
+        ..Default::default()
+    };
+    store.create(&Task::new("Task", "t", spec)).unwrap();
+    let mut a2 = a.clone();
+    a2.spec.max_concurrency = 4;
+    let a2 = store.update(&a2).unwrap();
+    store.create(&agent("doomed")).unwrap();
+    store.delete::<Agent>("doomed", None).unwrap();
+    let highest = a2.revision();
+
+    // Truncated under an open store.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&counter)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    assert_eq!(store.revision().unwrap(), highest, "a list's revision too");
+    let b = store.create(&agent("b")).unwrap();
+    assert!(b.revision() > highest, "{} after {highest}", b.revision());
+
+    // Removed, and the store opened again.
+    fs::remove_file(&counter).unwrap();
+    let reopened = Store::open(dir.path()).unwrap();
+    let c = reopened.create(&agent("c")).unwrap();
+    assert!(
+        c.revision() > b.revision(),
+        "{} after {}",
+        c.revision(),
+        b.revision()
+    );
+
+    // Overwritten with garbage.
+    fs::write(&counter, "not a counter").unwrap();
+    let mut b2 = b.clone();
+    b2.spec.max_concurrency = 2;
+    let b2 = reopened.update(&b2).unwrap();
+    assert!(
+        b2.revision() > c.revision(),
+        "{} after {}",
+        b2.revision(),
+        c.revision()
+    );
+}
+
+#[test]
+fn opening_and_writing_make_the_stores_own_directories_and_files_private_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("s");
+    let store = Store::open(&root).unwrap();
+    store.create(&agent("a")).unwrap();
+    drop(store);
+    let mode = |p: &str| {
+        fs::symlink_metadata(root.join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    let set =
+        |p: &str, m: u32| fs::set_permissions(root.join(p), fs::Permissions::from_mode(m)).unwrap();
+    // Made or loosened by hand, or by an older version.
+    for d in [".", "objects", "objects/agents", "tmp"] {
+        set(d, 0o755);
+    }
+    for f in ["revision", "store.lock", "spares", "objects/agents/a.json"] {
+        set(f, 0o644);
+    }
+    fs::write(root.join("notes.txt"), "mine").unwrap();
+    set("notes.txt", 0o644);
+    fs::create_dir(root.join("objects/queues")).unwrap();
+    set("objects/queues", 0o750);
+
+    let store = Store::open(&root).unwrap();
+    for d in [".", "objects", "objects/agents", "objects/queues", "tmp"] {
+        assert_eq!(mode(d), 0o700, "{d}");
+    }
+    for f in ["revision", "store.lock", "spares"] {
+        assert_eq!(mode(f), 0o600, "{f}");
+    }
+    assert_eq!(mode("notes.txt"), 0o644, "not the store's");
+    assert_eq!(
+        mode("objects/agents/a.json"),
+        0o644,
+        "an object is left as it is"
+    );
+
+    // A kind directory loosened while the store is open is made private by the next write to it.
+    set("objects/queues", 0o755);
+    let q = serde_json::json!({
+        "apiVersion": "tinyscheduler.io/v1alpha1",
+        "kind": "Queue",
+        "metadata": {"name": "q"},
+        "spec": {"source": "local"}
+    });
+    store.create_raw("queues", &q).unwrap();
+    assert_eq!(mode("objects/queues"), 0o700);
+}
+
+#[test]
+fn a_store_directory_of_another_user_keeps_its_mode() {
+    if !nix::unistd::geteuid().is_root() {
+        return; // only root can give a directory away
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("s");
+    Store::open(&root).unwrap();
+    let kind = root.join("objects/agents");
+    fs::create_dir(&kind).unwrap();
+    fs::set_permissions(&kind, fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&kind, Some(4_000_000), None).unwrap();
+    Store::open(&root).unwrap();
+    assert_eq!(
+        fs::metadata(&kind).unwrap().permissions().mode() & 0o7777,
+        0o755
+    );
 }

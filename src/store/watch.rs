@@ -1,6 +1,7 @@
-//! Watching one kind: inotify (through `notify`) says which files changed; a periodic relist
-//! catches anything inotify dropped or overflowed. Events are diffs against the revisions the
-//! watcher already knows, so every change since the starting list is delivered, in order per object.
+//! Watching one kind: inotify on the kind's directory (raw `inotify(7)` through `nix`, see
+//! `inotify`) says which files changed; a periodic relist catches anything inotify dropped or
+//! overflowed. Events are diffs against the revisions the watcher already knows, so every change
+//! since the starting list is delivered, in order per object.
 
 use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
@@ -171,10 +172,25 @@ impl<K: Resource> Watcher_<K> {
         let _ = self.tx.send(ev);
     }
 
-    /// Re-reads one object's file and emits whatever changed.
+    /// Re-reads one object's file and emits whatever changed. A `stat` that fails other than with
+    /// "no such file" says nothing of whether the object is there: the object is left as it is
+    /// known, and the next rescan looks again (its file's version still differs from the known
+    /// one if it changed).
     fn check(&mut self, name: &str) {
         let path = self.dir.join(format!("{name}.json"));
-        self.check_version(name, FileId::at(&path).ok().flatten())
+        match FileId::at(&path) {
+            Ok(file) => self.check_version(name, file),
+            Err(e) => self.skip(name, &e),
+        }
+    }
+
+    /// Leaves `name` as it is known this round: its file could not be looked at (`e`).
+    fn skip(&self, name: &str, e: &std::io::Error) {
+        tracing::warn!(
+            path = %self.dir.join(format!("{name}.json")).display(),
+            error = %e,
+            "cannot look at an object file; keeping what is known of it until the next rescan"
+        );
     }
 
     /// Like [`Self::check`] with the file's version already known (`None`: there is no file).
@@ -240,17 +256,48 @@ impl<K: Resource> Watcher_<K> {
                 return;
             }
         };
+        let scan = entries.filter_map(|entry| {
+            entry
+                .map(|entry| {
+                    let name = object_name_of(&entry.path())?;
+                    let file = match entry.metadata() {
+                        Ok(m) => Ok(Some(FileId::of(&m))),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                        Err(e) => Err(e),
+                    };
+                    Some((name, file))
+                })
+                .transpose()
+        });
+        self.rescan(scan);
+    }
+
+    /// The second half of [`Self::relist`]: takes what the directory scan found, per object file
+    /// its name and version (`None`: gone since the directory was read), and reports what changed.
+    /// A file whose `stat` failed is left as it is known; a scan that failed partway reports
+    /// nothing gone (a name it did not reach may well be there) and an error, after which the
+    /// caller lists the store again.
+    fn rescan(
+        &mut self,
+        scan: impl Iterator<Item = std::io::Result<(String, std::io::Result<Option<FileId>>)>>,
+    ) {
         let mut seen = HashSet::new();
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Some(name) = object_name_of(&path) else {
-                continue;
+        for entry in scan {
+            let (name, file) = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    self.send(WatchEvent::Error(format!(
+                        "{}: reading the directory: {e}",
+                        self.dir.display()
+                    )));
+                    return;
+                }
             };
-            let file = entry.metadata().map(|m| FileId::of(&m)).ok();
             seen.insert(name.clone());
             match (self.known.get(&name), file) {
-                (Some(k), Some(i)) if k.file == i => {}
-                _ => self.check_version(&name, file),
+                (Some(k), Ok(Some(i))) if k.file == i => {}
+                (_, Ok(file)) => self.check_version(&name, file),
+                (_, Err(e)) => self.skip(&name, &e),
             }
         }
         let gone: Vec<String> = self
@@ -262,5 +309,83 @@ impl<K: Resource> Watcher_<K> {
         for n in gone {
             self.check_version(&n, None);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::Agent;
+    use std::io;
+
+    /// A watcher of `dir` that knows objects `a` and `b` at revision 1, and its event channel.
+    fn watcher(dir: PathBuf) -> (Watcher_<Agent>, mpsc::UnboundedReceiver<WatchEvent<Agent>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let known = ["a", "b"]
+            .into_iter()
+            .map(|n| {
+                let k = Known {
+                    revision: 1,
+                    file: FileId::default(),
+                };
+                (n.to_string(), k)
+            })
+            .collect();
+        let w = Watcher_ {
+            dir,
+            known,
+            reported: HashMap::new(),
+            tx,
+            _k: PhantomData,
+        };
+        (w, rx)
+    }
+
+    fn events(rx: &mut mpsc::UnboundedReceiver<WatchEvent<Agent>>) -> Vec<String> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|ev| match ev {
+                WatchEvent::Added(o) => format!("added {}", o.metadata.name),
+                WatchEvent::Modified(o) => format!("modified {}", o.metadata.name),
+                WatchEvent::Deleted { name, .. } => format!("deleted {name}"),
+                WatchEvent::Error(_) => "error".to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_looked_at_is_not_reported_deleted() {
+        let d = tempfile::tempdir().unwrap();
+        // Every stat below the "directory" fails with ENOTDIR, not with "no such file".
+        let not_a_dir = d.path().join("agents");
+        std::fs::write(&not_a_dir, b"").unwrap();
+        let (mut w, mut rx) = watcher(not_a_dir);
+        w.check("a");
+        assert_eq!(events(&mut rx), Vec::<String>::new());
+        assert!(w.known.contains_key("a"));
+    }
+
+    #[test]
+    fn a_rescan_reports_nothing_gone_for_a_stat_error_or_a_directory_read_that_failed_partway() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut w, mut rx) = watcher(d.path().to_path_buf());
+        let eio = || io::Error::from_raw_os_error(nix::libc::EIO);
+        // `a`'s stat failed; the directory read failed before it reached `b`.
+        w.rescan([Ok(("a".to_string(), Err(eio()))), Err(eio())].into_iter());
+        assert_eq!(events(&mut rx), ["error"]);
+        assert!(w.known.contains_key("a") && w.known.contains_key("b"));
+        // A whole scan in which `a`'s stat failed and `b` is missing: only `b` is gone.
+        w.rescan([Ok(("a".to_string(), Err(eio())))].into_iter());
+        assert_eq!(events(&mut rx), ["deleted b"]);
+        assert!(w.known.contains_key("a"));
+    }
+
+    #[test]
+    fn a_rescan_reports_a_file_gone_between_the_directory_read_and_its_stat() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut w, mut rx) = watcher(d.path().to_path_buf());
+        w.rescan([Ok(("a".to_string(), Ok(None)))].into_iter());
+        let mut got = events(&mut rx);
+        got.sort();
+        assert_eq!(got, ["deleted a", "deleted b"]);
     }
 }
