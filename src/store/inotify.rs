@@ -51,6 +51,8 @@ pub struct DirWatch {
     fd: AsyncFd<Fd>,
     dir: PathBuf,
     wd: Option<WatchDescriptor>,
+    /// Device and inode of the directory the watch was added to.
+    watched: Option<(u64, u64)>,
 }
 
 impl DirWatch {
@@ -66,6 +68,7 @@ impl DirWatch {
             fd,
             dir: dir.to_path_buf(),
             wd: None,
+            watched: None,
         })
     }
 
@@ -75,7 +78,17 @@ impl DirWatch {
             let _ = self.fd.get_ref().0.rm_watch(wd);
         }
         self.wd = Some(self.fd.get_ref().0.add_watch(&self.dir, mask())?);
+        // Looked at after the watch was added: a directory swapped in between is caught by the
+        // next look at [`DirWatch::is_current`].
+        self.watched = identity(&self.dir);
         Ok(())
+    }
+
+    /// Whether the directory at the path is still the one watched. A directory whose *parent*
+    /// was moved away and replaced (`mv objects objects.old; mv objects.new objects`) sends no
+    /// event to its watch, which goes on watching the old one: only looking at the path tells.
+    pub fn is_current(&self) -> bool {
+        self.wd.is_some() && self.watched.is_some() && identity(&self.dir) == self.watched
     }
 
     /// Whether the directory is being watched (it stops being when it is deleted or moved).
@@ -137,10 +150,36 @@ impl DirWatch {
     }
 }
 
+/// Device and inode of `dir`, if it can be looked at.
+fn identity(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_directory_replaced_by_moving_its_parent_is_not_current_until_watched_again() {
+        let d = tempfile::tempdir().unwrap();
+        let (objects, dir) = (d.path().join("objects"), d.path().join("objects/tasks"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut w = DirWatch::new(&dir).unwrap();
+        w.watch().unwrap();
+        assert!(w.is_current());
+        // A copy of the tree swapped in: the watched directory itself never moved.
+        std::fs::create_dir_all(d.path().join("objects.new/tasks")).unwrap();
+        std::fs::rename(&objects, d.path().join("objects.old")).unwrap();
+        std::fs::rename(d.path().join("objects.new"), &objects).unwrap();
+        assert!(w.is_watching(), "no event tells the watch");
+        assert!(!w.is_current(), "but the path names another directory now");
+        w.watch().unwrap();
+        assert!(w.is_current());
+        std::fs::write(dir.join("d.json"), "{}").unwrap();
+        until(&mut w, |c| c.names.contains("d")).await;
+    }
 
     /// Collects changes until `done` holds for everything collected (10 s at most).
     async fn until(w: &mut DirWatch, done: impl Fn(&Changes) -> bool) -> Changes {

@@ -156,7 +156,15 @@ impl Store {
                             watching = false;
                         }
                     },
-                    _ = relist.tick() => w.relist(),
+                    _ = relist.tick() => {
+                        // A directory swapped in under the watch (its parent replaced) sends no
+                        // event: found here, it is watched from now on.
+                        if !inotify.is_current() {
+                            tracing::info!(dir = %w.dir.display(), "the directory was replaced; watching the new one");
+                            watching = inotify.watch().is_ok();
+                        }
+                        w.relist();
+                    }
                 }
                 if w.tx.is_closed() {
                     return;
