@@ -97,6 +97,9 @@ pub struct Settings {
     pub retry_max: Setting<Duration>,
     /// Time between SIGTERM and SIGKILL when a run's process group is ended.
     pub kill_grace: Setting<Duration>,
+    /// Workers of each controller that works on many keys at once (lease, reclaim, tinytask
+    /// sync); assignment and status always have one.
+    pub workers: Setting<u64>,
     pub agent_limits: Setting<BTreeMap<String, u32>>,
     pub agent_control_file: Setting<Option<PathBuf>>,
     /// The `.env` file that was read, if any.
@@ -499,6 +502,18 @@ pub fn resolve(
         crate::agent::shim::KILL_GRACE_ENV,
         crate::agent::shim::DEFAULT_KILL_GRACE,
     )?;
+    const WORKERS: &str = "TINYSCHEDULER_WORKERS";
+    let workers = match lookup(WORKERS) {
+        None => setting(DEFAULT_WORKERS, Source::Default, WORKERS, None),
+        Some((v, s)) => match v.trim().parse::<u64>() {
+            Ok(n) if (1..=MAX_WORKERS).contains(&n) => setting(n, s, WORKERS, None),
+            _ => {
+                return Err(ConfigError(format!(
+                    "{WORKERS}: expected a whole number from 1 to {MAX_WORKERS}, got {v:?}"
+                )))
+            }
+        },
+    };
     // A retry never follows a failure at once (invariant 6), and the cap is a cap.
     if retry_base.value < MIN_RETRY_BASE {
         return Err(ConfigError(format!(
@@ -584,12 +599,18 @@ pub fn resolve(
         retry_base,
         retry_max,
         kill_grace,
+        workers,
         agent_limits,
         agent_control_file,
         env_file: dotenv.map(|d| d.path.clone()),
         ignored,
     })
 }
+
+/// Default [`Settings::workers`] (`TINYSCHEDULER_WORKERS`).
+pub const DEFAULT_WORKERS: u64 = 4;
+/// The most workers a controller may have: each is a thread of its own.
+pub const MAX_WORKERS: u64 = 64;
 
 /// The shortest first retry delay (`TINYSCHEDULER_RETRY_BASE_SEC`).
 pub const MIN_RETRY_BASE: Duration = Duration::from_millis(100);
@@ -755,6 +776,7 @@ impl Settings {
                 &self.kill_grace,
                 seconds_json(self.kill_grace.value),
             ),
+            row("workers", &self.workers, json!(self.workers.value)),
             row(
                 "agent_limits",
                 &self.agent_limits,

@@ -132,7 +132,7 @@ impl Scheduler {
             .waits_for(&ctx.tasks)
             .waits_for(&ctx.agents)
             .waits_for(&ctx.queues)
-            .workers(4)
+            .workers(ctx.settings.workers)
             .worker_threads();
         queues.push(("lease", c.queue()));
         tasks.spawn(c.run(
@@ -151,7 +151,7 @@ impl Scheduler {
             .watches(&ctx.tasks, move |t: &Task| {
                 reclaim::leases_of_task(t, |name| leases.get(name).is_some())
             })
-            .workers(4)
+            .workers(ctx.settings.workers)
             .worker_threads();
         queues.push(("reclaim", c.queue()));
         tasks.spawn(c.run(
@@ -225,7 +225,7 @@ impl Scheduler {
                 Duration::from_millis(500),
                 tinytask_sync::MAX_BACKOFF,
             ))
-            .workers(4);
+            .workers(ctx.settings.workers);
         queues.push(("tinytask-sync", c.queue()));
         tasks.spawn(c.run(
             // Its HTTP calls are async, but its store writes block (the store lock, fsyncs): like

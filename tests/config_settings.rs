@@ -363,6 +363,14 @@ fn settings_read_outside_the_table_are_checked_and_named_too() {
              file",
         ),
         (
+            &[("TINYSCHEDULER_WORKERS", "0")],
+            "error: TINYSCHEDULER_WORKERS: expected a whole number from 1 to 64, got \"0\"",
+        ),
+        (
+            &[("TINYSCHEDULER_WORKERS", "65")],
+            "error: TINYSCHEDULER_WORKERS: expected a whole number from 1 to 64, got \"65\"",
+        ),
+        (
             &[("TINYSCHEDULER_HTTP_ADDR", "bogus")],
             "error: TINYSCHEDULER_HTTP_ADDR: invalid HTTP listen address \"bogus\": want \
              HOST:PORT, e.g. 127.0.0.1:9464",

@@ -1053,6 +1053,46 @@ fn an_invalid_log_level_exits_1_with_a_clear_error_and_creates_nothing() {
 }
 
 #[test]
+fn tinyscheduler_workers_sets_how_many_threads_the_lease_and_reclaim_controllers_run() {
+    let w = World::new();
+    let err = w.path().join("workers.err");
+    let mut child = command(w.path(), &["run", "--daemon"])
+        .env("TINYSCHEDULER_WORKERS", "2")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let threads = |prefix: &str| -> Vec<String> {
+        let dir = format!("/proc/{}/task", child.id());
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                    .map(|c| c.trim().to_string())
+                    .filter(|c| c.starts_with(prefix))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let deadline = Instant::now() + LONG;
+    while !std::fs::read_to_string(&err).is_ok_and(|e| e.contains("scheduler running")) {
+        assert!(
+            Instant::now() < deadline,
+            "not running: {:?}",
+            std::fs::read_to_string(&err)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (lease, reclaim) = (threads("lease-"), threads("reclaim-"));
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    let _ = child.wait();
+    assert_eq!(lease, ["lease-0", "lease-1"]);
+    assert_eq!(reclaim, ["reclaim-0", "reclaim-1"]);
+}
+
+#[test]
 fn run_once_whose_store_cannot_be_listed_fails_at_once_naming_the_kind_and_the_path() {
     let w = World::new();
     // The Task list fails for as long as this is a file, not a directory.

@@ -69,6 +69,7 @@ fn controller_settings(g: &Globals, dry_run: bool) -> Result<Settings, CliError>
         retry_cap: c.retry_max.value,
         kill_grace: c.kill_grace.value,
         tinytask_endpoint: c.tinytask_endpoint.value,
+        workers: c.workers.value as usize,
         ..Settings::default()
     })
 }

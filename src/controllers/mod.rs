@@ -53,6 +53,8 @@ pub struct Settings {
     /// since it may exit before any delay passes. Tasks from tinytask are always mirrored at once:
     /// their claim on the server is keyed on the Task showing its Lease.
     pub mirror_delay: Duration,
+    /// Workers of the lease, reclaim and tinytask sync controllers (`TINYSCHEDULER_WORKERS`).
+    pub workers: usize,
 }
 
 /// Default [`Settings::retry_base`] (`TINYSCHEDULER_RETRY_BASE_SEC`).
@@ -75,6 +77,7 @@ impl Default for Settings {
             host: crate::agent::hostname(),
             tinytask_endpoint: crate::tinytask::DEFAULT_ENDPOINT.to_string(),
             mirror_delay: Duration::ZERO,
+            workers: crate::config::DEFAULT_WORKERS as usize,
         }
     }
 }
