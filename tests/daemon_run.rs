@@ -1092,13 +1092,18 @@ fn tinyscheduler_workers_sets_how_many_threads_the_lease_and_reclaim_controllers
     assert_eq!(reclaim, ["reclaim-0", "reclaim-1"]);
 }
 
-#[test]
-fn run_once_whose_store_cannot_be_listed_fails_at_once_naming_the_kind_and_the_path() {
-    let w = World::new();
-    // The Task list fails for as long as this is a file, not a directory.
+/// Makes the Task list fail for as long as `objects/tasks` is a file, not a directory; its path.
+fn tasks_not_a_directory(w: &World) -> PathBuf {
     let tasks = w.path().join("state/objects/tasks");
     let _ = std::fs::remove_dir_all(&tasks);
     std::fs::write(&tasks, "not a directory").unwrap();
+    tasks
+}
+
+#[test]
+fn run_once_whose_store_cannot_be_listed_fails_at_once_naming_the_kind_and_the_path() {
+    let w = World::new();
+    let tasks = tasks_not_a_directory(&w);
     let mut child = command(w.path(), &["run", "--once"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1128,10 +1133,7 @@ fn run_once_whose_store_cannot_be_listed_fails_at_once_naming_the_kind_and_the_p
 #[test]
 fn sigterm_while_the_caches_cannot_load_stops_the_daemon_with_0() {
     let w = World::new();
-    // The Task informer's list fails for as long as this is a file, not a directory.
-    let tasks = w.path().join("state/objects/tasks");
-    let _ = std::fs::remove_dir_all(&tasks);
-    std::fs::write(&tasks, "not a directory").unwrap();
+    tasks_not_a_directory(&w);
     let mut systemd = Systemd::new();
     let mut d = Daemon::start(w.path(), Some(&systemd), &[]);
     // Up (the lock held, the Task list failing) but never ready.
