@@ -80,6 +80,54 @@ fn an_always_failing_task_is_retried_with_growing_delays_then_fails() {
 }
 
 #[test]
+fn an_over_time_agent_whose_children_left_its_group_is_ended_with_them_before_the_retry() {
+    let mut s = Sched::new();
+    s.queue("default");
+    // Attempt 1 leaves two processes outside its process group: one in a session of its own
+    // (`setsid`), one that also dropped the run's environment (`env -i`) but still writes to the
+    // run's log. Attempt 2 looks whether they still live.
+    let script = r#"
+if [ "$TINYSCHEDULER_ATTEMPT" = 1 ]; then
+  setsid sh -c 'echo $$ >> "$OUT/escaped"; exec sleep 300' &
+  setsid env -i sh -c 'sleep 300 & echo $! >> "$1/escaped"; wait' sh "$OUT" &
+  sleep 300
+else
+  for p in $(cat "$OUT/escaped"); do
+    if alive $p; then echo "alive $p" >> "$OUT/overlap"; fi
+  done
+  echo checked >> "$OUT/second"
+fi"#;
+    s.agent_with("hung", 1, &format!("{ALIVE}{script}"), |a| {
+        a.max_runtime_seconds = 1
+    });
+    s.task_with("slow", |t| t.max_retries = 1);
+    let r = s.run(&["run", "--once", "--wait"]);
+    let escaped = pids_in(&s.out("escaped"));
+    for p in &escaped {
+        if running(*p) {
+            s.keep_pid(*p);
+        }
+    }
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(escaped.len(), 2, "{escaped:?}");
+    assert_eq!(s.lines("second"), ["checked"], "the second attempt ran");
+    assert_eq!(
+        s.read_out("overlap"),
+        "",
+        "the retry started while processes of the first attempt lived"
+    );
+    for p in &escaped {
+        assert!(!running(*p), "pid {p} of the first attempt survived");
+    }
+    let d = s.run(&["describe", "task", "slow"]);
+    assert!(
+        d.stdout.contains("outside the agent's group"),
+        "{}",
+        d.stdout
+    );
+}
+
+#[test]
 fn an_over_time_agent_that_ignores_sigterm_is_killed_with_its_grandchildren_before_the_retry() {
     let s = Sched::new();
     s.queue("default");

@@ -191,19 +191,32 @@ fn run_environ(lease: &str, attempt: i64) -> [String; 2] {
 }
 
 /// Whether process group `pgid` still has a member of one run: a process with the run's Lease and
-/// attempt in its environment (what the shim gave the agent; its children inherit it). Asked of a
-/// run whose agent has exited, so that what it left in its group is found, and a group number
-/// that something else has taken since is not. An error: `/proc` could not be read (out of file
-/// descriptors, say), so nothing can be said.
-pub fn group_has_run(pgid: i32, lease: &str, attempt: i64) -> io::Result<bool> {
+/// attempt in its environment (what the shim gave the agent; its children inherit it), or with
+/// the run's log (`log`) as its stdout or stderr (a child started with an environment of its own,
+/// `env -i`, still writes there). Asked of a run whose agent has exited, so that what it left in
+/// its group is found, and a group number that something else has taken since is not. An error:
+/// `/proc` could not be read (out of file descriptors, say), so nothing can be said.
+pub fn group_has_run(pgid: i32, lease: &str, attempt: i64, log: &Path) -> io::Result<bool> {
     if pgid <= 1 {
         return Ok(false);
     }
     let wanted = run_environ(lease, attempt);
+    // The path the kernel shows for the open file: symlinks resolved. No log, no match by it.
+    let log = match fs::canonicalize(log) {
+        Ok(l) => Some(l),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENOTDIR) => None,
+        Err(e) => return Err(e),
+    };
     let members = scan_group(pgid).ok_or_else(unreadable_proc)?;
     for pid in members {
         if environ_has(pid, &wanted)? {
             return Ok(true);
+        }
+        if let Some(log) = &log {
+            if writes_to(pid, log)? {
+                return Ok(true);
+            }
         }
     }
     Ok(false)
@@ -213,26 +226,28 @@ fn unreadable_proc() -> io::Error {
     io::Error::other("/proc could not be read whole")
 }
 
-/// The process groups of the agents of one run that no Lease names: a shim killed before its
-/// first write started the agent but never recorded its pid. Such a process is found by what the
-/// shim gave it: the run's Lease and attempt in its environment (`TINYSCHEDULER_LEASE`,
-/// `TINYSCHEDULER_ATTEMPT`, which its children inherit too) and the run's log file as its stdout or
-/// stderr — the log's path names the state directory, so another scheduler's run of a task with the
-/// same name is never taken for it. A process that closed both, or whose `/proc` entries this
-/// process may not read, is not found; zombies and the caller's own group are left out. An
-/// error: `/proc` could not be read (out of file descriptors, say), so none can be ruled out.
-pub fn groups_of_unrecorded_run(lease: &str, attempt: i64, log: &Path) -> io::Result<Vec<i32>> {
+/// The process groups of the processes of one run that its Lease does not name: the agent of a
+/// shim killed before its first write (which started the agent but never recorded its pid), and
+/// what an agent started outside its own group (`setsid`, a double fork). Such a process is found
+/// by what the shim gave the agent and its children inherit: the run's log file as its stdout or
+/// stderr. The log's path names the state directory, the task and the attempt, so no other run,
+/// not even another scheduler's run of a task with the same name, is taken for it, and a child
+/// that dropped the run's environment (`env -i`) is still found; the shim itself writes its
+/// lines to the log through another descriptor. A process that closed both, or whose `/proc`
+/// entries this process may not read, is not found; zombies and the caller's own group are left
+/// out. An error: `/proc` could not be read (out of file descriptors, say), so none can be ruled
+/// out.
+pub fn groups_of_unrecorded_run(log: &Path) -> io::Result<Vec<i32>> {
     // The path the kernel shows for the open file: symlinks resolved. No log file, no agent.
     let log = match fs::canonicalize(log) {
         Ok(l) => l,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
-    let wanted = run_environ(lease, attempt);
     let own = nix::unistd::getpgrp().as_raw();
     let mut groups = Vec::new();
     for pid in proc_pids()? {
-        if !writes_to(pid, &log)? || !environ_has(pid, &wanted)? {
+        if !writes_to(pid, &log)? {
             continue;
         }
         // A process that matched and then went is gone; any other failure (out of file
@@ -380,8 +395,8 @@ mod tests {
                     }
                     let code = i32::from(is_alive(parent, st))
                         | i32::from(group_alive(pgid)) << 1
-                        | i32::from(groups_of_unrecorded_run("t", 1, &log).is_err()) << 2
-                        | i32::from(group_has_run(pgid, "t", 1).is_err()) << 3;
+                        | i32::from(groups_of_unrecorded_run(&log).is_err()) << 2
+                        | i32::from(group_has_run(pgid, "t", 1, &log).is_err()) << 3;
                     nix::libc::_exit(code)
                 }
             }

@@ -310,7 +310,7 @@ const LEASE_DELETED: &str = "its Lease was deleted";
 
 /// A Task that shows a Lease that is gone (deleted by hand, `delete lease NAME`) would wait for
 /// its run's result for good (invariant 3). Its run is reclaimed as a Lease's would be: the
-/// agents of the attempt, found by their environment and log, are killed, then the attempt is
+/// agents of the attempt, found by their log, are killed, then the attempt is
 /// failed and retried. Only on the store's word: the cache may be a moment behind a new Lease.
 async fn without_lease(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     let shows = |t: &Task| {
@@ -352,7 +352,7 @@ async fn without_lease(ctx: &Ctx, name: &str) -> Result<Action, Error> {
     if ctx.shim_runs(&task, lease.spec.attempt)? {
         // Waited for only so long: a shim that lives but does not end the run (stopped, frozen,
         // stuck in the kernel) would hold it for good. Past the deadline the run is reclaimed
-        // without it, its agents found by their environment and log as for a shim that died.
+        // without it, its agents found by their log as for a shim that died.
         let waited = shim_waited(ctx, &run);
         let deadline = shim_end_deadline(ctx.settings.kill_grace);
         if waited < deadline {
@@ -495,9 +495,10 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
         // later rather than requeue the task beside a run it could not see.
         let proc_err =
             |e: std::io::Error| Error(format!("lease/{name}: cannot look for its processes: {e}"));
+        let log = log_path(&ctx.state_dir, &lease.spec.task, lease.spec.attempt);
         let left_behind = match (s.pid, s.pgid.filter(|g| *g > 1)) {
             (Some(_), Some(pgid)) if !agent_alive => {
-                group_has_run(pgid, &name, lease.spec.attempt).map_err(proc_err)?
+                group_has_run(pgid, &name, lease.spec.attempt, &log).map_err(proc_err)?
             }
             _ => false,
         };
@@ -515,6 +516,13 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
                 kill_groups(ctx, &name, &[pgid], LEFT_BEHIND, task.as_ref()).await?;
             }
             _ => {}
+        }
+        if s.pid.is_some() {
+            // What left the agent's group (`setsid`, a double fork) still writes to the run's
+            // log: it is ended too, or the next attempt would run beside it (invariants 1 and
+            // 4). The recorded group is over by now, so whatever is found is another.
+            let escaped = unrecorded_groups(ctx, &lease).map_err(proc_err)?;
+            kill_groups(ctx, &name, &escaped, ESCAPED, task.as_ref()).await?;
         }
     }
     record_reclaimed(ctx, &lease, reason, task.as_ref(), started)
@@ -562,6 +570,8 @@ pub const UNRECORDED: &str = "of an agent its shim never recorded ";
 pub const WITHOUT_LEASE: &str = "of an agent whose Lease was deleted ";
 /// How a Killed event names a group whose agent had exited, leaving other processes in it.
 pub const LEFT_BEHIND: &str = "left behind by the exited agent ";
+/// How a Killed event names the group of a process of the run that left the agent's group.
+pub const ESCAPED: &str = "of a process of the run outside the agent's group ";
 
 /// The process groups of agents this Lease's run started that its Lease does not name: a shim
 /// killed before its first write leaves one running. Looked for only when the run's log file
@@ -586,7 +596,7 @@ pub fn unrecorded_groups(ctx: &Ctx, lease: &Lease) -> std::io::Result<Vec<i32>> 
             ))
         }
     }
-    groups_of_unrecorded_run(&lease.metadata.name, lease.spec.attempt, &log)
+    groups_of_unrecorded_run(&log)
 }
 
 /// Ends each process group (SIGTERM, then SIGKILL after the grace) and says so on the Task.

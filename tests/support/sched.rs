@@ -39,6 +39,9 @@ pub struct Sched {
     pub extra_env: Vec<(String, String)>,
     daemons: Vec<Child>,
     others: Vec<Child>,
+    /// Processes that are not this test's children (left behind by an agent), with their start
+    /// times, to kill at the end if still the same process.
+    strays: Vec<(i32, u64)>,
 }
 
 impl Sched {
@@ -58,6 +61,7 @@ impl Sched {
             extra_env: Vec::new(),
             daemons: Vec::new(),
             others: Vec::new(),
+            strays: Vec::new(),
         }
     }
 
@@ -221,6 +225,14 @@ impl Sched {
         self.others.push(child);
     }
 
+    /// Keeps a process that is not a child of the test (an agent's leftover) to kill at the end,
+    /// unless it is gone by then (its pid is checked against its start time first).
+    pub fn keep_pid(&mut self, pid: i32) {
+        if let Some(st) = tinyscheduler::agent::liveness::start_time_of(pid) {
+            self.strays.push((pid, st));
+        }
+    }
+
     /// Waits until every task is Succeeded or Failed.
     pub fn wait_all_finished(&self, timeout: Duration) {
         wait_for("every task to finish", timeout, || {
@@ -251,6 +263,11 @@ impl Drop for Sched {
         for mut c in self.daemons.drain(..).chain(self.others.drain(..)) {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        for (pid, st) in self.strays.drain(..) {
+            if tinyscheduler::agent::liveness::is_alive(pid, st) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
         }
         // Shims of live leases, then every agent's group (each agent leads its own group).
         if let Ok(list) = self.store.list::<Lease>(None) {
