@@ -733,3 +733,45 @@ fn processes_the_agent_leaves_behind_in_its_group_end_with_the_run() {
     assert_eq!(l.status.exit_code, Some(0));
     assert!(l.status.message.unwrap().contains("left in its group"));
 }
+
+#[test]
+fn a_fifo_or_a_hard_link_at_the_log_path_is_refused_and_the_run_recorded_as_not_started() {
+    let s = State::new();
+    let victim = s.dir.path().join("victim.txt");
+    std::fs::write(&victim, "victim original\n").unwrap();
+    for (name, make) in [("ff", "fifo"), ("hl", "hard link")] {
+        let dir = s.path().join("logs").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("1.log");
+        if make == "fifo" {
+            nix::unistd::mkfifo(&log, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        } else {
+            std::fs::hard_link(&victim, &log).unwrap();
+        }
+        s.run_of(name, &["echo", "OUTPUT"]);
+        let mut child = s.shim_cmd(name).spawn().unwrap();
+        let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wait_for("the shim to end", Duration::from_secs(30), || {
+                child.try_wait().unwrap().is_some()
+            })
+        }));
+        if waited.is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the shim hung on a {make} at its log path");
+        }
+        let l = s.get_lease(name).unwrap();
+        assert_eq!(l.status.phase, LeasePhase::Completed, "{make}");
+        assert_eq!(l.status.exit_code, Some(127), "{make}: {:?}", l.status);
+        let msg = l.status.message.unwrap_or_default();
+        assert!(
+            msg.contains("the log must be a file of its own"),
+            "{make}: {msg}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "victim original\n",
+        "nothing was written through the hard link"
+    );
+}

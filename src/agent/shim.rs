@@ -578,17 +578,46 @@ fn home_dir() -> String {
         .unwrap_or_else(|| "/".into())
 }
 
-/// Opens (appending, creating 0600 in 0700 directories) a run's log file.
+/// Opens (appending, creating 0600 in 0700 directories) a run's log file. Only a regular file
+/// with no other name is taken: a symlink (`O_NOFOLLOW`), a FIFO (opened without blocking, so
+/// that a FIFO with no reader does not hang the shim while it holds the run's claim), a device,
+/// or a hard link to a file elsewhere (the agent's output would land in it) is refused.
 fn open_log(path: &Path) -> io::Result<File> {
     if let Some(dir) = path.parent() {
         ensure_private_dir(dir)?;
     }
-    OpenOptions::new()
+    let refuse = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what}; the log must be a file of its own"),
+        )
+    };
+    // Looked at first for a clear message (a FIFO without a reader would fail to open with
+    // "No such device or address"); checked again on what was opened.
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_file() => return Err(refuse("not a regular file")),
+        _ => {}
+    }
+    let file = OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(path)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)?;
+    let m = file.metadata()?;
+    if !m.file_type().is_file() {
+        return Err(refuse("not a regular file"));
+    }
+    if std::os::unix::fs::MetadataExt::nlink(&m) != 1 {
+        return Err(refuse("the file has other names (a hard link)"));
+    }
+    // Back to blocking writes, as the agent expects of its stdout.
+    nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&file),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_APPEND),
+    )
+    .map_err(io::Error::from)?;
+    Ok(file)
 }
 
 /// Starts the agent in its own process group with exactly `env`, stdin from /dev/null and
