@@ -667,7 +667,7 @@ fn start_agent(
 /// execute. `None` when `name` has a slash (it is a path already), when nothing is found (the
 /// caller lets the exec report why), or when a relative or empty PATH entry comes first (that
 /// depends on the working directory the agent will have).
-fn find_in_path(name: &str, path: &str) -> Option<PathBuf> {
+pub fn find_in_path(name: &str, path: &str) -> Option<PathBuf> {
     if name.is_empty() || name.contains('/') {
         return None;
     }
@@ -676,8 +676,7 @@ fn find_in_path(name: &str, path: &str) -> Option<PathBuf> {
             return None;
         }
         let candidate = Path::new(dir).join(name);
-        let is_file = std::fs::metadata(&candidate).is_ok_and(|m| m.is_file());
-        if is_file && nix::unistd::access(&candidate, nix::unistd::AccessFlags::X_OK).is_ok() {
+        if super::spawn::is_executable(&candidate) {
             return Some(candidate);
         }
     }

@@ -154,11 +154,12 @@ pub fn shim_env(vars: impl IntoIterator<Item = (OsString, OsString)>) -> Vec<(Os
         .collect()
 }
 
-/// Whether `p` is a regular file with an execute bit: a program the shim (or an agent's
+/// Whether `p` is a regular file this user may execute (`access(X_OK)`, as `execve` will judge
+/// it: an execute bit for someone else is not enough): a program the shim (or an agent's
 /// command) could be started from.
 pub fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    std::fs::metadata(p).is_ok_and(|m| m.is_file())
+        && nix::unistd::access(p, nix::unistd::AccessFlags::X_OK).is_ok()
 }
 
 /// The binary to run as the shim: `$TINYSCHEDULER_SHIM_EXE`, else the current executable. When the

@@ -323,16 +323,12 @@ fn find_program(program: &str, base: &Path, path: Option<&String>) -> Result<Pat
         };
     }
     let path = path
-        .map(std::ffi::OsString::from)
-        .or_else(|| std::env::var_os("PATH"))
+        .cloned()
+        .or_else(|| std::env::var("PATH").ok())
         .unwrap_or_default();
-    for dir in std::env::split_paths(&path) {
-        let p = dir.join(program);
-        if crate::agent::spawn::is_executable(&p) {
-            return Ok(p);
-        }
-    }
-    Err(format!("{program:?} not found in PATH"))
+    // The shim's own lookup (which stops at the first relative entry, as the shim does).
+    crate::agent::shim::find_in_path(program, &path)
+        .ok_or_else(|| format!("{program:?} not found in PATH"))
 }
 
 /// The values of `--recipe X` / `--recipe=X` in an argv.
