@@ -7,6 +7,9 @@ mod support;
 
 use std::time::Duration;
 
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
 use sched::{next_second, story, wait_for, Observer, Sched, LONG};
 use tinyscheduler::resources::{Agent, Task, TaskPhase};
 
@@ -754,5 +757,60 @@ fn the_largest_task_apply_admits_still_has_its_failure_recorded() {
     assert!(
         refused.stderr.contains("kept for its status"),
         "{refused:?}"
+    );
+}
+
+/// The daemon's shim launcher: its child whose command line says `shim-launcher`.
+fn launcher_of(daemon: u32) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let ppid: u32 = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        (ppid == daemon && String::from_utf8_lossy(&cmdline).contains("shim-launcher"))
+            .then_some(pid)
+    })
+}
+
+#[test]
+fn a_stopped_shim_launcher_is_replaced_and_the_runs_start_all_the_same() {
+    let mut s = Sched::new();
+    s.queue("default");
+    s.agent("w", 2, "echo ran >> \"$OUT/ran\"");
+    let d = s.daemon(&[]);
+    // The launcher starts with the first run.
+    s.task("first");
+    s.wait_phase("first", TaskPhase::Succeeded, LONG);
+    let launcher = launcher_of(d).expect("the daemon's shim launcher");
+    kill(Pid::from_raw(launcher), Signal::SIGSTOP).unwrap();
+    for name in ["a", "b", "c"] {
+        s.task(name);
+    }
+    let all = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        s.wait_all_finished(LONG);
+    }));
+    // Whatever happened, the stopped launcher is not left behind.
+    let _ = kill(Pid::from_raw(launcher), Signal::SIGKILL);
+    let _ = kill(Pid::from_raw(launcher), Signal::SIGCONT);
+    assert!(all.is_ok(), "{}", s.daemon_logs());
+    for name in ["a", "b", "c"] {
+        assert_eq!(
+            s.phase(name),
+            TaskPhase::Succeeded,
+            "{name}: {}",
+            s.daemon_logs()
+        );
+    }
+    assert_eq!(s.lines("ran").len(), 4);
+    assert!(
+        s.daemon_logs().contains("the shim launcher failed"),
+        "{}",
+        s.daemon_logs()
     );
 }

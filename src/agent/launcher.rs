@@ -38,6 +38,12 @@ pub const LAUNCHER_ENV: &str = "TINYSCHEDULER_SHIM_LAUNCHER";
 /// After a launcher failed to start, how long shims are started the slow way before trying again.
 const RETRY_AFTER: Duration = Duration::from_secs(10);
 
+/// How long the scheduler waits for the launcher's answer (a fork takes milliseconds). A launcher
+/// that does not answer in time (stopped, say) is killed and the shim started the slow way: were
+/// the launcher to have forked that shim after all, the Lease's claim lets only one of the two
+/// run it.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Whether shims are forked by a launcher (the default) rather than executed one by one.
 pub fn enabled() -> bool {
     !std::env::var(LAUNCHER_ENV).is_ok_and(|v| {
@@ -159,6 +165,18 @@ impl Client {
     fn launch(&mut self, lease: &str) -> io::Result<Result<u32, String>> {
         writeln!(self.requests, "{lease}")?;
         self.requests.flush()?;
+        if self.replies.buffer().is_empty() && !readable_within(&self.replies, REPLY_TIMEOUT)? {
+            if let Some(child) = self.child.as_mut() {
+                let _ = child.kill();
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the launcher did not answer within {}s; killed it",
+                    REPLY_TIMEOUT.as_secs()
+                ),
+            ));
+        }
         let mut reply = String::new();
         if self.replies.read_line(&mut reply)? == 0 {
             return Err(io::Error::new(
@@ -173,6 +191,28 @@ impl Client {
                 .parse()
                 .map(Ok)
                 .map_err(|_| io::Error::other(format!("unexpected reply {reply:?}"))),
+        }
+    }
+}
+
+/// Whether `pipe` has something to read (or its end) within `timeout`.
+fn readable_within(pipe: &BufReader<ChildStdout>, timeout: Duration) -> io::Result<bool> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        let mut fds = [PollFd::new(pipe.get_ref().as_fd(), PollFlags::POLLIN)];
+        match poll(
+            &mut fds,
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+        ) {
+            Ok(0) if Instant::now() >= deadline => return Ok(false),
+            Ok(0) => {}
+            Ok(_) => return Ok(true),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -223,6 +263,11 @@ pub fn launch(exe: &Path, state_dir: &Path, lease: &str) -> io::Result<u32> {
         Ok(Err(refused)) => Err(io::Error::other(refused)),
         Err(e) => {
             // Whatever went wrong, this launcher is not trusted again.
+            tracing::warn!(
+                "the shim launcher failed: {e}; shims are started by executing the binary for \
+                 the next {}s",
+                RETRY_AFTER.as_secs()
+            );
             launchers.insert(state_dir.to_path_buf(), Slot::Down(Instant::now()));
             Err(e)
         }
