@@ -28,6 +28,12 @@ fn the_shim_records_exit_code_zero_and_the_log_of_a_successful_run() {
     assert!(l.status.shim_pid.is_some() && l.status.shim_start_time.is_some());
     assert!(l.status.acquire_time.is_some() && l.status.renew_time.is_some());
     assert!(l.status.host.is_some());
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_eq!(
+        l.status.boot_id.as_deref(),
+        Some(boot.trim()),
+        "the pids' boot"
+    );
     let log_path = s.path().join("logs/ok/1.log");
     assert_eq!(
         l.status.log_path.as_deref(),

@@ -795,6 +795,7 @@ fn mark_running(l: &mut Lease, info: &RunInfo) {
     s.shim_pid = Some(info.shim_pid);
     s.shim_start_time = info.shim_start_time;
     s.host = Some(info.host.clone());
+    s.boot_id = Some(crate::store::revision::boot_id().to_string()).filter(|b| !b.is_empty());
     if s.acquire_time.is_none() {
         s.acquire_time = Some(info.acquire_time.clone());
     }

@@ -15,6 +15,7 @@ use crate::agent::kill::terminate_group;
 use crate::agent::liveness::{group_has_run, groups_of_unrecorded_run, is_alive};
 use crate::agent::shim::{log_path, RECORD_GIVE_UP};
 use crate::resources::event::EventType;
+use crate::resources::lease::LeaseStatus;
 use crate::resources::meta::parse_time;
 use crate::resources::{Lease, LeasePhase, LeaseSpec, Task, TaskPhase};
 use crate::runtime::controller::Action;
@@ -88,6 +89,19 @@ pub fn keys_for_lease(lease: &Lease) -> Vec<String> {
     }
 }
 
+/// Whether the process a Lease recorded (`pid`, `start`) is alive: by [`is_alive`], and only if
+/// the Lease was recorded in this boot of the machine, since after a reboot a recorded pid and
+/// start time may name an unrelated process. A Lease without a boot id (one written before it
+/// was recorded) is judged by pid and start time alone.
+fn recorded_alive(s: &LeaseStatus, pid: Option<i32>, start: Option<u64>) -> bool {
+    let now = crate::store::revision::boot_id();
+    let this_boot = s
+        .boot_id
+        .as_deref()
+        .is_none_or(|b| now.is_empty() || b == now);
+    this_boot && matches!((pid, start), (Some(p), Some(t)) if is_alive(p, t))
+}
+
 /// Judges a Lease from what is known about it.
 pub fn judge(lease: &Lease, facts: &Facts) -> Verdict {
     let Facts {
@@ -115,8 +129,7 @@ pub fn judge(lease: &Lease, facts: &Facts) -> Verdict {
         LeasePhase::Pending => {
             let created =
                 age(lease.metadata.creation_timestamp.as_deref(), now).unwrap_or_default();
-            let shim_alive = local
-                && matches!((s.shim_pid, s.shim_start_time), (Some(p), Some(t)) if is_alive(p, t));
+            let shim_alive = local && recorded_alive(s, s.shim_pid, s.shim_start_time);
             // A shim still starting holds the claim before it writes anything.
             let starting = local && claimed;
             if created > duration && !shim_alive && !starting {
@@ -135,10 +148,8 @@ pub fn judge(lease: &Lease, facts: &Facts) -> Verdict {
     let since_renew = age(s.renew_time.as_deref(), now).unwrap_or_default();
     let mut recording = false;
     if local {
-        let agent_alive =
-            matches!((s.pid, s.process_start_time), (Some(p), Some(t)) if is_alive(p, t));
-        let shim_alive =
-            matches!((s.shim_pid, s.shim_start_time), (Some(p), Some(t)) if is_alive(p, t));
+        let agent_alive = recorded_alive(s, s.pid, s.process_start_time);
+        let shim_alive = recorded_alive(s, s.shim_pid, s.shim_start_time);
         if !agent_alive && !shim_alive {
             return Verdict::Stale(
                 "the shim and the agent exited without recording a result".into(),
@@ -489,8 +500,7 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
     let mut started = false;
     if local {
         let s = &lease.status;
-        let agent_alive =
-            matches!((s.pid, s.process_start_time), (Some(p), Some(t)) if is_alive(p, t));
+        let agent_alive = recorded_alive(s, s.pid, s.process_start_time);
         // What cannot be looked at (an unreadable /proc) is an error: the reclaim is tried again
         // later rather than requeue the task beside a run it could not see.
         let proc_err =
@@ -656,6 +666,27 @@ mod tests {
         l.status.renew_time = Some(format_time(now - Duration::from_secs(renewed_ago)));
         l.status.acquire_time = Some(format_time(now - Duration::from_secs(running_for)));
         l
+    }
+
+    #[test]
+    fn a_process_recorded_in_another_boot_is_dead_though_its_pid_and_start_time_match() {
+        let now = SystemTime::now();
+        // This test process stands for the agent and the shim: alive, with matching start times.
+        let me = std::process::id() as i32;
+        let mut l = lease(LeasePhase::Running, 0, 5);
+        l.status.pid = Some(me);
+        l.status.process_start_time = crate::agent::liveness::start_time_of(me);
+        l.status.shim_pid = Some(me);
+        l.status.shim_start_time = l.status.process_start_time;
+        for (boot, alive) in [
+            (None, true),
+            (Some(crate::store::revision::boot_id().to_string()), true),
+            (Some("a-boot-before-a-reboot".to_string()), false),
+        ] {
+            l.status.boot_id = boot.clone();
+            let v = judge(&l, &facts(now, true, true));
+            assert_eq!(matches!(v, Verdict::Healthy(_)), alive, "{boot:?}: {v:?}");
+        }
     }
 
     #[test]

@@ -94,6 +94,11 @@ pub struct LeaseStatus {
     pub shim_start_time: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// The kernel's boot id (`/proc/sys/kernel/random/boot_id`) when the pids were recorded:
+    /// after a reboot, pids and start times (ticks since boot) repeat, and a recorded pair may
+    /// name an unrelated process; a Lease from another boot names no live process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acquire_time: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
