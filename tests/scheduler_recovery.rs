@@ -79,6 +79,27 @@ fn an_always_failing_task_is_retried_with_growing_delays_then_fails() {
     assert_eq!(level_of("Assigned"), ["INFO"; 4], "{}", r.stderr);
 }
 
+/// Runs task `slow` (one retry) on agent `hung` (maximum runtime 1 s) to its end: attempt 1 runs
+/// `first` and outlives its runtime; attempt 2 notes in `overlap` every pid listed in
+/// `$OUT/<pids>` that still lives, then in `second` that it ran.
+fn over_time_then_again(s: &Sched, first: &str, pids: &str) -> support::Run {
+    let script = format!(
+        r#"
+if [ "$TINYSCHEDULER_ATTEMPT" = 1 ]; then{first}
+else
+  for p in $(cat "$OUT/{pids}"); do
+    if alive $p; then echo "alive $p" >> "$OUT/overlap"; fi
+  done
+  echo checked >> "$OUT/second"
+fi"#
+    );
+    s.agent_with("hung", 1, &format!("{ALIVE}{script}"), |a| {
+        a.max_runtime_seconds = 1
+    });
+    s.task_with("slow", |t| t.max_retries = 1);
+    s.run(&["run", "--once", "--wait"])
+}
+
 #[test]
 fn an_over_time_agent_whose_children_left_its_group_is_ended_with_them_before_the_retry() {
     let mut s = Sched::new();
@@ -86,22 +107,11 @@ fn an_over_time_agent_whose_children_left_its_group_is_ended_with_them_before_th
     // Attempt 1 leaves two processes outside its process group: one in a session of its own
     // (`setsid`), one that also dropped the run's environment (`env -i`) but still writes to the
     // run's log. Attempt 2 looks whether they still live.
-    let script = r#"
-if [ "$TINYSCHEDULER_ATTEMPT" = 1 ]; then
+    let first = r#"
   setsid sh -c 'echo $$ >> "$OUT/escaped"; exec sleep 300' &
   setsid env -i sh -c 'sleep 300 & echo $! >> "$1/escaped"; wait' sh "$OUT" &
-  sleep 300
-else
-  for p in $(cat "$OUT/escaped"); do
-    if alive $p; then echo "alive $p" >> "$OUT/overlap"; fi
-  done
-  echo checked >> "$OUT/second"
-fi"#;
-    s.agent_with("hung", 1, &format!("{ALIVE}{script}"), |a| {
-        a.max_runtime_seconds = 1
-    });
-    s.task_with("slow", |t| t.max_retries = 1);
-    let r = s.run(&["run", "--once", "--wait"]);
+  sleep 300"#;
+    let r = over_time_then_again(&s, first, "escaped");
     let escaped = pids_in(&s.out("escaped"));
     for p in &escaped {
         if running(*p) {
@@ -131,8 +141,7 @@ fi"#;
 fn an_over_time_agent_that_ignores_sigterm_is_killed_with_its_grandchildren_before_the_retry() {
     let s = Sched::new();
     s.queue("default");
-    let script = r#"
-if [ "$TINYSCHEDULER_ATTEMPT" = 1 ]; then
+    let first = r#"
   trap '' TERM
   sh -c 'trap "" TERM; sleep 300; exit 0' &
   echo $! >> "$OUT/family"
@@ -140,18 +149,8 @@ if [ "$TINYSCHEDULER_ATTEMPT" = 1 ]; then
   echo $! >> "$OUT/family"
   echo $$ >> "$OUT/family"
   wait
-  wait
-else
-  for p in $(cat "$OUT/family"); do
-    if alive $p; then echo "alive $p" >> "$OUT/overlap"; fi
-  done
-  echo checked >> "$OUT/second"
-fi"#;
-    s.agent_with("hung", 1, &format!("{ALIVE}{script}"), |a| {
-        a.max_runtime_seconds = 1
-    });
-    s.task_with("slow", |t| t.max_retries = 1);
-    let r = s.run(&["run", "--once", "--wait"]);
+  wait"#;
+    let r = over_time_then_again(&s, first, "family");
     assert_eq!(r.code, 0, "{r:?}");
 
     let family = pids_in(&s.out("family"));
