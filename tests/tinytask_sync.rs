@@ -1078,22 +1078,25 @@ async fn completes_once(w: &World, id: i64, mut d: tokio::process::Child, timeou
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_slower_than_the_lease_gives_the_task_back_and_it_runs_later() {
     let w = World::new().await;
-    let id = queued(&w.server, "slow claim", "dev");
     // The assignment's answer comes after the Lease's three seconds.
-    w.server.delay_matching(
-        "PATCH",
-        &format!("/api/v1/tasks/{id}"),
-        "assigned_to",
-        Duration::from_secs(5),
-    );
-    // No retry for the reclaimed attempt: only the claim's giving back lets the task run at all.
-    let d = one_attempt_on_a_short_lease(&w, id).await;
-    completes_once(&w, id, d, Duration::from_secs(60)).await;
+    claim_step_answered_late(&w, "assigned_to", Duration::from_secs(5)).await;
+}
+
+/// Runs one task whose claim PATCH with `body` in it is answered `delay` late, after its Lease's
+/// duration, with no retry for the reclaimed attempt: only the claim's giving the task back lets
+/// it run at all. Checks that it ran once, given back by the claim; returns the events.
+async fn claim_step_answered_late(w: &World, body: &str, delay: Duration) -> String {
+    let id = queued(&w.server, "slow claim", "dev");
+    w.server
+        .delay_matching("PATCH", &format!("/api/v1/tasks/{id}"), body, delay);
+    let d = one_attempt_on_a_short_lease(w, id).await;
+    completes_once(w, id, d, Duration::from_secs(60)).await;
     let events = w.events();
     assert!(
         events.contains("reclaimed while the claim was under way"),
         "{events}"
     );
+    events
 }
 
 /// A claim whose last step (the `working` PATCH) is answered after the Lease's duration finds its
@@ -1126,22 +1129,9 @@ async fn a_claim_that_cannot_be_given_back_at_once_is_released_later() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_whose_working_patch_lands_after_the_reclaim_gives_the_task_back() {
     let w = World::new().await;
-    let id = queued(&w.server, "slow working", "dev");
-    // The assignment is answered at once; `status: working` after the Lease's three seconds.
-    w.server.delay_matching(
-        "PATCH",
-        &format!("/api/v1/tasks/{id}"),
-        "working",
-        Duration::from_secs(6),
-    );
-    // No retry for the reclaimed attempt: its outcome is the release that finds the task idle.
-    let d = one_attempt_on_a_short_lease(&w, id).await;
-    completes_once(&w, id, d, Duration::from_secs(60)).await;
-    let events = w.events();
-    assert!(
-        events.contains("reclaimed while the claim was under way"),
-        "{events}"
-    );
+    // The assignment is answered at once; `status: working` after the Lease's three seconds. The
+    // reclaimed attempt's outcome is the release that finds the task idle.
+    let events = claim_step_answered_late(&w, "working", Duration::from_secs(6)).await;
     // One claim held a run: the one given back announced none.
     assert_eq!(
         events.matches("Claimed claimed tinytask task").count(),

@@ -8,7 +8,7 @@
 
 use std::fs;
 use std::io::{self, Read};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::sys::signal::kill;
@@ -201,13 +201,7 @@ pub fn group_has_run(pgid: i32, lease: &str, attempt: i64, log: &Path) -> io::Re
         return Ok(false);
     }
     let wanted = run_environ(lease, attempt);
-    // The path the kernel shows for the open file: symlinks resolved. No log, no match by it.
-    let log = match fs::canonicalize(log) {
-        Ok(l) => Some(l),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) if e.raw_os_error() == Some(nix::libc::ENOTDIR) => None,
-        Err(e) => return Err(e),
-    };
+    let log = as_the_kernel_shows(log)?;
     let members = scan_group(pgid).ok_or_else(unreadable_proc)?;
     for pid in members {
         if environ_has(pid, &wanted)? {
@@ -220,6 +214,17 @@ pub fn group_has_run(pgid: i32, lease: &str, attempt: i64, log: &Path) -> io::Re
         }
     }
     Ok(false)
+}
+
+/// A run's log path as the kernel shows it for an open file (symlinks resolved), to compare with
+/// `/proc/<pid>/fd` links; `None` when there is no log (nothing can be writing to it).
+fn as_the_kernel_shows(log: &Path) -> io::Result<Option<PathBuf>> {
+    match fs::canonicalize(log) {
+        Ok(l) => Ok(Some(l)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENOTDIR) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 fn unreadable_proc() -> io::Error {
@@ -238,11 +243,9 @@ fn unreadable_proc() -> io::Error {
 /// out. An error: `/proc` could not be read (out of file descriptors, say), so none can be ruled
 /// out.
 pub fn groups_of_unrecorded_run(log: &Path) -> io::Result<Vec<i32>> {
-    // The path the kernel shows for the open file: symlinks resolved. No log file, no agent.
-    let log = match fs::canonicalize(log) {
-        Ok(l) => l,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
+    // No log file, no agent.
+    let Some(log) = as_the_kernel_shows(log)? else {
+        return Ok(Vec::new());
     };
     let own = nix::unistd::getpgrp().as_raw();
     let mut groups = Vec::new();

@@ -28,25 +28,23 @@ fn check_as(root: &Path, me: Uid) -> Result<(), StoreError> {
     if owner == me {
         return Ok(());
     }
-    let name = |uid: Uid| {
-        User::from_uid(uid)
-            .ok()
-            .flatten()
-            .map(|u| format!("{} (uid {uid})", u.name))
-            .unwrap_or_else(|| format!("uid {uid}"))
+    let user = |uid: Uid| User::from_uid(uid).ok().flatten().map(|u| u.name);
+    let name = |uid: Uid, user: &Option<String>| match user {
+        Some(n) => format!("{n} (uid {uid})"),
+        None => format!("uid {uid}"),
     };
-    let run_as = User::from_uid(owner)
-        .ok()
-        .flatten()
-        .map(|u| format!("; run it as that user (sudo -u {} tinyscheduler …)", u.name))
+    let owner_name = user(owner);
+    let run_as = owner_name
+        .as_ref()
+        .map(|n| format!("; run it as that user (sudo -u {n} tinyscheduler …)"))
         .unwrap_or_default();
     Err(StoreError::Refused {
         path: root.to_path_buf(),
         message: format!(
             "the state directory belongs to {}, not to {}: files written now would be \
              unreadable to its owner's scheduler{run_as}",
-            name(owner),
-            name(me)
+            name(owner, &owner_name),
+            name(me, &user(me))
         ),
     })
 }
