@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use super::lease::{mirror_assignment, shows_assignment_next};
 use super::plan::{self, PlanOptions, UNSCHEDULABLE};
-use super::{tinytask_sync, Ctx, Error, Summary};
+use super::{tinytask_sync, Ctx, Error, PlanningSnapshot, Summary};
 use crate::resources::event::EventType;
 use crate::resources::{Lease, LeasePhase, LeaseSpec, Task, TaskPhase};
 use crate::runtime::controller::Action;
@@ -25,18 +25,18 @@ pub const MAX_STARTING: usize = 32;
 
 /// One assignment pass over the whole cache.
 pub async fn reconcile(_key: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
-    let (tasks, agents, queues, mut leases) = (
-        ctx.tasks.snapshot(),
-        ctx.agents.list(),
-        ctx.queues.list(),
-        ctx.leases.list(),
-    );
+    let (agents, queues) = (ctx.agents.list(), ctx.queues.list());
+    let PlanningSnapshot {
+        tasks,
+        mut leases,
+        without_lease,
+    } = ctx.planning_snapshot();
     let now = SystemTime::now();
     let starting = leases
         .iter()
         .filter(|l| l.status.phase == LeasePhase::Pending)
         .count();
-    leases.extend(ctx.runs_without_lease(&leases));
+    leases.extend(without_lease);
     // A dry run starts nothing, so it prints the whole plan.
     let budget = if ctx.settings.dry_run {
         None

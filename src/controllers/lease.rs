@@ -28,7 +28,7 @@ pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
         settled(&ctx, &name);
         ctx.summary.gone(&name);
         // The shim's entry goes only once its run, if it lives on, shows on the Task: until then
-        // the entry is what keeps its agent's slot taken (`Ctx::runs_without_lease`).
+        // the entry is what keeps its agent's slot taken (`Ctx::planning_snapshot`).
         let spawned = ctx
             .spawned
             .lock()

@@ -226,6 +226,16 @@ pub fn object_ref<K: Resource>(obj: &K) -> ObjectReference {
     }
 }
 
+/// What one assignment pass plans from (see [`Ctx::planning_snapshot`]).
+pub struct PlanningSnapshot {
+    /// Every cached Task.
+    pub tasks: Vec<Arc<Task>>,
+    /// The live Leases in the cache.
+    pub leases: Vec<Arc<Lease>>,
+    /// Runs this process started whose Lease is gone and whose Task does not show them yet.
+    pub without_lease: Vec<Arc<Lease>>,
+}
+
 impl Ctx {
     /// Records an event on `obj` (best effort: failures are logged, never fatal). Nothing is
     /// written in a dry run.
@@ -263,25 +273,47 @@ impl Ctx {
         })
     }
 
-    /// The Leases of runs this process started that are gone from `leases` while their Task does
-    /// not show the attempt, neither running nor over: a Lease deleted by hand before its Task
-    /// showed it, until the lease controller makes the Task show the run (see
-    /// `lease::show_run_of_deleted_lease`). The planner counts them as live Leases, so that their
-    /// agents' slots stay taken (invariant 2) and their tasks are not assigned again meanwhile.
-    pub fn runs_without_lease(&self, leases: &[Arc<Lease>]) -> Vec<Arc<Lease>> {
-        let spawned = self.spawned.lock().unwrap_or_else(|p| p.into_inner());
-        let cached: std::collections::HashSet<&str> =
-            leases.iter().map(|l| l.metadata.name.as_str()).collect();
-        spawned
-            .iter()
-            .filter(|(name, _)| !cached.contains(name.as_str()))
-            .filter(|(_, s)| {
-                self.tasks
-                    .get(&s.lease.spec.task)
-                    .is_some_and(|t| lease::shows_assignment_next(&t, &s.lease))
-            })
-            .map(|(_, s)| s.lease.clone())
-            .collect()
+    /// What the assignment plans from: the Task snapshot, the live Leases, and the Leases of runs
+    /// this process started that are gone while their Task does not show the attempt, neither
+    /// running nor over (a Lease deleted by hand before its Task showed it, until the lease
+    /// controller makes the Task show the run: `lease::show_run_of_deleted_lease`). The planner
+    /// counts those as live Leases, so that their agents' slots stay taken (invariant 2) and their
+    /// tasks are not assigned again meanwhile.
+    ///
+    /// Read in the order a run moves through them, so that none falls between two reads: its
+    /// Lease leaves the cache, then the lease controller makes the Task show the run, then drops
+    /// its entry. Leases first, entries next, Tasks last: a run whose Lease was read gone still
+    /// has its entry, or else the Tasks read after show it; and an entry counts unless the very
+    /// Tasks the planner sees show its run (which then hold its slot themselves, `plan::slots_held`).
+    pub fn planning_snapshot(&self) -> PlanningSnapshot {
+        let leases = self.leases.list();
+        let mut without_lease: Vec<Arc<Lease>> = {
+            let spawned = self.spawned.lock().unwrap_or_else(|p| p.into_inner());
+            let cached: std::collections::HashSet<&str> =
+                leases.iter().map(|l| l.metadata.name.as_str()).collect();
+            spawned
+                .iter()
+                .filter(|(name, _)| !cached.contains(name.as_str()))
+                .map(|(_, s)| s.lease.clone())
+                .collect()
+        };
+        let tasks = self.tasks.snapshot();
+        if !without_lease.is_empty() {
+            let by_name: HashMap<&str, &Arc<Task>> = tasks
+                .iter()
+                .map(|t| (t.metadata.name.as_str(), t))
+                .collect();
+            without_lease.retain(|l| {
+                by_name
+                    .get(l.spec.task.as_str())
+                    .is_some_and(|t| lease::shows_assignment_next(t, l))
+            });
+        }
+        PlanningSnapshot {
+            tasks,
+            leases,
+            without_lease,
+        }
     }
 
     /// Prints a dry-run decision (`would assign task/x to agent/y`).
