@@ -17,7 +17,7 @@ use crate::agent::shim::{log_path, RECORD_GIVE_UP};
 use crate::resources::event::EventType;
 use crate::resources::lease::LeaseStatus;
 use crate::resources::meta::parse_time;
-use crate::resources::{Lease, LeasePhase, LeaseSpec, Task, TaskPhase};
+use crate::resources::{Lease, LeasePhase, LeaseSpec, Resource, Task, TaskPhase};
 use crate::runtime::controller::Action;
 
 /// Why a run is being reclaimed.
@@ -237,6 +237,9 @@ pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
     // A run is reclaimed only on a verdict from the store: a cache a moment behind (an old
     // renewTime, say) must never get a live run killed.
     let Some(lease) = ctx.store.try_get::<Lease>(&name)? else {
+        // Gone from the store but not from the cache: a deletion the cache never heard of. Its
+        // Deleted event brings the usual handling of a deleted Lease.
+        ctx.leases.drop_missing(&name, cached.revision());
         return Ok(Action::await_change());
     };
     let facts = facts(&ctx, &lease, true)?;

@@ -334,20 +334,47 @@ impl<K: Resource> Informer<K> {
 
     /// Puts an object in the cache (see [`Cache::apply`]) and notifies subscribers.
     fn take(&self, obj: K, read: bool) {
-        if !read && self.read().gone.contains_key(obj.name()) {
+        // The check and the apply under one lock: a watch's Deleted for a name not cached yet
+        // (`on_watch_deleted`) landing between the two would leave a ghost no event removes.
+        let applied = {
+            let mut cache = self.write();
+            if !read && cache.gone.contains_key(obj.name()) {
+                Err(obj.name().to_string())
+            } else {
+                Ok(cache.apply(obj, read))
+            }
+        };
+        match applied {
             // Deleted lately: the store says whether this write outlived the deletion.
-            let _ = self.reread(obj.name());
-            return;
-        }
-        let applied = self.write().apply(obj, read);
-        if let Some(obj) = applied {
-            self.dispatch(InformerEvent::Applied(obj));
+            Err(name) => {
+                let _ = self.reread(&name);
+            }
+            Ok(Some(obj)) => self.dispatch(InformerEvent::Applied(obj)),
+            Ok(None) => {}
         }
     }
 
     /// Read-your-writes for a delete this process just did.
     pub fn observe_deleted(&self, name: &str) {
         let removed = self.write().remove(name);
+        if let Some(obj) = removed {
+            self.dispatch(InformerEvent::Deleted(obj));
+        }
+    }
+
+    /// For a caller that found `name` missing from the store while the cache held it at
+    /// `revision`: removes it and notifies subscribers, unless a newer version was cached
+    /// meanwhile. A deletion the watch could not report (an object made and removed between two
+    /// looks after an inotify overflow, known only from a read-your-writes `observe`) would
+    /// otherwise stay in the cache for good.
+    pub fn drop_missing(&self, name: &str, revision: u64) {
+        let removed = {
+            let mut cache = self.write();
+            match cache.objects.get(name) {
+                Some(o) if o.revision() <= revision => cache.remove(name),
+                _ => None,
+            }
+        };
         if let Some(obj) = removed {
             self.dispatch(InformerEvent::Deleted(obj));
         }
@@ -476,9 +503,17 @@ impl<K: Resource> Informer<K> {
     }
 
     fn on_watch_deleted(&self, name: &str, resource_version: u64) {
-        let cached = self.get(name);
+        // Looked up and remembered as gone under one lock: a read-your-writes `observe` between
+        // the two would put in an object whose deletion is then never applied.
+        let cached = {
+            let mut cache = self.write();
+            let cached = cache.objects.get(name).cloned();
+            if cached.is_none() {
+                cache.forget(name);
+            }
+            cached
+        };
         let Some(cached) = cached else {
-            self.write().forget(name);
             return;
         };
         // We observed a newer write the watcher had not seen; the file may be back. Ask the
@@ -671,5 +706,56 @@ mod tests {
             }
         }
         assert_eq!(deleted, ["gone"]);
+    }
+
+    #[test]
+    fn a_write_observed_while_the_watch_reports_it_deleted_never_stays_as_a_ghost() {
+        // Another process deletes an object the moment this one wrote it: the watch reports it
+        // Deleted (version 0: it never read it) while the writer observes it, in any order.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let inf = Informer::<Queue>::new(store.clone(), InformerOptions::default());
+        let barrier = std::sync::Barrier::new(2);
+        for i in 0..1000 {
+            let name = format!("q{i}");
+            let written = store.create(&queue(&name)).unwrap();
+            store.delete::<Queue>(&name, None).unwrap();
+            std::thread::scope(|sc| {
+                sc.spawn(|| {
+                    barrier.wait();
+                    inf.on_watch_deleted(&name, 0);
+                });
+                barrier.wait();
+                inf.observe(written);
+            });
+            assert!(inf.get(&name).is_none(), "{name} stayed in the cache");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_object_found_missing_from_the_store_is_dropped_unless_a_newer_one_was_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let inf = Informer::<Queue>::new(store.clone(), InformerOptions::default());
+        let mut rx = inf.subscribe();
+        let old = store.create(&queue("q")).unwrap();
+        // A later write of it, as this process would observe it.
+        let mut new = old.clone();
+        new.metadata.resource_version = (old.revision() + 5).to_string();
+        inf.observe(new.clone());
+        store.delete::<Queue>("q", None).unwrap();
+        // The caller judged the older version: what the cache holds now is not what it found
+        // missing.
+        inf.drop_missing("q", old.revision());
+        assert_eq!(inf.get("q").map(|q| q.revision()), Some(new.revision()));
+        inf.drop_missing("q", new.revision());
+        assert!(inf.get("q").is_none(), "the version found missing goes");
+        let deleted: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
+            .filter_map(|ev| match ev {
+                InformerEvent::Deleted(q) => Some(q.metadata.name.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(deleted, ["q"], "subscribers hear of it once");
     }
 }
