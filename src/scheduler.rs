@@ -341,6 +341,19 @@ impl Scheduler {
         }
     }
 
+    /// Stops the assignment loop and waits for its pass in flight: no Lease is committed after
+    /// this returns. The other controllers go on, so that a [`Scheduler::wait_fixed_point`] after
+    /// it starts the shim of every Lease committed. `run --once` ends so; stopped all at once, a
+    /// retry falling due as the pass ended could commit a Lease that the already stopped lease
+    /// controller never started, left to a later pass to reclaim as never started.
+    pub async fn stop_assigning(&self) {
+        for (name, q) in &self.queues {
+            if *name == "assignment" {
+                q.drain().await;
+            }
+        }
+    }
+
     /// Enqueues the watchdog heartbeat key into the assignment loop.
     pub fn poke_heartbeat(&self) {
         if let Some((_, q)) = self.queues.first() {

@@ -169,6 +169,14 @@ async fn once(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
     }
     if sig.shutdown.is_triggered() {
         tracing::warn!("interrupted: stopping after the reconciles in flight");
+    } else if !interrupted {
+        // The assignment stops first: a pass woken by a retry falling due just now may still be
+        // committing Leases, and each gets its shim before the rest stops.
+        sched.stop_assigning().await;
+        tokio::select! {
+            _ = sched.wait_fixed_point() => {}
+            _ = sig.shutdown.wait() => {}
+        }
     }
     let ctx = Arc::clone(&sched.ctx);
     // A reconcile that panicked is a failure too, though the controller carried on.
