@@ -540,6 +540,36 @@ impl<K: Resource> Informer<K> {
         }
     }
 
+    /// Called once a watch is set up: re-reads every cached object the list that the watch
+    /// started from lacks, and drops those the store no longer has. After a watch error the
+    /// controllers go on between the relist and the new watch: an object one of them wrote and
+    /// observed meanwhile, deleted before the watch began, is in neither the list nor any of the
+    /// watch's events, and would otherwise stay in the cache for good.
+    fn recheck_unlisted(&self, items: &[K]) {
+        let unlisted: Vec<(String, u64)> = {
+            let cache = self.read();
+            let listed: std::collections::HashSet<&str> = items.iter().map(|o| o.name()).collect();
+            cache
+                .objects
+                .values()
+                .filter(|o| !listed.contains(o.name()))
+                .map(|o| (o.name().to_string(), o.revision()))
+                .collect()
+        };
+        for (name, revision) in unlisted {
+            match self.inner.store.try_get::<K>(&name) {
+                Ok(None) => self.drop_missing(&name, revision),
+                Ok(Some(_)) => {}
+                Err(e) => tracing::warn!(
+                    kind = K::KIND,
+                    name,
+                    error = %e,
+                    "informer re-read failed; keeping the cached object"
+                ),
+            }
+        }
+    }
+
     /// Lists the store into the cache; `Some(revision, items)` on success.
     fn relist(&self) -> Option<Vec<K>> {
         match self.inner.store.list::<K>(None) {
@@ -586,16 +616,20 @@ impl<K: Resource> Informer<K> {
                     continue;
                 }
             };
-            if !self.is_synced() {
-                self.inner.synced.send_replace(true);
-                tracing::debug!(kind = K::KIND, objects = items.len(), "informer synced");
-            }
-            let mut watch = match self.inner.store.watch::<K>(
+            let watch = self.inner.store.watch::<K>(
                 &items,
                 WatchOptions {
                     relist_interval: self.inner.opts.relist,
                 },
-            ) {
+            );
+            // Synced only once the watch is set up: the controllers start on it, so every object
+            // they write is written under the watch, and its deletion, however soon, is an event.
+            // (A watch that cannot be set up leaves the informer to relists, synced all the same.)
+            if !self.is_synced() {
+                self.inner.synced.send_replace(true);
+                tracing::debug!(kind = K::KIND, objects = items.len(), "informer synced");
+            }
+            let mut watch = match watch {
                 Ok(w) => w,
                 Err(e) => {
                     tracing::warn!(kind = K::KIND, error = %e, retry_in = ?retry, "informer watch failed; retrying");
@@ -603,6 +637,7 @@ impl<K: Resource> Informer<K> {
                     continue;
                 }
             };
+            self.recheck_unlisted(&items);
             drop(items);
             loop {
                 tokio::select! {
@@ -730,6 +765,24 @@ mod tests {
             });
             assert!(inf.get(&name).is_none(), "{name} stayed in the cache");
         }
+    }
+
+    #[tokio::test]
+    async fn an_object_written_and_deleted_before_the_watch_began_does_not_stay_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let inf = Informer::<Queue>::new(store.clone(), InformerOptions::default());
+        let listed = inf.relist().expect("a list");
+        // Written (and observed) after the list, then deleted by another process, all before
+        // the watch was set up: no event will ever tell of it.
+        let gone = store.create(&queue("gone")).unwrap();
+        inf.observe(gone);
+        store.delete::<Queue>("gone", None).unwrap();
+        let kept = store.create(&queue("kept")).unwrap();
+        inf.observe(kept);
+        inf.recheck_unlisted(&listed);
+        assert!(inf.get("gone").is_none(), "what the store lacks goes");
+        assert!(inf.get("kept").is_some(), "what the store has stays");
     }
 
     #[tokio::test]
