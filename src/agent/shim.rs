@@ -51,7 +51,7 @@ use super::template::render;
 use crate::cli::args::{Globals, ShimArgs};
 use crate::cli::{CliError, CliResult};
 use crate::resources::agent::default_goose_command;
-use crate::resources::meta::now_rfc3339;
+use crate::resources::meta::{now_rfc3339, now_rfc3339_micros};
 use crate::resources::task::TINYTASK_ID_ANNOTATION;
 use crate::resources::validate::{validate_name, MAX_SECONDS};
 use crate::resources::{Agent, Lease, LeasePhase, Resource, Task};
@@ -799,7 +799,7 @@ fn mark_running(l: &mut Lease, info: &RunInfo) {
     if s.acquire_time.is_none() {
         s.acquire_time = Some(info.acquire_time.clone());
     }
-    s.renew_time = Some(now_rfc3339());
+    s.renew_time = Some(now_rfc3339_micros());
     s.log_path = Some(info.log_path.clone());
 }
 

@@ -161,6 +161,13 @@ pub fn now_rfc3339() -> String {
     format_time(SystemTime::now())
 }
 
+/// Now as an RFC 3339 UTC timestamp with microseconds (`2026-11-23T11:17:31.123456Z`), as
+/// Kubernetes' `MicroTime` for a Lease's renewTime: it is judged against durations of a few
+/// seconds, which a time cut to the second would make look up to a second older.
+pub fn now_rfc3339_micros() -> String {
+    humantime::format_rfc3339_micros(SystemTime::now()).to_string()
+}
+
 /// Formats a time as RFC 3339 UTC with second resolution.
 pub fn format_time(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
