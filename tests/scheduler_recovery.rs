@@ -1180,6 +1180,31 @@ fn a_second_scheduler_exits_1_naming_the_daemon_that_holds_the_lock() {
 }
 
 #[test]
+fn a_daemon_stopped_in_a_burst_starts_the_runs_it_has_assigned_before_it_exits() {
+    let mut s = Sched::new();
+    s.queue("default");
+    s.agent("w", 200, "sleep 20");
+    for i in 0..120 {
+        s.task(&format!("t{i}"));
+    }
+    let d = s.daemon(&[]);
+    // Stopped in the middle of the burst, with Leases committed and their shims still to come.
+    wait_for("a first Lease", LONG, || !s.leases().is_empty());
+    assert_eq!(s.stop_daemon(d, Signal::SIGTERM), 0, "{}", s.daemon_logs());
+    // None is left Pending for a later scheduler to reclaim as never started (an attempt spent).
+    wait_for("every committed Lease to have its run", LONG, || {
+        s.leases()
+            .iter()
+            .all(|l| l.status.phase != LeasePhase::Pending)
+    });
+    let started = s.leases().len();
+    assert!(
+        started < 120,
+        "stopped before the burst was over: {started}"
+    );
+}
+
+#[test]
 fn sigterm_stops_the_daemon_but_not_its_agents_and_the_next_daemon_adopts_them() {
     let mut s = Sched::new();
     s.queue("default");

@@ -167,15 +167,19 @@ async fn once(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
             _ = sig.shutdown.wait() => {}
         }
     }
-    if sig.shutdown.is_triggered() {
-        tracing::warn!("interrupted: stopping after the reconciles in flight");
-    } else if !interrupted {
+    if !interrupted {
         // The assignment stops first: a pass woken by a retry falling due just now may still be
-        // committing Leases, and each gets its shim before the rest stops.
+        // committing Leases, and each gets its shim before the rest stops (for a moment only
+        // when a signal ends the pass, as it ends the daemon).
         sched.stop_assigning().await;
-        tokio::select! {
-            _ = sched.wait_fixed_point() => {}
-            _ = sig.shutdown.wait() => {}
+        if sig.shutdown.is_triggered() {
+            tracing::warn!("interrupted: stopping after the reconciles in flight");
+            let _ = tokio::time::timeout(SHIMS_AT_STOP, sched.wait_fixed_point()).await;
+        } else {
+            tokio::select! {
+                _ = sched.wait_fixed_point() => {}
+                _ = sig.shutdown.wait() => {}
+            }
         }
     }
     let ctx = Arc::clone(&sched.ctx);
@@ -206,6 +210,10 @@ async fn once(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
         ExitCode::SUCCESS
     })
 }
+
+/// How long a stopping scheduler (the daemon, or a pass ended by a signal) gives the shims of
+/// Leases already committed to start.
+const SHIMS_AT_STOP: Duration = Duration::from_secs(2);
 
 /// How often `run --once --wait` says what it is still waiting for.
 const WAIT_REPORT_EVERY: Duration = Duration::from_secs(10);
@@ -359,6 +367,13 @@ async fn daemon(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
     notify(notifier.stopping(), "STOPPING=1");
     let reason = sig.shutdown.reason().unwrap_or_default();
     tracing::info!(%reason, "stopping; running agents are left running");
+    if !lost_lock {
+        // No new Lease from here on; those the last passes committed get their shims for a
+        // moment, as `run --once` gives them: a Lease left Pending is reclaimed as never started
+        // (an attempt spent) by a scheduler that comes back after its duration.
+        sched.stop_assigning().await;
+        let _ = tokio::time::timeout(SHIMS_AT_STOP, sched.wait_fixed_point()).await;
+    }
     sched.stop().await;
     background.abort_all();
     if let Some(h) = events_gc {
