@@ -79,10 +79,6 @@ pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
 /// Starts the shim for a Lease no process holds yet, unless one is already starting.
 async fn start(ctx: &Ctx, lease: &Arc<Lease>) -> Result<Action, Error> {
     let name = &lease.metadata.name;
-    // A shim holds the claim from before it starts anything until it exits.
-    if Claim::is_held(&ctx.state_dir, &lease.metadata.uid).unwrap_or(false) {
-        return Ok(Action::requeue_after(START_CHECK));
-    }
     {
         let spawned = ctx.spawned.lock().unwrap_or_else(|p| p.into_inner());
         // A shim takes its claim within milliseconds of its start; one that has not after
@@ -101,6 +97,25 @@ async fn start(ctx: &Ctx, lease: &Arc<Lease>) -> Result<Action, Error> {
     if super::tinytask_sync::awaits_claim(ctx, lease)? {
         return Ok(Action::await_change());
     }
+    // A shim holds the Lease's claim from before it starts anything until it exits. Taken here,
+    // not only asked, and held across the look for orphans and their kill below: a shim starting
+    // in between would have its fresh agent taken for an orphan and killed. Released before the
+    // spawn, for the new shim to take. (A dry run only asks: it creates no file.)
+    let claim = if ctx.settings.dry_run {
+        if Claim::is_held(&ctx.state_dir, &lease.metadata.uid).unwrap_or(false) {
+            return Ok(Action::requeue_after(START_CHECK));
+        }
+        None
+    } else {
+        match Claim::acquire(&ctx.state_dir, &lease.metadata.uid) {
+            Ok(Some(c)) => Some(c),
+            Ok(None) => return Ok(Action::requeue_after(START_CHECK)),
+            Err(e) => {
+                let path = crate::agent::claim::claims_path(&ctx.state_dir);
+                return Err(Error(format!("{}: {e}", path.display())));
+            }
+        }
+    };
     // A shim of this run that died before it recorded its agent may have left that agent running
     // (the Lease names no pid): it goes before another one starts (invariant 1).
     let orphans = super::reclaim::unrecorded_groups(ctx, lease)
@@ -123,6 +138,7 @@ async fn start(ctx: &Ctx, lease: &Arc<Lease>) -> Result<Action, Error> {
         ));
         return Ok(Action::await_change());
     }
+    drop(claim);
     let pid = spawn_shim(&ctx.state_dir, name)
         .map_err(|e| Error(format!("cannot start the shim for lease/{name}: {e}")))?;
     ctx.spawned
