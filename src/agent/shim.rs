@@ -174,27 +174,12 @@ struct Outcome {
 
 fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliResult {
     let store = Store::open(&state_dir)?;
-    let Some((lease, _claim)) = claim(&store, &state_dir, &lease_name)? else {
+    // Held until this shim exits: the Lease's claim, and its run's (see [`claim`]).
+    let Some((lease, _claim, _run_claim)) = claim(&store, &state_dir, &lease_name)? else {
         return Ok(ExitCode::SUCCESS);
     };
     let uid = lease.metadata.uid.clone();
     let attempt = lease.spec.attempt;
-    // Held until this shim exits: while it is, reclaim does not requeue the run even when its
-    // Lease is deleted (this shim ends the agent itself then), and the assignment loop does not
-    // make the same attempt again. Already held: a shim of this attempt under an earlier Lease
-    // (deleted before its Task showed it) still runs; nothing starts beside it, and the Lease
-    // stays Pending for a later shim.
-    let run_key = super::claim::run_key(&lease.spec.task, &lease.spec.task_uid, attempt);
-    let run_claim = Claim::acquire(&state_dir, &run_key).map_err(|e| {
-        CliError(format!(
-            "error: {}: {e}",
-            super::claim::claims_path(&state_dir).display()
-        ))
-    })?;
-    let Some(_run_claim) = run_claim else {
-        tracing::warn!(lease = %lease_name, attempt, "a shim of this attempt still runs; starting nothing");
-        return Ok(ExitCode::SUCCESS);
-    };
 
     // The log first, so that a failure to start can be written into it.
     let log = match validate_name(&lease.spec.task) {
@@ -428,29 +413,47 @@ fn signal_name(sig: i32) -> &'static str {
 }
 
 /// Claims the Lease for this shim. `None`: nothing to run (gone, not Pending, or another live shim
-/// holds its claim). The claim is held for as long as the returned [`Claim`] lives.
-fn claim(store: &Store, state_dir: &Path, name: &str) -> Result<Option<(Lease, Claim)>, CliError> {
+/// holds its claim). Two claims are taken, and held for as long as they live: the Lease's, and
+/// its run's ([`super::claim::run_key`]: one attempt of one Task). While the run claim is held,
+/// reclaim does not requeue the run even when its Lease is deleted (this shim ends the agent
+/// itself then), and the assignment loop does not make the same attempt again. Both are taken
+/// before the Lease is read once more: a run claim taken after that read would leave a moment in
+/// which the Lease could be deleted and the attempt made again with no claim to say this shim is
+/// about to start it. Already held: a shim of this attempt under an earlier Lease (deleted before
+/// its Task showed it) still runs; nothing starts beside it, and the Lease stays Pending for a
+/// later shim.
+fn claim(
+    store: &Store,
+    state_dir: &Path,
+    name: &str,
+) -> Result<Option<(Lease, Claim, Claim)>, CliError> {
     let Some(lease) = store.try_get::<Lease>(name)? else {
         return Ok(None);
     };
     if lease.status.phase != LeasePhase::Pending {
         return Ok(None);
     }
-    let claim = Claim::acquire(state_dir, &lease.metadata.uid).map_err(|e| {
+    let claims_error = |e: io::Error| {
         CliError(format!(
             "error: {}: {e}",
             super::claim::claims_path(state_dir).display()
         ))
-    })?;
-    let Some(claim) = claim else {
+    };
+    let Some(claim) = Claim::acquire(state_dir, &lease.metadata.uid).map_err(claims_error)? else {
         return Ok(None);
     };
-    // Read again under the claim: a shim that held it a moment ago may have run the Lease.
+    let spec = &lease.spec;
+    let run_key = super::claim::run_key(&spec.task, &spec.task_uid, spec.attempt);
+    let Some(run_claim) = Claim::acquire(state_dir, &run_key).map_err(claims_error)? else {
+        tracing::warn!(lease = %name, attempt = spec.attempt, "a shim of this attempt still runs; starting nothing");
+        return Ok(None);
+    };
+    // Read again under the claims: a shim that held them a moment ago may have run the Lease.
     match store.try_get::<Lease>(name)? {
         Some(l)
             if l.metadata.uid == lease.metadata.uid && l.status.phase == LeasePhase::Pending =>
         {
-            Ok(Some((l, claim)))
+            Ok(Some((l, claim, run_claim)))
         }
         _ => Ok(None),
     }
