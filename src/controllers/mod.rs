@@ -387,10 +387,15 @@ impl Ctx {
             match self.store.delete::<Lease>(name, Some(&version)) {
                 Ok(_) => {
                     self.leases.observe_deleted(name);
-                    self.spawned
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(name);
+                    // Only this Lease's entry: a later attempt's Lease of the same name may have
+                    // had its shim started meanwhile.
+                    let mut spawned = self.spawned.lock().unwrap_or_else(|p| p.into_inner());
+                    if spawned
+                        .get(name)
+                        .is_some_and(|s| s.lease.metadata.uid == uid)
+                    {
+                        spawned.remove(name);
+                    }
                     return Ok(());
                 }
                 Err(e) if e.is_conflict() => continue,

@@ -521,7 +521,9 @@ impl<K: Resource> Informer<K> {
         if cached.revision() > resource_version && self.reread(name) != Some(false) {
             return;
         }
-        self.observe_deleted(name);
+        // Only the version looked at: one this process wrote since (a new object of the name)
+        // stays.
+        self.drop_missing(name, cached.revision());
     }
 
     /// Takes object `name` as the store has it now: `Some(true)` when it is there (and in the
