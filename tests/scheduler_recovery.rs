@@ -138,6 +138,39 @@ fn an_over_time_agent_whose_children_left_its_group_is_ended_with_them_before_th
 }
 
 #[test]
+fn a_task_deleted_while_it_runs_has_what_its_run_left_outside_its_group_ended_too() {
+    let mut s = Sched::new();
+    s.queue("default");
+    s.agent(
+        "w",
+        1,
+        "setsid sh -c 'echo $$ >> \"$OUT/escaped\"; exec sleep 300' &\nsleep 300",
+    );
+    s.task("doomed");
+    s.daemon(&[]);
+    wait_for("the run and the process it left", LONG, || {
+        !s.lines("escaped").is_empty()
+            && s.leases()
+                .first()
+                .is_some_and(|l| l.status.phase == LeasePhase::Running)
+    });
+    let escaped = pids_in(&s.out("escaped"))[0];
+    s.keep_pid(escaped);
+    let d = s.run(&["delete", "task", "doomed"]);
+    assert_eq!(d.code, 0, "{d:?}");
+    wait_for("the run to be reclaimed", LONG, || s.leases().is_empty());
+    // Found by its log, which the delete left for the reclaim.
+    assert!(
+        !running(escaped),
+        "what the run left outside its group lives on"
+    );
+    assert!(
+        !s.env.state().join("logs/doomed").exists(),
+        "the deleted task's logs went after its run"
+    );
+}
+
+#[test]
 fn an_over_time_agent_that_ignores_sigterm_is_killed_with_its_grandchildren_before_the_retry() {
     let s = Sched::new();
     s.queue("default");

@@ -8,7 +8,7 @@ use super::input;
 use super::{CliError, CliResult, Globals};
 use crate::controllers::tinytask_sync::{queue_owed_before_delete, remote_id, Owed};
 use crate::resources::meta::GROUP;
-use crate::resources::{Kind, Resource, Task};
+use crate::resources::{Kind, Lease, Resource, Task};
 use crate::store::{Store, StoreError};
 
 /// Resolves the targets: `KIND NAME...`, `KIND/NAME...`, or the objects a manifest names.
@@ -72,8 +72,12 @@ pub fn delete(g: &Globals, a: DeleteArgs) -> CliResult {
         match r {
             Ok(()) => {
                 crate::outln!("{}.{GROUP} {name:?} deleted", kind.singular());
-                // As its TTL would, so that a Task created again under the name starts with none.
-                if kind == Kind::Task {
+                // As its TTL would, so that a Task created again under the name starts with none;
+                // but not under a run that still lives (its Lease, named after the task): the
+                // reclaim of that run finds the processes it left by their log, and removes the
+                // logs after.
+                let running = || !matches!(store.try_get::<Lease>(&name), Ok(None));
+                if kind == Kind::Task && !running() {
                     if let Err(e) = crate::agent::shim::remove_logs(&g.state_dir, &name) {
                         eprintln!("warning: cannot remove {e}");
                     }

@@ -538,7 +538,15 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
             kill_groups(ctx, &name, &escaped, ESCAPED, task.as_ref()).await?;
         }
     }
-    record_reclaimed(ctx, &lease, reason, task.as_ref(), started)
+    record_reclaimed(ctx, &lease, reason, task.as_ref(), started)?;
+    // A deleted Task's logs were kept for the look above (`delete task` leaves them while its
+    // run lives): they go now, unless a new Task of the name has come meanwhile.
+    if local && task.is_none() && ctx.store.try_get::<Task>(&lease.spec.task)?.is_none() {
+        if let Err(e) = crate::agent::shim::remove_logs(&ctx.state_dir, &lease.spec.task) {
+            tracing::warn!("cannot remove {e}");
+        }
+    }
+    Ok(())
 }
 
 /// Fails the attempt of `lease` as reclaimed for `reason` (after its kill: invariant 4), counts it
