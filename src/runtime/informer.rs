@@ -559,15 +559,9 @@ impl<K: Resource> Informer<K> {
                 .collect()
         };
         for (name, revision) in unlisted {
-            match self.inner.store.try_get::<K>(&name) {
-                Ok(None) => self.drop_missing(&name, revision),
-                Ok(Some(_)) => {}
-                Err(e) => tracing::warn!(
-                    kind = K::KIND,
-                    name,
-                    error = %e,
-                    "informer re-read failed; keeping the cached object"
-                ),
+            // A failed read keeps what the cache has (and is logged by `reread`).
+            if self.reread(&name) == Some(false) {
+                self.drop_missing(&name, revision);
             }
         }
     }
