@@ -279,7 +279,7 @@ impl Scheduler {
         }
     }
 
-    /// Waits until every informer has its initial list.
+    /// Waits until every informer is synced: its initial list in, its watch set up.
     pub async fn wait_synced(&self) {
         self.ctx.tasks.wait_synced().await;
         self.ctx.agents.wait_synced().await;

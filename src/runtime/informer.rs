@@ -260,18 +260,19 @@ impl<K: Resource> Informer<K> {
         tokio::spawn(async move { this.run().await })
     }
 
-    /// True once the initial list is in the cache.
+    /// True once the initial list is in the cache and the watch that follows it is set up (or
+    /// was tried: one that cannot be leaves the informer to relists).
     pub fn is_synced(&self) -> bool {
         *self.inner.synced.borrow()
     }
 
-    /// Waits until the initial list is in the cache.
+    /// Waits until the informer is synced (see [`Informer::is_synced`]).
     pub async fn wait_synced(&self) {
         let mut rx = self.inner.synced.subscribe();
         let _ = rx.wait_for(|s| *s).await;
     }
 
-    /// Waits until the initial list is in the cache (`Ok`), or until a list before it failed
+    /// Waits until the informer is synced (`Ok`), or until a list before that failed
     /// (`Err`, with why). The informer itself keeps retrying; this is for a caller that cannot
     /// wait for a retry, such as a one-shot run, which should fail and say why.
     pub async fn wait_synced_or_failed(&self) -> Result<(), String> {
