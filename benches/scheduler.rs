@@ -237,6 +237,20 @@ fn write_baseline(label: &str) {
     summary(&format!("durable write baseline ({label})"), v);
 }
 
+/// The cost of one process right now: spawning the burst's agent (`true`) and waiting for it,
+/// one at a time. A burst runs two processes per task (the shim and its agent), so its time moves
+/// with this figure from host to host; the durable write baseline alone does not show that.
+fn spawn_baseline(label: &str) {
+    let mut v = Vec::new();
+    for _ in 0..200 {
+        let start = Instant::now();
+        let st = Command::new("true").status().unwrap();
+        v.push(start.elapsed().as_secs_f64() * 1e3);
+        assert!(st.success(), "`true` failed: {st}");
+    }
+    summary(&format!("process spawn+wait baseline ({label})"), v);
+}
+
 fn dispatch() {
     let n = env_num("BENCH_DISPATCH_N", 200) as usize;
     let me = std::env::current_exe().unwrap();
@@ -633,6 +647,7 @@ fn main() {
     }
     if only.is_empty() || only == "burst" {
         write_baseline("before burst");
+        spawn_baseline("before burst");
         burst_and_idle();
         write_baseline("after idle");
     }
