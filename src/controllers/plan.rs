@@ -137,19 +137,19 @@ pub fn slots_held<'a>(leases: &'a [Arc<Lease>], tasks: &'a [Arc<Task>]) -> HashM
 /// The blockers of `task` that have not succeeded (missing ones count as unfinished). For a
 /// tinytask mirror, a blocker that succeeded here but whose completion is not on the server yet
 /// (its `Complete` write-back still queued) is unfinished too: the server calls the mirror's task
-/// blocked until then, and would refuse its claim.
+/// blocked until then, and would refuse its claim. Each blocker once, in `blockedBy`'s order.
 pub fn unfinished_blockers(task: &Task, by_name: &HashMap<&str, &Arc<Task>>) -> Vec<String> {
     let mirror = super::tinytask_sync::is_tinytask(task);
-    task.spec
-        .blocked_by
-        .iter()
-        .filter(|b| {
-            by_name.get(b.as_str()).is_none_or(|t| {
-                t.status.phase != TaskPhase::Succeeded || (mirror && completion_unsent(t))
-            })
-        })
-        .cloned()
-        .collect()
+    let mut out: Vec<String> = Vec::new();
+    for b in &task.spec.blocked_by {
+        let unfinished = by_name.get(b.as_str()).is_none_or(|t| {
+            t.status.phase != TaskPhase::Succeeded || (mirror && completion_unsent(t))
+        });
+        if unfinished && !out.contains(b) {
+            out.push(b.clone());
+        }
+    }
+    out
 }
 
 /// Whether `t` succeeded but its `Complete` write-back has not reached the tinytask server yet.
@@ -176,7 +176,7 @@ pub fn waiting_message<'a>(
             Some(t) if completion_unsent(t) => {
                 format!("{b} (Succeeded, not complete on the tinytask server yet)")
             }
-            Some(t) => match dead_end_behind(t, by_name, dead_ends, 0) {
+            Some(t) => match dead_ends.behind(&t.metadata.name, by_name) {
                 Some((name, what)) => format!("{b} (behind {name}, {what})"),
                 None => b.clone(),
             },
@@ -185,44 +185,80 @@ pub fn waiting_message<'a>(
     format!("waiting for {}", named.join(", "))
 }
 
-/// What [`dead_end_behind`] found per task in one pass: each task is walked once.
-pub type DeadEnds<'a> = HashMap<&'a str, Option<(&'a str, &'static str)>>;
+/// The tasks behind which something will not succeed by itself, worked out once per pass and
+/// only when a message needs it (see [`dead_ends`]).
+#[derive(Default)]
+pub struct DeadEnds<'a> {
+    found: Option<HashMap<&'a str, (&'a str, &'static str)>>,
+}
 
-/// How far back a chain of blockers is followed for a dead end.
-const DEAD_END_DEPTH: usize = 64;
+impl<'a> DeadEnds<'a> {
+    /// Nothing worked out yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
 
-/// A task somewhere behind `t`'s unfinished blockers that will not succeed by itself (Failed, or
-/// no such Task), so that `t` cannot either: the first found, with what is wrong with it. Only a
-/// Pending or Blocked task is looked behind (one that runs or ran got past its blockers); each
-/// task is walked once per pass (`memo`, which also ends a cycle), at most
-/// [`DEAD_END_DEPTH`] steps back.
-fn dead_end_behind<'a>(
-    t: &'a Task,
+    /// The dead end behind the task `name` (one of `by_name`), with what is wrong with it.
+    fn behind(
+        &mut self,
+        name: &str,
+        by_name: &HashMap<&'a str, &'a Arc<Task>>,
+    ) -> Option<(&'a str, &'static str)> {
+        self.found
+            .get_or_insert_with(|| dead_ends(by_name))
+            .get(name)
+            .copied()
+    }
+}
+
+/// Each task of `by_name` (the tasks named as a blocker) that cannot succeed by itself because a
+/// task somewhere behind it will not (Failed, or no such Task), with the nearest such task. Only
+/// a Pending or Blocked task is looked behind: one that runs or ran got past its blockers.
+/// Worked out from the dead ends outwards, breadth first over who waits for whom and in name
+/// order, so that a cycle among the blockers hides no dead end and the answer does not depend on
+/// the order the tasks were listed in (a walk from each task, remembering what it had seen,
+/// gave a task on a cycle a different answer depending on where the walk entered it).
+fn dead_ends<'a>(
     by_name: &HashMap<&'a str, &'a Arc<Task>>,
-    memo: &mut DeadEnds<'a>,
-    depth: usize,
-) -> Option<(&'a str, &'static str)> {
-    if !matches!(t.status.phase, TaskPhase::Pending | TaskPhase::Blocked) || depth > DEAD_END_DEPTH
-    {
-        return None;
-    }
-    let name = t.metadata.name.as_str();
-    if let Some(found) = memo.get(name) {
-        return *found;
-    }
-    memo.insert(name, None);
-    let mut found = None;
-    for b in &t.spec.blocked_by {
-        found = match by_name.get(b.as_str()) {
-            None => Some((b.as_str(), "no such Task")),
-            Some(bt) if bt.status.phase == TaskPhase::Failed => Some((b.as_str(), "Failed")),
-            Some(bt) => dead_end_behind(bt, by_name, memo, depth + 1),
-        };
-        if found.is_some() {
-            break;
+) -> HashMap<&'a str, (&'a str, &'static str)> {
+    let looked_behind =
+        |t: &Task| matches!(t.status.phase, TaskPhase::Pending | TaskPhase::Blocked);
+    let mut names: Vec<(&'a str, &'a Arc<Task>)> = by_name
+        .iter()
+        .filter(|(_, t)| looked_behind(t))
+        .map(|(n, t)| (*n, *t))
+        .collect();
+    names.sort_unstable_by_key(|(n, _)| *n);
+    let mut found: HashMap<&'a str, (&'a str, &'static str)> = HashMap::new();
+    let mut waited_for_by: HashMap<&'a str, Vec<&'a str>> = HashMap::new();
+    let mut next = std::collections::VecDeque::new();
+    for &(name, t) in &names {
+        let mut direct = None;
+        for b in &t.spec.blocked_by {
+            match by_name.get(b.as_str()) {
+                None => direct = direct.or(Some((b.as_str(), "no such Task"))),
+                Some(bt) if bt.status.phase == TaskPhase::Failed => {
+                    direct = direct.or(Some((b.as_str(), "Failed")))
+                }
+                Some(bt) if looked_behind(bt) => {
+                    waited_for_by.entry(b.as_str()).or_default().push(name)
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(d) = direct {
+            found.insert(name, d);
+            next.push_back((name, d));
         }
     }
-    memo.insert(name, found);
+    while let Some((name, d)) = next.pop_front() {
+        for &w in waited_for_by.get(name).map(Vec::as_slice).unwrap_or(&[]) {
+            if let std::collections::hash_map::Entry::Vacant(e) = found.entry(w) {
+                e.insert(d);
+                next.push_back((w, d));
+            }
+        }
+    }
     found
 }
 
@@ -257,11 +293,28 @@ pub fn plan(
         .filter(|q| q.spec.blocking == BlockingPolicy::Ignore)
         .map(|q| q.metadata.name.as_str())
         .collect();
-    // How many unfinished tasks wait on each task: those unblock the most work, so go first.
+    // Whether `t` waits for its blockers: not in a queue that ignores blocking, nor with blocking
+    // disabled.
+    let respects = |t: &Task| {
+        !opts.disable_blocking
+            && !t
+                .spec
+                .queue
+                .as_deref()
+                .is_some_and(|q| ignore_blocking.contains(q))
+    };
+    // How many unfinished tasks wait on each task: those unblock the most work, so go first. Only
+    // a task that waits counts, and each once however often its `blockedBy` names the blocker.
     let mut dependents: HashMap<&str, usize> = HashMap::new();
-    for t in tasks.iter().filter(|t| !t.status.phase.is_finished()) {
+    for t in tasks
+        .iter()
+        .filter(|t| !t.status.phase.is_finished() && !t.spec.blocked_by.is_empty() && respects(t))
+    {
+        let mut named = HashSet::new();
         for b in &t.spec.blocked_by {
-            *dependents.entry(b.as_str()).or_default() += 1;
+            if named.insert(b.as_str()) {
+                *dependents.entry(b.as_str()).or_default() += 1;
+            }
         }
     }
 
@@ -273,12 +326,7 @@ pub fn plan(
         if !matches!(phase, TaskPhase::Pending | TaskPhase::Blocked) {
             continue;
         }
-        let respects = !opts.disable_blocking
-            && !t
-                .spec
-                .queue
-                .as_deref()
-                .is_some_and(|q| ignore_blocking.contains(q));
+        let respects = respects(t);
         let waiting = if respects {
             unfinished_blockers(t, &by_name)
         } else {
@@ -710,6 +758,89 @@ mod tests {
         assert_eq!(said["g2"], "waiting for g1 (behind gone, no such Task)");
         assert_eq!(said["c1"], "waiting for c2");
         assert_eq!(said["c2"], "waiting for c1");
+    }
+
+    #[test]
+    fn a_dead_end_behind_a_cycle_is_named_whatever_order_the_tasks_come_in() {
+        // x Failed; a waits for b and x; b waits for a (a cycle with a way out that fails);
+        // u waits for b, w for a. Which of u and w was looked at first once decided u's message.
+        let mut x = task("x", "q", 0, 0);
+        x.status.phase = TaskPhase::Failed;
+        let mut a = task("a", "q", 0, 1);
+        a.spec.blocked_by = vec!["b".into(), "x".into()];
+        let mut b = task("b", "q", 0, 2);
+        b.spec.blocked_by = vec!["a".into()];
+        let mut u = task("u", "q", 0, 3);
+        u.spec.blocked_by = vec!["b".into()];
+        let mut w = task("w", "q", 0, 4);
+        w.spec.blocked_by = vec!["a".into()];
+        for order in [
+            vec![&w, &u, &a, &b, &x],
+            vec![&u, &w, &b, &a, &x],
+            vec![&a, &b, &u, &w, &x],
+        ] {
+            let tasks = arcs(order.into_iter().cloned().collect());
+            let p = plan(
+                &tasks,
+                &[agent("ag", "q", 5)],
+                &[],
+                &[],
+                now(),
+                Default::default(),
+            );
+            let said: HashMap<&str, &str> = p
+                .newly_blocked
+                .iter()
+                .map(|(n, m)| (n.as_str(), m.as_str()))
+                .collect();
+            assert_eq!(said["u"], "waiting for b (behind x, Failed)");
+            assert_eq!(said["w"], "waiting for a (behind x, Failed)");
+            assert_eq!(said["b"], "waiting for a (behind x, Failed)");
+            assert_eq!(said["a"], "waiting for b (behind x, Failed), x (Failed)");
+        }
+    }
+
+    #[test]
+    fn a_blocker_goes_first_only_for_tasks_that_wait_for_it_each_counted_once() {
+        let first = |tasks: Vec<Task>, q: Arc<Queue>| {
+            let p = plan(
+                &arcs(tasks),
+                &[agent("x", "q", 1)],
+                &[q],
+                &[],
+                now(),
+                Default::default(),
+            );
+            p.assignments[0].0.clone()
+        };
+        let mut dependent = task("dependent", "q", 100, 0);
+        dependent.spec.blocked_by = vec!["blocker".into()];
+        let tasks = vec![
+            task("blocker", "q", 0, 0),
+            dependent,
+            task("other", "q", 50, 0),
+        ];
+        assert_eq!(first(tasks.clone(), queue("q")), "blocker");
+        // In a queue that ignores blocking nothing waits for `blocker`: priority decides.
+        let mut ignoring = (*queue("q")).clone();
+        ignoring.spec.blocking = BlockingPolicy::Ignore;
+        assert_eq!(first(tasks, Arc::new(ignoring)), "dependent");
+
+        // One task naming `a` three times is one task waiting for it; `b` has two.
+        let mut d1 = task("d1", "q", 0, 0);
+        d1.spec.blocked_by = vec!["a".into(), "a".into(), "a".into()];
+        let mut d2 = task("d2", "q", 0, 0);
+        d2.spec.blocked_by = vec!["b".into()];
+        let mut d3 = task("d3", "q", 0, 0);
+        d3.spec.blocked_by = vec!["b".into()];
+        let tasks = vec![task("a", "q", 0, 0), task("b", "q", 0, 0), d1, d2, d3];
+        assert_eq!(first(tasks.clone(), queue("q")), "b");
+        let by_name = HashMap::new();
+        assert_eq!(
+            unfinished_blockers(&tasks[2], &by_name),
+            ["a"],
+            "said once in the message"
+        );
     }
 
     #[test]
