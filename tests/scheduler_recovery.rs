@@ -561,6 +561,36 @@ fn show_first_attempt(s: &Sched, task: &str, phase: TaskPhase) {
 }
 
 #[test]
+fn a_lease_left_terminating_after_its_attempt_was_recorded_is_removed_without_reclaiming_it_again()
+{
+    let s = Sched::new();
+    s.queue("default");
+    s.agent("w", 1, "true");
+    s.task_with("done", |t| t.max_retries = 0);
+    let mut lease = left_behind_lease(&s, "done", 3);
+    lease.status.phase = LeasePhase::Terminating;
+    lease.status.message = Some("heartbeat expired 9s ago".into());
+    s.store.update_status(&lease).unwrap();
+    // The scheduler that reclaimed it recorded the attempt, then stopped before the Lease's delete.
+    let mut t = s.get_task("done");
+    t.status.phase = TaskPhase::Failed;
+    t.status.attempts = 1;
+    t.status.reason = Some("Reclaimed".into());
+    t.status.message = Some("failed after 1 attempts; last: heartbeat expired 9s ago".into());
+    s.store.update_status(&t).unwrap();
+
+    let r = s.run(&["run", "--once"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(s.leases().is_empty(), "{r:?}");
+    assert!(r.stdout.contains(" reclaimed: 0,"), "{}", r.stdout);
+    let t = s.get_task("done");
+    assert_eq!((t.status.phase, t.status.attempts), (TaskPhase::Failed, 1));
+    let d = s.run(&["describe", "task", "done"]);
+    let events = d.stdout.split("\nEvents:").nth(1).unwrap_or_default();
+    assert!(!events.contains("Reclaim"), "told again: {}", d.stdout);
+}
+
+#[test]
 fn a_hand_written_lease_with_durations_past_the_clocks_range_neither_hangs_nor_stalls_reclaim() {
     let mut s = Sched::new();
     s.queue("default");

@@ -76,8 +76,10 @@ fn delay_text(d: std::time::Duration) -> String {
 }
 
 /// Records `ending` for `lease`'s attempt on its Task, then deletes the Lease. Idempotent: an
-/// attempt already recorded (a crash between the two writes) only has its Lease deleted.
-pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
+/// attempt already recorded (a crash between the two writes) only has its Lease deleted. Returns
+/// whether this call ended the attempt, false for one recorded already, so that the caller counts
+/// and tells each ending once.
+pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<bool, Error> {
     let name = &lease.metadata.name;
     let task_name = &lease.spec.task;
     let attempt = lease.spec.attempt;
@@ -94,7 +96,7 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
         if ending.reclaimed.is_none() {
             Summary::bump(&ctx.summary.completed);
         }
-        return Ok(());
+        return Ok(true);
     }
 
     // The Task is read once, under the store lock, by the patch: a Task that is gone, or that is
@@ -203,7 +205,8 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
             t.status.write_backs.extend(wbs);
         }
     })?;
-    if updated.is_none() || replaced {
+    let task_gone = updated.is_none() || replaced;
+    if task_gone {
         // Deleted while it ran: a mirrored task's result still goes back to its server.
         tinytask_sync::orphan_write_back(ctx, lease, ending.succeeded(), &what)?;
     }
@@ -222,7 +225,8 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<(), Error> {
             Summary::bump(&ctx.summary.completed);
         }
     }
-    ctx.delete_lease(name, &lease.metadata.uid)
+    ctx.delete_lease(name, &lease.metadata.uid)?;
+    Ok(applied || task_gone)
 }
 
 #[cfg(test)]

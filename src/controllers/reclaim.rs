@@ -489,7 +489,10 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
         return Ok(());
     };
     let task = ctx.stored_task_of(&lease)?;
-    if let Some(t) = &task {
+    // A Lease left Terminating by a process that stopped after recording the attempt: its
+    // processes are still looked for and ended, but the reclaim was told and counted already.
+    let told = |t: &&Task| !super::lease::past_attempt(t, lease.spec.attempt);
+    if let Some(t) = task.as_ref().filter(told) {
         ctx.event(
             t,
             EventType::Warning,
@@ -550,8 +553,9 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
 }
 
 /// Fails the attempt of `lease` as reclaimed for `reason` (after its kill: invariant 4), counts it
-/// under its reason and says so on its Task. `started`: an agent of the attempt is known to have
-/// started, though the Lease records none.
+/// under its reason and says so on its Task, unless the attempt was recorded already (a crash
+/// between the Task's write and the Lease's delete). `started`: an agent of the attempt is known
+/// to have started, though the Lease records none.
 fn record_reclaimed(
     ctx: &Ctx,
     lease: &Lease,
@@ -566,7 +570,9 @@ fn record_reclaimed(
         message: None,
         started,
     };
-    outcome::record(ctx, lease, &ending)?;
+    if !outcome::record(ctx, lease, &ending)? {
+        return Ok(());
+    }
     Summary::bump(&ctx.summary.reclaimed);
     ctx.metrics
         .counter(
