@@ -189,8 +189,10 @@ async fn once(g: &Globals, args: &RunArgs, settings: Settings) -> CliResult {
         ctx.summary.errors.fetch_add(panics, Ordering::Relaxed);
     }
     sched.stop().await;
+    // What `get agents` and `get queues` show after the pass: failing to write it is a failure.
     if let Err(e) = crate::controllers::status::flush_all(&ctx) {
-        tracing::warn!("cannot write agent and queue status: {e}");
+        tracing::error!("cannot write agent and queue status: {e}");
+        ctx.summary.errors.fetch_add(1, Ordering::Relaxed);
     }
     if !args.dry_run {
         if let Err(e) = ctx.recorder.gc() {
