@@ -166,6 +166,42 @@ fn run_once_wait_ends_when_the_rest_can_never_run_a_cycle_or_a_chain_behind_a_fa
 }
 
 #[test]
+fn a_task_whose_max_retries_was_lowered_below_its_attempts_fails_without_running_again() {
+    let s = Sched::new();
+    s.queue("default");
+    s.agent("w", 2, "echo \"$TINYSCHEDULER_TASK\" >> \"$OUT/ran\"");
+    // Two attempts failed and it waits for its retry, when its maxRetries goes down to 1.
+    s.task_with("lowered", |t| t.max_retries = 1);
+    let mut t = s.get_task("lowered");
+    t.status.phase = TaskPhase::Pending;
+    t.status.attempts = 2;
+    t.status.reason = Some("Retrying".into());
+    t.status.message = Some("attempt 2 failed (exited with code 1); retry 2 of 3 in 20s".into());
+    s.store.update_status(&t).unwrap();
+    // One still within its retries runs.
+    s.task_with("within", |t| t.max_retries = 2);
+    let mut t = s.get_task("within");
+    t.status.attempts = 2;
+    s.store.update_status(&t).unwrap();
+
+    let r = s.run(&["run", "--once", "--wait"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(s.lines("ran"), ["within"]);
+    let t = s.get_task("lowered");
+    assert_eq!(t.status.phase, TaskPhase::Failed);
+    assert_eq!(t.status.attempts, 2);
+    assert_eq!(t.status.reason.as_deref(), Some("BackoffLimitExceeded"));
+    let d = s.run(&["describe", "task", "lowered"]);
+    assert!(
+        d.stdout
+            .contains("failed after 2 attempts; maxRetries is now 1"),
+        "{}",
+        d.stdout
+    );
+    assert!(s.leases().is_empty());
+}
+
+#[test]
 fn run_once_dry_run_prints_its_decisions_and_changes_no_byte() {
     let s = Sched::new();
     s.queue("default");

@@ -194,6 +194,41 @@ enum Commit {
 /// How soon a deferred assignment is looked at again.
 const RUN_ENDING_LOOK: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// Fails `task`, whose attempts are past its `maxRetries`, without another attempt.
+fn out_of_retries(ctx: &Ctx, task: &Task) -> Result<(), Error> {
+    let name = &task.metadata.name;
+    let message = format!(
+        "failed after {} attempts; maxRetries is now {}",
+        task.status.attempts, task.spec.max_retries
+    );
+    if ctx.settings.dry_run {
+        ctx.would(&format!("fail task/{name}: {message}"));
+        return Ok(());
+    }
+    let uid = &task.metadata.uid;
+    let mut failed = false;
+    let updated = ctx.patch_task(name, |t| {
+        failed = t.metadata.uid == *uid
+            && matches!(t.status.phase, TaskPhase::Pending | TaskPhase::Blocked)
+            && t.status.lease.is_none()
+            && t.status.attempts > t.spec.max_retries;
+        if failed {
+            t.status.phase = TaskPhase::Failed;
+            t.status.reason = Some("BackoffLimitExceeded".into());
+            t.status.message = Some(format!(
+                "failed after {} attempts; maxRetries is now {}",
+                t.status.attempts, t.spec.max_retries
+            ));
+            t.status.next_attempt_after = None;
+        }
+    })?;
+    if let (Some(t), true) = (updated, failed) {
+        let message = t.status.message.clone().unwrap_or_default();
+        ctx.event(&t, EventType::Warning, "Failed", &message);
+    }
+    Ok(())
+}
+
 /// Creates the Lease (the commit point), then records the assignment on the Task.
 fn commit(ctx: &Ctx, task_name: &str, agent_name: &str) -> Result<Commit, Error> {
     // The plan came from the cache; the commit re-reads the Task so that a task finished a moment
@@ -223,6 +258,13 @@ fn commit(ctx: &Ctx, task_name: &str, agent_name: &str) -> Result<Commit, Error>
     // (invariant 1). The shim holds the attempt's run claim for as long as it lives.
     if !ctx.settings.dry_run && ctx.shim_runs(&task, attempt)? {
         return Ok(Commit::Deferred);
+    }
+    // Its `maxRetries` was lowered while it waited for a retry: it has used them up, and fails now
+    // rather than after one more run (as a Job whose backoffLimit is lowered). A tinytask mirror
+    // is left to run: its outcome goes back to its server with a run's record.
+    if task.status.attempts > task.spec.max_retries && !tinytask_sync::is_tinytask(&task) {
+        out_of_retries(ctx, &task)?;
+        return Ok(Commit::Done);
     }
     if ctx.settings.dry_run {
         ctx.would(&format!(
@@ -267,19 +309,27 @@ fn commit(ctx: &Ctx, task_name: &str, agent_name: &str) -> Result<Commit, Error>
             if shows_assignment_next(t, &lease) {
                 mirror_assignment(t, &lease);
             }
-        })?
+        })
     } else {
-        None
+        Ok(None)
     };
     // Wake the lease controller only now, so that it finds the Task already showing the Lease
-    // if it is to.
+    // if it is to. The Lease is committed even when the Task's write failed: it goes into the
+    // cache all the same, so that the next pass counts its slot and does not assign the task
+    // again before the watch brings it (invariants 1 and 2); the lease controller makes the
+    // Task show it later.
     ctx.leases.observe(lease);
     Summary::bump(&ctx.summary.assigned);
     ctx.event(
-        shown.as_ref().unwrap_or(&task),
+        shown
+            .as_ref()
+            .ok()
+            .and_then(Option::as_ref)
+            .unwrap_or(&task),
         EventType::Normal,
         "Assigned",
         &format!("assigned to agent/{agent_name} (attempt {attempt})"),
     );
+    shown?;
     Ok(Commit::Done)
 }
