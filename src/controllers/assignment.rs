@@ -315,9 +315,8 @@ fn commit(ctx: &Ctx, task_name: &str, agent_name: &str) -> Result<Commit, Error>
     };
     // Wake the lease controller only now, so that it finds the Task already showing the Lease
     // if it is to. The Lease is committed even when the Task's write failed: it goes into the
-    // cache all the same, so that the next pass counts its slot and does not assign the task
-    // again before the watch brings it (invariants 1 and 2); the lease controller makes the
-    // Task show it later.
+    // cache all the same, so that the next pass counts its agent's slot even before the watch
+    // brings it (invariant 2); the lease controller makes the Task show it later.
     ctx.leases.observe(lease);
     Summary::bump(&ctx.summary.assigned);
     ctx.event(
