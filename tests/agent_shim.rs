@@ -27,11 +27,13 @@ fn the_shim_records_exit_code_zero_and_the_log_of_a_successful_run() {
     assert_eq!(l.status.pgid, l.status.pid);
     assert!(l.status.shim_pid.is_some() && l.status.shim_start_time.is_some());
     assert!(l.status.acquire_time.is_some() && l.status.renew_time.is_some());
-    // Judged against a duration of a few seconds: kept to the microsecond, as Kubernetes does.
-    let renewed = l.status.renew_time.as_deref().unwrap();
-    let (_, fraction) = renewed.split_once('.').expect("a fraction of a second");
-    assert_eq!(fraction.len(), "123456Z".len(), "{renewed}");
-    assert!(tinyscheduler::resources::meta::parse_time(renewed).is_some());
+    // Judged against durations of a few seconds: kept to the microsecond, as Kubernetes does.
+    for time in [&l.status.renew_time, &l.status.acquire_time] {
+        let time = time.as_deref().unwrap();
+        let (_, fraction) = time.split_once('.').expect("a fraction of a second");
+        assert_eq!(fraction.len(), "123456Z".len(), "{time}");
+        assert!(tinyscheduler::resources::meta::parse_time(time).is_some());
+    }
     assert!(l.status.host.is_some());
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
     assert_eq!(

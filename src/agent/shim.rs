@@ -231,7 +231,7 @@ fn supervise(state_dir: PathBuf, lease_name: String, signals: &Signals) -> CliRe
         shim_pid: me,
         shim_start_time: start_time_of(me),
         host: super::hostname(),
-        acquire_time: now_rfc3339(),
+        acquire_time: now_rfc3339_micros(),
         log_path: path.display().to_string(),
     };
     // The Lease's duration was set from the Agent's heartbeat when it was made; an Agent changed

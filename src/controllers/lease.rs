@@ -11,6 +11,7 @@ use crate::agent::claim::Claim;
 use crate::agent::liveness::may_exist;
 use crate::agent::spawn::spawn_shim;
 use crate::resources::event::EventType;
+use crate::resources::meta::to_seconds;
 use crate::resources::{Lease, LeasePhase, Task, TaskPhase};
 use crate::runtime::controller::Action;
 
@@ -354,7 +355,7 @@ fn mark_task_running(ctx: &Ctx, lease: &Lease) -> Result<(), Error> {
                 mirror_assignment(t, lease);
             }
             t.status.phase = TaskPhase::Running;
-            t.status.start_time = lease.status.acquire_time.clone();
+            t.status.start_time = lease.status.acquire_time.as_deref().map(to_seconds);
             t.status.message = Some(message.clone());
         }
     })?;

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use super::{tinytask_sync, Ctx, Error, Summary};
 use crate::resources::event::EventType;
-use crate::resources::meta::now_rfc3339;
+use crate::resources::meta::{now_rfc3339, to_seconds};
 use crate::resources::{Lease, TaskPhase};
 
 /// How a run ended, from the shim's record or the reclaim controller's verdict.
@@ -138,7 +138,7 @@ pub fn record(ctx: &Ctx, lease: &Lease, ending: &Ending) -> Result<bool, Error> 
         }
         started_here = lease.status.acquire_time.is_some() && !super::lease::shows_running(t, name);
         if started_here {
-            t.status.start_time = lease.status.acquire_time.clone();
+            t.status.start_time = lease.status.acquire_time.as_deref().map(to_seconds);
         }
         t.status.lease = None;
         t.status.attempts = t.status.attempts.max(attempt);

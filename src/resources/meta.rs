@@ -173,6 +173,11 @@ pub fn format_time(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// A timestamp cut to the second, as a Task shows its times; one that does not parse as it is.
+pub fn to_seconds(ts: &str) -> String {
+    parse_time(ts).map_or_else(|| ts.to_string(), format_time)
+}
+
 /// Parses an RFC 3339 timestamp; `None` for anything else.
 pub fn parse_time(s: &str) -> Option<SystemTime> {
     humantime::parse_rfc3339_weak(s).ok()
@@ -227,6 +232,16 @@ pub fn format_duration_short(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_time_in_microseconds_is_cut_to_its_second_and_anything_else_kept() {
+        assert_eq!(
+            to_seconds("2026-11-23T11:17:31.999999Z"),
+            "2026-11-23T11:17:31Z"
+        );
+        assert_eq!(to_seconds("2026-11-23T11:17:31Z"), "2026-11-23T11:17:31Z");
+        assert_eq!(to_seconds("yesterday"), "yesterday");
+    }
 
     #[test]
     fn ages_read_like_kubectl() {
