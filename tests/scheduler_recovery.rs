@@ -338,6 +338,36 @@ fn a_finished_agent_whose_child_takes_its_grace_to_die_is_renewed_meanwhile_and_
     assert!(!story.iter().any(|r| r == "Reclaiming"), "{story:?}");
 }
 
+#[test]
+fn a_finished_agent_whose_child_takes_its_grace_to_die_past_the_max_runtime_succeeds_once() {
+    let mut s = Sched::new();
+    // The shim ends the child after the agent's exit, 3 s later: past the 1 s maximum runtime
+    // that the agent itself kept.
+    s.extra_env
+        .push(("TINYSCHEDULER_KILL_GRACE_SEC".into(), "3".into()));
+    s.queue("default");
+    s.agent_with(
+        "w",
+        1,
+        "echo ran >> \"$OUT/runs\"\n(trap '' TERM; exec sleep 300) &\necho $! > \"$OUT/left\"\nsleep 0.3\nexit 0",
+        |a| a.max_runtime_seconds = 1,
+    );
+    s.task_with("quick", |t| t.max_retries = 2);
+    let r = s.run(&["run", "--once", "--wait"]);
+    assert_eq!(r.code, 0, "{r:?}");
+
+    let t = s.get_task("quick");
+    assert_eq!(t.status.phase, TaskPhase::Succeeded, "{:?}", t.status);
+    assert_eq!(t.status.attempts, 1, "{:?}", t.status);
+    assert_eq!(s.lines("runs"), ["ran"], "the task ran again");
+    assert!(
+        !running(pids_in(&s.out("left"))[0]),
+        "the child outlived its run"
+    );
+    let story = story(&s, "quick");
+    assert!(!story.iter().any(|r| r.starts_with("Reclaim")), "{story:?}");
+}
+
 /// Sends SIGCONT to a stopped process when dropped, so that a failing test leaves nothing stopped.
 struct Resume(i32);
 

@@ -25,16 +25,17 @@ use crate::runtime::controller::Action;
 pub enum Verdict {
     /// Healthy; look again after this long.
     Healthy(Duration),
-    /// The heartbeat expired, but the agent has exited and its shim is alive: the run is over and
-    /// the shim is still trying to record its result (the store refused its writes, say). Nothing
-    /// is left to kill, and reclaiming now could fail, and run again, a run that succeeded. Look
-    /// again after this long; [`record_grace`] after the expiry the run is stale after all.
-    AwaitingShim(Duration),
+    /// The heartbeat expired or the maximum runtime passed (the reason, as a stale verdict would
+    /// give it), but the agent has exited and its shim is alive: the run is over and the shim is
+    /// still ending what the agent left in its group or trying to record its result (the store
+    /// refused its writes, say). Reclaiming now could fail, and run again, a run that succeeded.
+    /// Look again after this long; [`record_grace`] past the limit the run is stale after all.
+    AwaitingShim(Duration, String),
     Stale(String),
 }
 
-/// How long after a Lease's expiry reclaim waits for the live shim of an exited agent to record
-/// its result: longer than the shim may take before it gives up and exits — ending what the
+/// How long past a Lease's expiry or its maximum runtime reclaim waits for the live shim of an
+/// exited agent to record its result: longer than the shim may take before it gives up and exits — ending what the
 /// agent left in its group (`kill_grace`), then trying to write for [`RECORD_GIVE_UP`] — plus a
 /// minute.
 pub fn record_grace(kill_grace: Duration) -> Duration {
@@ -157,13 +158,27 @@ pub fn judge(lease: &Lease, facts: &Facts) -> Verdict {
         }
         recording = !agent_alive && shim_alive;
     }
-    if since_renew > duration {
+    let running_for = age(s.acquire_time.as_deref(), now).unwrap_or_default();
+    let past_limit = if since_renew > duration {
         let expired = since_renew - duration;
-        if recording && expired <= record_grace {
-            let left = record_grace - expired;
-            return Verdict::AwaitingShim(left.min(duration).max(Duration::from_millis(200)));
+        Some((
+            expired,
+            format!("heartbeat expired {}s ago", expired.as_secs()),
+        ))
+    } else if running_for > max_runtime {
+        Some((
+            running_for - max_runtime,
+            format!("exceeded its maximum runtime of {}s", max_runtime.as_secs()),
+        ))
+    } else {
+        None
+    };
+    if let Some((past, mut reason)) = past_limit {
+        if recording && past <= record_grace {
+            let left = record_grace - past;
+            let after = left.min(duration).max(Duration::from_millis(200));
+            return Verdict::AwaitingShim(after, reason);
         }
-        let mut reason = format!("heartbeat expired {}s ago", expired.as_secs());
         if recording {
             reason.push_str(&format!(
                 "; its agent exited and its shim recorded nothing for {}s",
@@ -171,13 +186,6 @@ pub fn judge(lease: &Lease, facts: &Facts) -> Verdict {
             ));
         }
         return Verdict::Stale(reason);
-    }
-    let running_for = age(s.acquire_time.as_deref(), now).unwrap_or_default();
-    if running_for > max_runtime {
-        return Verdict::Stale(format!(
-            "exceeded its maximum runtime of {}s",
-            max_runtime.as_secs()
-        ));
     }
     let next = (duration - since_renew).min(max_runtime - running_for);
     Verdict::Healthy(next.max(Duration::from_millis(200)))
@@ -245,8 +253,8 @@ pub async fn reconcile(name: String, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let facts = facts(&ctx, &lease, true)?;
     let reason = match judge(&lease, &facts) {
         Verdict::Healthy(after) => return Ok(look_again(after)),
-        Verdict::AwaitingShim(after) => {
-            await_shim(&ctx, &lease);
+        Verdict::AwaitingShim(after, why) => {
+            await_shim(&ctx, &lease, &why);
             return Ok(Action::requeue_after(after));
         }
         Verdict::Stale(reason) => reason,
@@ -417,7 +425,7 @@ async fn without_lease(ctx: &Ctx, name: &str) -> Result<Action, Error> {
 
 /// Says on the Task that its run is over and reclaim waits for the shim to record the result.
 /// The message stays the same while it waits, so the Event is aggregated (its count grows).
-fn await_shim(ctx: &Ctx, lease: &Lease) {
+fn await_shim(ctx: &Ctx, lease: &Lease, why: &str) {
     let Ok(Some(task)) = ctx.task_of(lease) else {
         return;
     };
@@ -427,8 +435,8 @@ fn await_shim(ctx: &Ctx, lease: &Lease) {
         EventType::Warning,
         "AwaitingResult",
         &format!(
-            "lease/{} (attempt {}): heartbeat expired, but the agent has exited and its shim \
-             (pid {shim}) is alive; waiting up to {}s for it to record the result before reclaiming",
+            "lease/{} (attempt {}): {why}, but the agent has exited and its shim (pid {shim}) is \
+             alive; waiting up to {}s for it to record the result before reclaiming",
             lease.metadata.name,
             lease.spec.attempt,
             record_grace(ctx.settings.kill_grace).as_secs()
@@ -788,7 +796,10 @@ mod tests {
         let now = SystemTime::now();
         // Expired 55 s ago (45 s lease).
         match judge(&recording(100), &facts(now, true, true)) {
-            Verdict::AwaitingShim(after) => assert!(after <= Duration::from_secs(45), "{after:?}"),
+            Verdict::AwaitingShim(after, why) => {
+                assert!(after <= Duration::from_secs(45), "{after:?}");
+                assert_eq!(why, "heartbeat expired 55s ago");
+            }
             v => panic!("{v:?}"),
         }
         // Not expired: healthy, as any run being renewed.
@@ -806,6 +817,29 @@ mod tests {
                 assert!(r.starts_with("heartbeat expired"), "{r}");
                 assert!(r.contains("its shim recorded nothing"), "{r}");
                 assert_eq!(reason_label(&r), "heartbeat");
+            }
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn an_over_time_lease_whose_agent_exited_waits_for_its_live_shim_for_the_grace_only() {
+        let now = SystemTime::now();
+        // Renewed just now; running for 5 s, 4 s past its maximum.
+        let mut l = recording(0);
+        l.spec.max_runtime_seconds = 1;
+        match judge(&l, &facts(now, true, true)) {
+            Verdict::AwaitingShim(_, why) => assert_eq!(why, "exceeded its maximum runtime of 1s"),
+            v => panic!("{v:?}"),
+        }
+        let grace = record_grace(Duration::from_secs(10));
+        let started = now - grace - Duration::from_secs(3);
+        l.status.acquire_time = Some(format_time(started));
+        match judge(&l, &facts(now, true, true)) {
+            Verdict::Stale(r) => {
+                assert!(r.starts_with("exceeded its maximum runtime of 1s"), "{r}");
+                assert!(r.contains("its shim recorded nothing"), "{r}");
+                assert_eq!(reason_label(&r), "max-runtime");
             }
             v => panic!("{v:?}"),
         }
