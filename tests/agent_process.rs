@@ -7,7 +7,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use nix::sys::signal::kill;
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use support::*;
 use tinyscheduler::agent::liveness::{group_alive, read_stat};
@@ -122,6 +122,56 @@ fn a_group_whose_members_are_all_zombies_is_not_alive() {
     assert!(!group_alive(pid));
     child.wait().unwrap();
     assert!(!group_alive(pid));
+}
+
+#[test]
+fn a_process_whose_first_thread_exited_while_another_runs_is_alive_until_its_group_is_ended() {
+    // SAFETY: the child only joins a group of its own, starts a thread and ends its first thread
+    // with the bare exit system call (nothing unwinds through Rust frames); glibc's fork leaves
+    // malloc usable in the child.
+    let pid = match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => unsafe {
+            nix::libc::setpgid(0, 0);
+            std::thread::spawn(|| std::thread::sleep(Duration::from_secs(300)));
+            nix::libc::syscall(nix::libc::SYS_exit, 0);
+            nix::libc::_exit(1)
+        },
+        nix::unistd::ForkResult::Parent { child } => child,
+    };
+    let _ = nix::unistd::setpgid(pid, pid);
+    let pid = pid.as_raw();
+    let guard = KillGroupOnDrop(pid);
+    // `ps` shows it as `Zl`: the first thread is a zombie, the process runs on.
+    wait_for("the first thread to exit", LONG, || {
+        read_stat(pid).unwrap().state == 'Z'
+    });
+    let st = start_time_of(pid).unwrap();
+    assert!(is_alive(pid, st), "a process that still runs a thread");
+    assert!(group_alive(pid));
+
+    let out = rt().block_on(terminate_group(pid, Duration::from_secs(60)));
+    assert_eq!(
+        out,
+        KillOutcome {
+            terminated: true,
+            killed: false
+        }
+    );
+    let status = nix::sys::wait::waitpid(Pid::from_raw(pid), None).unwrap();
+    assert_eq!(
+        status,
+        nix::sys::wait::WaitStatus::Signaled(Pid::from_raw(pid), Signal::SIGTERM, false)
+    );
+    std::mem::forget(guard);
+}
+
+/// SIGKILLs a process group when dropped, so that a failing test leaves no process behind.
+struct KillGroupOnDrop(i32);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(-self.0), Signal::SIGKILL);
+    }
 }
 
 // ----- kill -----

@@ -26,14 +26,22 @@ pub struct ProcStat {
     /// Field 5: process group id.
     pub pgrp: i32,
     pub session: i32,
+    /// Field 20: the process's threads, counting its first one even when that one has exited.
+    pub num_threads: u64,
     /// Field 22: start time in clock ticks since boot.
     pub start_time: u64,
 }
 
 impl ProcStat {
-    /// A zombie (`Z`) or dead (`X`) process is not running anything any more.
+    /// A dead (`X`) process, or a zombie (`Z`) whose threads have all exited, is not running
+    /// anything any more. A `Z` whose first thread called `pthread_exit` while others go on
+    /// (`ps` shows `Zl`) is still running them: it is alive, and kill(2) still reaches it.
     pub fn is_zombie_or_dead(&self) -> bool {
-        matches!(self.state, 'Z' | 'X' | 'x')
+        match self.state {
+            'X' | 'x' => true,
+            'Z' => self.num_threads <= 1,
+            _ => false,
+        }
     }
 }
 
@@ -58,6 +66,7 @@ pub fn parse_stat(text: &str) -> Option<ProcStat> {
         ppid: field(4)?.parse().ok()?,
         pgrp: field(5)?.parse().ok()?,
         session: field(6)?.parse().ok()?,
+        num_threads: field(20)?.parse().ok()?,
         start_time: field(22)?.parse().ok()?,
     })
 }
@@ -351,7 +360,26 @@ mod tests {
         assert_eq!(s.ppid, 4);
         assert_eq!(s.pgrp, 5);
         assert_eq!(s.session, 6);
+        assert_eq!(s.num_threads, 20);
         assert_eq!(s.start_time, 22);
+    }
+
+    #[test]
+    fn a_zombie_is_dead_unless_threads_other_than_its_first_still_run() {
+        let stat = |state: &str, threads: u32| {
+            let mut fields = vec![state.to_string()];
+            for n in 4..=52 {
+                fields.push(if n == 20 { threads } else { n }.to_string());
+            }
+            parse_stat(&format!("7 (agent) {}\n", fields.join(" "))).unwrap()
+        };
+        assert!(stat("Z", 1).is_zombie_or_dead());
+        assert!(
+            !stat("Z", 3).is_zombie_or_dead(),
+            "pthread_exit of the first thread"
+        );
+        assert!(stat("X", 1).is_zombie_or_dead());
+        assert!(!stat("S", 1).is_zombie_or_dead());
     }
 
     #[test]
