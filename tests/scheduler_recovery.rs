@@ -256,11 +256,24 @@ fn an_over_time_run_is_failed_as_reclaimed_after_its_kill_not_as_the_signal_that
 
 #[test]
 fn what_an_exited_agent_left_in_its_group_is_killed_when_its_lost_run_is_reclaimed() {
+    left_in_the_group_of_a_lost_run("sleep 307 &");
+}
+
+#[test]
+fn what_an_exited_agent_left_in_its_group_without_its_environment_or_log_is_killed_too() {
+    left_in_the_group_of_a_lost_run("env -i sleep 307 </dev/null >/dev/null 2>&1 &");
+}
+
+/// The first attempt's agent starts `child` (whose pid is `$!`) in its group; its shim is
+/// SIGKILLed, then the agent exits. The reclaim of the lost run must end the child before the
+/// retry, which checks that it is gone.
+fn left_in_the_group_of_a_lost_run(child: &str) {
     let mut s = Sched::new();
     s.queue("default");
-    let script = r#"
+    let script = format!(
+        r#"
 if [ "$TINYSCHEDULER_ATTEMPT" = 1 ]; then
-  sleep 307 &
+  {child}
   echo $! > "$OUT/left"
   echo $PPID > "$OUT/shim"
   sleep 1
@@ -268,7 +281,8 @@ else
   p=$(cat "$OUT/left")
   if alive $p; then echo "alive $p" >> "$OUT/overlap"; fi
   echo checked >> "$OUT/second"
-fi"#;
+fi"#
+    );
     s.agent("w", 1, &format!("{ALIVE}{script}"));
     s.task_with("lost", |t| t.max_retries = 1);
     s.daemon(&[]);

@@ -170,24 +170,28 @@ pub fn group_alive(pgid: i32) -> bool {
 
 /// Pids of the members of process group `pgid` that are not zombies, as far as `/proc` shows.
 pub fn group_members(pgid: i32) -> Vec<i32> {
-    scan_group(pgid).unwrap_or_default()
+    scan_group(pgid)
+        .unwrap_or_default()
+        .iter()
+        .map(|s| s.pid)
+        .collect()
 }
 
-/// The members of `pgid` that are not zombies; `None` when `/proc` could not be read whole (a
-/// process that ended meanwhile is no gap).
-fn scan_group(pgid: i32) -> Option<Vec<i32>> {
-    let mut pids = Vec::new();
+/// The members of `pgid` that are not zombies, by pid; `None` when `/proc` could not be read
+/// whole (a process that ended meanwhile is no gap).
+fn scan_group(pgid: i32) -> Option<Vec<ProcStat>> {
+    let mut members = Vec::new();
     for pid in proc_pids().ok()? {
         match read_stat(pid) {
-            Ok(s) if s.pgrp == pgid && !s.is_zombie_or_dead() => pids.push(pid),
+            Ok(s) if s.pgrp == pgid && !s.is_zombie_or_dead() => members.push(s),
             Ok(_) => {}
             // Ended between the listing and the read (or while being read).
             Err(e) if gone(&e) || e.kind() == io::ErrorKind::InvalidData => {}
             Err(_) => return None,
         }
     }
-    pids.sort_unstable();
-    Some(pids)
+    members.sort_unstable_by_key(|s| s.pid);
+    Some(members)
 }
 
 /// What marks a process as one run's: the Lease and attempt the shim put in the agent's
@@ -200,24 +204,39 @@ fn run_environ(lease: &str, attempt: i64) -> [String; 2] {
 }
 
 /// Whether process group `pgid` still has a member of one run: a process with the run's Lease and
-/// attempt in its environment (what the shim gave the agent; its children inherit it), or with
-/// the run's log (`log`) as its stdout or stderr (a child started with an environment of its own,
-/// `env -i`, still writes there). Asked of a run whose agent has exited, so that what it left in
-/// its group is found, and a group number that something else has taken since is not. An error:
-/// `/proc` could not be read (out of file descriptors, say), so nothing can be said.
-pub fn group_has_run(pgid: i32, lease: &str, attempt: i64, log: &Path) -> io::Result<bool> {
+/// attempt in its environment (what the shim gave the agent; its children inherit it), with the
+/// run's log (`log`) as its stdout or stderr (a child started with an environment of its own,
+/// `env -i`, still writes there), or in the session of the run's shim and started no earlier
+/// than its agent (`session`: the shim's pid, which is its session's id, and the agent's start
+/// time, both of this boot; a child with neither the environment nor the log). Asked of a run
+/// whose agent has exited, so that what it left in its group is found, and a group number that
+/// something else has taken since is not: a group belongs to one session, and neither number is
+/// given to another while a process holds it. An error: `/proc` could not be read (out of file
+/// descriptors, say), so nothing can be said.
+pub fn group_has_run(
+    pgid: i32,
+    lease: &str,
+    attempt: i64,
+    log: &Path,
+    session: Option<(i32, u64)>,
+) -> io::Result<bool> {
     if pgid <= 1 {
         return Ok(false);
     }
     let wanted = run_environ(lease, attempt);
     let log = as_the_kernel_shows(log)?;
     let members = scan_group(pgid).ok_or_else(unreadable_proc)?;
-    for pid in members {
-        if environ_has(pid, &wanted)? {
+    for m in members {
+        let of_the_shim = session
+            .is_some_and(|(sid, since)| sid > 1 && m.session == sid && m.start_time >= since);
+        if of_the_shim {
+            return Ok(true);
+        }
+        if environ_has(m.pid, &wanted)? {
             return Ok(true);
         }
         if let Some(log) = &log {
-            if writes_to(pid, log)? {
+            if writes_to(m.pid, log)? {
                 return Ok(true);
             }
         }
@@ -427,7 +446,7 @@ mod tests {
                     let code = i32::from(is_alive(parent, st))
                         | i32::from(group_alive(pgid)) << 1
                         | i32::from(groups_of_unrecorded_run(&log).is_err()) << 2
-                        | i32::from(group_has_run(pgid, "t", 1, &log).is_err()) << 3;
+                        | i32::from(group_has_run(pgid, "t", 1, &log, None).is_err()) << 3;
                     nix::libc::_exit(code)
                 }
             }

@@ -95,12 +95,15 @@ pub fn keys_for_lease(lease: &Lease) -> Vec<String> {
 /// start time may name an unrelated process. A Lease without a boot id (one written before it
 /// was recorded) is judged by pid and start time alone.
 fn recorded_alive(s: &LeaseStatus, pid: Option<i32>, start: Option<u64>) -> bool {
+    recorded_this_boot(s) && matches!((pid, start), (Some(p), Some(t)) if is_alive(p, t))
+}
+
+/// Whether a Lease's pids are of this boot of the machine (see [`recorded_alive`]).
+fn recorded_this_boot(s: &LeaseStatus) -> bool {
     let now = crate::store::revision::boot_id();
-    let this_boot = s
-        .boot_id
+    s.boot_id
         .as_deref()
-        .is_none_or(|b| now.is_empty() || b == now);
-    this_boot && matches!((pid, start), (Some(p), Some(t)) if is_alive(p, t))
+        .is_none_or(|b| now.is_empty() || b == now)
 }
 
 /// Judges a Lease from what is known about it.
@@ -520,9 +523,18 @@ async fn reclaim(ctx: &Ctx, lease: Lease, local: bool, reason: &str) -> Result<(
         let proc_err =
             |e: std::io::Error| Error(format!("lease/{name}: cannot look for its processes: {e}"));
         let log = log_path(&ctx.state_dir, &lease.spec.task, lease.spec.attempt);
+        // The shim's session, which the agent's group belongs to: it marks what the agent left
+        // there even without the run's environment or log (only for a Lease that names its
+        // boot: numbers of another boot say nothing).
+        let session = match (s.shim_pid, s.process_start_time) {
+            (Some(shim), Some(since)) if s.boot_id.is_some() && recorded_this_boot(s) => {
+                Some((shim, since))
+            }
+            _ => None,
+        };
         let left_behind = match (s.pid, s.pgid.filter(|g| *g > 1)) {
             (Some(_), Some(pgid)) if !agent_alive => {
-                group_has_run(pgid, &name, lease.spec.attempt, &log).map_err(proc_err)?
+                group_has_run(pgid, &name, lease.spec.attempt, &log, session).map_err(proc_err)?
             }
             _ => false,
         };
