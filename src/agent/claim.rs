@@ -31,6 +31,15 @@ pub fn run_key(task: &str, task_uid: &str, attempt: i64) -> String {
     format!("run/{task}/{attempt}")
 }
 
+/// Whether a shim holds the claim of one run ([`run_key`]): under the Task's uid, or under its
+/// name, as the shim of a Lease written without `taskUid` (before that field) holds it.
+pub fn run_is_held(state_dir: &Path, task: &str, task_uid: &str, attempt: i64) -> io::Result<bool> {
+    if Claim::is_held(state_dir, &run_key(task, task_uid, attempt))? {
+        return Ok(true);
+    }
+    Ok(!task_uid.is_empty() && Claim::is_held(state_dir, &run_key(task, "", attempt))?)
+}
+
 /// A held claim; dropping it (or the process ending) releases it.
 #[derive(Debug)]
 pub struct Claim {
@@ -109,5 +118,27 @@ mod tests {
         drop(c);
         assert!(!Claim::is_held(d.path(), "uid-1").unwrap());
         assert!(Claim::acquire(d.path(), "uid-1").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_run_is_held_under_its_tasks_uid_or_under_its_name_by_a_shim_of_an_older_lease() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(!run_is_held(d.path(), "t", "uid-1", 1).unwrap());
+        let by_uid = Claim::acquire(d.path(), &run_key("t", "uid-1", 1)).unwrap();
+        assert!(run_is_held(d.path(), "t", "uid-1", 1).unwrap());
+        assert!(
+            !run_is_held(d.path(), "t", "uid-1", 2).unwrap(),
+            "another attempt"
+        );
+        drop(by_uid);
+        // A Lease without taskUid: its shim claims the run by the Task's name.
+        let by_name = Claim::acquire(d.path(), &run_key("t", "", 1)).unwrap();
+        assert!(run_is_held(d.path(), "t", "uid-1", 1).unwrap());
+        assert!(
+            !run_is_held(d.path(), "u", "uid-2", 1).unwrap(),
+            "another task"
+        );
+        drop(by_name);
+        assert!(!run_is_held(d.path(), "t", "uid-1", 1).unwrap());
     }
 }

@@ -265,8 +265,8 @@ impl Ctx {
     /// claim (`agent::claim::run_key`) for as long as it does, with or without its Lease.
     pub fn shim_runs(&self, task: &Task, attempt: i64) -> Result<bool, Error> {
         let name = &task.metadata.name;
-        let run = crate::agent::claim::run_key(name, &task.metadata.uid, attempt);
-        crate::agent::claim::Claim::is_held(&self.state_dir, &run).map_err(|e| {
+        let uid = &task.metadata.uid;
+        crate::agent::claim::run_is_held(&self.state_dir, name, uid, attempt).map_err(|e| {
             Error(format!(
                 "task/{name}: cannot ask whether a shim runs it: {e}"
             ))
