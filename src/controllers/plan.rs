@@ -740,24 +740,25 @@ mod tests {
         c1.spec.blocked_by = vec!["c2".into()];
         let mut c2 = task("c2", "q", 0, 6);
         c2.spec.blocked_by = vec!["c1".into()];
-        let tasks = arcs(vec![m0, m1, m2, g1, g2, c1, c2]);
+        let said = blocked_messages(vec![m0, m1, m2, g1, g2, c1, c2]);
+        assert_eq!(said["m2"], "waiting for m1 (behind m0, Failed)");
+        assert_eq!(said["g2"], "waiting for g1 (behind gone, no such Task)");
+        assert_eq!(said["c1"], "waiting for c2");
+        assert_eq!(said["c2"], "waiting for c1");
+    }
+
+    /// What a plan for `tasks` (queue `q`, one agent of 5 slots) says of each task it finds
+    /// newly blocked.
+    fn blocked_messages(tasks: Vec<Task>) -> HashMap<String, String> {
         let p = plan(
-            &tasks,
+            &arcs(tasks),
             &[agent("a", "q", 5)],
             &[],
             &[],
             now(),
             Default::default(),
         );
-        let said: HashMap<&str, &str> = p
-            .newly_blocked
-            .iter()
-            .map(|(n, m)| (n.as_str(), m.as_str()))
-            .collect();
-        assert_eq!(said["m2"], "waiting for m1 (behind m0, Failed)");
-        assert_eq!(said["g2"], "waiting for g1 (behind gone, no such Task)");
-        assert_eq!(said["c1"], "waiting for c2");
-        assert_eq!(said["c2"], "waiting for c1");
+        p.newly_blocked.into_iter().collect()
     }
 
     #[test]
@@ -779,20 +780,7 @@ mod tests {
             vec![&u, &w, &b, &a, &x],
             vec![&a, &b, &u, &w, &x],
         ] {
-            let tasks = arcs(order.into_iter().cloned().collect());
-            let p = plan(
-                &tasks,
-                &[agent("ag", "q", 5)],
-                &[],
-                &[],
-                now(),
-                Default::default(),
-            );
-            let said: HashMap<&str, &str> = p
-                .newly_blocked
-                .iter()
-                .map(|(n, m)| (n.as_str(), m.as_str()))
-                .collect();
+            let said = blocked_messages(order.into_iter().cloned().collect());
             assert_eq!(said["u"], "waiting for b (behind x, Failed)");
             assert_eq!(said["w"], "waiting for a (behind x, Failed)");
             assert_eq!(said["b"], "waiting for a (behind x, Failed)");
